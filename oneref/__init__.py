@@ -1,0 +1,8 @@
+"""OneRef: a modality-shared BEiT-3 transformer for referring expression comprehension (REC)
+and segmentation (RES), pre-trained with Mask Referring Modeling (MRefM)."""
+
+from oneref.config import ModelConfig, PRESETS, get_config
+
+__version__ = "0.1.0"
+
+__all__ = ["ModelConfig", "PRESETS", "get_config", "__version__"]

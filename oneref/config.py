@@ -1,0 +1,114 @@
+"""Model size presets.
+
+``base`` and ``large`` are the BEiT-3 encoders OneRef is built on (384x384 input, 64 text
+tokens). ``tiny`` keeps unit tests to seconds on a CPU; ``small`` is the CPU demo model that
+``oneref train`` fits on the built-in RefShapes data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["ModelConfig", "PRESETS", "get_config"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a OneRef model. Every field is a plain number so a config round-trips as JSON."""
+
+    name: str = "custom"
+    img_size: int = 384
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    vocab_size: int = 64010
+    max_text_len: int = 64
+    # Rows of the text position table. BEiT-3 uses 1024 (max_source_positions); positions
+    # are indexed from 2 (fairseq offset) so at most text_positions - 2 tokens fit.
+    text_positions: int = 1024
+    # Stochastic depth grows linearly from 0 to this value over the layers (training only).
+    drop_path: float = 0.1
+    ln_eps: float = 1e-5
+    # Visual-token vocabulary of the MIM target (BEiT v2 VQ-KD codebook size).
+    mim_vocab: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.max_text_len + 2 > self.text_positions:
+            raise ValueError(
+                f"max_text_len ({self.max_text_len}) needs max_text_len + 2 <= text_positions "
+                f"({self.text_positions}) because positions start at 2"
+            )
+
+    @property
+    def grid(self) -> int:
+        """Patches per side (24 for 384 / 16)."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def num_vision(self) -> int:
+        """Vision tokens: [CLS] + patches (577 for base)."""
+        return self.num_patches + 1
+
+    @property
+    def seq_len(self) -> int:
+        """Joint sequence length (641 for base)."""
+        return self.num_vision + self.max_text_len
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        name="tiny", img_size=64, embed_dim=64, depth=2, num_heads=2, ffn_dim=128,
+        vocab_size=1024, max_text_len=24, text_positions=64, mim_vocab=64,
+    ),
+    "small": ModelConfig(
+        name="small", img_size=128, embed_dim=192, depth=4, num_heads=3, ffn_dim=768,
+        vocab_size=1024, max_text_len=24, text_positions=64, mim_vocab=512,
+    ),
+    "base": ModelConfig(name="base"),
+    "large": ModelConfig(name="large", embed_dim=1024, depth=24, num_heads=16, ffn_dim=4096),
+}
+
+
+def get_config(name_or_config: str | ModelConfig, **overrides) -> ModelConfig:
+    """Return a preset by name (``tiny``, ``small``, ``base``, ``large``) with overrides applied."""
+    if isinstance(name_or_config, ModelConfig):
+        config = name_or_config
+    elif name_or_config in PRESETS:
+        config = PRESETS[name_or_config]
+    else:
+        raise ValueError(f"unknown preset {name_or_config!r}; choose one of {sorted(PRESETS)}")
+    return config.replace(**overrides) if overrides else config

@@ -1,0 +1,209 @@
+"""The fused ops of OneRef: one public function per op, the same signature on every backend.
+
+Each function checks its arguments (a ``ValueError``/``TypeError`` that names the argument
+and what is wrong), then dispatches to the ``cuda``, ``triton`` or ``torch`` backend (see
+:mod:`oneref.ops.dispatch`). The readable definitions live in :mod:`oneref.ops.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oneref.ops.checks import check_boxes, check_bool_mask, check_shape, check_tensor
+from oneref.ops.dispatch import BACKENDS, backend_status, current_backend, resolve, use_backend
+
+__all__ = [
+    "BACKENDS",
+    "backend_status",
+    "current_backend",
+    "use_backend",
+    "multiway_attention",
+    "multiway_linear",
+    "referring_mask",
+    "draw_mask_noise",
+    "apply_mask_token",
+    "masked_gather",
+    "masked_scatter",
+    "vts_loss",
+    "box_mask_loss",
+    "focal_dice_loss",
+    "linear_cross_entropy",
+    "sts_kl",
+]
+
+
+def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | None = None,
+                       *, backend: str | None = None):
+    """Attention over the joint [vision | text] sequence with per-sample text length.
+
+    Args:
+        q, k, v: (B, S, H, Dh) fp32/fp16/bf16, the same dtype and device; strided views of a
+            packed QKV tensor are accepted. Dh in {32, 64, 128} for the kernels.
+        text_lengths: (B,) integer tensor, 1 <= text_lengths[b] <= S - num_vision: the number
+            of real text tokens; keys past ``num_vision + text_lengths[b]`` are ignored.
+        num_vision: vision tokens at the start of the sequence (577 for OneRef-B).
+        scale: softmax scale, default ``Dh ** -0.5``.
+
+    Returns:
+        (B, S, H, Dh) in the dtype of q.
+    """
+    check_tensor("q", q, ndim=4, floating=True)
+    batch, seq, heads, head_dim = q.shape
+    check_shape("k", k, (batch, seq, heads, head_dim), like=q)
+    check_shape("v", v, (batch, seq, heads, head_dim), like=q)
+    check_tensor("text_lengths", text_lengths, ndim=1, integer=True, device=q.device)
+    check_shape("text_lengths", text_lengths, (batch,))
+    if not 0 < num_vision < seq:
+        raise ValueError(f"num_vision must be in [1, S) = [1, {seq}), got {num_vision}")
+    return resolve("multiway_attention", q.device, backend)(q, k, v, text_lengths, num_vision,
+                                                            scale)
+
+
+def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
+                    activation: str = "none", *, backend: str | None = None):
+    """Expert A applied to rows ``s < num_vision``, expert B to the remaining rows.
+
+    Args:
+        x: (B, S, Din).
+        num_vision: rows of each sample that belong to the vision expert (0..S).
+        weight_a, weight_b: (Dout, Din); bias_a, bias_b: (Dout,) or None.
+        activation: ``"none"`` or ``"gelu"`` (exact erf GELU, fused as an epilogue).
+
+    Returns:
+        (B, S, Dout) in the dtype of x.
+    """
+    check_tensor("x", x, ndim=3, floating=True)
+    d_in = x.shape[-1]
+    check_tensor("weight_a", weight_a, ndim=2, device=x.device)
+    d_out = weight_a.shape[0]
+    check_shape("weight_a", weight_a, (d_out, d_in))
+    check_shape("weight_b", weight_b, (d_out, d_in), like=weight_a)
+    for name, bias in (("bias_a", bias_a), ("bias_b", bias_b)):
+        if bias is not None:
+            check_shape(name, bias, (d_out,), like=weight_a)
+    if not 0 <= num_vision <= x.shape[1]:
+        raise ValueError(f"num_vision must be in [0, S] = [0, {x.shape[1]}], got {num_vision}")
+    if activation not in ("none", "gelu"):
+        raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
+    return resolve("multiway_linear", x.device, backend)(x, num_vision, weight_a, bias_a,
+                                                         weight_b, bias_b, activation)
+
+
+def draw_mask_noise(batch: int, grid: int, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform noise (B, 2, grid * grid) for :func:`referring_mask`, drawn from ``generator``
+    so that a seeded run masks the same patches on every backend."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(batch, 2, grid * grid, generator=generator, device=gen_device).to(device)
+
+
+def referring_mask(boxes, noise, grid: int, outside_ratio: float = 0.35,
+                   inside_ratio: float = 0.75, *, backend: str | None = None):
+    """Referring-aware dynamic image masking of MRefM (SPEC sec. 4).
+
+    Args:
+        boxes: (B, 4) normalised cx, cy, w, h of the referred object.
+        noise: (B, 2, grid * grid) uniform draws (see :func:`draw_mask_noise`).
+        grid: patches per side.
+        outside_ratio, inside_ratio: masking ratios beta (whole grid) and gamma (grown box).
+
+    Returns:
+        (B, grid * grid) bool, True = masked.
+    """
+    check_boxes("boxes", boxes)
+    check_shape("noise", noise, (boxes.shape[0], 2, grid * grid), like=boxes)
+    for name, ratio in (("outside_ratio", outside_ratio), ("inside_ratio", inside_ratio)):
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {ratio}")
+    return resolve("referring_mask", boxes.device, backend)(boxes, noise, grid, outside_ratio,
+                                                            inside_ratio)
+
+
+def apply_mask_token(x, mask, token, *, backend: str | None = None):
+    """Masked rows replaced by ``token``. x: (B, L, D); mask: (B, L) bool; token: (D,)."""
+    check_tensor("x", x, ndim=3, floating=True)
+    check_bool_mask("mask", mask, x.shape[:2], x.device)
+    check_shape("token", token, (x.shape[-1],), like=x)
+    return resolve("apply_mask_token", x.device, backend)(x, mask, token)
+
+
+def masked_gather(x, mask, *, backend: str | None = None):
+    """Rows of x at the True positions of mask, row-major. x: (B, L, D) -> (N, D)."""
+    check_tensor("x", x, ndim=3)
+    check_bool_mask("mask", mask, x.shape[:2], x.device)
+    return resolve("masked_gather", x.device, backend)(x, mask)
+
+
+def masked_scatter(rows, mask, *, backend: str | None = None):
+    """Inverse of :func:`masked_gather`: rows (N, D) into zeros (B, L, D) at mask."""
+    check_tensor("rows", rows, ndim=2)
+    check_bool_mask("mask", mask, mask.shape, rows.device)
+    return resolve("masked_scatter", rows.device, backend)(rows, mask)
+
+
+def vts_loss(pred, boxes, grid: int, *, backend: str | None = None):
+    """Visual target-relation score loss (SPEC sec. 4): L1 summed over 4 values, mean over
+    B x L. pred: (B, grid * grid, 4); boxes: (B, 4) normalised cx, cy, w, h. Returns a
+    scalar fp32 tensor."""
+    check_tensor("pred", pred, ndim=3, floating=True)
+    check_shape("pred", pred, (pred.shape[0], grid * grid, 4))
+    check_boxes("boxes", boxes, batch=pred.shape[0], device=pred.device)
+    return resolve("vts_loss", pred.device, backend)(pred, boxes, grid)
+
+
+def box_mask_loss(logits, boxes, focal_weight: float = 20.0, dice_weight: float = 2.0, *,
+                  backend: str | None = None):
+    """Box-mask constraint (SPEC sec. 2): sigmoid focal x20 + dice x2 between similarity
+    logits (B, G, G) and the box rasterised on the G x G grid. Returns a scalar fp32 tensor."""
+    check_tensor("logits", logits, ndim=3, floating=True)
+    if logits.shape[1] != logits.shape[2]:
+        raise ValueError(f"logits must be (B, G, G), got {tuple(logits.shape)}")
+    check_boxes("boxes", boxes, batch=logits.shape[0], device=logits.device)
+    return resolve("box_mask_loss", logits.device, backend)(logits, boxes, focal_weight,
+                                                            dice_weight)
+
+
+def focal_dice_loss(logits, target, focal_weight: float = 20.0, dice_weight: float = 2.0, *,
+                    backend: str | None = None):
+    """Sigmoid focal x20 + dice x2 between logits and a {0, 1} target of the same shape
+    (B, ...), each term averaged over the batch (RES masks, mask-target constraint)."""
+    check_tensor("logits", logits, floating=True)
+    check_shape("target", target, tuple(logits.shape))
+    return resolve("focal_dice_loss", logits.device, backend)(logits, target, focal_weight,
+                                                              dice_weight)
+
+
+def linear_cross_entropy(x, weight, target, bias=None, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, reduction: str = "mean", *,
+                         backend: str | None = None):
+    """Vocabulary projection + (label-smoothed) cross-entropy without full logits.
+
+    Args:
+        x: (N, D) features; weight: (V, D); bias: (V,) or None; target: (N,) int64 in
+            [0, V) or ``ignore_index``.
+        reduction: ``"mean"`` over rows that are not ignored, or ``"none"`` for (N,) losses
+            (0 at ignored rows).
+    """
+    check_tensor("x", x, ndim=2, floating=True)
+    check_tensor("weight", weight, ndim=2, device=x.device)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be (V, {x.shape[1]}), got {tuple(weight.shape)}")
+    check_tensor("target", target, ndim=1, integer=True, device=x.device)
+    check_shape("target", target, (x.shape[0],))
+    if bias is not None:
+        check_shape("bias", bias, (weight.shape[0],), like=weight)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    return resolve("linear_cross_entropy", x.device, backend)(
+        x, weight, target, bias, ignore_index, label_smoothing, reduction)
+
+
+def sts_kl(pred, target, valid, *, backend: str | None = None):
+    """Semantic target-relation loss: KL(softmax(target) || softmax(pred)) over the valid text
+    positions, mean over the batch. pred, target: (B, T); valid: (B, T) bool."""
+    check_tensor("pred", pred, ndim=2, floating=True)
+    check_shape("target", target, tuple(pred.shape))
+    check_bool_mask("valid", valid, pred.shape, pred.device)
+    return resolve("sts_kl", pred.device, backend)(pred, target, valid)
