@@ -1,0 +1,6 @@
+"""Triton kernels of OneRef, one module per op family (installed as ``oneref.kernels``).
+
+Importing this package imports triton; :mod:`oneref.ops.triton_backend` does that lazily so
+``import oneref`` never needs triton. On a machine without a GPU set ``TRITON_INTERPRET=1``
+before triton is first imported to run the kernels in the interpreter.
+"""

@@ -1,0 +1,35 @@
+"""The ``triton`` backend: registers the kernels of :mod:`oneref.kernels` with the dispatcher.
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton
+was first imported (the interpreter; slow, used by the tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton  # noqa: F401 - an ImportError here marks the backend unavailable with its reason
+
+from oneref.ops.dispatch import register
+
+__all__ = ["unavailable_reasons", "interpreter_active"]
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run in the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reasons(device: torch.device | None) -> list[str]:
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return [] if torch.cuda.is_available() else ["CUDA is not available"]
+    if device.type == "cpu":
+        return [] if interpreter_active() else [
+            "tensors are on the CPU and TRITON_INTERPRET=1 was not set before importing triton"]
+    return [f"triton does not run on {device.type} tensors"]
+
+
+# Registrations: one line per op, next to the kernel module that implements it.
