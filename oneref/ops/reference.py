@@ -37,6 +37,11 @@ __all__ = [
 ]
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Upcast to the accumulation dtype: fp32 for half inputs, fp64 stays fp64 (the oracle)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def key_padding_mask(text_lengths: torch.Tensor, num_vision: int, seq_len: int) -> torch.Tensor:
     """(B, S) bool, True where a key is real: every vision token and the first
     ``text_lengths[b]`` text tokens (text padding is always at the end)."""
@@ -53,7 +58,7 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, Dh)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)).float() * scale
+    scores = _acc(torch.matmul(qh, kh.transpose(-1, -2))) * scale
     valid = key_padding_mask(text_lengths, num_vision, q.shape[1])
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)
@@ -140,7 +145,7 @@ def vts_targets(boxes, grid: int):
     For the patch in column i and row j and the box (cx, cy, w, h) in patch units with w, h
     clamped to >= 1: ``[(i - cx) / G, (j - cy) / G, 1 / w, 1 / h]``.
     """
-    cx, cy, w, h = (boxes.float() * grid).unbind(-1)
+    cx, cy, w, h = (_acc(boxes) * grid).unbind(-1)
     cells = torch.arange(grid * grid, device=boxes.device)
     col, row = (cells % grid).float(), (cells // grid).float()
     return torch.stack(
@@ -157,7 +162,7 @@ def vts_targets(boxes, grid: int):
 def vts_loss(pred, boxes, grid: int):
     """L1 between predicted scores (B, L, 4) and :func:`vts_targets`: sum over the 4 values,
     mean over B x L."""
-    return (pred.float() - vts_targets(boxes, grid)).abs().sum(-1).mean()
+    return (_acc(pred) - vts_targets(boxes, grid)).abs().sum(-1).mean()
 
 
 def box_to_grid_mask(boxes, grid: int):
@@ -178,7 +183,7 @@ def box_to_grid_mask(boxes, grid: int):
 
 def sigmoid_focal_loss(logits, target, alpha: float = 0.25, gamma: float = 2.0):
     """Per-sample sigmoid focal loss, mean over pixels: (B, ...) -> (B,)."""
-    logits, target = logits.flatten(1).float(), target.flatten(1).float()
+    logits, target = _acc(logits.flatten(1)), _acc(target.flatten(1))
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = prob * target + (1 - prob) * (1 - target)
@@ -188,7 +193,7 @@ def sigmoid_focal_loss(logits, target, alpha: float = 0.25, gamma: float = 2.0):
 
 def dice_loss(logits, target, smooth: float = 1.0):
     """Per-sample dice loss on sigmoid probabilities with +1 smoothing: (B, ...) -> (B,)."""
-    prob, target = logits.flatten(1).float().sigmoid(), target.flatten(1).float()
+    prob, target = _acc(logits.flatten(1)).sigmoid(), _acc(target.flatten(1))
     inter = (prob * target).sum(1)
     return 1 - (2 * inter + smooth) / (prob.sum(1) + target.sum(1) + smooth)
 
@@ -212,7 +217,7 @@ def linear_cross_entropy(x, weight, target, bias=None, ignore_index: int = -100,
     x: (N, D); weight: (V, D); target: (N,) int64. ``reduction="none"`` returns (N,) with 0
     at ignored rows; ``"mean"`` averages over the rows that are not ignored.
     """
-    logits = F.linear(x, weight, bias).float()
+    logits = _acc(F.linear(x, weight, bias))
     return F.cross_entropy(logits, target, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, reduction=reduction)
 
@@ -222,8 +227,9 @@ def sts_kl(pred, target, valid):
 
     pred, target: (B, T) scores; valid: (B, T) bool. Rows without a valid position add 0.
     """
-    neg_inf = torch.finfo(torch.float32).min
-    log_q = pred.float().masked_fill(~valid, neg_inf).log_softmax(-1)
-    log_p = target.float().masked_fill(~valid, neg_inf).log_softmax(-1)
+    pred, target = _acc(pred), _acc(target)
+    neg_inf = torch.finfo(pred.dtype).min
+    log_q = pred.masked_fill(~valid, neg_inf).log_softmax(-1)
+    log_p = target.to(pred.dtype).masked_fill(~valid, neg_inf).log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).masked_fill(~valid, 0.0).sum(-1)
     return kl.mean()

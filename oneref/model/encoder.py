@@ -1,0 +1,102 @@
+"""BEiT-3 multiway transformer encoder (SPEC sec. 1).
+
+Every block is pre-LN with sub-LayerNorms; each module exists twice (expert A for the vision
+rows, expert B for the text rows) while the softmax attention is shared over the joint
+sequence::
+
+    x = x + DropPath(proj(subLN(Attn(LN1(x)))))
+    x = x + DropPath(fc2(subLN(GELU(fc1(LN2(x))))))
+
+The q/k/v projections of each expert are packed into one (3D, D) weight; the attention reads
+(B, S, H, Dh) views of the packed output (no copies).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from oneref import ops
+from oneref.config import ModelConfig
+from oneref.model.layers import DropPath, MultiwayLayerNorm, MultiwayLinear
+
+__all__ = ["MultiwayAttention", "MultiwayFFN", "Block", "MultiwayEncoder"]
+
+
+class MultiwayAttention(nn.Module):
+    """Packed multiway QKV -> shared attention -> multiway sub-LN -> multiway out projection."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = MultiwayLinear(dim, 3 * dim)
+        self.sub_norm = MultiwayLayerNorm(dim, eps)
+        self.proj = MultiwayLinear(dim, dim)
+
+    def forward(self, x: torch.Tensor, text_lengths: torch.Tensor, num_vision: int) -> torch.Tensor:
+        """x: (B, S, D); text_lengths: (B,). Returns (B, S, D)."""
+        batch, seq, dim = x.shape
+        qkv = self.qkv(x, num_vision).view(batch, seq, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)  # each a (B, S, H, Dh) view into the packed output
+        out = ops.multiway_attention(q, k, v, text_lengths, num_vision)
+        out = out.reshape(batch, seq, dim)
+        return self.proj(self.sub_norm(out, num_vision), num_vision)
+
+
+class MultiwayFFN(nn.Module):
+    """fc1 + GELU (fused) -> multiway sub-LN over the FFN width -> fc2."""
+
+    def __init__(self, dim: int, hidden: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.fc1 = MultiwayLinear(dim, hidden, activation="gelu")
+        self.sub_norm = MultiwayLayerNorm(hidden, eps)
+        self.fc2 = MultiwayLinear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, num_vision: int) -> torch.Tensor:
+        """x: (B, S, D) -> (B, S, D)."""
+        return self.fc2(self.sub_norm(self.fc1(x, num_vision), num_vision), num_vision)
+
+
+class Block(nn.Module):
+    """One pre-LN multiway transformer layer."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, drop_path: float = 0.0,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm1 = MultiwayLayerNorm(dim, eps)
+        self.attn = MultiwayAttention(dim, num_heads, eps)
+        self.norm2 = MultiwayLayerNorm(dim, eps)
+        self.mlp = MultiwayFFN(dim, ffn_dim, eps)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, text_lengths: torch.Tensor, num_vision: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x, num_vision), text_lengths, num_vision))
+        x = x + self.drop_path(self.mlp(self.norm2(x, num_vision), num_vision))
+        return x
+
+
+class MultiwayEncoder(nn.Module):
+    """``depth`` blocks with drop path growing linearly 0 -> ``config.drop_path``, then the
+    final multiway LayerNorm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        rates = torch.linspace(0.0, config.drop_path, config.depth).tolist() if config.depth > 1 \
+            else [0.0] * config.depth
+        self.blocks = nn.ModuleList(
+            Block(config.embed_dim, config.num_heads, config.ffn_dim, rate, config.ln_eps)
+            for rate in rates
+        )
+        self.norm = MultiwayLayerNorm(config.embed_dim, config.ln_eps)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, text_lengths: torch.Tensor, num_vision: int) -> torch.Tensor:
+        """x: (B, S, D) embeddings; text_lengths: (B,). Returns (B, S, D)."""
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, text_lengths, num_vision, use_reentrant=False)
+            else:
+                x = block(x, text_lengths, num_vision)
+        return self.norm(x, num_vision)

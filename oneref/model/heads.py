@@ -1,0 +1,144 @@
+"""Task heads on top of the encoder (SPEC sec. 1-4).
+
+Notation (B batch, L = G * G patches, T text tokens, D features):
+  ``v`` raw patch features (B, L, D); ``w`` raw text features (B, T, D);
+  ``v_hat = normalize(vision_head(v))``, ``e_img = normalize(vision_head(vision CLS))``,
+  ``w_hat = normalize(language_head(w))``, ``e_txt = w_hat[:, 0]`` (the ``<s>`` token).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from oneref import ops
+from oneref.model.layers import MLP
+
+__all__ = ["OutputProjection", "RECHead", "RESHead", "MIMHead", "MLMHead", "similarity_map",
+           "patchify", "pixel_targets"]
+
+
+class OutputProjection(nn.Module):
+    """``vision_head`` / ``language_head``: Linear(D, D, bias=False) then L2 normalisation.
+
+    Kept as two attributes of the model (official names ``vision_head.weight`` and
+    ``language_head.weight``); this class only groups the helpers.
+    """
+
+    @staticmethod
+    def project(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., D) -> (..., D), unit L2 norm along the last dim."""
+        return F.normalize(head(x), dim=-1)
+
+
+def similarity_map(e_txt: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the text query with every patch: (B, D), (B, L, D) -> (B, L)."""
+    return torch.einsum("bd,bld->bl", e_txt, v_hat)
+
+
+class RECHead(nn.Module):
+    """Box from similarity-weighted pooling (SPEC sec. 2).
+
+    ``a = softmax(M_sim)`` over patches; ``h = sum_i a_i visu_proj(v_i)``; box =
+    ``sigmoid(MLP(h))`` with MLP D -> D -> D -> 4. Because ``visu_proj`` is affine and the
+    weights sum to one, ``h = visu_proj(sum_i a_i v_i)``: the projection runs on one pooled row
+    per sample instead of L rows (same value). 1,774,852 parameters at D = 768.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.visu_proj = nn.Linear(dim, dim)
+        self.bbox_mlp = MLP(dim, dim, 4, 3)
+
+    def forward(self, patches: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+        """patches (B, L, D) raw features; sim (B, L) cosine logits -> boxes (B, 4) cxcywh."""
+        weights = sim.softmax(dim=-1).to(patches.dtype)
+        pooled = torch.einsum("bl,bld->bd", weights, patches)
+        return self.bbox_mlp(self.visu_proj(pooled)).sigmoid()
+
+
+class RESHead(nn.Module):
+    """Mask logits (SPEC sec. 3): patches (B, G, G, D) -> 3 x [ConvTranspose2d(D, D, 2, 2) + BN]
+    (ReLU after the first two) -> (B, D, 8G, 8G); per-pixel L2 normalisation, dot with
+    ``e_txt``; bilinear upsampling (align_corners False) to the image size."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        for i in (1, 2, 3):
+            self.add_module(f"conv{i}", nn.ConvTranspose2d(dim, dim, 2, stride=2, bias=False))
+            self.add_module(f"bn{i}", nn.BatchNorm2d(dim))
+
+    def forward(self, patches: torch.Tensor, e_txt: torch.Tensor, img_size: int) -> torch.Tensor:
+        """patches (B, L, D); e_txt (B, D) unit norm -> logits (B, img_size, img_size)."""
+        batch, num, dim = patches.shape
+        grid = int(round(num ** 0.5))
+        x = patches.transpose(1, 2).reshape(batch, dim, grid, grid)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))  # (B, D, 8G, 8G)
+        x = F.normalize(x, dim=1)
+        logits = torch.einsum("bchw,bc->bhw", x, e_txt.to(x.dtype))
+        return F.interpolate(logits[:, None], size=(img_size, img_size), mode="bilinear",
+                             align_corners=False)[:, 0]
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, patch_size * patch_size * C), patches row-major, pixels (p, q, c)."""
+    batch, chans, height, width = images.shape
+    gh, gw = height // patch_size, width // patch_size
+    x = images.reshape(batch, chans, gh, patch_size, gw, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, gh * gw, patch_size * patch_size * chans)
+
+
+def pixel_targets(images: torch.Tensor, patch_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Pixel fallback MIM target: each patch normalised to zero mean / unit variance over its
+    own pixels (MAE's ``norm_pix_loss`` target). (B, C, H, W) -> (B, L, P * P * C)."""
+    patches = patchify(images.float(), patch_size)
+    mean = patches.mean(-1, keepdim=True)
+    var = patches.var(-1, keepdim=True, unbiased=False)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+class MIMHead(nn.Module):
+    """Referring MIM prediction (SPEC sec. 4).
+
+    ``proj``: Linear(D, mim_vocab) on ``normalize(e_txt * v_hat_i)`` at masked patches, CE
+    against visual-token ids (VQ-KD codes). ``pixel``: Linear(D, P * P * C) on the same
+    features, used only for the pixel fallback target (no tokenizer): mean squared error
+    against :func:`pixel_targets` at masked patches.
+    """
+
+    def __init__(self, dim: int, vocab: int, patch_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, vocab)
+        self.pixel = nn.Linear(dim, patch_dim)
+
+    def token_loss(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """feats (N, D) normalised masked features; targets (N,) long -> mean CE."""
+        return ops.linear_cross_entropy(feats, self.proj.weight, targets, self.proj.bias)
+
+    def pixel_loss(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """feats (N, D); targets (N, P * P * C) -> MSE averaged over rows and values."""
+        return F.mse_loss(self.pixel(feats).float(), targets.float())
+
+
+class MLMHead(nn.Module):
+    """Referring MLM prediction: Linear(D, vocab) on raw text features at masked positions,
+    label-smoothed CE through :func:`oneref.ops.linear_cross_entropy` (no B x T x V logits)."""
+
+    def __init__(self, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, vocab)
+
+    def loss(self, feats: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1,
+             drop_worst: float = 0.0) -> torch.Tensor:
+        """feats (N, D), targets (N,) -> scalar. ``drop_worst`` in [0, 1): the largest
+        ``int(N * drop_worst)`` token losses are left out of the mean."""
+        if drop_worst <= 0.0:
+            return ops.linear_cross_entropy(feats, self.proj.weight, targets, self.proj.bias,
+                                            label_smoothing=label_smoothing)
+        losses = ops.linear_cross_entropy(feats, self.proj.weight, targets, self.proj.bias,
+                                          label_smoothing=label_smoothing, reduction="none")
+        keep = losses.numel() - int(losses.numel() * drop_worst)
+        return losses.sort().values[:keep].mean()

@@ -1,0 +1,96 @@
+"""Backend selection and argument checks of the public ops."""
+
+import pytest
+import torch
+
+import oneref.ops as ops
+from oneref.ops import dispatch, reference
+
+
+def _attention_inputs(batch=2, seq=9, heads=2, dim=8):
+    q, k, v = (torch.randn(batch, seq, heads, dim) for _ in range(3))
+    return q, k, v, torch.tensor([1, 3][:batch])
+
+
+def test_auto_on_cpu_runs_the_reference():
+    q, k, v, lengths = _attention_inputs()
+    out = ops.multiway_attention(q, k, v, lengths, 6)
+    torch.testing.assert_close(out, reference.multiway_attention(q, k, v, lengths, 6))
+
+
+def test_backend_choice_order(monkeypatch):
+    monkeypatch.delenv("ONEREF_BACKEND", raising=False)
+    assert ops.current_backend() == "auto"
+    monkeypatch.setenv("ONEREF_BACKEND", "torch")
+    assert ops.current_backend() == "torch"
+    with ops.use_backend("triton"):
+        assert ops.current_backend() == "triton"
+        with ops.use_backend("auto"):
+            assert ops.current_backend() == "auto"
+    assert ops.current_backend() == "torch"
+
+
+def test_unknown_backend_names_the_choices(monkeypatch):
+    with pytest.raises(ValueError, match="choose one of"):
+        with ops.use_backend("fast"):
+            pass
+    monkeypatch.setenv("ONEREF_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="ONEREF_BACKEND"):
+        ops.current_backend()
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reasons(monkeypatch):
+    monkeypatch.setattr(dispatch, "unavailable_reasons",
+                        lambda backend, op=None, device=None: ["no kernels here"])
+    q, k, v, lengths = _attention_inputs()
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run here: no kernels here"):
+        ops.multiway_attention(q, k, v, lengths, 6, backend="triton")
+
+
+def test_backend_status_reports_every_backend():
+    status = ops.backend_status("cpu")
+    assert set(status) == set(ops.BACKENDS)
+    assert status["torch"] == []
+    for name in ("cuda", "triton"):
+        assert all(isinstance(reason, str) and reason for reason in status[name])
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda q, k, v, n: (q[..., :4], k, v, n), ValueError, "k must have shape"),
+        (lambda q, k, v, n: (q, k.double(), v, n), TypeError, "k has dtype"),
+        (lambda q, k, v, n: (q, k, v, n.float()), TypeError, "text_lengths must be an integer"),
+        (lambda q, k, v, n: (q, k, v, n[:1]), ValueError, "text_lengths must have shape"),
+        (lambda q, k, v, n: (q[0], k, v, n), ValueError, "q must have 4 dims"),
+    ],
+)
+def test_attention_argument_errors(change, error, message):
+    with pytest.raises(error, match=message):
+        ops.multiway_attention(*change(*_attention_inputs()), 6)
+
+
+def test_other_argument_errors():
+    boxes = torch.rand(2, 4)
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, 2, 16\)"):
+        ops.referring_mask(boxes, torch.rand(2, 2, 15), 4)
+    with pytest.raises(ValueError, match="outside_ratio must be in"):
+        ops.referring_mask(boxes, torch.rand(2, 2, 16), 4, outside_ratio=1.5)
+    with pytest.raises(ValueError, match=r"boxes must have shape \(2, 4\)"):
+        ops.vts_loss(torch.rand(2, 16, 4), torch.rand(3, 4), 4)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        ops.masked_gather(torch.rand(2, 3, 4), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="activation must be"):
+        ops.multiway_linear(torch.rand(1, 3, 4), 1, torch.rand(2, 4), None, torch.rand(2, 4),
+                            None, activation="relu")
+    with pytest.raises(ValueError, match="reduction must be"):
+        ops.linear_cross_entropy(torch.rand(2, 4), torch.rand(5, 4), torch.tensor([0, 1]),
+                                 reduction="sum")
+    with pytest.raises(ValueError, match=r"logits must be \(B, G, G\)"):
+        ops.box_mask_loss(torch.rand(2, 3, 4), boxes)
+
+
+def test_mask_noise_is_reproducible_from_a_generator():
+    first = ops.draw_mask_noise(2, 4, torch.Generator().manual_seed(5))
+    second = ops.draw_mask_noise(2, 4, torch.Generator().manual_seed(5))
+    assert first.shape == (2, 2, 16) and torch.equal(first, second)
