@@ -2,7 +2,8 @@
 and segmentation (RES), pre-trained with Mask Referring Modeling (MRefM)."""
 
 from oneref.config import ModelConfig, PRESETS, get_config
+from oneref.model import OneRef
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "PRESETS", "get_config", "__version__"]
+__all__ = ["ModelConfig", "OneRef", "PRESETS", "get_config", "__version__"]

@@ -42,7 +42,8 @@ class MultiwayEmbedding(nn.Module):
         batch = images.shape[0]
         patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, L, D)
         if image_mask is not None:
-            patches = ops.apply_mask_token(patches, image_mask, self.mask_token.view(-1))
+            patches = ops.apply_mask_token(patches, image_mask,
+                                           self.mask_token.view(-1).to(patches.dtype))
         cls = self.cls_token.expand(batch, -1, -1).to(patches.dtype)
         vision = torch.cat([cls, patches], dim=1)  # (B, 1 + L, D)
         num_vision = vision.shape[1]

@@ -83,8 +83,9 @@ class MultiwayEncoder(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        rates = torch.linspace(0.0, config.drop_path, config.depth).tolist() if config.depth > 1 \
-            else [0.0] * config.depth
+        # Plain Python (not torch.linspace) so the model also builds on the meta device.
+        steps = max(config.depth - 1, 1)
+        rates = [config.drop_path * i / steps for i in range(config.depth)]
         self.blocks = nn.ModuleList(
             Block(config.embed_dim, config.num_heads, config.ffn_dim, rate, config.ln_eps)
             for rate in rates

@@ -4,6 +4,8 @@ Notation (B batch, L = G * G patches, T text tokens, D features):
   ``v`` raw patch features (B, L, D); ``w`` raw text features (B, T, D);
   ``v_hat = normalize(vision_head(v))``, ``e_img = normalize(vision_head(vision CLS))``,
   ``w_hat = normalize(language_head(w))``, ``e_txt = w_hat[:, 0]`` (the ``<s>`` token).
+The output projections ``vision_head`` / ``language_head`` (Linear(D, D, bias=False), then L2
+normalisation) are plain attributes of :class:`~oneref.model.OneRef` (official key names).
 """
 
 from __future__ import annotations
@@ -15,21 +17,8 @@ import torch.nn.functional as F
 from oneref import ops
 from oneref.model.layers import MLP
 
-__all__ = ["OutputProjection", "RECHead", "RESHead", "MIMHead", "MLMHead", "similarity_map",
+__all__ = ["RECHead", "RESHead", "MIMHead", "MLMHead", "similarity_map",
            "patchify", "pixel_targets"]
-
-
-class OutputProjection(nn.Module):
-    """``vision_head`` / ``language_head``: Linear(D, D, bias=False) then L2 normalisation.
-
-    Kept as two attributes of the model (official names ``vision_head.weight`` and
-    ``language_head.weight``); this class only groups the helpers.
-    """
-
-    @staticmethod
-    def project(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., D) -> (..., D), unit L2 norm along the last dim."""
-        return F.normalize(head(x), dim=-1)
 
 
 def similarity_map(e_txt: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -133,12 +122,17 @@ class MLMHead(nn.Module):
 
     def loss(self, feats: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1,
              drop_worst: float = 0.0) -> torch.Tensor:
-        """feats (N, D), targets (N,) -> scalar. ``drop_worst`` in [0, 1): the largest
-        ``int(N * drop_worst)`` token losses are left out of the mean."""
+        """feats (N, D), targets (N,) -> scalar.
+
+        Label smoothing is torch's (``eps / V`` on every class); the reference code's KL
+        against ``eps / (V - 1)`` off-target differs by a constant plus O(eps / V^2).
+        ``drop_worst`` in [0, 1): only the ``max(1, int(N * (1 - drop_worst)))`` smallest
+        token losses are averaged (as the reference code does).
+        """
         if drop_worst <= 0.0:
             return ops.linear_cross_entropy(feats, self.proj.weight, targets, self.proj.bias,
                                             label_smoothing=label_smoothing)
         losses = ops.linear_cross_entropy(feats, self.proj.weight, targets, self.proj.bias,
                                           label_smoothing=label_smoothing, reduction="none")
-        keep = losses.numel() - int(losses.numel() * drop_worst)
+        keep = max(1, int(losses.numel() * (1.0 - drop_worst)))
         return losses.sort().values[:keep].mean()

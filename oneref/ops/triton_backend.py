@@ -33,3 +33,20 @@ def unavailable_reasons(device: torch.device | None) -> list[str]:
 
 
 # Registrations: one line per op, next to the kernel module that implements it.
+from oneref.kernels import attention as _attention, multiway_linear as _multiway_linear  # noqa: E402
+
+register("multiway_attention", "triton")(_attention.multiway_attention)
+register("multiway_linear", "triton")(_multiway_linear.multiway_linear)
+
+from oneref.kernels import cross_entropy as _cross_entropy, gather as _gather  # noqa: E402
+from oneref.kernels import losses as _losses, masking as _masking  # noqa: E402
+
+register("referring_mask", "triton")(_masking.referring_mask)
+register("apply_mask_token", "triton")(_gather.apply_mask_token)
+register("masked_gather", "triton")(_gather.masked_gather)
+register("masked_scatter", "triton")(_gather.masked_scatter)
+register("vts_loss", "triton")(_losses.vts_loss)
+register("box_mask_loss", "triton")(_losses.box_mask_loss)
+register("focal_dice_loss", "triton")(_losses.focal_dice_loss)
+register("sts_kl", "triton")(_losses.sts_kl)
+register("linear_cross_entropy", "triton")(_cross_entropy.linear_cross_entropy)

@@ -193,6 +193,12 @@ class TrainConfig:
     output_dir: str = "runs/oneref"
     #: Show a tqdm progress bar (rank 0 only).
     progress: bool = True
+    #: Wall-clock budget of the training loop in seconds (0: off). When set, the last stage
+    #: runs until the budget is used (its ``steps`` is then an upper bound) and its cosine
+    #: follows the share of the budget used instead of the step count, so a slower machine
+    #: trains fewer steps but still ends at the low learning rate. Runs with a budget are not
+    #: step-for-step reproducible (resume continues, but not bit-exactly).
+    time_budget_s: float = 0.0
     #: Evaluate on ``data.test_split`` at the end (and print the colour-guess baseline).
     final_test: bool = True
 

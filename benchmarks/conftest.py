@@ -1,0 +1,66 @@
+"""Shared setup of the pytest-benchmark micro-benchmarks (``pytest benchmarks/ --benchmark-only``).
+
+* ``gpu`` marker: skipped without CUDA (kernel benchmarks are GPU rows);
+* ``device`` fixture: ``cuda`` when available, else ``cpu``;
+* ``model_preset``: ``base`` on a GPU, ``tiny`` on a CPU;
+* ``rotate(inputs)``: a callable cycling through input sets, so a benchmark never times one
+  cached input;
+* fixed seeds before every benchmark.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 cores")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="GPU benchmark: needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def model_preset(device) -> str:
+    return "base" if device.type == "cuda" else "tiny"
+
+
+@pytest.fixture
+def rotate():
+    """``rotate(inputs)`` -> a zero-argument callable returning the next input set."""
+    def make(inputs):
+        if not inputs:
+            raise ValueError("rotate needs at least one input set")
+        cycle = itertools.cycle(inputs)
+        return lambda: next(cycle)
+    return make
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (benchmarks time whole calls, kernels included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

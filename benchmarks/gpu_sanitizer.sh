@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck over the GPU tests of the native extension (tests/csrc).
+# Called by the GPU check script once the extension is built on the GPU machine:
+#   bash benchmarks/gpu_sanitizer.sh            # memcheck (default)
+#   TOOL=racecheck bash benchmarks/gpu_sanitizer.sh
+# Exit status: non-zero when the sanitizer reports an error or a test fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOOL="${TOOL:-memcheck}"
+SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")}"
+if [[ ! -x "$SANITIZER" ]]; then
+  echo "gpu_sanitizer: compute-sanitizer not found (set COMPUTE_SANITIZER or CUDA_HOME)" >&2
+  exit 2
+fi
+# PYTORCH_NO_CUDA_MEMORY_CACHING: every allocation is a real cudaMalloc, so that
+# out-of-bounds accesses inside the caching allocator's blocks are caught too.
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$TOOL" --error-exitcode 1 \
+  --target-processes all \
+  python -m pytest tests/csrc/test_csrc_gpu.py -m gpu -x -q -p no:cacheprovider "$@"

@@ -1,0 +1,232 @@
+"""Engine configurations (the rows of every model table) and the steps they run.
+
+| key | engine |
+|---|---|
+| a | official-style: torchscale BEiT-3 + plain OneRef heads, fp32 eager |
+| b | (a) + bf16 autocast + SDPA attention (GPU only: on a CPU it is the same model as (a)) |
+| c | ours (``oneref.model.OneRef``), ``torch`` backend (bf16 autocast on GPU, fp32 on CPU) |
+| d | ours, ``auto`` backend (CUDA extension -> Triton kernels -> torch) |
+| e | (d) + ``torch.compile`` of the loss / forward function |
+
+Every engine runs the same tasks on the same synthetic batches: ``rec`` / ``res`` fine-tune
+steps (forward, loss, backward, AdamW step), ``mim`` / ``mlm`` pre-training steps, and
+inference (``rec_infer`` / ``res_infer``: forward under ``torch.inference_mode``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from oneref.config import ModelConfig
+
+__all__ = ["ENGINES", "Engine", "build_engine", "make_batch", "train_step", "infer_step",
+           "TRAIN_TASKS", "INFER_TASKS", "TASK_FNS", "field_of"]
+
+log = logging.getLogger(__name__)
+
+ENGINES = {
+    "a": "official-style fp32 eager (torchscale BEiT-3 + plain heads)",
+    "b": "(a) + bf16 autocast + SDPA",
+    "c": "ours, torch backend",
+    "d": "ours, auto backend (kernels)",
+    "e": "(d) + torch.compile",
+}
+TRAIN_TASKS = ("rec", "res", "mim", "mlm")
+INFER_TASKS = ("rec_infer", "res_infer")
+PAD_ID = 1
+
+
+@dataclass
+class Engine:
+    """A built model with the precision / backend / compile settings of one row."""
+
+    key: str
+    model: torch.nn.Module
+    device: torch.device
+    autocast: torch.dtype | None = None
+    backend: str | None = None
+    compile: bool = False
+    notes: list[str] = field(default_factory=list)
+    _compiled: dict = field(default_factory=dict)
+    _optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def name(self) -> str:
+        return f"({self.key}) {ENGINES[self.key]}"
+
+    def context(self):
+        """Autocast + backend selection for one call."""
+        stack = contextlib.ExitStack()
+        if self.autocast is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast))
+        if self.backend is not None:
+            from oneref.ops import use_backend
+            stack.enter_context(use_backend(self.backend))
+        return stack
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            # The official-style rows use the reference recipe's plain AdamW; ours the fused
+            # one on CUDA (an engine feature). On CPU both use the same (foreach) AdamW.
+            fused = self.device.type == "cuda" and self.key in ("c", "d", "e")
+            self._optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4,
+                                                fused=True if fused else None)
+        return self._optimizer
+
+    def function(self, task: str) -> Callable[[dict], object]:
+        """The (possibly compiled) loss or forward function of ``task`` for this engine."""
+        if task not in self._compiled:
+            fn = functools.partial(TASK_FNS[task], self.model)
+            if self.compile:
+                fn = torch.compile(fn, dynamic=False)
+            self._compiled[task] = fn
+        return self._compiled[task]
+
+
+def _unavailable(key: str, reason: str) -> RuntimeError:
+    return RuntimeError(f"engine ({key}) unavailable: {reason}")
+
+
+def build_engine(key: str, config: ModelConfig, device: torch.device | str,
+                 seed: int = 0) -> Engine:
+    """Build the model of row ``key`` on ``device`` (fresh weights from ``seed``).
+
+    Raises RuntimeError with the reason when the row cannot run here (missing torchscale,
+    the engine model not importable, torch.compile unusable)."""
+    if key not in ENGINES:
+        raise ValueError(f"unknown engine {key!r}; choose from {sorted(ENGINES)}")
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    torch.manual_seed(seed)
+    notes = []
+    if key in ("a", "b"):
+        try:
+            from oneref.bench.baseline import BaselineOneRef, use_sdpa
+            model = BaselineOneRef(config)
+        except ImportError as exc:
+            raise _unavailable(key, str(exc)) from exc
+        if key == "b":
+            if gpu:
+                use_sdpa(model)
+            else:
+                notes.append("on CPU (b) is the same model as (a): fp32, no SDPA swap")
+        autocast = torch.bfloat16 if key == "b" and gpu else None
+        backend = None
+    else:
+        try:
+            from oneref.model import OneRef
+        except ImportError as exc:
+            raise _unavailable(key, f"oneref.model.OneRef not importable ({exc})") from exc
+        model = OneRef.from_config(config)
+        autocast = torch.bfloat16 if gpu else None
+        backend = "torch" if key == "c" else "auto"
+        if key in ("d", "e") and not gpu:
+            notes.append("on CPU the auto backend resolves every op to torch")
+    model = model.to(device).train()
+    return Engine(key=key, model=model, device=device, autocast=autocast, backend=backend,
+                  compile=key == "e", notes=notes)
+
+
+def field_of(out, name: str):
+    """A field of a model output (dict for the baseline, dataclass / namedtuple for ours)."""
+    return out[name] if isinstance(out, dict) else getattr(out, name)
+
+
+def _rec(model, batch):
+    out = model.forward_rec(batch["images"], batch["text_ids"], batch["text_lengths"])
+    return model.rec_loss(out, batch["boxes"], None)["loss"]
+
+
+def _res(model, batch):
+    out = model.forward_res(batch["images"], batch["text_ids"], batch["text_lengths"])
+    return model.res_loss(out, batch["masks"])["loss"]
+
+
+def _mim(model, batch):
+    return model.mim_loss(batch["images"], batch["text_ids"], batch["text_lengths"],
+                          batch["boxes"], batch["image_mask"], batch["mim_targets"],
+                          use_vts=False)["loss"]
+
+
+def _mlm(model, batch):
+    return model.mlm_loss(batch["images"], batch["masked_text_ids"], batch["text_lengths"],
+                          batch["boxes"], batch["mlm_labels"], None)["loss"]
+
+
+def _rec_infer(model, batch):
+    return field_of(model.forward_rec(batch["images"], batch["text_ids"],
+                                      batch["text_lengths"]), "boxes")
+
+
+def _res_infer(model, batch):
+    return field_of(model.forward_res(batch["images"], batch["text_ids"],
+                                      batch["text_lengths"]), "mask_logits")
+
+
+TASK_FNS = {"rec": _rec, "res": _res, "mim": _mim, "mlm": _mlm,
+             "rec_infer": _rec_infer, "res_infer": _res_infer}
+
+
+def train_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
+    """One optimisation step of ``task``: forward + loss, backward, AdamW. Returns the loss
+    (detached)."""
+    model, opt = engine.model, engine.optimizer()
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    with engine.context():
+        loss = engine.function(task)(batch)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def infer_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
+    """One inference forward (eval mode, inference_mode)."""
+    engine.model.eval()
+    with torch.inference_mode(), engine.context():
+        return engine.function(task)(batch)
+
+
+def make_batch(config: ModelConfig, batch: int, device: torch.device | str, seed: int,
+               task: str = "rec") -> dict:
+    """A random batch (never zeros): normal images, ids in [4, V), text lengths in
+    [T/4, T], boxes inside the canvas, random masks; MIM image masks from the referring
+    masking reference; MLM labels on ~40 % of the real text tokens."""
+    from oneref.ops import reference
+
+    gen = torch.Generator().manual_seed(seed)
+    size, text, grid = config.img_size, config.max_text_len, config.grid
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    lengths = torch.randint(max(3, text // 4), text + 1, (batch,), generator=gen)
+    ids = torch.randint(4, config.vocab_size, (batch, text), generator=gen)
+    positions = torch.arange(text)[None]
+    ids[positions >= lengths[:, None]] = PAD_ID
+    ids[:, 0] = 0
+    ids[torch.arange(batch), lengths - 1] = 2
+    wh = 0.15 + 0.5 * torch.rand(batch, 2, generator=gen)
+    centre = wh / 2 + (1 - wh) * torch.rand(batch, 2, generator=gen)
+    boxes = torch.cat([centre, wh], dim=1)
+    out = {"images": images, "text_ids": ids, "text_lengths": lengths, "boxes": boxes}
+    if task in ("res", "res_infer"):
+        out["masks"] = reference.box_to_grid_mask(boxes, size)  # box-shaped masks (B, S, S)
+    if task == "mim":
+        noise = torch.rand(batch, 2, grid * grid, generator=gen)
+        out["image_mask"] = reference.referring_mask(boxes, noise, grid)
+        out["mim_targets"] = torch.randint(0, config.mim_vocab, (batch, grid * grid),
+                                           generator=gen)
+    if task == "mlm":
+        real = (positions > 0) & (positions < lengths[:, None] - 1)
+        chosen = real & (torch.rand(batch, text, generator=gen) < 0.4)
+        chosen[:, 1] = True
+        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        out["mlm_labels"] = labels
+        # the masked positions get <unk> (3): any in-vocabulary id costs the same
+        out["masked_text_ids"] = torch.where(chosen, torch.full_like(ids, 3), ids)
+    return {k: v.to(device) for k, v in out.items()}

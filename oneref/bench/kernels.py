@@ -1,0 +1,382 @@
+"""Kernel tables: G1 (attention), G2 (memory-bound ops), G3 (linear cross-entropy).
+
+Every implementation is checked against :mod:`oneref.ops.reference` on the first input set
+before it is timed; implementations that cannot run here become rows with ``skipped`` and
+the reason. Conventions:
+
+* attention FLOPs = 4 * B * H * S * S * Dh forward (QK^T and PV over the padded sequence),
+  backward = 2.5 x forward (so fwd+bwd = 3.5 x forward), as FlashAttention reports them;
+* memory-bound ops: GB/s = the minimal bytes an op must move (inputs read once, outputs
+  written once) / time, against the measured device copy bandwidth (read + write).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from oneref.bench.timing import sync, time_calls
+from oneref.ops import reference
+
+__all__ = ["bench_call", "attention_rows", "memory_rows", "lce_rows", "run_kernel_tables"]
+
+log = logging.getLogger(__name__)
+
+
+def bench_call(fn, inputs, device: torch.device, repeats: int = 20) -> float:
+    """Median milliseconds of ``fn(inputs[i])``, rotating the input sets: triton's
+    ``do_bench`` on CUDA, timed calls on CPU."""
+    cycle = itertools.cycle(inputs)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return do_bench(lambda: fn(next(cycle)), warmup=25, rep=100, return_mode="median")
+    return 1e3 * statistics.median(time_calls(fn, inputs, device, 2, repeats))
+
+
+def _backends(device: torch.device) -> list[str]:
+    """Our backends that can run on ``device`` (explicit names, then auto)."""
+    from oneref.ops import backend_status
+    if device.type != "cuda":
+        return ["torch"]
+    status = backend_status(device)
+    return [name for name in ("cuda", "triton") if not status[name]] + ["auto"]
+
+
+def _skip(op: str, impl: str, reason: str, **extra) -> dict:
+    return {"op": op, "impl": impl, "skipped": reason, **extra}
+
+
+# ---------------------------------------------------------------------------- attention --
+def _attn_inputs(batch, heads, head_dim, num_vision, text_len, device, dtype, seed):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    seq = num_vision + text_len
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, generator=gen).to(device, dtype)
+               for _ in range(3))
+    lengths = torch.randint(max(1, text_len // 2), text_len + 1, (batch,), generator=gen)
+    return q, k, v, lengths.to(device)
+
+
+def _sdpa_call(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def call(q, k, v, lengths, num_vision):
+        mask = reference.key_padding_mask(lengths, num_vision, q.shape[2])[:, None, None, :]
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return call
+
+
+def _xformers_call():
+    import xformers.ops as xops
+    from xformers.ops.fmha.attn_bias import BlockDiagonalPaddedKeysMask
+
+    def call(q, k, v, lengths, num_vision):
+        batch, seq, heads, dim = q.shape
+        bias = BlockDiagonalPaddedKeysMask.from_seqlens(
+            q_seqlen=[seq] * batch, kv_padding=seq,
+            kv_seqlen=(lengths + num_vision).tolist())
+        out = xops.memory_efficient_attention(
+            q.reshape(1, batch * seq, heads, dim), k.reshape(1, batch * seq, heads, dim),
+            v.reshape(1, batch * seq, heads, dim), attn_bias=bias)
+        return out.view(batch, seq, heads, dim)
+    return call
+
+
+def _attention_impls(device):
+    """name -> (layout, fn(q, k, v, lengths, num_vision)); layout "bshd" or "bhsd"."""
+    from oneref import ops
+    impls = {}
+    for name in _backends(device):
+        impls[f"ours[{name}]"] = ("bshd", lambda q, k, v, l, nv, _b=name:
+                                  ops.multiway_attention(q, k, v, l, nv, backend=_b))
+    try:
+        from torch.nn.attention import SDPBackend
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+            impls[f"sdpa[{backend.name.lower()}]"] = ("bhsd", _sdpa_call(backend))
+    except ImportError as exc:
+        impls["sdpa"] = ("skip", str(exc))
+    if device.type == "cuda":
+        try:
+            impls["xformers"] = ("bshd", _xformers_call())
+        except ImportError as exc:
+            impls["xformers"] = ("skip", f"xformers not importable ({exc})")
+    return impls
+
+
+def attention_rows(device, batches=(32,), text_lens=(8, 16, 32, 64), heads=12, head_dim=64,
+                   num_vision=577, dtype=None, peak_tflops=None, passes=("fwd", "fwd+bwd")):
+    """G1: multiway_attention vs SDPA (each SDPBackend that accepts the bool key mask; the
+    fastest is flagged ``best_sdpa``) and xformers, TFLOP/s and % of the matmul peak."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = []
+    for batch, text_len in itertools.product(batches, text_lens):
+        seq = num_vision + text_len
+        sets = [_attn_inputs(batch, heads, head_dim, num_vision, text_len, device, dtype, s)
+                for s in range(3)]
+        q0, k0, v0, l0 = sets[0]
+        want = reference.multiway_attention(q0.float(), k0.float(), v0.float(), l0, num_vision)
+        fwd_flops = 4.0 * batch * heads * seq * seq * head_dim
+        shape = f"B={batch} H={heads} S={num_vision}+{text_len} Dh={head_dim}"
+        group = []
+        for name, (layout, fn) in _attention_impls(device).items():
+            if layout == "skip":
+                rows.append(_skip("multiway_attention", name, fn, shape=shape))
+                continue
+            prep = ((lambda t: t.transpose(1, 2).contiguous()) if layout == "bhsd"
+                    else (lambda t: t))
+            back = ((lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t))
+            inputs = [(prep(q), prep(k), prep(v), l) for q, k, v, l in sets]
+            try:
+                got = back(fn(*inputs[0], num_vision)).float()
+                err = (got - want).abs().max().item()
+                tol = 2e-2 if dtype != torch.float32 else 1e-4
+                if not err <= tol * max(1.0, want.abs().max().item()):
+                    raise RuntimeError(f"max error {err:.3g} vs reference exceeds {tol}")
+            except Exception as exc:  # noqa: BLE001 - an impl that rejects the inputs is a row
+                rows.append(_skip("multiway_attention", name, f"{type(exc).__name__}: "
+                                  f"{str(exc)[:160]}", shape=shape, batch=batch,
+                                  text_len=text_len))
+                continue
+            for pas in passes:
+                if pas == "fwd":
+                    call = (lambda x, _f=fn: _f(*x, num_vision))
+                    flops = fwd_flops
+                    timed = inputs
+                else:
+                    timed = [tuple(t.detach().requires_grad_(True) if t.is_floating_point()
+                                   else t for t in x) for x in inputs]
+                    grad = torch.randn_like(fn(*inputs[0], num_vision))
+
+                    def call(x, _f=fn, _g=grad):
+                        for t in x[:3]:
+                            t.grad = None
+                        _f(*x, num_vision).backward(_g)
+                    flops = 3.5 * fwd_flops
+                try:
+                    ms = bench_call(call, timed, device)
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(_skip("multiway_attention", name, f"{pas}: {exc}"[:200],
+                                      shape=shape, batch=batch, text_len=text_len, **{"pass": pas}))
+                    continue
+                row = {"op": "multiway_attention", "impl": name, "pass": pas, "shape": shape,
+                       "batch": batch, "text_len": text_len, "ms": ms,
+                       "tflops": flops / ms / 1e9, "max_err": err}
+                if peak_tflops:
+                    row["pct_of_peak"] = 100 * row["tflops"] / peak_tflops
+                group.append(row)
+        for pas in passes:
+            same = [r for r in group if r["pass"] == pas]
+            sdpa = [r for r in same if r["impl"].startswith("sdpa")]
+            if sdpa:
+                best = min(sdpa, key=lambda r: r["ms"])
+                best["best_sdpa"] = True
+                baseline = min([best] + [r for r in same if r["impl"] == "xformers"],
+                               key=lambda r: r["ms"])
+                for r in same:
+                    r["speedup"] = baseline["ms"] / r["ms"]
+                    r["vs"] = baseline["impl"]
+        rows.extend(group)
+    return rows
+
+
+# ----------------------------------------------------------------------- memory-bound --
+def _memory_cases(device, scale: float):
+    """(op, shape, make_inputs(seed) -> args, reference fn, our fn(backend), bytes, grad)."""
+    from oneref import ops
+    grid, dim = 24, 768
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = torch.finfo(dtype).bits // 8
+
+    def boxes(gen, n):
+        wh = 0.1 + 0.6 * torch.rand(n, 2, generator=gen)
+        return torch.cat([wh / 2 + (1 - wh) * torch.rand(n, 2, generator=gen), wh], 1)
+
+    b_gather, b_mask, b_loss = (max(1, int(n * scale)) for n in (8, 512, 256))
+
+    def gather_inputs(seed):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(b_gather, grid * grid, dim, generator=gen).to(device, dtype)
+        mask = (torch.rand(b_gather, grid * grid, generator=gen) < 0.4).to(device)
+        return (x, mask)
+
+    def refmask_inputs(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return (boxes(gen, b_mask).to(device),
+                torch.rand(b_mask, 2, grid * grid, generator=gen).to(device), grid)
+
+    def vts_inputs(seed):
+        gen = torch.Generator().manual_seed(seed)
+        pred = torch.randn(b_loss, grid * grid, 4, generator=gen).to(device)
+        return (pred.requires_grad_(True), boxes(gen, b_loss).to(device), grid)
+
+    def boxmask_inputs(seed):
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(b_loss * 16, grid, grid, generator=gen).to(device)
+        return (logits.requires_grad_(True), boxes(gen, b_loss * 16).to(device))
+
+    n_rows = int(0.4 * b_gather * grid * grid)
+    return [
+        ("masked_gather", f"x=({b_gather},{grid * grid},{dim}) {dtype}", gather_inputs,
+         reference.masked_gather, lambda be: (lambda *a: ops.masked_gather(*a, backend=be)),
+         2 * n_rows * dim * size + b_gather * grid * grid, False),
+        ("referring_mask", f"B={b_mask} G={grid}", refmask_inputs, reference.referring_mask,
+         lambda be: (lambda *a: ops.referring_mask(*a, backend=be)),
+         b_mask * (2 * grid * grid * 4 + 16 + grid * grid), False),
+        ("vts_loss", f"pred=({b_loss},{grid * grid},4) fp32 fwd+bwd", vts_inputs,
+         reference.vts_loss, lambda be: (lambda *a: ops.vts_loss(*a, backend=be)),
+         2 * b_loss * grid * grid * 4 * 4 + b_loss * 16, True),
+        ("box_mask_loss", f"logits=({b_loss * 16},{grid},{grid}) fp32 fwd+bwd",
+         boxmask_inputs, reference.box_mask_loss,
+         lambda be: (lambda *a: ops.box_mask_loss(*a, backend=be)),
+         2 * b_loss * 16 * grid * grid * 4 + b_loss * 16 * 16, True),
+    ]
+
+
+def _run_op(fn, args, grad: bool):
+    out = fn(*args)
+    if grad:
+        args[0].grad = None
+        out.backward()
+    return out
+
+
+def memory_rows(device, copy_gbps=None, scale: float = 8):
+    """G2: masked_gather, referring_mask, vts_loss, box_mask_loss: eager composite (the
+    reference) vs our triton / cuda backends, GB/s and % of the copy bandwidth."""
+    rows = []
+    names = [b for b in _backends(device) if b != "auto"]
+    for op, shape, make, ref_fn, ours, nbytes, grad in _memory_cases(device, scale):
+        inputs = [make(s) for s in range(3)]
+        want = ref_fn(*inputs[0])
+        impls = {"eager": ref_fn}
+        impls.update({f"ours[{b}]": ours(b) for b in names if b != "torch"})
+        results = []
+        for impl, fn in impls.items():
+            try:
+                got = fn(*inputs[0])
+                if got.dtype == torch.bool or not got.is_floating_point():
+                    ok = torch.equal(got, want)
+                else:
+                    ok = torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-4)
+                if not ok:
+                    raise RuntimeError("result differs from the reference")
+                ms = bench_call(lambda a, _f=fn: _run_op(_f, a, grad), inputs, device)
+            except Exception as exc:  # noqa: BLE001
+                rows.append(_skip(op, impl, f"{type(exc).__name__}: {str(exc)[:160]}",
+                                  shape=shape))
+                continue
+            row = {"op": op, "impl": impl, "shape": shape, "ms": ms, "bytes": nbytes,
+                   "gbps": nbytes / ms / 1e6}
+            if copy_gbps:
+                row["pct_of_peak"] = 100 * row["gbps"] / copy_gbps
+            results.append(row)
+        eager = next((r for r in results if r["impl"] == "eager"), None)
+        for r in results:
+            if eager:
+                r["speedup"] = eager["ms"] / r["ms"]
+                r["vs"] = "eager"
+        if len(names) == 1 and names[0] == "torch":
+            rows.append(_skip(op, "ours[triton|cuda]", "no triton / cuda backend on this "
+                              "device (GPU rows)", shape=shape))
+        rows.extend(results)
+    return rows
+
+
+# ------------------------------------------------------------------ linear + CE (G3) --
+def _peak_call(fn, device) -> float | None:
+    """Peak GPU memory (GB) above the memory in use before one call of fn()."""
+    if device.type != "cuda":
+        fn()
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - start) / 1e9
+
+
+def lce_rows(device, cases=None):
+    """G3: linear_cross_entropy (fwd+bwd) vs eager Linear + CE, time and peak memory.
+    Default cases: MLM (N=1600 masked tokens, D=768, V=64010, smoothing 0.1) and MIM
+    (N=14720 masked patches, V=8192) in bf16 on CUDA; tiny sizes in fp32 on CPU."""
+    from oneref import ops
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    if cases is None:
+        cases = ([("MLM", 1600, 768, 64010, 0.1), ("MIM", 14720, 768, 8192, 0.0)] if gpu
+                 else [("MLM", 64, 64, 1024, 0.1), ("MIM", 256, 64, 512, 0.0)])
+    rows = []
+    for label, n, d, v, smoothing in cases:
+        shape = f"{label} N={n} D={d} V={v} {str(dtype).replace('torch.', '')}"
+
+        def make(seed):
+            gen = torch.Generator().manual_seed(seed)
+            x = (torch.randn(n, d, generator=gen) * 0.5).to(device, dtype).requires_grad_(True)
+            w = (torch.randn(v, d, generator=gen) * d ** -0.5).to(device, dtype).requires_grad_(True)
+            t = torch.randint(0, v, (n,), generator=gen).to(device)
+            return x, w, t
+        inputs = [make(s) for s in range(2)]
+        want = reference.linear_cross_entropy(*inputs[0], label_smoothing=smoothing).item()
+        impls = {"eager": lambda x, w, t: reference.linear_cross_entropy(
+            x, w, t, label_smoothing=smoothing)}
+        for b in _backends(device):
+            if b in ("auto", "torch"):
+                continue
+            impls[f"ours[{b}]"] = (lambda x, w, t, _b=b: ops.linear_cross_entropy(
+                x, w, t, label_smoothing=smoothing, backend=_b))
+        results = []
+        for impl, fn in impls.items():
+            def step(a, _f=fn):
+                a[0].grad = a[1].grad = None
+                _f(*a).backward()
+            try:
+                got = fn(*inputs[0]).item()
+                if abs(got - want) > 2e-2 * max(1.0, abs(want)):
+                    raise RuntimeError(f"loss {got:.5g} differs from the reference {want:.5g}")
+                peak = _peak_call(lambda: step(inputs[0]), device)
+                ms = bench_call(step, inputs, device, repeats=5)
+            except Exception as exc:  # noqa: BLE001
+                rows.append(_skip("linear_cross_entropy", impl,
+                                  f"{type(exc).__name__}: {str(exc)[:160]}", shape=shape))
+                continue
+            results.append({"op": "linear_cross_entropy", "impl": impl, "shape": shape,
+                            "pass": "fwd+bwd", "ms": ms, "peak_mem_gb": peak})
+        eager = next((r for r in results if r["impl"] == "eager"), None)
+        for r in results:
+            if eager:
+                r["speedup"] = eager["ms"] / r["ms"]
+                r["vs"] = "eager"
+                if r["peak_mem_gb"] and eager["peak_mem_gb"]:
+                    r["mem_ratio"] = r["peak_mem_gb"] / eager["peak_mem_gb"]
+        if not gpu:
+            rows.append(_skip("linear_cross_entropy", "ours[triton|cuda]",
+                              "no triton / cuda backend on this device (GPU rows)", shape=shape))
+        rows.extend(results)
+    return rows
+
+
+def run_kernel_tables(device, rows=("G1", "G2", "G3"), peak_tflops=None, copy_gbps=None,
+                      quick: bool = False) -> list[dict]:
+    """The kernel rows asked for; on a CPU, tiny forms (attention with 17 vision tokens,
+    small memory-bound batches, small vocabularies) so the code path and plots still run."""
+    gpu = device.type == "cuda"
+    out = []
+    if "G1" in rows:
+        if gpu:
+            out += attention_rows(device, batches=(8, 32) if not quick else (32,),
+                                  text_lens=(8, 16, 32, 64), peak_tflops=peak_tflops)
+        else:
+            out += attention_rows(device, batches=(2,), text_lens=(8, 16, 32, 64), heads=2,
+                                  head_dim=32, num_vision=17, peak_tflops=peak_tflops,
+                                  passes=("fwd",) if quick else ("fwd", "fwd+bwd"))
+    if "G2" in rows:
+        out += memory_rows(device, copy_gbps, scale=8 if gpu else 1 / 16)
+    if "G3" in rows:
+        out += lce_rows(device)
+    return out

@@ -1,0 +1,232 @@
+"""``oneref bench``: plan the rows, run them, write JSON + PNG + markdown under ``--out``.
+
+Rows (PERF.md): ``C1`` (CPU: tiny/small training step, engines (a), (c), (d)), ``G1``
+attention, ``G2`` memory-bound ops, ``G3`` linear cross-entropy, ``G4`` OneRef-B REC
+fine-tune step, ``G5`` OneRef-B inference (batch 1, batch 256, the 5,657-sample split end to
+end), ``G6`` MIM and MLM pre-training steps, ``G7`` OneRef-L REC fine-tune step, and
+``cost`` (the full paper-style table, REC and RES, base and large). Without a GPU the default
+is ``C1`` plus the tiny CPU forms of G1-G3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from oneref.bench.cost import CostSettings, add_ratios, run_cost_table
+from oneref.bench.kernels import run_kernel_tables
+from oneref.bench.report import (cost_markdown, environment, kernel_markdown, plot_attention,
+                                 plot_throughput, write_json)
+from oneref.bench.timing import copy_bandwidth, matmul_peak
+
+__all__ = ["add_arguments", "run_bench", "main", "plan_cost_rows", "ROWS"]
+
+log = logging.getLogger(__name__)
+ROWS = ("C1", "G1", "G2", "G3", "G4", "G5", "G6", "G7", "cost")
+KERNEL_ROWS = ("G1", "G2", "G3")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``oneref bench`` (for the CLI's sub-parser)."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--rows", default=None,
+                        help=f"comma list of {','.join(ROWS)}; default C1,G1,G2,G3 on CPU, "
+                             "G1..G7 on a GPU")
+    parser.add_argument("--presets", default=None,
+                        help="override the model presets of the model rows (e.g. tiny,small)")
+    parser.add_argument("--engines", default=None,
+                        help="override the engine rows, subset of a,b,c,d,e")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per run")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per run")
+    parser.add_argument("--split-samples", type=int, default=None,
+                        help="samples of the end-to-end test split (-1: all 5,657; 0: skip; "
+                             "N: measure N and extrapolate)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads on CPU (default: torch's default; on a "
+                             "machine shared with other jobs 1 thread gives steadier ratios)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny preset only, 1 repeat: a smoke run of every code path")
+    parser.add_argument("--out", default=None, help="results folder (default runs/bench-<date>)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="merge results.json files of earlier runs into --out instead of "
+                             "measuring (tables and plots redone from them)")
+    return parser
+
+
+def _split(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def plan_cost_rows(row: str, gpu: bool, args) -> CostSettings:
+    """The CostSettings of one model row."""
+    quick = getattr(args, "quick", False)
+    if row == "C1":
+        s = CostSettings(presets=("tiny", "small"), engines=("a", "c", "d"),
+                         train_tasks=("rec",), infer_tasks=("rec_infer",),
+                         sweep_batch={"tiny": (1, 4, 16, 32), "small": (1, 4, 16)},
+                         split_samples=64, warmup=3, repeats=7, passes=2)
+    elif row == "G4":
+        s = CostSettings(presets=("base",), engines=("a", "b", "c", "d", "e"),
+                         train_tasks=("rec",), infer_tasks=(), warmup=2, repeats=4)
+    elif row == "G5":
+        s = CostSettings(presets=("base",), engines=("a", "b", "c", "d", "e"), train_tasks=(),
+                         infer_tasks=("rec_infer",), sweep_batch={"base": (1, 16, 64, 256)},
+                         split_samples=None, split_workers=8, warmup=2, repeats=4)
+    elif row == "G6":
+        s = CostSettings(presets=("base",), engines=("a", "b", "c", "d"),
+                         train_tasks=("mim", "mlm"), infer_tasks=(), warmup=2, repeats=4)
+    elif row == "G7":
+        s = CostSettings(presets=("large",), engines=("b", "c", "d"), train_tasks=("rec",),
+                         infer_tasks=(), warmup=2, repeats=4)
+    elif row == "cost":
+        s = CostSettings(presets=("base", "large") if gpu else ("tiny", "small"),
+                         engines=("a", "b", "c", "d", "e") if gpu else ("a", "c", "d"),
+                         train_tasks=("rec", "res"), infer_tasks=("rec_infer", "res_infer"),
+                         split_samples=None if gpu else 64, split_workers=8 if gpu else 0)
+    else:
+        raise ValueError(f"unknown model row {row!r}; choose from {ROWS}")
+    if args.presets:
+        s.presets = _split(args.presets)
+    if args.engines:
+        s.engines = _split(args.engines)
+    if quick:
+        s.presets, s.repeats, s.warmup, s.input_sets, s.passes = ("tiny",), 1, 1, 2, 1
+        s.sweep_batch = {"tiny": (1, 4)}
+        s.split_samples = 16 if s.split_samples != 0 else 0
+        s.train_batch = dict(s.train_batch, tiny=4)
+        s.infer_batch = dict(s.infer_batch, tiny=8)
+    if args.repeats is not None:
+        s.repeats = args.repeats
+    if args.warmup is not None:
+        s.warmup = args.warmup
+    if args.split_samples is not None:
+        s.split_samples = None if args.split_samples < 0 else args.split_samples
+    if args.workers is not None:
+        s.split_workers = args.workers
+    return s
+
+
+def _summary(results: dict) -> str:
+    env = results["environment"]
+    ceil = results.get("ceilings", {})
+    lines = [f"# oneref bench: {env.get('device_name')} ({env['device_type']}), torch "
+             f"{env['torch']}, triton {env.get('triton')}, xformers {env.get('xformers')}, "
+             f"{env['date_utc']}, load {env.get('load_avg_1_5_15')}",
+             f"matmul peak {ceil.get('matmul', {}).get('tflops', 0):.3g} TFLOP/s "
+             f"({ceil.get('matmul', {}).get('dtype')}), copy "
+             f"{ceil.get('copy', {}).get('gbps', 0):.4g} GB/s; FLOPs = 2 x MACs; speeds are "
+             "samples/s with (ratio to row (a), row (b)) of the same run"]
+    if results.get("model_rows"):
+        lines += ["", cost_markdown(results["model_rows"])]
+    if results.get("kernel_rows"):
+        lines += ["", kernel_markdown(results["kernel_rows"])]
+    c1 = results.get("c1")
+    if c1:
+        lines += ["", "C1 (training step, samples/s ratio to (a); target >= 1.2x): "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in c1.items())]
+    return "\n".join(lines)
+
+
+def c1_ratios(model_rows: list[dict]) -> dict:
+    """C1: best of (c) / (d) over (a) on the REC training step, per preset."""
+    out = {}
+    for r in model_rows:
+        for ours in ("c", "d"):
+            if r["engine"] == ours and "rec_train_sps_vs_a" in r:
+                key = f"{r['preset']} ({ours})"
+                out[key] = r["rec_train_sps_vs_a"]
+    return out
+
+
+def _finish(results: dict, out: Path) -> str:
+    model_rows = results.get("model_rows", [])
+    add_ratios(model_rows)
+    results["c1"] = c1_ratios(model_rows)
+    files = {"json": write_json(results, out / "results.json")}
+    device = results["environment"].get("device_name", "")
+    png = plot_throughput(model_rows, out / "throughput.png", f"REC inference, {device}")
+    if png:
+        files["throughput_png"] = png
+    png = plot_attention(results.get("kernel_rows", []), out / "attention.png",
+                         f"multiway attention, {device}")
+    if png:
+        files["attention_png"] = png
+    summary = _summary(results)
+    (out / "summary.md").write_text(summary + "\n")
+    results["files"] = {k: str(v) for k, v in files.items()}
+    write_json(results, out / "results.json")
+    return summary
+
+
+def _merge(paths: list[str], out: Path) -> str:
+    merged: dict = {"model_rows": [], "kernel_rows": [], "rows": [], "parts": []}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        merged.setdefault("environment", part["environment"])
+        merged.setdefault("ceilings", part.get("ceilings", {}))
+        merged["model_rows"] += part.get("model_rows", [])
+        merged["kernel_rows"] += part.get("kernel_rows", [])
+        merged["rows"] += part.get("rows", [])
+        merged["parts"].append({"path": str(path), "rows": part.get("rows"),
+                                "environment": part["environment"]})
+    return _finish(merged, out)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run ``oneref bench`` with parsed arguments; prints the summary table last."""
+    out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        print(_merge(args.merge, out))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if gpu else "cpu")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    rows = _split(args.rows) or (("G1", "G2", "G3", "G4", "G5", "G6", "G7") if gpu
+                                 else ("C1", "G1", "G2", "G3"))
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"--rows: unknown {unknown}; choose from {ROWS}")
+    results = {"environment": environment(device), "rows": list(rows),
+               "ceilings": {"matmul": matmul_peak(device), "copy": copy_bandwidth(device)},
+               "model_rows": [], "kernel_rows": [], "convention": "FLOPs = 2 x MACs"}
+    peak = results["ceilings"]["matmul"]["tflops"]
+    copy = results["ceilings"]["copy"]["gbps"]
+    log.info("ceilings: %.3g TFLOP/s matmul, %.4g GB/s copy", peak, copy)
+    kernel_rows = tuple(r for r in rows if r in KERNEL_ROWS)
+    if kernel_rows:
+        results["kernel_rows"] = run_kernel_tables(device, kernel_rows, peak, copy,
+                                                   quick=args.quick)
+    for row in rows:
+        if row in KERNEL_ROWS:
+            continue
+        settings = plan_cost_rows(row, gpu, args)
+        if not gpu and row in ("G4", "G5", "G6", "G7"):
+            log.warning("%s is a GPU row; running it on the CPU with %s", row, settings.presets)
+        for r in run_cost_table(settings, device, peak):
+            r["row"] = row
+            results["model_rows"].append(r)
+    print(_finish(results, out))
+    print(f"\nresults: {out / 'results.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``python -m oneref.bench [args]`` (and ``oneref bench``)."""
+    parser = add_arguments(argparse.ArgumentParser(prog="oneref bench", description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return run_bench(args)

@@ -1,0 +1,202 @@
+"""Benchmark output: environment record, JSON, markdown tables, PNG plots."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+__all__ = ["environment", "write_json", "cost_markdown", "kernel_markdown", "plot_throughput",
+           "plot_attention", "fmt"]
+
+log = logging.getLogger(__name__)
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return None
+    return getattr(mod, "__version__", "unknown")
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def environment(device: torch.device) -> dict:
+    """Card / CPU, driver, library versions, date and load: the header of every JSON."""
+    env = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "triton": _version("triton"),
+        "xformers": _version("xformers"),
+        "torchscale": _version("torchscale"),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device_name=props.name, sm_count=props.multi_processor_count,
+                   memory_gb=props.total_memory / 1e9, driver=_driver(),
+                   capability=f"{props.major}.{props.minor}")
+    else:
+        env.update(device_name=env["cpu"], driver=None)
+    return env
+
+
+def write_json(results: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str, sort_keys=False))
+    return path
+
+
+def fmt(value, digits: int = 3) -> str:
+    """Compact number: 3 significant digits, '-' for missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _with_ratio(row: dict, key: str) -> str:
+    text = fmt(row.get(key))
+    ratios = [f"{row[f'{key}_vs_{ref}']:.2f}x{ref}" for ref in ("a", "b")
+              if f"{key}_vs_{ref}" in row and row["engine"] != ref]
+    return f"{text} ({', '.join(ratios)})" if ratios else text
+
+
+def _preset(row: dict) -> str:
+    return f"{row['row']} {row['preset']}" if row.get("row") else row["preset"]
+
+
+def cost_markdown(rows: list[dict]) -> str:
+    """The cost table: one line per (preset, engine); speeds with ratios to (a) / (b)."""
+    head = ("| preset | engine | params M (bb/head) | GFLOPs (GMACs) | train samples/s | "
+            "infer b1 samples/s | infer large samples/s | 5,657 split s | peak GB | MFU |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {_preset(r)} | ({r['engine']}) | skipped: {r['skipped'][:80]} |"
+                         + " |" * 7)
+            continue
+        params = f"{fmt(r.get('total_m'))} ({fmt(r.get('backbone_m'))}/{fmt(r.get('head_m'))})"
+        flops = f"{fmt(r.get('gflops_rec'))} ({fmt(r.get('gmacs_rec'))})"
+        split = fmt(r.get("split_time_s"))
+        if r.get("split_time_extrapolated"):
+            split += f" (extrap. from {r['split_samples_measured']})"
+        mfu = r.get("rec_train_mfu")
+        lines.append(
+            f"| {_preset(r)} | ({r['engine']}) {r.get('dtype', '')} | {params} | {flops} | "
+            f"{_with_ratio(r, 'rec_train_sps')} | {_with_ratio(r, 'rec_infer_b1_sps')} | "
+            f"{_with_ratio(r, 'rec_infer_large_sps')} | {split} | "
+            f"{fmt(r.get('rec_train_peak_mem_gb'))} | {fmt(None if mfu is None else 100 * mfu)}% |")
+    return "\n".join(lines)
+
+
+def kernel_markdown(rows: list[dict]) -> str:
+    """Kernel table: op, shape, implementation, time, throughput, % of ceiling, speed-up."""
+    lines = ["| op | shape | impl | ms | TFLOP/s or GB/s | % of peak | vs eager/best baseline |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['op']} | {r.get('shape', '')} | {r.get('impl', '')} | "
+                         f"skipped: {r['skipped'][:70]} | | | |")
+            continue
+        rate = r.get("tflops", r.get("gbps"))
+        unit = "TF" if "tflops" in r else "GB/s"
+        pct = r.get("pct_of_peak")
+        impl = f"{r['impl']} {r['pass']}" if r.get("pass") else r["impl"]
+        lines.append(f"| {r['op']} | {r.get('shape', '')} | {impl} | {fmt(r['ms'])} | "
+                     f"{fmt(rate)} {unit} | {fmt(None if pct is None else pct)} | "
+                     f"{fmt(r.get('speedup'))} |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_throughput(rows: list[dict], path: Path, title: str) -> Path | None:
+    """Inference samples/s vs batch, one line per (preset, engine) with a sweep."""
+    series = [(f"{r['preset']} ({r['engine']})", r["infer_sweep"]) for r in rows
+              if r.get("infer_sweep")]
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, sweep in series:
+        batches = sorted(int(b) for b in sweep)
+        ax.plot(batches, [sweep[b] if b in sweep else sweep[str(b)] for b in batches],
+                marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("REC inference samples/s")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_attention(rows: list[dict], path: Path, title: str) -> Path | None:
+    """multiway_attention TFLOP/s vs text length, one line per (implementation, pass)."""
+    rows = [r for r in rows if r.get("op") == "multiway_attention" and "tflops" in r]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    keys = sorted({(r["impl"], r["pass"], r["batch"]) for r in rows})
+    for impl, pas, batch in keys:
+        pts = sorted((r["text_len"], r["tflops"]) for r in rows
+                     if (r["impl"], r["pass"], r["batch"]) == (impl, pas, batch))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=f"{impl} {pas} B={batch}")
+    ax.set_xlabel("text length (keys = vision + text)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,135 @@
+"""Parsed referring records and the checks shared by the real-data readers.
+
+A :class:`RefRecord` is one (image, box, expression[, segmentation]) sample in a common form:
+box x1, y1, x2, y2 in pixels of the original image. Readers report every malformed record
+through an :class:`ErrorPolicy`: ``"raise"`` (default) raises ``ValueError`` naming the file,
+the record index and the problem; ``"skip"`` drops the record, counts it and logs the count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RefRecord", "ErrorPolicy", "RecordError", "parse_box", "check_polygons",
+           "check_phrase", "check_box_inside"]
+
+log = logging.getLogger(__name__)
+
+
+class RecordError(ValueError):
+    """A malformed record; the message names the file, the record and the problem."""
+
+
+@dataclass
+class RefRecord:
+    """One referring sample.
+
+    image_file: path relative to the image root (or absolute); box: (x1, y1, x2, y2) pixels;
+    phrase: the expression; source: image collection ("coco", "referit", "flickr", ...);
+    polygons: COCO polygons [[x, y, x, y, ...], ...] or None; rle: COCO RLE dict or None;
+    mask_file: per-sample mask image (older TransVG files) or None; size: (height, width)
+    when the file states it; extra: a 6th tuple element (STS scores) kept as is;
+    where: "file[index]" for messages.
+    """
+
+    image_file: str
+    box: tuple[float, float, float, float]
+    phrase: str
+    source: str = "coco"
+    polygons: list | None = None
+    rle: dict | None = None
+    mask_file: str | None = None
+    size: tuple[int, int] | None = None
+    extra: Any = None
+    where: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+class ErrorPolicy:
+    """Raise on the first malformed record, or skip and count (``on_error="skip"``)."""
+
+    def __init__(self, on_error: str, source: str):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error = on_error
+        self.source = source
+        self.skipped = 0
+        self.first: str | None = None
+
+    def fail(self, where: str, problem: str) -> None:
+        """Raise (policy "raise") or count the record at ``where`` as skipped."""
+        message = f"{self.source}: {where}: {problem}"
+        if self.on_error == "raise":
+            raise RecordError(message)
+        self.skipped += 1
+        if self.first is None:
+            self.first = message
+
+    def report(self) -> None:
+        if self.skipped:
+            log.warning("%s: skipped %d malformed record(s); first: %s", self.source,
+                        self.skipped, self.first)
+
+
+def parse_box(value, box_format: str) -> tuple[float, float, float, float]:
+    """4 finite numbers in ``box_format`` ("xywh" or "xyxy") -> (x1, y1, x2, y2).
+    Raises ValueError describing the problem."""
+    try:
+        arr = np.asarray(value.tolist() if hasattr(value, "tolist") else value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"box {value!r} is not 4 numbers") from None
+    if arr.shape != (4,):
+        raise ValueError(f"box {value!r} is not 4 numbers")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"box {arr.tolist()} has a non-finite value")
+    x1, y1, a, b = arr.tolist()
+    x2, y2 = (x1 + a, y1 + b) if box_format == "xywh" else (a, b)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"box {arr.tolist()} ({box_format}) has no area")
+    return (x1, y1, x2, y2)
+
+
+def check_box_inside(box, width: int, height: int, tolerance: float = 1.0):
+    """The box clipped to the image when it overshoots by at most ``tolerance`` pixels;
+    ValueError when it lies further outside."""
+    x1, y1, x2, y2 = box
+    if (x1 < -tolerance or y1 < -tolerance or x2 > width + tolerance
+            or y2 > height + tolerance):
+        raise ValueError(f"box x1y1x2y2 {[round(v, 2) for v in box]} is outside the "
+                         f"{width}x{height} image")
+    return (max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
+
+
+def check_phrase(value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expression must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError("empty expression")
+    return value.strip()
+
+
+def check_polygons(value) -> list | None:
+    """COCO polygons: a list of flat [x, y, ...] lists with >= 3 points each (empty -> None)."""
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"polygons must be a list of coordinate lists, got "
+                         f"{type(value).__name__}")
+    out = []
+    for k, poly in enumerate(value):
+        try:
+            coords = [float(v) for v in poly]
+        except (TypeError, ValueError):
+            raise ValueError(f"polygon {k} is not a list of numbers") from None
+        if len(coords) < 6 or len(coords) % 2:
+            raise ValueError(f"polygon {k} has {len(coords)} coordinates; need an even "
+                             f"number >= 6")
+        if not all(math.isfinite(c) for c in coords):
+            raise ValueError(f"polygon {k} has a non-finite coordinate")
+        out.append(coords)
+    return out

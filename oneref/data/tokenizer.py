@@ -1,0 +1,108 @@
+"""Sentencepiece tokenizer with the fairseq id mapping used by BEiT-3 / OneRef (SPEC sec. 1).
+
+fairseq ids: ``<s>`` = 0, ``<pad>`` = 1, ``</s>`` = 2, ``<unk>`` = 3, an ordinary piece =
+its sentencepiece id + 1, ``<mask>`` = number of sentencepiece pieces + 1 (64001 for
+``beit3.spm``). Text is lower-cased; ``<s>`` + pieces + ``</s>``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import sentencepiece as spm
+import torch
+
+__all__ = ["Tokenizer"]
+
+
+class Tokenizer:
+    """Wraps a sentencepiece model file (``.model``, e.g. ``beit3.spm``).
+
+    Attributes:
+        bos_id, pad_id, eos_id, unk_id: 0, 1, 2, 3.
+        mask_id: pieces + 1.
+        vocab_size: mask_id + 1, the number of ids this tokenizer can produce.
+    """
+
+    bos_id = 0
+    pad_id = 1
+    eos_id = 2
+    unk_id = 3
+
+    def __init__(self, model_path: str | os.PathLike):
+        model_path = os.fspath(model_path)
+        if not os.path.isfile(model_path):
+            raise ValueError(f"sentencepiece model {model_path!r} does not exist")
+        self.model_path = model_path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(model_path)
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"cannot load sentencepiece model {model_path!r}: {err}") from err
+        self.num_pieces = self.sp.GetPieceSize()
+        self.mask_id = self.num_pieces + 1
+        self.vocab_size = self.mask_id + 1
+        self._spm_unk = self.sp.unk_id()
+
+    def __getstate__(self) -> dict:
+        # Rebuilt from the file on unpickling (DataLoader workers, spawn start method).
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_path"])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+    def _piece_ids(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self.sp.EncodeAsIds(text.lower())
+        return [self.unk_id if i == self._spm_unk else i + 1 for i in ids]
+
+    def encode(self, text: str, max_len: int | None = None) -> list[int]:
+        """fairseq ids ``[<s>, pieces..., </s>]``; with ``max_len``, pieces are truncated to
+        ``max_len - 2`` so the result has at most ``max_len`` ids."""
+        pieces = self._piece_ids(text)
+        if max_len is not None:
+            if max_len < 2:
+                raise ValueError(f"max_len must be >= 2 (room for <s> and </s>), got {max_len}")
+            pieces = pieces[: max_len - 2]
+        return [self.bos_id] + pieces + [self.eos_id]
+
+    def encode_padded(self, text: str, max_len: int) -> tuple[torch.Tensor, int]:
+        """(ids long (max_len,) padded with 1, length counting <s> and </s>)."""
+        ids = self.encode(text, max_len)
+        out = torch.full((max_len,), self.pad_id, dtype=torch.long)
+        out[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out, len(ids)
+
+    def decode(self, ids) -> str:
+        """Text of fairseq ids (special ids dropped, ``<unk>`` kept as the spm unk piece)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        spm_ids = []
+        for i in ids:
+            if i in (self.bos_id, self.pad_id, self.eos_id) or i == self.mask_id:
+                continue
+            spm_ids.append(self._spm_unk if i == self.unk_id else i - 1)
+        return self.sp.DecodeIds(spm_ids)
+
+    def word_positions(self, text: str, word_indices, max_len: int | None = None) -> list[int]:
+        """Token position (in :meth:`encode` output, ``<s>`` at 0) of the first piece of each
+        whitespace-separated word index in ``word_indices``; -1 for a negative index or a
+        word cut by truncation."""
+        words = text.split()
+        starts, pos = [], 1
+        for word in words:
+            starts.append(pos)
+            pos += len(self._piece_ids(word))
+        limit = (max_len - 1) if max_len is not None else pos
+        out = []
+        for w in word_indices:
+            w = int(w)
+            if w < 0 or w >= len(words) or starts[w] >= limit:
+                out.append(-1)
+            else:
+                out.append(starts[w])
+        return out

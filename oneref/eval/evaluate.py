@@ -1,0 +1,54 @@
+"""Run a model over a loader and compute the task's metrics (reduced over all ranks)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from oneref.eval.metrics import RECAccumulator, RESAccumulator
+
+__all__ = ["evaluate", "autocast_context", "move_batch"]
+
+
+def autocast_context(device: torch.device, amp: str):
+    """bf16 autocast on CUDA for ``amp`` in (auto, bf16); fp32 (no autocast) otherwise."""
+    if device.type == "cuda" and amp in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and amp == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """Tensors of a collated batch to ``device`` (non-blocking from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, task: str, device: torch.device,
+             amp: str = "auto") -> dict[str, float]:
+    """Metrics of ``model`` (a ``OneRef``) on every batch of ``loader``.
+
+    ``task="rec"``: ``{"acc@0.5", "miou_box", "n"}``; ``task="res"``: ``{"miou", "oiou",
+    "prec@0.5".."prec@0.9", "n"}``. Each rank sees its shard; sums are reduced over ranks.
+    """
+    was_training = model.training
+    model.eval()
+    acc = RECAccumulator() if task == "rec" else RESAccumulator()
+    try:
+        for batch in loader:
+            batch = move_batch(batch, device)
+            with autocast_context(device, amp):
+                if task == "rec":
+                    out = model.forward_rec(batch["images"], batch["text_ids"],
+                                            batch["text_lengths"])
+                    acc.update(out.boxes.float(), batch["boxes"].float())
+                else:
+                    out = model.forward_res(batch["images"], batch["text_ids"],
+                                            batch["text_lengths"])
+                    acc.update(out.mask_logits.float() > 0, batch["masks"] > 0.5)
+    finally:
+        model.train(was_training)
+    return acc.compute()

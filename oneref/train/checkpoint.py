@@ -1,0 +1,105 @@
+"""Training checkpoints: atomic writes, keep-last-k, RNG capture for exact resume.
+
+A checkpoint is one file ``<run>/checkpoints/step_00001234.pt`` holding the model, optimizer,
+lr-plan state, step, epoch, every RNG (python, numpy, torch CPU, every CUDA device, the
+masking generator) and the sampler state. It is written to a temporary file in the same
+folder and moved into place with ``os.replace``, so a kill mid-write never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["rng_state", "set_rng_state", "atomic_save", "save_checkpoint", "find_latest",
+           "load_checkpoint", "list_checkpoints"]
+
+log = logging.getLogger(__name__)
+_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def rng_state() -> dict:
+    """Every global RNG: python, numpy, torch CPU and CUDA (all devices)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Step checkpoints in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(folder: str | Path, step: int, payload: dict, keep_last: int = 0) -> Path:
+    """Write ``payload`` as ``folder/step_{step:08d}.pt``; delete all but the newest
+    ``keep_last`` (0 keeps all)."""
+    path = Path(folder) / f"step_{step:08d}.pt"
+    atomic_save(payload, path)
+    if keep_last > 0:
+        for old in list_checkpoints(folder)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    log.info("checkpoint written: %s", path)
+    return path
+
+
+def find_latest(path: str | Path) -> Path | None:
+    """``path`` itself when it is a checkpoint file, else the newest checkpoint under
+    ``path`` or ``path/checkpoints``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        found = list_checkpoints(folder)
+        if found:
+            return found[-1]
+    return None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint; ValueError naming the file when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        # Our own files: they hold RNG states (numpy tuples) besides tensors.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"checkpoint {path} could not be read: {exc}") from exc

@@ -1,0 +1,109 @@
+"""The per-task training step as one ``nn.Module`` (what DDP / FSDP / ``torch.compile`` wrap).
+
+``TaskModule(model, task)(batch, mode)`` returns the loss dict of the model's loss method:
+
+* ``rec``: ``forward_rec`` + ``rec_loss`` (L1 + GIoU + box-mask constraint);
+* ``res``: ``forward_res`` + ``res_loss`` (focal x20 + dice x2);
+* ``pretrain``: ``mode="mim"`` -> ``mim_loss`` (referring-aware image masking, VQ-KD or pixel
+  targets, optional VTS); ``mode="mlm"`` -> ``mlm_loss`` (subject/object-first text masking,
+  optional STS, drop-worst).
+
+Masks for MRefM are drawn here from a dedicated ``torch.Generator`` (part of the checkpoint)
+so a resumed run masks exactly the same positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from oneref.train.config import PretrainConfig
+
+__all__ = ["TaskModule", "IMAGENET_MEAN", "IMAGENET_STD", "unnormalise", "prepare_mim",
+           "prepare_mlm", "mrefm_mode"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def mrefm_mode(step: int) -> str:
+    """Even steps: referring MIM; odd steps: referring MLM (SPEC sec. 4)."""
+    return "mim" if step % 2 == 0 else "mlm"
+
+
+def unnormalise(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (B, 3, S, S) -> [0, 1] (the VQ-KD tokenizer's input)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() * std + mean).clamp(0.0, 1.0)
+
+
+def prepare_mim(batch: dict, grid: int, generator: torch.Generator, cfg: PretrainConfig,
+                tokenizer: nn.Module | None) -> dict:
+    """Add ``image_mask`` (B, G*G) bool and ``mim_targets`` (B, G*G) long | None to batch."""
+    from oneref import ops
+
+    boxes = batch["boxes"]
+    noise = ops.draw_mask_noise(boxes.shape[0], grid, generator, device=boxes.device)
+    batch["image_mask"] = ops.referring_mask(boxes, noise, grid, cfg.outside_ratio,
+                                             cfg.inside_ratio)
+    if tokenizer is not None:
+        batch["mim_targets"] = tokenizer(unnormalise(batch["images"]))
+    else:
+        batch["mim_targets"] = None
+    return batch
+
+
+def prepare_mlm(batch: dict, generator: torch.Generator, cfg: PretrainConfig, mask_id: int,
+                vocab_size: int) -> dict:
+    """Add ``masked_text_ids`` (B, T) and ``mlm_labels`` (B, T) (-100 = not masked)."""
+    from oneref.data.masking import mask_text
+
+    ids, lengths, words = batch["text_ids"], batch["text_lengths"], batch["word_positions"]
+    masked, labels = [], []
+    for i in range(ids.shape[0]):
+        m, lab = mask_text(ids[i].cpu(), int(lengths[i]), words[i].cpu(), mask_id, vocab_size,
+                           generator, ratio=cfg.text_mask_ratio)
+        masked.append(torch.as_tensor(m))
+        labels.append(torch.as_tensor(lab))
+    batch["masked_text_ids"] = torch.stack(masked).to(ids.device)
+    batch["mlm_labels"] = torch.stack(labels).to(ids.device)
+    return batch
+
+
+class TaskModule(nn.Module):
+    """Loss of one task on one batch; the unit that distributed wrappers see.
+
+    Args:
+        model: a ``OneRef``.
+        task: ``rec``, ``res`` or ``pretrain``.
+        pretrain: VTS / STS switches for MRefM.
+    """
+
+    def __init__(self, model: nn.Module, task: str, pretrain: PretrainConfig | None = None):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.pretrain = pretrain or PretrainConfig()
+
+    def forward(self, batch: dict, mode: str = "", drop_worst: float = 0.0) -> dict:
+        m = self.model
+        if self.task == "rec":
+            out = m.forward_rec(batch["images"], batch["text_ids"], batch["text_lengths"])
+            masks = batch.get("masks") if batch.get("use_masks", False) else None
+            return m.rec_loss(out, batch["boxes"], masks)
+        if self.task == "res":
+            out = m.forward_res(batch["images"], batch["text_ids"], batch["text_lengths"])
+            return m.res_loss(out, batch["masks"])
+        if mode == "mim":
+            return m.mim_loss(batch["images"], batch["text_ids"], batch["text_lengths"],
+                              batch["boxes"], batch["image_mask"], batch["mim_targets"],
+                              use_vts=self.pretrain.vts)
+        if mode == "mlm":
+            sts = batch.get("sts_targets") if self.pretrain.sts else None
+            if self.pretrain.sts and sts is None:
+                raise ValueError("pretrain.sts is on but the batches carry no 'sts_targets' "
+                                 "(teacher scores); turn STS off or use data with STS labels")
+            return m.mlm_loss(batch["images"], batch["masked_text_ids"], batch["text_lengths"],
+                              batch["boxes"], batch["mlm_labels"], sts, drop_worst=drop_worst)
+        raise ValueError(f"pretrain step mode must be 'mim' or 'mlm', got {mode!r}")

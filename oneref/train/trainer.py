@@ -1,0 +1,321 @@
+"""The training loop: REC / RES fine-tuning and MRefM pre-training, staged, resumable.
+
+Order of set-up (logged): process group -> threads -> seed -> model -> datasets -> task
+module (grad checkpointing, device) -> optimizer -> resume -> per-stage freeze + DDP/FSDP
+wrap -> torch.compile. Each step: lr from the plan, batch to device (MRefM: draw masks,
+tokenizer targets), autocast forward, backward, clip, AdamW; every ``log_interval`` steps the
+loss parts are averaged over ranks and written to CSV / TensorBoard / the progress bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from oneref.eval.evaluate import autocast_context, evaluate, move_batch
+from oneref.train import checkpoint as ckpt
+from oneref.train.config import TrainConfig
+from oneref.train.data import build_dataset, eval_loader, train_loader
+from oneref.train.distributed import (all_reduce_mean, barrier, init_distributed,
+                                      seed_everything, unwrap, wrap_model)
+from oneref.train.logger import RunLogger, plot_curve, write_json
+from oneref.train.optim import StagePlan, build_optimizer, set_lr
+from oneref.train.steps import TaskModule, mrefm_mode, prepare_mim, prepare_mlm
+
+__all__ = ["Trainer", "train"]
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Build everything a run needs from a :class:`TrainConfig`; :meth:`fit` trains."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()
+        self.config = config
+        self.info = init_distributed(config.device, config.dist.backend)
+        self.device = self.info.device
+        self.main = self.info.rank == 0
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        self.run_dir = Path(config.output_dir)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Same initial weights on every rank (DDP also broadcasts), then per-rank streams.
+        seed_everything(config.seed)
+        self.model = self._build_model()
+        seed_everything(config.seed + self.info.rank)
+
+        t0 = time.perf_counter()
+        self.train_set = build_dataset(config.data, self.model.config, config.data.train_split)
+        needs_eval = config.task != "pretrain"
+        self.eval_set = (build_dataset(config.data, self.model.config, config.data.eval_split)
+                         if needs_eval else None)
+        self.data_seconds = time.perf_counter() - t0
+        log.info("datasets ready in %.1f s (train %d samples)", self.data_seconds,
+                 len(self.train_set))
+
+        self.task_module = TaskModule(self.model, config.task, config.pretrain).to(self.device)
+        if config.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.optimizer = build_optimizer(self.model, config.optim, self.device)
+        self.plan = StagePlan(config.stages, len(self.train_set), self.info.world_size,
+                              config.schedule)
+        self.mask_generator = torch.Generator().manual_seed(config.seed + 1000 + self.info.rank)
+        self.tokenizer = self._build_vqkd() if config.task == "pretrain" else None
+        self.step = 0
+        self.resumed_from: Path | None = None
+        if config.checkpoint.resume:
+            self._resume(config.checkpoint.resume)
+        self.wrapped: torch.nn.Module | None = None
+        self._stage_index = -1
+
+    # ------------------------------------------------------------------ construction
+    def _build_model(self):
+        from oneref.model import OneRef
+
+        cfg = self.config
+        if cfg.checkpoint.init_from:
+            model = OneRef.from_pretrained(cfg.checkpoint.init_from)
+            log.info("initial weights from %s", cfg.checkpoint.init_from)
+        else:
+            model = OneRef.from_config(cfg.model, **cfg.model_overrides)
+        return model
+
+    def _build_vqkd(self):
+        path = self.config.pretrain.vqkd_checkpoint
+        if not path:
+            log.info("MIM targets: pixel fallback (no pretrain.vqkd_checkpoint given)")
+            return None
+        from oneref.model.vqkd import VQKDTokenizer
+
+        tok = VQKDTokenizer.from_checkpoint(path, image_size=self.model.config.img_size)
+        if tok.codebook_size != self.model.config.mim_vocab:
+            raise ValueError(f"VQ-KD codebook of {path} has {tok.codebook_size} codes but the "
+                             f"model's mim_vocab is {self.model.config.mim_vocab}")
+        return tok.to(self.device)
+
+    def _apply_stage(self, index: int) -> None:
+        """Freeze / unfreeze the backbone for stage ``index`` and (re)wrap for DDP/FSDP."""
+        stage = self.plan.spans[index].stage
+        for p in self.model.backbone_parameters():
+            p.requires_grad_(not stage.freeze_backbone)
+        module = wrap_model(self.task_module, self.info, self.config.dist.strategy,
+                            find_unused=self.config.task in ("pretrain", "res"))
+        if self.config.compile:
+            module = torch.compile(module)
+        self.wrapped = module
+        self._stage_index = index
+        log.info("stage %d (%s): %d steps, lr %.3g, batch %d/rank, backbone %s",
+                 index, stage.name, self.plan.spans[index].steps, stage.lr, stage.batch_size,
+                 "frozen" if stage.freeze_backbone else "trained")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, epoch: int) -> dict:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"step": self.step, "lr": self.plan.lr_at(max(self.step - 1, 0))},
+            "step": self.step,
+            "epoch": epoch,
+            "rng": ckpt.rng_state(),
+            "mask_generator": self.mask_generator.get_state(),
+            "sampler": {"seed": self.config.seed, "position": list(self.plan.locate(
+                min(self.step, self.plan.total_steps - 1))[1:])},
+            "config": self.config.to_dict(),
+            "model_config": self.model.config.to_dict(),
+            "world_size": self.info.world_size,
+        }
+
+    def save(self, epoch: int) -> None:
+        if self.config.dist.strategy == "fsdp" and self.info.enabled:
+            raise NotImplementedError("checkpointing FSDP runs needs a full-state gather; "
+                                      "use dist.strategy=ddp for resumable runs")
+        if self.main:
+            ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self._state(epoch),
+                                 self.config.checkpoint.keep_last)
+        barrier()
+
+    def _resume(self, where: str) -> None:
+        target = self.run_dir if where in ("auto", "latest") else Path(where)
+        path = ckpt.find_latest(target)
+        if path is None:
+            raise ValueError(f"--resume: no checkpoint found in {target} (looked for "
+                             f"checkpoints/step_*.pt)")
+        state = ckpt.load_checkpoint(path)
+        if state.get("world_size", 1) != self.info.world_size:
+            raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks; "
+                             f"resume with the same number (now {self.info.world_size})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        ckpt.set_rng_state(state["rng"])
+        self.mask_generator.set_state(state["mask_generator"])
+        self.resumed_from = path
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self):
+        """Yield ``(span, epoch, batch)`` from ``self.step`` to the end of the plan; a fresh
+        iterator starts each epoch (or the resumed position inside it)."""
+        loader = sampler = iterator = None
+        loader_stage, key = -1, None
+        while self.step < self.plan.total_steps:
+            span, epoch, index = self.plan.locate(self.step)
+            if key != (span.index, epoch):
+                if span.index != loader_stage:
+                    loader, sampler = train_loader(
+                        self.train_set, span.stage.batch_size, self.config.data, self.device,
+                        self.info.rank, self.info.world_size,
+                        seed=self.config.seed + 7919 * span.index)
+                    loader_stage = span.index
+                sampler.set_epoch(epoch, start_batch=index)
+                loader.generator.manual_seed(self.config.seed + 104729 * span.index + epoch)
+                iterator = iter(loader)
+                key = (span.index, epoch)
+            yield span, epoch, next(iterator)
+
+    def _train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        batch = move_batch(batch, self.device)
+        mode, drop_worst = "", 0.0
+        if cfg.task == "pretrain":
+            mode = mrefm_mode(self.step)
+            if mode == "mim":
+                prepare_mim(batch, self.model.config.grid, self.mask_generator, cfg.pretrain,
+                            self.tokenizer)
+            else:
+                tok = getattr(self.train_set, "tokenizer", None)
+                mask_id = getattr(tok, "mask_id", self.model.config.vocab_size - 1)
+                prepare_mlm(batch, self.mask_generator, cfg.pretrain, mask_id,
+                            self.model.config.vocab_size)
+                if self.step >= cfg.pretrain.drop_worst_after:
+                    drop_worst = cfg.pretrain.drop_worst
+        with autocast_context(self.device, cfg.amp):
+            losses = self.wrapped(batch, mode, drop_worst) if mode else self.wrapped(batch)
+        losses["loss"].backward()
+        if cfg.optim.grad_clip > 0:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: v.detach().float() for k, v in losses.items()}
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Task metrics on ``split`` (reduced over ranks)."""
+        dataset = self.eval_set if split == self.config.data.eval_split else \
+            build_dataset(self.config.data, self.model.config, split)
+        loader = eval_loader(dataset, self.config.data, self.device, self.info.rank,
+                             self.info.world_size)
+        return evaluate(self.model, loader, self.config.task, self.device, self.config.amp)
+
+    def _budget_fraction(self, t_start: float) -> float | None:
+        """Share of ``time_budget_s`` used (the maximum over ranks), or None without one."""
+        if self.config.time_budget_s <= 0:
+            return None
+        used = torch.tensor([(time.perf_counter() - t_start) / self.config.time_budget_s])
+        if self.info.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(used, op=dist.ReduceOp.MAX)
+        return float(used)
+
+    def fit(self) -> dict:
+        """Train to the end of the plan; returns the final metrics (also in metrics.json)."""
+        cfg = self.config
+        logger = RunLogger(self.run_dir, enabled=self.main,
+                           resume_step=self.step if self.resumed_from else None)
+        bar = None
+        if self.main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.plan.total_steps, initial=self.step, unit="step",
+                       dynamic_ncols=True, desc=cfg.task)
+        self.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        window_steps, window_samples = 0, 0
+        t_window = t_start = time.perf_counter()
+        start_step = self.step
+        epoch = 0
+        self.losses: list[tuple[int, float]] = []
+        for span, epoch, batch in self._batches():
+            if span.index != self._stage_index:
+                self._apply_stage(span.index)
+            frac = self._budget_fraction(t_start)
+            if frac is not None and frac >= 1.0:
+                log.info("time budget of %.0f s used after %d steps: stopping",
+                         cfg.time_budget_s, self.step)
+                break
+            set_lr(self.optimizer, self.plan.lr_at(self.step, frac))
+            losses = self._train_step(batch)
+            self.step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            window_steps += 1
+            window_samples += span.stage.batch_size * self.info.world_size
+            if self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps:
+                names = sorted(sums)
+                means = all_reduce_mean(torch.stack([sums[k] for k in names]) / window_steps)
+                row = dict(zip(names, means.tolist()))
+                now = time.perf_counter()
+                row.update(lr=self.optimizer.param_groups[0]["lr"],
+                           samples_per_s=window_samples / max(now - t_window, 1e-9),
+                           elapsed_s=now - t_start)
+                logger.log(self.step, row)
+                self.losses.append((self.step, row["loss"]))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}",
+                                    sps=f"{row['samples_per_s']:.0f}")
+                    bar.update(self.step - bar.n)
+                sums, window_steps, window_samples, t_window = {}, 0, 0, now
+            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.eval_set:
+                logger.log(self.step, self.evaluate(cfg.data.eval_split), split="val")
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                self.save(epoch)
+        if bar is not None:
+            bar.close()
+        train_seconds = time.perf_counter() - t_start
+        steps_done = self.step - start_step
+        results = self._finish(logger, epoch, train_seconds, steps_done)
+        logger.close()
+        return results
+
+    def _finish(self, logger: RunLogger, epoch: int, train_seconds: float, steps: int) -> dict:
+        cfg = self.config
+        if cfg.checkpoint.interval == 0 or self.step % cfg.checkpoint.interval:
+            if cfg.checkpoint.interval or cfg.checkpoint.keep_last:
+                self.save(epoch)
+        samples = sum(min(max(self.step - s.start, 0), s.steps) * s.stage.batch_size
+                      for s in self.plan.spans) * self.info.world_size
+        results = {"task": cfg.task, "steps": self.step, "train_seconds": train_seconds,
+                   "data_seconds": self.data_seconds, "world_size": self.info.world_size,
+                   "samples_per_s": (steps * cfg.stages[-1].batch_size * self.info.world_size
+                                     / train_seconds) if steps and train_seconds > 0
+                   else float("nan"),
+                   "samples_seen": samples}
+        if self.losses:
+            results["final_loss"] = self.losses[-1][1]
+        if cfg.task != "pretrain":
+            results[cfg.data.eval_split] = self.evaluate(cfg.data.eval_split)
+            logger.log(self.step, results[cfg.data.eval_split], split="val")
+            if cfg.final_test:
+                results[cfg.data.test_split] = self.evaluate(cfg.data.test_split)
+                logger.log(self.step, results[cfg.data.test_split], split="test")
+        if self.main:
+            unwrap(self.model).save_pretrained(self.run_dir / "model")
+            write_json(self.run_dir / "train_config.json", cfg.to_dict())
+            write_json(self.run_dir / "metrics.json", results)
+            plot_curve(logger.rows, self.run_dir / "curve.png",
+                       title=f"OneRef {cfg.model} {cfg.task} on {cfg.data.dataset}")
+        barrier()
+        return results
+
+
+def train(config: TrainConfig) -> dict:
+    """Run a whole training job; returns the final metrics."""
+    trainer = Trainer(config)
+    return trainer.fit()
+

@@ -1,0 +1,119 @@
+"""The benchmark suite's pieces on the tiny preset with 1-2 repeats: measured rows, ratios
+from the measured numbers, JSON fields, PNG files, the CLI entry point."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from oneref.bench.cost import CostSettings, add_ratios, run_cost_table
+from oneref.bench.kernels import attention_rows, lce_rows
+from oneref.bench.main import main
+from oneref.bench.report import cost_markdown, environment, plot_attention, plot_throughput
+from oneref.bench.timing import measure
+
+CPU = torch.device("cpu")
+
+
+def _tiny_settings(**changes):
+    base = dict(presets=("tiny",), engines=("a",), train_tasks=("rec",),
+                infer_tasks=("rec_infer",), train_batch={"tiny": 2}, infer_batch={"tiny": 4},
+                sweep_batch={"tiny": (1, 2)}, split_samples=4, warmup=1, repeats=1,
+                input_sets=2)
+    base.update(changes)
+    return CostSettings(**base)
+
+
+def test_measure_reports_median_and_spread_of_two_runs():
+    m = measure(lambda ms: time.sleep(ms / 1e3), [1.0, 2.0], CPU, warmup=1, repeats=3)
+    assert len(m["runs_s"]) == 2
+    assert 0.001 <= m.median < 0.5
+    assert m["spread"] == pytest.approx((max(m["runs_s"]) - min(m["runs_s"])) / m.median)
+
+
+def test_cost_row_of_baseline_has_measured_figures():
+    rows = run_cost_table(_tiny_settings(), CPU, peak_tflops=0.05)
+    (row,) = rows
+    assert "skipped" not in row, row.get("skipped")
+    step = row["rec_train_step_s"]
+    assert row["rec_train_sps"] == pytest.approx(2 / step["median_s"])
+    assert row["rec_infer_large_sps"] == pytest.approx(4 / row["rec_infer_large_s"]["median_s"])
+    assert row["gflops_rec"] > 0 and row["gmacs_rec"] == pytest.approx(row["gflops_rec"] / 2)
+    assert row["rec_train_mfu"] == pytest.approx(
+        row["gflops_rec_train"] * row["rec_train_sps"] / 1e3 / 0.05)
+    assert row["total_m"] == pytest.approx(row["backbone_m"] + row["head_m"])
+    assert row["split_time_extrapolated"] is True and row["split_samples_measured"] == 4
+    assert row["split_time_s"] == pytest.approx(row["split_measured_s"] * 5657 / 4)
+    assert set(row["infer_sweep"]) == {1, 2}
+
+
+def test_ratios_are_computed_from_measured_numbers():
+    rows = [{"preset": "tiny", "engine": "a", "rec_train_sps": 10.0, "split_sps": 4.0},
+            {"preset": "tiny", "engine": "b", "rec_train_sps": 20.0},
+            {"preset": "tiny", "engine": "d", "rec_train_sps": 30.0, "split_sps": 2.0},
+            {"preset": "small", "engine": "a", "rec_train_sps": 1.0}]
+    add_ratios(rows)
+    assert rows[2]["rec_train_sps_vs_a"] == pytest.approx(3.0)
+    assert rows[2]["rec_train_sps_vs_b"] == pytest.approx(1.5)
+    assert rows[2]["split_sps_vs_a"] == pytest.approx(0.5)
+    assert "rec_train_sps_vs_b" not in rows[3]  # no (b) row for that preset
+    table = cost_markdown(rows)
+    assert "3.00xa" in table and "1.50xb" in table
+
+
+def test_two_pass_rows_combine_both_passes():
+    rows = run_cost_table(_tiny_settings(passes=2, infer_tasks=(), sweep_batch={},
+                                         split_samples=0), CPU, peak_tflops=0.05)
+    (row,) = rows
+    assert row["passes"] == 2 and len(row["rec_train_step_s"]["runs_s"]) == 2
+    assert row["rec_train_sps"] == pytest.approx(2 / row["rec_train_step_s"]["median_s"])
+
+
+def test_cpu_kernel_rows_are_checked_and_timed():
+    rows = attention_rows(CPU, batches=(1,), text_lens=(4, 8), heads=2, head_dim=16,
+                          num_vision=5, peak_tflops=1.0, passes=("fwd",))
+    timed = [r for r in rows if "ms" in r]
+    assert {r["impl"] for r in timed} >= {"ours[torch]", "sdpa[math]"}
+    for r in timed:
+        seq = 5 + r["text_len"]
+        flops = 4.0 * 1 * 2 * seq * seq * 16
+        assert r["tflops"] == pytest.approx(flops / r["ms"] / 1e9)
+        assert r["max_err"] < 1e-4
+    assert sum(r.get("best_sdpa", False) for r in timed) == 2  # one per text length
+    lce = lce_rows(CPU, cases=[("MLM", 8, 16, 32, 0.1)])
+    eager = next(r for r in lce if r["impl"] == "eager")
+    assert eager["speedup"] == 1.0 and eager["ms"] > 0
+
+
+def test_environment_and_plots(tmp_path):
+    env = environment(CPU)
+    for key in ("date_utc", "device_name", "torch", "triton", "xformers", "driver", "cpu_count"):
+        assert key in env
+    rows = [{"preset": "tiny", "engine": "a", "infer_sweep": {1: 10.0, 4: 30.0}}]
+    png = plot_throughput(rows, tmp_path / "t.png", "x")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    att = [{"op": "multiway_attention", "impl": "x", "pass": "fwd", "batch": 1,
+            "text_len": t, "tflops": t / 10} for t in (8, 16)]
+    assert plot_attention(att, tmp_path / "a.png", "y").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_writes_json_png_and_table(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert main(["--device", "cpu", "--rows", "C1", "--quick", "--engines", "a",
+                 "--split-samples", "4", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    for key in ("environment", "ceilings", "model_rows", "c1", "convention"):
+        assert key in data
+    assert data["environment"]["device_type"] == "cpu"
+    assert data["ceilings"]["matmul"]["tflops"] > 0
+    row = data["model_rows"][0]
+    assert row["dtype"] == "float32" and row["rec_train_sps"] > 0
+    assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "| preset |" in printed and "results:" in printed.splitlines()[-1]
+
+
+def test_cli_rejects_unknown_rows(tmp_path):
+    with pytest.raises(ValueError, match="--rows"):
+        main(["--device", "cpu", "--rows", "G9", "--out", str(tmp_path)])

@@ -1,0 +1,122 @@
+"""Shapes and dtypes of every entry point and head on the tiny preset."""
+
+import pytest
+import torch
+
+from oneref import OneRef
+from oneref.model import EncoderOutput, RECOutput, RESOutput
+from tests.model.conftest import make_batch
+
+
+def test_encode_shapes(tiny):
+    c = tiny.config
+    images, ids, lengths, _ = make_batch(c)
+    out = tiny.encode(images, ids, lengths)
+    assert isinstance(out, EncoderOutput)
+    assert out.vision.shape == (2, c.num_vision, c.embed_dim)
+    assert out.text.shape == (2, c.max_text_len, c.embed_dim)
+    assert out.vision.dtype == out.text.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in tiny.parameters())
+
+
+def test_rec_res_outputs(tiny):
+    c = tiny.config
+    images, ids, lengths, _ = make_batch(c)
+    rec = tiny.forward_rec(images, ids, lengths)
+    assert isinstance(rec, RECOutput)
+    assert rec.boxes.shape == (2, 4) and rec.boxes.dtype == torch.float32
+    assert ((rec.boxes > 0) & (rec.boxes < 1)).all()
+    assert rec.sim_logits.shape == (2, c.grid, c.grid)
+    assert rec.sim_logits.abs().max() <= 1.0 + 1e-5  # cosine similarities
+    res = tiny.forward_res(images, ids, lengths)
+    assert isinstance(res, RESOutput)
+    assert res.mask_logits.shape == (2, c.img_size, c.img_size)
+    assert res.mask_logits.abs().max() <= 1.0 + 1e-5
+    torch.testing.assert_close(res.sim_logits, rec.sim_logits)
+    # the DDP-friendly dispatcher gives the same thing
+    torch.testing.assert_close(tiny(images, ids, lengths, task="rec").boxes, rec.boxes)
+    xyxy = tiny.predict_boxes(images, ids, lengths)
+    assert xyxy.shape == (2, 4) and (xyxy[:, 2:] >= xyxy[:, :2]).all()
+
+
+def test_loss_dicts(tiny):
+    c = tiny.config
+    images, ids, lengths, boxes = make_batch(c)
+    rec = tiny.forward_rec(images, ids, lengths)
+    masks = torch.zeros(2, c.img_size, c.img_size)
+    masks[:, 8:40, 16:48] = 1
+    for out in (tiny.rec_loss(rec, boxes), tiny.rec_loss(rec, boxes, masks)):
+        assert set(out) == {"loss", "l1", "giou", "box_mask"}
+        assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
+        torch.testing.assert_close(out["loss"], out["l1"] + out["giou"] + out["box_mask"])
+    res = tiny.res_loss(tiny.forward_res(images, ids, lengths), masks)
+    assert res["loss"].dim() == 0 and res["loss"] > 0
+    image_mask = torch.zeros(2, c.num_patches, dtype=torch.bool)
+    image_mask[:, ::3] = True
+    targets = torch.randint(0, c.mim_vocab, (2, c.num_patches))
+    mim = tiny.mim_loss(images, ids, lengths, boxes, image_mask, targets, use_vts=True)
+    assert set(mim) == {"loss", "mim", "vts", "box_mask"}
+    torch.testing.assert_close(mim["loss"], mim["mim"] + mim["vts"] + mim["box_mask"])
+    pix = tiny.mim_loss(images, ids, lengths, boxes, image_mask)
+    assert set(pix) == {"loss", "mim", "box_mask"}
+    labels = torch.full_like(ids, -100)
+    labels[:, 1] = ids[:, 1]
+    mlm = tiny.mlm_loss(images, ids, lengths, boxes, labels, torch.randn(2, c.max_text_len))
+    assert set(mlm) == {"loss", "mlm", "sts", "box_mask"}
+    torch.testing.assert_close(mlm["loss"], mlm["mlm"] + mlm["sts"] + mlm["box_mask"])
+
+
+def test_head_sizes_at_base():
+    with torch.device("meta"):
+        model = OneRef.from_config("base")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model.rec_head) == 1_774_852  # SPEC: ~1.77M
+    assert model.res_head.conv1.weight.shape == (768, 768, 2, 2)
+    assert model.mim_head.proj.weight.shape == (8192, 768)
+    assert model.mlm_head.proj.weight.shape == (64010, 768)
+    assert [l.out_features for l in model.vts_head.layers] == [768, 768, 4]
+    assert [l.out_features for l in model.sts_head.layers] == [768, 768, 1]
+    assert model.embed.vision_pos.weight.shape == (579, 768)
+    assert model.embed.text_pos.weight.shape == (1024, 768)
+    assert model.encoder.blocks[0].attn.qkv.A.weight.shape == (3 * 768, 768)
+    rates = [b.drop_path.p for b in model.encoder.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and len(rates) == 12
+
+
+def test_heads_subset_and_missing_head():
+    model = OneRef.from_config("tiny", heads=("rec",))
+    assert model.res_head is None and model.mim_head is None
+    images, ids, lengths, _ = make_batch(model.config)
+    with pytest.raises(ValueError, match="'res' head"):
+        model.forward_res(images, ids, lengths)
+    assert OneRef.from_config("tiny", heads="rec").heads == ("rec",)
+    with pytest.raises(ValueError, match="unknown heads"):
+        OneRef.from_config("tiny", heads=("rec", "box"))
+
+
+def test_grad_checkpointing_changes_nothing(tiny):
+    images, ids, lengths, boxes = make_batch(tiny.config)
+    tiny.train()
+    grads = []
+    for flag in (False, True):
+        tiny.zero_grad()
+        tiny.set_grad_checkpointing(flag)
+        loss = tiny.rec_loss(tiny.forward_rec(images, ids, lengths), boxes)["loss"]
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in tiny.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_rec_step_close_to_fp32(tiny):
+    images, ids, lengths, boxes = make_batch(tiny.config)
+    tiny.eval()
+    with torch.no_grad():
+        ref = tiny.rec_loss(tiny.forward_rec(images, ids, lengths), boxes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = tiny.forward_rec(images, ids, lengths)
+            low = tiny.rec_loss(out, boxes)
+    assert out.boxes.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in low.values())
+    torch.testing.assert_close(low["loss"], ref["loss"], rtol=0.05, atol=0.05)

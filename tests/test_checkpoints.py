@@ -1,0 +1,207 @@
+"""Checkpoint round trips: our safetensors format, official BEiT-3 / OneRef layouts."""
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oneref import OneRef
+from oneref.checkpoints import load_official, load_pretrained, resize_vision_positions
+
+torch.set_num_threads(1)  # tiny tensors; see tests/model/conftest.py
+
+
+def official_state(config, seed=0, prefix="beit3."):
+    """Random tensors under the official torchscale BEiT-3 names for ``config``."""
+    gen = torch.Generator().manual_seed(seed)
+    d, f = config.embed_dim, config.ffn_dim
+    shapes = {
+        "text_embed.weight": (config.vocab_size, d),
+        "vision_embed.proj.weight": (d, config.in_chans, config.patch_size, config.patch_size),
+        "vision_embed.proj.bias": (d,),
+        "vision_embed.cls_token": (1, 1, d),
+        "vision_embed.mask_token": (1, 1, d),
+        "encoder.embed_positions.A.weight": (config.num_vision + 2, d),
+        "encoder.embed_positions.B.weight": (config.text_positions, d),
+    }
+    for e in "AB":
+        shapes[f"encoder.layer_norm.{e}.weight"] = (d,)
+        shapes[f"encoder.layer_norm.{e}.bias"] = (d,)
+        for i in range(config.depth):
+            pre = f"encoder.layers.{i}."
+            for proj in ("q", "k", "v", "out"):
+                shapes[f"{pre}self_attn.{proj}_proj.{e}.weight"] = (d, d)
+                shapes[f"{pre}self_attn.{proj}_proj.{e}.bias"] = (d,)
+            for ln, dim in (("self_attn.inner_attn_ln", d), ("self_attn_layer_norm", d),
+                            ("final_layer_norm", d), (f"ffn.{e}.ffn_layernorm", f)):
+                name = f"{pre}{ln}.{e}" if not ln.startswith("ffn") else f"{pre}{ln}"
+                shapes[f"{name}.weight"] = (dim,)
+                shapes[f"{name}.bias"] = (dim,)
+            shapes[f"{pre}ffn.{e}.fc1.weight"] = (f, d)
+            shapes[f"{pre}ffn.{e}.fc1.bias"] = (f,)
+            shapes[f"{pre}ffn.{e}.fc2.weight"] = (d, f)
+            shapes[f"{pre}ffn.{e}.fc2.bias"] = (d,)
+    return {prefix + k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+
+
+def _outputs(model, seed=0):
+    c = model.config
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, c.img_size, c.img_size, generator=gen)
+    ids = torch.randint(3, c.vocab_size, (2, c.max_text_len), generator=gen)
+    with torch.no_grad():
+        return model.eval().forward_rec(images, ids, torch.tensor([5, c.max_text_len]))
+
+
+def test_save_and_load_pretrained_round_trip(tmp_path):
+    model = OneRef.from_config("tiny")
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["embed_dim"] == 64
+    loaded = OneRef.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == model.config and loaded.heads == model.heads
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(_outputs(model).boxes, _outputs(loaded).boxes, rtol=0, atol=0)
+    subset = OneRef.from_config("tiny", heads=("rec",))
+    subset.save_pretrained(tmp_path / "rec_only")  # overwrite-safe second write too
+    subset.save_pretrained(tmp_path / "rec_only")
+    assert load_pretrained(tmp_path / "rec_only").heads == ("rec",)
+    assert sorted(os.listdir(tmp_path / "rec_only")) == ["config.json", "model.safetensors"]
+
+
+def test_load_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        OneRef.from_pretrained(tmp_path)
+    model = OneRef.from_config("tiny")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["embed_dim"] = 32
+    config["num_heads"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"shape mismatch.*\(1, 1, 64\).*\(1, 1, 32\)"):
+        OneRef.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("prefix", ["beit3.", ""], ids=["prefixed", "bare"])
+def test_official_beit3_checkpoint(tmp_path, prefix):
+    model = OneRef.from_config("tiny")
+    state = official_state(model.config, prefix=prefix)
+    path = tmp_path / "beit3.pth"
+    torch.save({"model": state}, path)
+    report = load_official(model, path)
+    assert report.unexpected_keys == [] and report.resized_keys == []
+    # heads are not in a BEiT-3 checkpoint
+    assert report.missing_keys and all(not k.startswith(("embed.", "encoder."))
+                                       for k in report.missing_keys)
+    assert "rec_head.visu_proj.weight" in report.missing_keys
+    sd = model.state_dict()
+    p = prefix + "encoder.layers.1.self_attn."
+    torch.testing.assert_close(sd["encoder.blocks.1.attn.qkv.B.weight"],
+                               torch.cat([state[p + f"{n}_proj.B.weight"] for n in "qkv"]))
+    torch.testing.assert_close(sd["encoder.blocks.1.attn.qkv.A.bias"],
+                               torch.cat([state[p + f"{n}_proj.A.bias"] for n in "qkv"]))
+    torch.testing.assert_close(sd["encoder.blocks.0.norm2.A.weight"],
+                               state[prefix + "encoder.layers.0.final_layer_norm.A.weight"])
+    torch.testing.assert_close(sd["encoder.blocks.0.mlp.sub_norm.B.bias"],
+                               state[prefix + "encoder.layers.0.ffn.B.ffn_layernorm.bias"])
+    torch.testing.assert_close(sd["embed.text_pos.weight"],
+                               state[prefix + "encoder.embed_positions.B.weight"])
+
+
+def test_position_interpolation_224_to_384_style(tmp_path):
+    """A checkpoint trained at a 2x2 grid loaded into a 4x4 grid model (like 14x14 -> 24x24)."""
+    model = OneRef.from_config("tiny")  # 64 px / 16 -> 4 x 4
+    small = model.config.replace(img_size=32)  # 2 x 2
+    state = official_state(small, prefix="beit3.")
+    table = state["beit3.encoder.embed_positions.A.weight"]
+    assert table.shape == (3 + 4, 64)
+    report = load_official(model, state)
+    assert report.resized_keys == ["embed.vision_pos.weight"]
+    got = model.embed.vision_pos.weight.detach()
+    assert got.shape == (3 + 16, 64)
+    torch.testing.assert_close(got[:3], table[:3], rtol=0, atol=0)  # offset rows + CLS kept
+    grid = table[3:].reshape(1, 2, 2, 64).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(got[3:], expected.permute(0, 2, 3, 1).reshape(16, 64))
+    # a constant grid stays constant under bicubic resizing
+    const = torch.cat([torch.zeros(3, 2), torch.full((196, 2), 0.5)])
+    torch.testing.assert_close(resize_vision_positions(const, 576)[3:], torch.full((576, 2), 0.5))
+
+
+def test_official_oneref_checkpoint_heads_and_unexpected_keys():
+    model = OneRef.from_config("tiny")
+    d = model.config.embed_dim
+    state = official_state(model.config)
+    gen = torch.Generator().manual_seed(5)
+    heads = {
+        "vision_head.weight": (d, d), "language_head.weight": (d, d),
+        "visu_proj.weight": (d, d), "visu_proj.bias": (d,),
+        "bbox_embed.layers.2.weight": (4, d), "bbox_embed.layers.2.bias": (4,),
+        "seg_conv2.weight": (d, d, 2, 2), "bn3.running_var": (d,),
+        "mim_head.weight": (model.config.mim_vocab, d), "mlm_sts_head.layers.2.weight": (1, d),
+        "logit_scale": (), "text_proj.weight": (d, d),
+    }
+    state.update({k: torch.randn(s, generator=gen) for k, s in heads.items()})
+    state["beit3.encoder.layers.0.self_attn.q_proj.A.weight"] = state.pop(
+        "beit3.encoder.layers.0.self_attn.q_proj.A.weight")  # order does not matter
+    report = load_official(model, {"model": state})
+    assert sorted(report.unexpected_keys) == ["logit_scale", "text_proj.weight"]
+    sd = model.state_dict()
+    pairs = {"rec_head.bbox_mlp.layers.2.weight": "bbox_embed.layers.2.weight",
+             "rec_head.visu_proj.bias": "visu_proj.bias", "res_head.conv2.weight": "seg_conv2.weight",
+             "res_head.bn3.running_var": "bn3.running_var", "mim_head.proj.weight": "mim_head.weight",
+             "sts_head.layers.2.weight": "mlm_sts_head.layers.2.weight",
+             "vision_head.weight": "vision_head.weight"}
+    for ours, theirs in pairs.items():
+        torch.testing.assert_close(sd[ours], state[theirs], rtol=0, atol=0)
+        assert ours not in report.missing_keys
+    assert "mlm_head.proj.weight" in report.missing_keys
+
+
+def test_official_checkpoint_errors(tmp_path):
+    model = OneRef.from_config("tiny")
+    state = official_state(model.config)
+    bad = dict(state)
+    bad["beit3.encoder.embed_positions.B.weight"] = torch.zeros(99, 64)
+    with pytest.raises(ValueError, match=r"beit3.encoder.embed_positions.B.weight.*\(99, 64\).*"
+                                         r"embed.text_pos.weight.*\(64, 64\)"):
+        load_official(model, bad)
+    partial = dict(state)
+    del partial["beit3.encoder.layers.0.self_attn.k_proj.A.weight"]
+    report = load_official(model, partial)
+    assert "encoder.blocks.0.attn.qkv.A.weight" in report.missing_keys
+    assert "beit3.encoder.layers.0.self_attn.q_proj.A.weight" in report.unexpected_keys
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_official(model, tmp_path / "missing.pth")
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-4)}, tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        load_official(model, tmp_path / "pickled.pth")
+    assert load_official(model, tmp_path / "pickled.pth", allow_pickle=True).unexpected_keys == []
+    with pytest.raises(ValueError, match="not tensors"):
+        load_official(model, {"model": {"text_embed.weight": [1, 2]}})
+
+
+def test_full_size_official_base_224_maps_onto_base_384_on_meta():
+    """Every name and shape of torchscale's BEiT-3 base at 224 fits our base at 384
+    (meta tensors: nothing allocated). The 14 x 14 position grid is resized to 24 x 24."""
+    beit3 = pytest.importorskip("torchscale.model.BEiT3")
+    import warnings
+    from torchscale.architecture.config import EncoderConfig
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        reference = beit3.BEiT3(EncoderConfig(vocab_size=64010, multiway=True, img_size=224,
+                                              patch_size=16, no_output_layer=True))
+        model = OneRef.from_config("base", heads=("rec",))
+    state = {f"beit3.{k}": v for k, v in reference.state_dict().items()}
+    assert state["beit3.encoder.embed_positions.A.weight"].shape == (199, 768)
+    report = load_official(model, {"model": state})
+    assert report.resized_keys == ["embed.vision_pos.weight"]
+    assert report.unexpected_keys == []
+    assert report.missing_keys == sorted(["language_head.weight", "vision_head.weight"] +
+                                         [n for n, _ in model.rec_head.named_parameters(
+                                             prefix="rec_head")])

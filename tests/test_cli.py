@@ -1,0 +1,134 @@
+"""The `oneref` command: help on every subcommand, predict / eval / info, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oneref.cli import build_parser, main
+
+SUBCOMMANDS = ("train", "pretrain", "eval", "predict", "info")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_for_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: oneref " + command)
+    assert "--help" in out
+
+
+def test_top_level_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in SUBCOMMANDS:
+        assert command in out
+
+
+def test_train_flags_become_config():
+    from oneref.cli import _train_config
+
+    args = build_parser().parse_args(["train", "--model", "tiny", "--steps", "7", "--lr",
+                                      "0.01", "--batch-size", "3", "--set", "optim.grad_clip=0",
+                                      "--resume"])
+    cfg = _train_config(args, pretrain=False)
+    assert cfg.model == "tiny" and cfg.stages[-1].steps == 7 and cfg.stages[-1].lr == 0.01
+    assert cfg.stages[0].batch_size == 3 and cfg.optim.grad_clip == 0
+    assert cfg.checkpoint.resume == "auto" and cfg.task == "rec"
+    args = build_parser().parse_args(["pretrain", "--vts", "--steps", "4"])
+    cfg = _train_config(args, pretrain=True)
+    assert cfg.task == "pretrain" and cfg.pretrain.vts and cfg.stages[-1].steps == 4
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder holding an untrained tiny model and its training config."""
+    from oneref.model import OneRef
+    from oneref.train.config import DataConfig, refshapes_recipe
+
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    OneRef.from_config("tiny").save_pretrained(run / "model")
+    cfg = refshapes_recipe(model="tiny", data=DataConfig(eval_size=8, test_size=8))
+    (run / "train_config.json").write_text(json.dumps(cfg.to_dict()))
+    return run
+
+
+@pytest.fixture()
+def scene_png(tmp_path):
+    from oneref.data.shapes import render_scene
+    from oneref.data.synthetic import RefShapes
+
+    scene = RefShapes("test", size=2, img_size=96).scene(0)
+    path = tmp_path / "scene.png"
+    render_scene(list(scene.shapes), 96, scene.background).resize((120, 96)).save(path)
+    return path
+
+
+def test_predict_writes_png_with_box(run_dir, scene_png, tmp_path, capsys):
+    out = tmp_path / "pred.png"
+    code = main(["predict", "--image", str(scene_png), "--text", "the red circle",
+                 "--checkpoint", str(run_dir), "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "box (x1, y1, x2, y2)" in printed
+    x1, y1, x2, y2 = (float(v) for v in printed.split("pixels:")[1].split()[:4])
+    assert 0 <= x1 <= x2 <= 120 and 0 <= y1 <= y2 <= 96
+    drawn = np.asarray(Image.open(out).convert("RGB"))
+    original = np.asarray(Image.open(scene_png).convert("RGB"))
+    assert drawn.shape == original.shape
+    # The box outline is pure red and changed some pixels.
+    changed = np.any(drawn != original, axis=-1)
+    assert changed.sum() > 10
+    assert np.all(drawn[changed][:, 0] >= 200)
+
+
+def test_predict_res_draws_mask(run_dir, scene_png, tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    assert main(["predict", "--image", str(scene_png), "--text", "the blue square",
+                 "--checkpoint", str(run_dir / "model"), "--out", str(out), "--task", "res",
+                 "--device", "cpu"]) == 0
+    assert Image.open(out).size == (120, 96)
+
+
+def test_predict_bad_inputs(run_dir, scene_png, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    assert main(["predict", "--image", str(corrupt), "--text", "the red circle",
+                 "--checkpoint", str(run_dir)]) == 2
+    assert str(corrupt) in capsys.readouterr().err
+    assert main(["predict", "--image", str(tmp_path / "none.png"), "--text", "x",
+                 "--checkpoint", str(run_dir)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["predict", "--image", str(scene_png), "--text", "   ",
+                 "--checkpoint", str(run_dir)]) == 2
+    assert "non-empty" in capsys.readouterr().err
+    assert main(["predict", "--image", str(scene_png), "--text", "the red circle",
+                 "--checkpoint", str(tmp_path / "no_run")]) == 2
+    assert "no_run" in capsys.readouterr().err
+
+
+def test_train_bad_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "bad.json" in capsys.readouterr().err
+
+
+def test_eval_and_info(run_dir, capsys):
+    assert main(["eval", "--checkpoint", str(run_dir), "--split", "test", "--size", "8",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "test (8 samples" in out and "acc@0.5" in out and "colour-guess baseline" in out
+    assert main(["info", "--model", "tiny"]) == 0
+    out = capsys.readouterr().out
+    from oneref.model import OneRef
+
+    total = sum(p.numel() for p in OneRef.from_config("tiny").parameters())
+    assert f"total {total:,}" in out or "tiny" in out
+    assert "torch" in out

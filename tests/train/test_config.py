@@ -1,0 +1,94 @@
+"""Train config: recipes, overrides, files, validation, the staged lr plan, the sampler."""
+
+import json
+
+import pytest
+
+from oneref.train.config import (ScheduleConfig, StageConfig, TrainConfig, apply_overrides,
+                                 load_config_file, reference_recipe, refshapes_recipe)
+from oneref.train.optim import StagePlan
+from oneref.train.sampler import ResumableSampler, ShardSampler
+
+
+def test_reference_recipe_values():
+    cfg = reference_recipe("base")
+    assert [s.freeze_backbone for s in cfg.stages] == [True, False]
+    assert [s.epochs for s in cfg.stages] == [10, 20]
+    assert [s.lr for s in cfg.stages] == [2.5e-4, 3e-5]
+    assert [s.batch_size for s in cfg.stages] == [64, 24]
+    assert reference_recipe("large").stages[1].batch_size == 8
+    assert cfg.optim.weight_decay == 1e-4 and cfg.seed == 13
+    assert cfg.schedule.interval == "epoch" and cfg.stages[0].warmup_steps == 0
+
+
+def test_roundtrip_and_overrides(tmp_path):
+    cfg = refshapes_recipe()
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    cfg2 = apply_overrides(cfg, ["optim.grad_clip=0", "stages.0.lr=0.002", "task=res",
+                                 "model_overrides.depth=2", "output_dir=/x/y"])
+    assert cfg2.optim.grad_clip == 0 and cfg2.stages[0].lr == 0.002
+    assert cfg2.task == "res" and cfg2.model_overrides == {"depth": 2}
+    assert cfg2.output_dir == "/x/y"
+    with pytest.raises(ValueError, match="unknown field"):
+        apply_overrides(cfg, ["optim.nope=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(cfg, ["optim.grad_clip"])
+    with pytest.raises(ValueError, match="task must be"):
+        apply_overrides(cfg, ["task=detect"])
+    path = tmp_path / "c.yaml"
+    path.write_text("task: res\nstages:\n  - {steps: 5, lr: 0.01, batch_size: 4}\n"
+                    "optim: {weight_decay: 0.05}\n")
+    loaded = load_config_file(path)
+    assert loaded.task == "res" and loaded.stages[0].steps == 5
+    assert loaded.optim.weight_decay == 0.05
+    bad = tmp_path / "c.json"
+    bad.write_text('{"optim": {"wd": 1}}')
+    with pytest.raises(ValueError, match="optim.wd"):
+        load_config_file(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config_file(tmp_path / "missing.json")
+
+
+def test_stage_plan_layout_and_lr():
+    stages = [StageConfig(name="frozen", epochs=2, lr=1.0, batch_size=10, freeze_backbone=True),
+              StageConfig(name="full", epochs=1, lr=0.5, batch_size=5, warmup_steps=2)]
+    plan = StagePlan(stages, train_samples=105, world_size=2, schedule=ScheduleConfig())
+    # stage 0: 105 // 20 = 5 steps/epoch x 2 epochs; stage 1: 105 // 10 = 10 steps.
+    assert [(s.start, s.steps, s.steps_per_epoch) for s in plan.spans] == [(0, 10, 5),
+                                                                           (10, 10, 10)]
+    assert plan.total_steps == 20
+    span, epoch, index = plan.locate(7)
+    assert (span.index, epoch, index) == (0, 1, 2)
+    # Cosine per epoch, no warm-up: epoch 0 at the peak, epoch 1 at the midpoint.
+    assert plan.lr_at(0) == pytest.approx(1.0) and plan.lr_at(4) == pytest.approx(1.0)
+    assert plan.lr_at(5) == pytest.approx(0.5)
+    # Stage 1: linear warm-up 0.25, 0.5, then the cosine.
+    assert plan.lr_at(10) == pytest.approx(0.25) and plan.lr_at(11) == pytest.approx(0.5)
+    step_plan = StagePlan([StageConfig(steps=11, lr=1.0, batch_size=1, warmup_steps=1)], 50, 1,
+                          ScheduleConfig(interval="step", min_lr_ratio=0.1))
+    assert step_plan.lr_at(1) == pytest.approx(1.0)
+    assert step_plan.lr_at(6) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert step_plan.lr_at(6, time_fraction=1.0) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="past the end"):
+        step_plan.locate(11)
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        StagePlan([StageConfig(batch_size=8)], 10, 2, ScheduleConfig())
+
+
+def test_sampler_shards_and_resumes():
+    full = ResumableSampler(40, batch_size=4, rank=0, world_size=1, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    ranks = []
+    for r in range(2):
+        s = ResumableSampler(40, batch_size=2, rank=r, world_size=2, seed=3)
+        s.set_epoch(2)
+        ranks.append(list(s))
+    # Step k of the 2-rank run sees the same samples as step k of one process.
+    for k in range(10):
+        assert sorted(ranks[0][2 * k:2 * k + 2] + ranks[1][2 * k:2 * k + 2]) == \
+            sorted(order[4 * k:4 * k + 4])
+    full.set_epoch(2, start_batch=3)
+    assert list(full) == order[12:] and len(full) == 28
+    assert list(ShardSampler(5, 1, 2)) == [1, 3]
