@@ -113,11 +113,12 @@ class CMakeBuild(build_ext):
         if cuda == "ON":
             args.append(f"-DCMAKE_CUDA_COMPILER={self._nvcc}")
             args.append(f"-DCUDAToolkit_ROOT={Path(self._nvcc).resolve().parent.parent}")
-            args.append(f"-DONEREF_CUDA_ARCHS={os.environ.get('TORCH_CUDA_ARCH_LIST') or '8.0;9.0'}")
+            archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+            args.append(f"-DONEREF_CUDA_ARCHS={archs}")
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
-        built = sorted((build_dir / "out").glob("_C*.so")) + sorted((build_dir / "out").glob("_C*.pyd"))
+        built = sorted((build_dir / "out").glob("_C.*"))
         if not built:
             raise RuntimeError(f"oneref: CMake finished but no _C module in {build_dir / 'out'}")
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,8 @@ against :func:`oneref.ops.reference.multiway_attention`. Expected speed: the for
 reach FA2-class throughput for head dim 64 (the PERF.md anchor ~280-340 TFLOP/s at seq 512 is
 an upper bound; with the 641 tail about 70-80% of that); against SDPA with a bool key mask
 (memory-efficient / cuDNN backend) at 577 + 8..64 keys the key-length early exit is the main
-gain. Autotuning runs on the GPU only; the interpreter uses one small fixed config.
+gain. Autotuning runs on the GPU only (``ONEREF_AUTOTUNE=0``: the first config of each list);
+the interpreter uses one fixed 128 x 128 config.
 
 Registered as ``torch.ops.oneref_triton.multiway_attention`` (returns (o, lse)) and
 ``...multiway_attention_backward`` with fake implementations, autograd and FLOP formulas
@@ -406,6 +407,7 @@ def _setup_context(ctx, inputs, output) -> None:
     q, k, v, text_lengths, num_vision, scale = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, text_lengths)
+    ctx.set_materialize_grads(False)  # an unused lse gets None, not a zeros tensor
     ctx.num_vision = num_vision
     ctx.scale = scale
 

@@ -18,13 +18,15 @@ Design (Liger-style, PERF.md G3):
   grad_output. Nothing N x V is kept.
 * ``reduction="none"``: the per-row grad_output is unknown in the forward, so the forward
   computes only the losses and the backward recomputes each chunk's logits (one extra GEMM).
-* Chunk size: ``rows ~ N * D / V`` (the chunk's logits about the size of x), at least 256
-  rows so that each GEMM stays compute-bound on an H100, at most N. Predicted for MLM
-  (N = 1638, V = 64010, D = 768, bf16, 7 chunks): extra memory = one 256 x V chunk (33 MB)
-  + the fp32 grad_W accumulator (197 MB) + one bf16 chunk product (98 MB), against
-  ~1.3 GB (fp32 logits, log-softmax, their gradients) for eager Linear + CE: ~1/4, at the
-  limit of G3 (a single chunk needs no accumulator). Time: the three GEMMs of eager plus
-  two passes over each chunk (~0.5 GB of traffic in all): predicted 0.8-1.0x eager.
+* Chunk size (:func:`_chunk_rows`): the chunk's logits at most the size of the fp32 grad_W
+  accumulator, at least 256 rows, equal chunks. Predicted for MLM (N = 1638, V = 64010,
+  D = 768, bf16): 2 chunks of 819 rows; extra memory = one chunk (105 MB) + the fp32
+  accumulator (197 MB) + one bf16 chunk product (98 MB) ~ 0.4 GB against ~1.5 GB for eager
+  Linear + CE (bf16 and fp32 logits, log-softmax, their gradients): ~0.27x, at the G3 limit
+  (``chunk_rows`` trades memory for accumulator passes). Time: the three GEMMs of eager
+  (~0.7 ms on an H100) + one read/write pass of each chunk (~0.2 ms) + one accumulator
+  pass per extra chunk (~0.2 ms), against ~1.8 ms for eager: predicted ~0.6-0.8x. MIM
+  (N = 14746, V = 8192): 10 chunks of 1475 rows, accumulator passes cheap (V x D small).
 """
 
 from __future__ import annotations
@@ -72,9 +74,14 @@ def _ce_rows_kernel(logits_ptr, stride_l, target_ptr, loss_ptr, scale_ptr, scale
             tl.store(base + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
-def _chunk_rows(n: int, d: int, v: int) -> int:
-    rows = triton.next_power_of_2(max(1, triton.cdiv(n * d, max(v, 1))))
-    return max(1, min(n, max(256, rows)))
+def _chunk_rows(n: int, d: int, elt_size: int) -> int:
+    """Rows per chunk: the chunk's logits (rows x V) at most the size of the fp32 grad_W
+    accumulator (V x D x 4 bytes), i.e. ``4 D / elt_size`` rows, but at least 256 rows (GEMMs
+    stay compute-bound), split into equal chunks. Fewer, larger chunks mean fewer passes of
+    the V x D accumulator (the main extra traffic); the cap bounds the extra memory."""
+    cap = max(256, 4 * d // elt_size)
+    chunks = triton.cdiv(max(n, 1), cap)
+    return triton.cdiv(max(n, 1), chunks)
 
 
 def _block_v(v: int, device: torch.device) -> int:
@@ -105,12 +112,10 @@ def _forward(x, weight, target, bias, ignore_index, eps, scale, scale_stride, co
     v = weight.shape[0]
     losses = torch.empty(n, dtype=torch.float32, device=x.device)
     grad_x = grad_w = grad_b = None
-    chunk = chunk_rows or _chunk_rows(n, d, v)
+    chunk = chunk_rows or _chunk_rows(n, d, x.element_size())
+    single = n <= chunk
     if compute_grad:
         grad_x = torch.empty_like(x)
-        if n > chunk:  # several chunks: fp32 accumulators, so the sum rounds once
-            grad_w = torch.zeros(v, d, dtype=torch.float32, device=x.device)
-            grad_b = torch.zeros(v, dtype=torch.float32, device=x.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         x_c = x[start:stop]
@@ -122,8 +127,10 @@ def _forward(x, weight, target, bias, ignore_index, eps, scale, scale_stride, co
             grad_x[start:stop] = logits @ weight.to(logits.dtype)
             part_w = logits.t() @ x_c
             part_b = logits.sum(0, dtype=torch.float32)
-            if grad_w is None:  # one chunk: no accumulator, no extra V x D buffer
+            if single:  # one chunk: no accumulator, no extra V x D buffer
                 grad_w, grad_b = part_w, part_b
+            elif grad_w is None:  # several: fp32 accumulators, so the sum rounds once
+                grad_w, grad_b = part_w.float(), part_b
             else:  # mixed-dtype in-place add: no fp32 copy of part_w
                 grad_w += part_w
                 grad_b += part_b
@@ -144,7 +151,11 @@ def _lce_fwd_op(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     """(loss, grad_x, grad_w, grad_b); loss is a scalar when ``mean`` else (N,). The grads
     (of the mean loss, fp32 for weight and bias) are empty unless ``compute_grad``."""
     x, weight, target = x.contiguous(), weight.contiguous(), target.contiguous()
-    valid = (target != ignore_index).sum().to(torch.float32).reshape(1)
+    not_ignored = target != ignore_index
+    # Device-side check (no host sync on a GPU), as F.cross_entropy does.
+    torch._assert_async((~not_ignored | ((target >= 0) & (target < weight.shape[0]))).all(),
+                        "linear_cross_entropy: a target is outside [0, V) and not ignore_index")
+    valid = not_ignored.sum().to(torch.float32).reshape(1)
     scale = 1.0 / valid
     losses, grad_x, grad_w, grad_b = _forward(x, weight, target, bias, ignore_index,
                                               label_smoothing, scale, 0, compute_grad,
@@ -243,10 +254,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
 
     Args:
         x: (N, D); weight: (V, D); bias: (V,) or None; target: (N,) int64 in [0, V) or
-            ``ignore_index`` (other values are not checked: they read logit 0).
+            ``ignore_index`` (checked on the device: an asynchronous assert on a GPU).
         reduction: ``"mean"`` (scalar over the rows that are not ignored; NaN when all are)
             or ``"none"`` ((N,) fp32, 0 at ignored rows).
-        chunk_rows: rows per chunk; 0 picks ``clamp(pow2(N D / V), 256, N)``.
+        chunk_rows: rows per chunk; 0 picks ``max(256, 4 D / element size)`` rows, split
+            into equal chunks.
 
     Returns:
         fp32 loss. Differentiable w.r.t. x, weight and bias.

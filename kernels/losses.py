@@ -53,7 +53,7 @@ def _vts_targets(boxes_ptr, b, cells, GRID: tl.constexpr):
 
 @triton.jit
 def _vts_fwd_kernel(pred_ptr, boxes_ptr, partial_ptr, stride_pb, stride_pl, stride_pk,
-                    GRID: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr):
+                    scale, GRID: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     cells = blk * BLOCK + tl.arange(0, BLOCK)
@@ -62,7 +62,8 @@ def _vts_fwd_kernel(pred_ptr, boxes_ptr, partial_ptr, stride_pb, stride_pl, stri
     pred = tl.load(pred_ptr + b * stride_pb + cells[:, None] * stride_pl + k * stride_pk,
                    mask=valid, other=0.0).to(tl.float32)
     diff = tl.where(valid, tl.abs(pred - _vts_targets(boxes_ptr, b, cells, GRID)), 0.0)
-    tl.store(partial_ptr + b * tl.num_programs(1) + blk, tl.sum(tl.sum(diff, axis=1), axis=0))
+    tl.store(partial_ptr + b * tl.num_programs(1) + blk,
+             tl.sum(tl.sum(diff, axis=1), axis=0) * scale)
 
 
 @triton.jit
@@ -89,8 +90,9 @@ def _vts_loss_op(pred: torch.Tensor, boxes: torch.Tensor, grid: int) -> torch.Te
     if batch == 0:
         return partial.sum()
     _vts_fwd_kernel[(batch, blocks)](pred, boxes.contiguous(), partial, *pred.stride(),
-                                     GRID=grid, L=cells, BLOCK=_VTS_BLOCK)
-    return partial.sum() / (batch * cells)
+                                     1.0 / (batch * cells), GRID=grid, L=cells,
+                                     BLOCK=_VTS_BLOCK)
+    return partial.sum()
 
 
 @_vts_loss_op.register_fake

@@ -74,6 +74,21 @@ def _referring_mask_kernel(boxes_ptr, noise_ptr, keep_table_ptr, out_ptr, keep_o
     tl.store(out_ptr + b * L + offs_i, masked, mask=mask_i)
 
 
+_KEEP_TABLES: dict[tuple[int, float, torch.device], torch.Tensor] = {}
+
+
+def _keep_table(num_patches: int, inside_ratio: float, device: torch.device) -> torch.Tensor:
+    """(L + 1,) int32: ``floor(a * (1 - inside_ratio))`` in float64 for every box area a.
+    Cached per (L, ratio, device), so a training step launches only the mask kernel."""
+    key = (num_patches, inside_ratio, device)
+    table = _KEEP_TABLES.get(key)
+    if table is None:
+        table = torch.floor(torch.arange(num_patches + 1, dtype=torch.float64, device=device)
+                            * (1.0 - inside_ratio)).to(torch.int32)
+        _KEEP_TABLES[key] = table
+    return table
+
+
 def _launch(boxes: torch.Tensor, noise: torch.Tensor, grid: int, outside_ratio: float,
             inside_ratio: float) -> torch.Tensor:
     batch = boxes.shape[0]
@@ -82,9 +97,7 @@ def _launch(boxes: torch.Tensor, noise: torch.Tensor, grid: int, outside_ratio: 
     noise = noise.contiguous()
     # Counts in float64, exactly as the reference computes them.
     keep_outside = math.floor(num_patches * (1.0 - outside_ratio))
-    keep_table = torch.floor(torch.arange(num_patches + 1, dtype=torch.float64,
-                                          device=boxes.device) * (1.0 - inside_ratio))
-    keep_table = keep_table.to(torch.int32)
+    keep_table = _keep_table(num_patches, float(inside_ratio), boxes.device)
     out = torch.empty(batch, num_patches, dtype=torch.bool, device=boxes.device)
     if batch == 0:
         return out

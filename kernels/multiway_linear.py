@@ -22,6 +22,7 @@ Design (a grouped GEMM with two groups):
 * ``_mwl_dw_kernel`` computes dW_A, dW_B and the bias gradients: a reduction over each expert's
   rows, split into SPLIT chunks (fp32 partials, summed afterwards) so that small Dout x Din
   weights still fill the GPU (expert B has only B * 64 rows); db comes from the same dz tiles.
+  No atomics anywhere: results are deterministic run to run.
 * ``_gelu_bwd_kernel`` materialises dz once (memory-bound; read dy and z, write dz) so that
   both backward GEMMs read plain operands. A later fusion could compute dz inside the GEMM
   loads; with dz re-read by ceil(Din / BLOCK_N) tiles the erf cost would then repeat.
@@ -29,8 +30,10 @@ Design (a grouped GEMM with two groups):
 Expected speed (H100, bf16, D = 768): the forward and dx GEMMs should run at cuBLAS-like
 efficiency for these shapes (the autotuner picks 128x128x64-class tiles), and beat the
 eager split + two F.linear + cat + (bias, GELU) sequence by removing the copies and the
-separate epilogue passes. Autotuning runs on the GPU only; the interpreter uses one small
-fixed config.
+separate epilogue passes. The weight gradient is the weakest part (gathered rows along the
+reduction dimension and fp32 partials); predicted ~60-75% of the dx GEMM's throughput.
+Autotuning runs on the GPU only (``ONEREF_AUTOTUNE=0``: first config); the interpreter uses
+one fixed config (64 x 64 tiles: its cost is per program and loop step, not per element).
 
 Registered as ``torch.ops.oneref_triton.multiway_linear`` (returns (y, z); z is empty without
 GELU) and ``...multiway_linear_backward``, with fake implementations, autograd and FLOP
@@ -125,7 +128,7 @@ _MM_CONFIGS = [
 
 
 @tuned(_MM_CONFIGS, key=["N", "K", "rows_a", "rows_b"],
-       interpret={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
+       interpret={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2})
 @triton.jit
 def _mwl_kernel(X, WA, WB, BIAS_A, BIAS_B, Y, PRE,
                 stride_xb, stride_xs, stride_xk,
@@ -165,7 +168,7 @@ _DW_CONFIGS = [
 
 
 @tuned(_DW_CONFIGS, key=["N", "K", "rows_a", "rows_b", "split"],
-       interpret={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
+       interpret={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
 @triton.jit
 def _mwl_dw_kernel(DZ, X, DW, DB,
                    stride_zb, stride_zs, stride_zn, stride_xb, stride_xs, stride_xk,
@@ -244,8 +247,10 @@ def _launch_mm(x, w_a, w_b, bias_a, bias_b, y, pre, num_vision: int, w_strides_a
     batch, seq, k_dim = x.shape
     n_dim = y.shape[-1]
     rows_a, rows_b = batch * num_vision, batch * (seq - num_vision)
-    grid = lambda meta: ((triton.cdiv(rows_a, meta["BLOCK_M"])  # noqa: E731
-                          + triton.cdiv(rows_b, meta["BLOCK_M"])) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
+    def grid(meta):
+        row_tiles = triton.cdiv(rows_a, meta["BLOCK_M"]) + triton.cdiv(rows_b, meta["BLOCK_M"])
+        return (row_tiles * triton.cdiv(n_dim, meta["BLOCK_N"]),)
+
     _mwl_kernel[grid](x, w_a, w_b, bias_a if bias_a is not None else y,
                       bias_b if bias_b is not None else y, y, pre if pre is not None else y,
                       *x.stride(), *w_strides_a, *w_strides_b,
@@ -289,11 +294,13 @@ def _dz(dy, pre, dpre, activation: str):
 
 
 def _split(rows: int, tiles: int, device: torch.device) -> int:
-    """Row chunks of the weight-gradient reduction: enough programs for ~2 waves of the
-    GPU, chunks of >= 1024 rows (2 in the interpreter, to exercise the partial sums)."""
+    """Row chunks of the weight-gradient reduction: enough programs for about one wave of
+    the GPU, chunks of >= 1024 rows (2 in the interpreter, to exercise the partial sums).
+    Each extra chunk costs an fp32 Dout x Din partial per expert (written, then summed):
+    D = 768 -> 3072 (fc1) with 72 tiles of 128 x 128 gives 2 chunks, 38 MB of partials."""
     if interpreter_active():
         return 2
-    want = triton.cdiv(2 * _num_sms(device), max(tiles, 1))
+    want = triton.cdiv(_num_sms(device), max(tiles, 1))
     return max(1, min(want, rows // 1024))
 
 
@@ -364,6 +371,7 @@ def _linear_backward_fake(dy, x, pre, dpre, num_vision, weight_a, weight_b, has_
 def _setup_context(ctx, inputs, output) -> None:
     x, num_vision, weight_a, bias_a, weight_b, bias_b, activation = inputs
     ctx.save_for_backward(x, weight_a, weight_b, output[1])
+    ctx.set_materialize_grads(False)  # the unused z output gets None, not a (B, S, Dout) memset
     ctx.num_vision = num_vision
     ctx.activation = activation
     ctx.has_bias = (bias_a is not None, bias_b is not None)

@@ -41,8 +41,9 @@ class TunedKernel:
     """A ``@triton.jit`` kernel plus how to launch it here.
 
     On a GPU the kernel is wrapped in ``triton.autotune(configs, key)`` and launched without
-    meta-parameters; in the interpreter it is launched with the single ``interpret`` config
-    (its kwargs are passed as constexprs, ``num_warps``/``num_stages`` are dropped).
+    meta-parameters (with ``ONEREF_AUTOTUNE=0``: the first config, untuned); in the
+    interpreter it is launched with the single ``interpret`` config (its kwargs are passed as
+    constexprs, ``num_warps``/``num_stages`` are dropped).
     Launch with ``kernel[grid](*args, **kwargs)``; ``grid`` may be a callable of the meta dict.
     """
 
@@ -58,10 +59,31 @@ class TunedKernel:
     def _kernel(self):
         if interpreter_active():
             return None
+        if os.environ.get("ONEREF_AUTOTUNE", "1") == "0":
+            return self._fixed()
         if self._tuned is None:
             self._tuned = triton.autotune(configs=self.configs, key=self.key,
                                           **self._autotune_kwargs)(self.fn)
         return self._tuned
+
+    def _fixed(self):
+        """The first config without tuning (``ONEREF_AUTOTUNE=0``: quick GPU test runs that
+        would otherwise compile every config for every new shape)."""
+        config = self.configs[0]
+        fn = self.fn
+
+        class _Fixed:
+            def __getitem__(self, grid):
+                meta = dict(config.kwargs)
+                launch = fn[grid if not callable(grid) else grid(meta)]
+
+                def run(*args, **kwargs):
+                    return launch(*args, **kwargs, **meta, num_warps=config.num_warps,
+                                  num_stages=config.num_stages)
+
+                return run
+
+        return _Fixed()
 
     def __getitem__(self, grid) -> Callable:
         tuned_kernel = self._kernel()

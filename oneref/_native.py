@@ -16,8 +16,9 @@ import torch  # noqa: F401 - libtorch must be loaded before the extension
 
 __all__ = ["NativeStatus", "load", "status", "BUILD_HINT"]
 
-BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` (torch installed first; "
-              "set CUDA_HOME=/usr/local/cuda for the CUDA kernels)")
+BUILD_HINT = ("build it by installing from source with `pip install --no-build-isolation .` "
+              "(-e for development; torch installed first; CUDA_HOME or nvcc on PATH for the "
+              "CUDA kernels)")
 
 
 @dataclass(frozen=True)

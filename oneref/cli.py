@@ -224,19 +224,9 @@ def _cmd_info(args) -> int:
     import torch
 
     from oneref.config import PRESETS
-
-    try:
-        from oneref import info as info_mod  # a colleague's module, when present
-
-        if hasattr(info_mod, "info"):
-            info_mod.info()
-            return 0
-    except ImportError:
-        pass
     from oneref.model import OneRef
     from oneref.ops.dispatch import backend_status, current_backend
 
-    print(f"oneref: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
     if args.model not in PRESETS:
         raise ValueError(f"--model must be one of {sorted(PRESETS)}, got {args.model!r}")
     cfg = PRESETS[args.model]
@@ -245,11 +235,19 @@ def _cmd_info(args) -> int:
     total = sum(p.numel() for p in model.parameters())
     backbone = sum(p.numel() for p in model.backbone_parameters())
     print(f"model {args.model}: img {cfg.img_size}, patch {cfg.patch_size}, dim "
-          f"{cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, text {cfg.max_text_len}")
+          f"{cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, ffn {cfg.ffn_dim}, "
+          f"text {cfg.max_text_len}, sequence {cfg.seq_len}")
     print(f"  parameters: total {total:,}, backbone {backbone:,}, heads {total - backbone:,}")
-    print(f"op backend setting: {current_backend()}")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
+    print(f"op backend setting: {current_backend()} (ONEREF_BACKEND / use_backend)")
+    try:
+        from oneref import info as info_mod  # the backend report, when the package has it
+    except ImportError:
+        info_mod = None
+    if info_mod is not None and hasattr(info_mod, "info"):
+        info_mod.info()
+        return 0
+    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for name, reasons in backend_status(device).items():
             state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
             print(f"  [{device}] {name}: {state}")

@@ -94,9 +94,12 @@ PRESETS: dict[str, ModelConfig] = {
         name="tiny", img_size=64, embed_dim=64, depth=2, num_heads=2, ffn_dim=128,
         vocab_size=1024, max_text_len=24, text_positions=64, mim_vocab=64,
     ),
+    # The CPU demo (`oneref train` on RefShapes, 2 cores, minutes): 96 px -> 6 x 6 patches
+    # (RefShapes shapes are 1-2 patches wide), 16 text tokens (longest RefShapes expression:
+    # 12), width 128 with two 64-dim heads; no stochastic depth for short from-scratch runs.
     "small": ModelConfig(
-        name="small", img_size=128, embed_dim=192, depth=4, num_heads=3, ffn_dim=768,
-        vocab_size=1024, max_text_len=24, text_positions=64, mim_vocab=512,
+        name="small", img_size=96, embed_dim=128, depth=4, num_heads=2, ffn_dim=512,
+        vocab_size=1024, max_text_len=16, text_positions=64, mim_vocab=512, drop_path=0.0,
     ),
     "base": ModelConfig(name="base"),
     "large": ModelConfig(name="large", embed_dim=1024, depth=24, num_heads=16, ffn_dim=4096),

@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+# Unit tests use small tensors: one thread avoids oversubscribing the 2-core CI machines
+# (several threads on tiny ops ran ~50x slower there).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from oneref import OneRef
 from oneref.checkpoints import load_official, load_pretrained, resize_vision_positions
 
-torch.set_num_threads(1)  # tiny tensors; see tests/model/conftest.py
 
 
 def official_state(config, seed=0, prefix="beit3."):

@@ -82,10 +82,9 @@ def test_predict_writes_png_with_box(run_dir, scene_png, tmp_path, capsys):
     drawn = np.asarray(Image.open(out).convert("RGB"))
     original = np.asarray(Image.open(scene_png).convert("RGB"))
     assert drawn.shape == original.shape
-    # The box outline is pure red and changed some pixels.
-    changed = np.any(drawn != original, axis=-1)
-    assert changed.sum() > 10
-    assert np.all(drawn[changed][:, 0] >= 200)
+    # The box outline is pure red (the scene's shapes are jittered, never exactly red).
+    red = np.all(drawn == (255, 0, 0), axis=-1)
+    assert red.sum() > 20 and not np.all(original == (255, 0, 0), axis=-1).any()
 
 
 def test_predict_res_draws_mask(run_dir, scene_png, tmp_path, capsys):
@@ -130,5 +129,5 @@ def test_eval_and_info(run_dir, capsys):
     from oneref.model import OneRef
 
     total = sum(p.numel() for p in OneRef.from_config("tiny").parameters())
-    assert f"total {total:,}" in out or "tiny" in out
-    assert "torch" in out
+    assert f"total {total:,}" in out and "model tiny" in out
+    assert "torch" in out and "available" in out

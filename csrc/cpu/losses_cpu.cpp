@@ -144,7 +144,8 @@ at::Tensor box_mask_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& 
                                   "box_mask_loss_backward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
     const acc_t g = grad.reshape({}).item<acc_t>();
-    const acc_t focal_scale = static_cast<acc_t>(focal_weight) * g / static_cast<acc_t>(batch * cells);
+    const acc_t focal_scale =
+        static_cast<acc_t>(focal_weight) * g / static_cast<acc_t>(batch * cells);
     const acc_t dice_scale = static_cast<acc_t>(dice_weight) * g / static_cast<acc_t>(batch);
     for (int64_t b = 0; b < batch; ++b) {
       const GridEdges edges = edges_of(box.data_ptr<float>() + 4 * b, grid);
@@ -156,8 +157,8 @@ at::Tensor box_mask_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& 
       for (int i = 0; i < cells; ++i) {
         const acc_t t = edges.contains(i % grid, i / grid) ? acc_t(1) : acc_t(0);
         const acc_t xi = static_cast<acc_t>(x[i]);
-        dx[i] = static_cast<scalar_t>(focal_scale * focal_grad(xi, t) +
-                                      dice_scale * dice_grad(stable_sigmoid(xi), t, inter, sum_p, sum_t));
+        const acc_t d_dice = dice_grad(stable_sigmoid(xi), t, inter, sum_p, sum_t);
+        dx[i] = static_cast<scalar_t>(focal_scale * focal_grad(xi, t) + dice_scale * d_dice);
       }
     }
   });

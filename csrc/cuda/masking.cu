@@ -160,8 +160,9 @@ void masked_rows(RowOp op, const void* src, const void* token, const bool* mask,
   if (total_rows == 0 || row_bytes == 0) return;
   // Widest access that divides the row size and keeps every pointer aligned.
   uintptr_t width = 16;
-  while (width > 1 && (row_bytes % width != 0 || !is_aligned(src, width) ||
-                       !is_aligned(dst, width) || (token != nullptr && !is_aligned(token, width)))) {
+  while (width > 1 &&
+         (row_bytes % width != 0 || !is_aligned(src, width) || !is_aligned(dst, width) ||
+          (token != nullptr && !is_aligned(token, width)))) {
     width /= 2;
   }
 #define ONEREF_LAUNCH_ROWS(vec_t) \

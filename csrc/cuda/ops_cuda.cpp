@@ -79,14 +79,17 @@ at::Tensor apply_mask_token_cuda(const at::Tensor& x, const at::Tensor& mask,
 at::Tensor vts_loss_cuda(const at::Tensor& pred, const at::Tensor& boxes, int64_t grid) {
   validate_vts_loss(pred, boxes, grid);
   c10::cuda::CUDAGuard guard(pred.device());
-  auto out = at::empty({}, pred.options().dtype(at::kFloat));
-  auto workspace = at::empty({cuda::kMaxPartials}, pred.options().dtype(at::kFloat));
-  const auto boxes32 = boxes.to(at::kFloat);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
-                                  "vts_loss_cuda", [&] {
-    cuda::vts_loss_forward<scalar_t>(pred.data_ptr<scalar_t>(), boxes32.data_ptr<float>(),
-                                     workspace.data_ptr<float>(), out.data_ptr<float>(),
-                                     pred.size(0), static_cast<int>(grid), current_stream());
+  const auto acc = vts_acc_type(pred, boxes);
+  // float64 boxes with a low-precision pred: pred is upcast (the reference's promotion).
+  const auto p = acc == at::kDouble ? pred.to(at::kDouble) : pred;
+  const auto box = boxes.to(acc);
+  auto out = at::empty({}, pred.options().dtype(acc));
+  auto workspace = at::empty({cuda::kMaxPartials}, pred.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "vts_loss_cuda", [&] {
+    using acc_t = cuda::acc_of<scalar_t>;
+    cuda::vts_loss_forward<scalar_t>(p.data_ptr<scalar_t>(), box.data_ptr<acc_t>(),
+                                     workspace.data_ptr<acc_t>(), out.data_ptr<acc_t>(),
+                                     p.size(0), static_cast<int>(grid), current_stream());
   });
   return out;
 }
@@ -94,32 +97,37 @@ at::Tensor vts_loss_cuda(const at::Tensor& pred, const at::Tensor& boxes, int64_
 at::Tensor vts_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred,
                                   const at::Tensor& boxes, int64_t grid) {
   validate_vts_loss(pred, boxes, grid);
-  validate_scalar_grad("oneref::vts_loss_backward", grad, pred.device());
+  const auto acc = vts_acc_type(pred, boxes);
+  validate_scalar_grad("oneref::vts_loss_backward", grad, pred.device(), acc);
   c10::cuda::CUDAGuard guard(pred.device());
-  auto grad_pred = at::empty_like(pred);
-  const auto boxes32 = boxes.to(at::kFloat);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
+  const auto p = acc == at::kDouble ? pred.to(at::kDouble) : pred;
+  const auto box = boxes.to(acc);
+  auto grad_pred = at::empty_like(p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(),
                                   "vts_loss_backward_cuda", [&] {
-    cuda::vts_loss_backward<scalar_t>(grad.data_ptr<float>(), pred.data_ptr<scalar_t>(),
-                                      boxes32.data_ptr<float>(), grad_pred.data_ptr<scalar_t>(),
-                                      pred.size(0), static_cast<int>(grid), current_stream());
+    using acc_t = cuda::acc_of<scalar_t>;
+    cuda::vts_loss_backward<scalar_t>(grad.data_ptr<acc_t>(), p.data_ptr<scalar_t>(),
+                                      box.data_ptr<acc_t>(), grad_pred.data_ptr<scalar_t>(),
+                                      p.size(0), static_cast<int>(grid), current_stream());
   });
-  return grad_pred;
+  return grad_pred.to(pred.scalar_type());
 }
 
 at::Tensor box_mask_loss_cuda(const at::Tensor& logits, const at::Tensor& boxes,
                               double focal_weight, double dice_weight) {
   validate_box_mask_loss(logits, boxes);
   c10::cuda::CUDAGuard guard(logits.device());
-  auto out = at::empty({}, logits.options().dtype(at::kFloat));
-  auto workspace = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
-  const auto boxes32 = boxes.to(at::kFloat);
+  const auto acc = acc_type(logits);
+  auto out = at::empty({}, logits.options().dtype(acc));
+  auto workspace = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  const auto boxes32 = boxes.to(at::kFloat);  // rasterised in float32 (reference)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "box_mask_loss_cuda", [&] {
+    using acc_t = cuda::acc_of<scalar_t>;
     cuda::box_mask_loss_forward<scalar_t>(
-        logits.data_ptr<scalar_t>(), boxes32.data_ptr<float>(), workspace.data_ptr<float>(),
-        out.data_ptr<float>(), logits.size(0), static_cast<int>(logits.size(1)),
-        static_cast<float>(focal_weight), static_cast<float>(dice_weight), current_stream());
+        logits.data_ptr<scalar_t>(), boxes32.data_ptr<float>(), workspace.data_ptr<acc_t>(),
+        out.data_ptr<acc_t>(), logits.size(0), static_cast<int>(logits.size(1)), focal_weight,
+        dice_weight, current_stream());
   });
   return out;
 }
@@ -128,16 +136,18 @@ at::Tensor box_mask_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
                                        const at::Tensor& boxes, double focal_weight,
                                        double dice_weight) {
   validate_box_mask_loss(logits, boxes);
-  validate_scalar_grad("oneref::box_mask_loss_backward", grad, logits.device());
+  validate_scalar_grad("oneref::box_mask_loss_backward", grad, logits.device(),
+                       acc_type(logits));
   c10::cuda::CUDAGuard guard(logits.device());
   auto grad_logits = at::empty_like(logits);
   const auto boxes32 = boxes.to(at::kFloat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "box_mask_loss_backward_cuda", [&] {
+    using acc_t = cuda::acc_of<scalar_t>;
     cuda::box_mask_loss_backward<scalar_t>(
-        grad.data_ptr<float>(), logits.data_ptr<scalar_t>(), boxes32.data_ptr<float>(),
+        grad.data_ptr<acc_t>(), logits.data_ptr<scalar_t>(), boxes32.data_ptr<float>(),
         grad_logits.data_ptr<scalar_t>(), logits.size(0), static_cast<int>(logits.size(1)),
-        static_cast<float>(focal_weight), static_cast<float>(dice_weight), current_stream());
+        focal_weight, dice_weight, current_stream());
   });
   return grad_logits;
 }

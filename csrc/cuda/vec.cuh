@@ -15,20 +15,20 @@ struct alignas(4 * sizeof(scalar_t)) Vec4 {
   scalar_t v[4];
 };
 
-template <typename scalar_t, bool kAligned>
-__device__ __forceinline__ void load4(const scalar_t* p, float (&out)[4]) {
+template <typename scalar_t, bool kAligned, typename acc_t>
+__device__ __forceinline__ void load4(const scalar_t* p, acc_t (&out)[4]) {
   if constexpr (kAligned) {
     const Vec4<scalar_t> r = *reinterpret_cast<const Vec4<scalar_t>*>(p);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) out[k] = static_cast<float>(r.v[k]);
+    for (int k = 0; k < 4; ++k) out[k] = static_cast<acc_t>(r.v[k]);
   } else {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) out[k] = static_cast<float>(p[k]);
+    for (int k = 0; k < 4; ++k) out[k] = static_cast<acc_t>(p[k]);
   }
 }
 
-template <typename scalar_t, bool kAligned>
-__device__ __forceinline__ void store4(scalar_t* p, const float (&in)[4]) {
+template <typename scalar_t, bool kAligned, typename acc_t>
+__device__ __forceinline__ void store4(scalar_t* p, const acc_t (&in)[4]) {
   if constexpr (kAligned) {
     Vec4<scalar_t> r;
 #pragma unroll

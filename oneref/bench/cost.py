@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from oneref.bench.engines import (ENGINES, TASK_FNS, build_engine, infer_step, make_batch,
-                                  train_step)
+from oneref.bench.engines import (ENGINES, TASK_FNS, build_engine, encoder_agreement,
+                                  infer_step, make_batch, train_step)
 from oneref.bench.flops import analytic_encoder_flops, count_flops
 from oneref.bench.split import SPLIT_SIZE, split_test_time
 from oneref.bench.timing import Measurement, measure, peak_memory
@@ -57,6 +57,7 @@ class CostSettings:
     # between passes, and combine the passes (the spread is then between passes). On a
     # shared CPU this interleaving keeps load drift from favouring one engine.
     passes: int = 1
+    count_flops: bool = True
 
 
 def _params(model) -> dict:
@@ -94,6 +95,25 @@ def _count(engine, config, task: str, train: bool) -> dict:
     return count_flops(fn)
 
 
+def _flops(engine, config, settings: CostSettings, row: dict) -> float | None:
+    """Write the counted GFLOPs / GMACs per sample into ``row``; return the training-step
+    FLOPs per sample (None when counting failed: the timings are kept regardless)."""
+    try:
+        fwd = _count(engine, config, "rec_infer", train=False)
+        row["gflops_rec"], row["gmacs_rec"] = fwd["gflops"], fwd["gmacs"]
+        row["flops_by_op_rec"] = fwd["by_op"]
+        train_flops = _count(engine, config, "rec", train=True)["flops"]
+        row["gflops_rec_train"] = train_flops / 1e9
+        if "res_infer" in settings.infer_tasks or "res" in settings.train_tasks:
+            res = _count(engine, config, "res_infer", train=False)
+            row["gflops_res"], row["gmacs_res"] = res["gflops"], res["gmacs"]
+        return train_flops
+    except Exception as exc:  # noqa: BLE001 - a counting failure must not lose the timings
+        log.warning("FLOP count failed for (%s) %s: %s", engine.key, config.name, exc)
+        row["flops_error"] = f"{type(exc).__name__}: {exc}"
+        return None
+
+
 def _measure_engine(key: str, preset: str, settings: CostSettings, device: torch.device,
                     peak_tflops: float, runs: int = 2) -> dict:
     config = get_config(preset)
@@ -107,20 +127,7 @@ def _measure_engine(key: str, preset: str, settings: CostSettings, device: torch
     row["notes"] = list(engine.notes)
     row["dtype"] = str(engine.autocast or torch.float32).replace("torch.", "")
     row.update(_params(engine.model))
-    try:
-        with_flops = _count(engine, config, "rec_infer", train=False)
-        row["gflops_rec"] = with_flops["gflops"]
-        row["gmacs_rec"] = with_flops["gmacs"]
-        row["flops_by_op_rec"] = with_flops["by_op"]
-        train_flops = _count(engine, config, "rec", train=True)["flops"]
-        row["gflops_rec_train"] = train_flops / 1e9
-        if "res_infer" in settings.infer_tasks or "res" in settings.train_tasks:
-            res = _count(engine, config, "res_infer", train=False)
-            row["gflops_res"], row["gmacs_res"] = res["gflops"], res["gmacs"]
-    except Exception as exc:  # noqa: BLE001 - a counting failure must not lose the timings
-        log.warning("FLOP count failed for (%s) %s: %s", key, preset, exc)
-        row["flops_error"] = f"{type(exc).__name__}: {exc}"
-        train_flops = None
+    train_flops = _flops(engine, config, settings, row) if settings.count_flops else None
 
     tb = settings.train_batch.get(preset, 8)
     for task in settings.train_tasks:
@@ -241,7 +248,8 @@ def _combine(first: dict, second: dict) -> dict:
             runs = list(value["runs_s"]) + list(other["runs_s"])
             mid = statistics.median(runs)
             row[key] = Measurement(median_s=mid, runs_s=runs, repeats=value["repeats"],
-                                   spread=(max(runs) - min(runs)) / mid if mid else 0.0)
+                                   spread=(max(runs) - min(runs)) / mid if mid else 0.0,
+                                   min_s=min(value["min_s"], other["min_s"]))
     for key in list(row):
         if key.endswith("_sps") and key != "split_sps":
             stem = key[:-4]
@@ -257,11 +265,26 @@ def _combine(first: dict, second: dict) -> dict:
     return row
 
 
+def _agreement(preset: str, settings: CostSettings, device: torch.device) -> dict:
+    """Check before timing that (a) and ours compute the same encoder (see
+    :func:`oneref.bench.engines.encoder_agreement`); skipped unless both are in the table."""
+    if "a" not in settings.engines or not set("cde") & set(settings.engines):
+        return {}
+    try:
+        diff = encoder_agreement(get_config(preset), device)
+    except Exception as exc:  # noqa: BLE001 - recorded; the timings still run
+        log.warning("encoder agreement check failed for %s: %s", preset, exc)
+        return {"encoder_check_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    log.info("%s: encoder outputs of (a) and ours differ by at most %.3g", preset, diff)
+    return {"encoder_max_diff_a_vs_ours": diff}
+
+
 def run_cost_table(settings: CostSettings, device: torch.device, peak_tflops: float) -> list[dict]:
     """Measure every (preset, engine) row of ``settings`` on ``device``; ratios included."""
     rows = []
     for preset in settings.presets:
         analytic = analytic_encoder_flops(get_config(preset))
+        agreement = _agreement(preset, settings, device)
         if settings.passes > 1:
             one = dataclasses.replace(settings, passes=1)
             measured = {}
@@ -282,6 +305,7 @@ def run_cost_table(settings: CostSettings, device: torch.device, peak_tflops: fl
                                                         peak_tflops)))
         for _, row in per_engine:
             row["analytic_encoder_gflops"] = analytic["total"] / 1e9
+            row.update(agreement)
             rows.append(row)
     add_ratios(rows)
     return rows

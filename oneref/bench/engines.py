@@ -230,3 +230,32 @@ def make_batch(config: ModelConfig, batch: int, device: torch.device | str, seed
         # the masked positions get <unk> (3): any in-vocabulary id costs the same
         out["masked_text_ids"] = torch.where(chosen, torch.full_like(ids, 3), ids)
     return {k: v.to(device) for k, v in out.items()}
+
+
+def encoder_agreement(config: ModelConfig, device: torch.device | str, seed: int = 0) -> float:
+    """Max |difference| between the encoder outputs (vision and real text tokens) of the
+    official-style baseline and our model after loading the baseline's weights into ours
+    with :func:`oneref.checkpoints.load_official` (fp32, eval, batch 2). A small number shows
+    that rows (a) and (c)-(e) compute the same function, so their timings compare."""
+    from oneref.bench.baseline import BaselineOneRef
+    from oneref.checkpoints import load_official
+    from oneref.model import OneRef
+
+    torch.manual_seed(seed)
+    device = torch.device(device)
+    baseline = BaselineOneRef(config).to(device).eval()
+    ours = OneRef.from_config(config).to(device).eval()
+    load_official(ours, baseline.state_dict())
+    batch = make_batch(config, 2, device, seed=seed)
+    with torch.no_grad():
+        vision, text = baseline.encode(batch["images"], batch["text_ids"])
+        with _torch_backend():
+            enc = ours.encode(batch["images"], batch["text_ids"], batch["text_lengths"])
+    real = torch.arange(text.shape[1], device=device)[None] < batch["text_lengths"][:, None]
+    return max((vision - enc.vision).abs().max().item(),
+               (text - enc.text).abs()[real].max().item())
+
+
+def _torch_backend():
+    from oneref.ops import use_backend
+    return use_backend("torch")

@@ -34,7 +34,7 @@ def bench_call(fn, inputs, device: torch.device, repeats: int = 20) -> float:
     if device.type == "cuda":
         from triton.testing import do_bench
         return do_bench(lambda: fn(next(cycle)), warmup=25, rep=100, return_mode="median")
-    return 1e3 * statistics.median(time_calls(fn, inputs, device, 2, repeats))
+    return 1e3 * statistics.median(time_calls(fn, inputs, device, 1, min(repeats, 5)))
 
 
 def _backends(device: torch.device) -> list[str]:
@@ -165,7 +165,8 @@ def attention_rows(device, batches=(32,), text_lens=(8, 16, 32, 64), heads=12, h
                     continue
                 row = {"op": "multiway_attention", "impl": name, "pass": pas, "shape": shape,
                        "batch": batch, "text_len": text_len, "ms": ms,
-                       "tflops": flops / ms / 1e9, "max_err": err}
+                       "tflops": flops / ms / 1e9, "max_err": err,
+                       "dtype": str(dtype).replace("torch.", "")}
                 if peak_tflops:
                     row["pct_of_peak"] = 100 * row["tflops"] / peak_tflops
                 group.append(row)

@@ -52,7 +52,9 @@ def time_calls(fn: Callable, inputs: Sequence, device: torch.device, warmup: int
 
 class Measurement(dict):
     """``{"median_s", "runs_s": [median of run 1, median of run 2], "spread": (max - min) /
-    median of the run medians, "repeats"}``; a dict so it drops into the JSON unchanged."""
+    median of the run medians, "min_s": fastest single call, "repeats"}``; a dict so it
+    drops into the JSON unchanged. On a machine shared with other jobs the noise is additive,
+    so ``min_s`` is the steadier estimate of the uncontended time."""
 
     @property
     def median(self) -> float:
@@ -63,11 +65,12 @@ def measure(fn: Callable, inputs: Sequence, device: torch.device, warmup: int = 
             repeats: int = 5, runs: int = 2) -> Measurement:
     """Median call time over ``runs`` independent runs of ``repeats`` calls (the second run
     warms up again, so a drift between the runs shows as spread)."""
-    medians = [statistics.median(time_calls(fn, inputs, device, warmup, repeats))
-               for _ in range(runs)]
+    all_times = [time_calls(fn, inputs, device, warmup, repeats) for _ in range(runs)]
+    medians = [statistics.median(times) for times in all_times]
     mid = statistics.median(medians)
     spread = (max(medians) - min(medians)) / mid if mid > 0 else 0.0
-    return Measurement(median_s=mid, runs_s=medians, spread=spread, repeats=repeats)
+    return Measurement(median_s=mid, runs_s=medians, spread=spread, repeats=repeats,
+                       min_s=min(min(times) for times in all_times))
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ COLOURS = {
 # Size class -> nominal extent (px) on a 128-pixel canvas. Classes are ~1.4x apart.
 SIZES = {"small": 22, "medium": 32, "large": 44}
 SIZE_ORDER = ("small", "medium", "large")
+_COLOUR_NAMES = tuple(COLOURS)
 _SIZE_JITTER = 2      # +- px (at 128) around the nominal extent
 _GAP = 3              # minimum empty pixels between two shapes' boxes (at 128)
 _COLOUR_JITTER = 18   # +- per RGB channel
@@ -87,20 +88,20 @@ def sample_scene(rng: np.random.Generator, img_size: int = 128, min_shapes: int 
     """
     while True:
         count = int(rng.integers(min_shapes, max_shapes + 1))
-        colours = rng.choice(len(COLOURS), size=int(rng.integers(2, 4)), replace=False)
-        kinds = rng.choice(len(KINDS), size=int(rng.integers(2, 4)), replace=False)
-        colour_names = list(COLOURS)
+        colours = rng.permutation(len(_COLOUR_NAMES))[: int(rng.integers(2, 4))].tolist()
+        kinds = rng.permutation(len(KINDS))[: int(rng.integers(2, 4))].tolist()
+        # One vectorised draw per scene (python-level draws dominate the cost otherwise).
+        picks = rng.integers(0, 1 << 30, size=(count, 4)).tolist()
+        rgb_jitter = rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, size=(count, 3)).tolist()
         specs = []
-        for _ in range(count):
-            colour = colour_names[int(rng.choice(colours))]
-            kind = KINDS[int(rng.choice(kinds))]
-            size = SIZE_ORDER[int(rng.integers(0, 3))]
-            jitter = int(rng.integers(-_SIZE_JITTER, _SIZE_JITTER + 1))
+        for (c, k, z, j), dj in zip(picks, rgb_jitter):
+            colour = _COLOUR_NAMES[colours[c % len(colours)]]
+            kind = KINDS[kinds[k % len(kinds)]]
+            size = SIZE_ORDER[z % 3]
+            jitter = j % (2 * _SIZE_JITTER + 1) - _SIZE_JITTER
             extent = max(4, round((SIZES[size] + jitter) * img_size / 128))
-            base = np.array(COLOURS[colour])
-            rgb = np.clip(base + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, size=3),
-                          0, 255)
-            specs.append((kind, colour, size, extent, tuple(int(v) for v in rgb)))
+            rgb = tuple(min(255, max(0, b + d)) for b, d in zip(COLOURS[colour], dj))
+            specs.append((kind, colour, size, extent, rgb))
         boxes = _place([s[3] for s in specs], img_size, rng)
         shapes = [Shape(kind, colour, size, box, rgb)
                   for (kind, colour, size, _, rgb), box in zip(specs, boxes) if box is not None]

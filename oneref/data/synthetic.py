@@ -36,7 +36,7 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 DEFAULT_SIZES = {"train": 20000, "val": 1000, "test": 1000}
 # Share of each expression category. Relations need two shapes located and compared;
 # superlatives need a comparison over a set; attributes need a conjunction of properties.
-DEFAULT_MIX = {"attribute": 0.35, "superlative": 0.3, "relation": 0.35}
+DEFAULT_MIX = {"attribute": 0.45, "superlative": 0.3, "relation": 0.25}
 # Spatial comparisons closer than this (fraction of the canvas) are never asked about.
 _MARGIN = 0.06
 
@@ -121,7 +121,7 @@ class RefShapes(Dataset):
         self.mix = mix
         self._categories = [c for c in CATEGORIES if mix.get(c, 0) > 0]
         weights = np.array([mix[c] for c in self._categories], dtype=np.float64)
-        self._weights = weights / weights.sum()
+        self._cum_weights = np.cumsum(weights / weights.sum())
         self.epoch = 0
         self._scenes: dict[int, Scene] = {}
 
@@ -149,7 +149,8 @@ class RefShapes(Dataset):
 
     def _make_scene(self, index: int) -> Scene:
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
-        category = self._categories[int(rng.choice(len(self._categories), p=self._weights))]
+        pick = int(np.searchsorted(self._cum_weights, rng.random(), side="right"))
+        category = self._categories[min(pick, len(self._categories) - 1)]
         margin = _MARGIN * self.img_size
         for _ in range(1000):
             shapes = sample_scene(rng, self.img_size)
@@ -164,8 +165,8 @@ class RefShapes(Dataset):
         scene = self.scene(index)
         image = render_scene(list(scene.shapes), self.img_size, scene.background)
         mask = render_mask(scene.shapes[scene.target], self.img_size)
-        ys, xs = np.nonzero(mask)
-        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+        cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+        box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float64)
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index, self.epoch, 1])
         out = self.transform(Example(image, box, mask, scene.text), rng)
         text_ids, length = self.tokenizer.encode_padded(out.text, self.max_text_len)

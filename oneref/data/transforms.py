@@ -24,6 +24,9 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Example", "Transformed", "TestTrans
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# (3, 256): normalised value of each 8-bit level per channel
+_NORMALISE = ((np.arange(256.0)[None, :] / 255.0 - np.array(IMAGENET_MEAN)[:, None])
+              / np.array(IMAGENET_STD)[:, None]).astype(np.float32)
 _SPATIAL = ("left", "right", "top", "bottom", "middle")
 _SWAP = re.compile(r"left|right")
 
@@ -151,11 +154,12 @@ def _finish(ex: Example, size: int, offset: tuple[int, int] | None,
         else:
             offset = ((size - w) // 2, (size - h) // 2)
     ox, oy = offset
-    pixels = np.asarray(ex.image, dtype=np.float32) * (1.0 / 255.0)
-    pixels = (pixels - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    # numpy throughout: small torch ops pay thread-pool overhead inside loader workers.
+    pixels = np.asarray(ex.image, dtype=np.uint8)
+    # numpy throughout (small torch ops pay thread-pool overhead inside loader workers);
+    # normalisation is a 256-entry lookup per channel.
     image = np.zeros((3, size, size), dtype=np.float32)
-    image[:, oy:oy + h, ox:ox + w] = pixels.transpose(2, 0, 1)
+    for c in range(3):
+        image[c, oy:oy + h, ox:ox + w] = _NORMALISE[c][pixels[:, :, c]]
     box = np.asarray(ex.box, dtype=np.float64) + np.array([ox, oy, ox, oy])
     box = np.clip(box, 0, size)
     if ex.mask is not None:

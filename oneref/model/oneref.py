@@ -103,8 +103,8 @@ class OneRef(nn.Module):
         self.validate_inputs = True
         self.touch_unused_parameters = False
         self.apply(_init_weights)
-        nn.init.trunc_normal_(self.embed.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.embed.mask_token, std=0.02)
+        _normal_init(self.embed.cls_token)
+        _normal_init(self.embed.mask_token)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -173,9 +173,14 @@ class OneRef(nn.Module):
         check.check_images(images, self.config, param.dtype, param.device)
         batch = images.shape[0]
         check.check_text(text_ids, text_lengths, self.config, batch, param.device,
-                         check_values=self.validate_inputs, name=text_name)
+                         check_values=self._check_values, name=text_name)
         if image_mask is not None:
             check.check_image_mask(image_mask, self.config, batch, param.device)
+
+    @property
+    def _check_values(self) -> bool:
+        """Value checks read tensors on the host: off when disabled or while compiling."""
+        return self.validate_inputs and not torch.compiler.is_compiling()
 
     def _project(self, enc: EncoderOutput):
         """-> patches (B, L, D) raw, e_txt (B, D), v_hat (B, L, D), sim (B, L)."""
@@ -267,7 +272,7 @@ class OneRef(nn.Module):
         check.check_boxes(boxes, batch, device)
         if mim_targets is not None:
             check.check_long("mim_targets", mim_targets, (batch, self.config.num_patches), device)
-        if self.validate_inputs:
+        if self._check_values:
             self._check_mim_values(image_mask, mim_targets)
         enc = self._encode(images, text_ids, text_lengths, image_mask)
         patches, e_txt, v_hat, sim = self._project(enc)
@@ -333,7 +338,7 @@ class OneRef(nn.Module):
                                  f"({batch}, {num_text}), got {tuple(sts_targets.shape)} "
                                  f"{sts_targets.dtype}")
         selected = mlm_labels != -100
-        if self.validate_inputs:
+        if self._check_values:
             self._check_mlm_values(mlm_labels, selected)
         enc = self._encode(images, masked_text_ids, text_lengths)
         text = enc.text
@@ -371,11 +376,17 @@ class OneRef(nn.Module):
         return losses
 
 
+def _normal_init(tensor: torch.Tensor, std: float = 0.02) -> None:
+    """BEiT's ``trunc_normal_(std=0.02)`` truncates at +-2 in absolute units (100 standard
+    deviations), i.e. it is a plain normal; ``normal_`` draws it ~4x faster on CPU."""
+    nn.init.normal_(tensor, std=std)
+
+
 def _init_weights(module: nn.Module) -> None:
-    """BEiT-style init: truncated normal std 0.02 for Linear/Embedding/Conv weights, zero
-    biases, unit LayerNorm/BatchNorm."""
+    """BEiT-style init: normal std 0.02 for Linear/Embedding/Conv weights, zero biases, unit
+    LayerNorm/BatchNorm."""
     if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        _normal_init(module.weight)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):

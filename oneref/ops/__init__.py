@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from oneref.ops.checks import check_boxes, check_bool_mask, check_shape, check_tensor
+from oneref.ops.checks import (autocast_inputs, check_boxes, check_bool_mask, check_shape,
+                               check_tensor)
 from oneref.ops.dispatch import BACKENDS, backend_status, current_backend, resolve, use_backend
 
 __all__ = [
@@ -73,10 +74,11 @@ def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
         (B, S, Dout) in the dtype of x.
     """
     check_tensor("x", x, ndim=3, floating=True)
+    x, weight_a, bias_a, weight_b, bias_b = autocast_inputs(x, weight_a, bias_a, weight_b, bias_b)
     d_in = x.shape[-1]
     check_tensor("weight_a", weight_a, ndim=2, device=x.device)
     d_out = weight_a.shape[0]
-    check_shape("weight_a", weight_a, (d_out, d_in))
+    check_shape("weight_a", weight_a, (d_out, d_in), like=x)
     check_shape("weight_b", weight_b, (d_out, d_in), like=weight_a)
     for name, bias in (("bias_a", bias_a), ("bias_b", bias_b)):
         if bias is not None:
@@ -185,9 +187,12 @@ def linear_cross_entropy(x, weight, target, bias=None, ignore_index: int = -100,
             (0 at ignored rows).
     """
     check_tensor("x", x, ndim=2, floating=True)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_tensor("weight", weight, ndim=2, device=x.device)
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must be (V, {x.shape[1]}), got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}")
     check_tensor("target", target, ndim=1, integer=True, device=x.device)
     check_shape("target", target, (x.shape[0],))
     if bias is not None:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["check_tensor", "check_shape", "check_bool_mask", "check_boxes"]
+__all__ = ["check_tensor", "check_shape", "check_bool_mask", "check_boxes", "autocast_inputs"]
 
 
 def check_tensor(name: str, value, *, ndim: int | None = None, floating: bool = False,
@@ -52,3 +52,16 @@ def check_boxes(name: str, boxes, batch: int | None = None,
         expected = f"({batch if batch is not None else 'B'}, 4)"
         raise ValueError(f"{name} must have shape {expected} (cx, cy, w, h), "
                          f"got {tuple(boxes.shape)}")
+
+
+def autocast_inputs(*tensors):
+    """Cast floating tensors to the autocast dtype when autocast is on for their device.
+
+    The fused matmul ops are custom ops that autocast does not see; casting here gives every
+    backend the operands ``F.linear`` would get (fp32 master weights, bf16 compute).
+    """
+    first = tensors[0]
+    if not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -48,6 +48,11 @@ def unavailable_reasons(device: torch.device | None) -> list[str]:
 
 
 # ----------------------------------------------------------------- fake implementations
+def _loss_dtype(*inputs: torch.Tensor) -> torch.dtype:
+    """Loss dtype of the kernels (and of the reference): float64 if an input is, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("oneref::referring_mask")
     def _(boxes, noise, grid, outside_ratio, inside_ratio):
@@ -67,7 +72,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("oneref::vts_loss")
     def _(pred, boxes, grid):
-        return pred.new_empty((), dtype=torch.float32)
+        return pred.new_empty((), dtype=_loss_dtype(pred, boxes))
 
     @torch.library.register_fake("oneref::vts_loss_backward")
     def _(grad, pred, boxes, grid):
@@ -75,7 +80,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("oneref::box_mask_loss")
     def _(logits, boxes, focal_weight, dice_weight):
-        return logits.new_empty((), dtype=torch.float32)
+        return logits.new_empty((), dtype=_loss_dtype(logits))
 
     @torch.library.register_fake("oneref::box_mask_loss_backward")
     def _(grad, logits, boxes, focal_weight, dice_weight):
@@ -83,9 +88,10 @@ def _register_fakes() -> None:
 
 
 # ------------------------------------------------------------------------------ autograd
-def _scalar_grad(grad: torch.Tensor) -> torch.Tensor:
-    """The incoming gradient of a scalar loss as the 0-dim fp32 tensor the kernels read."""
-    return grad.reshape(()).to(torch.float32).contiguous()
+def _scalar_grad(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The incoming gradient of a scalar loss as the 0-dim tensor the kernels read (in the
+    dtype of the loss: float32, or float64 for float64 inputs)."""
+    return grad.reshape(()).to(dtype).contiguous()
 
 
 def _register_autograd() -> None:
@@ -123,25 +129,28 @@ def _register_autograd() -> None:
         pred, boxes, grid = inputs
         ctx.save_for_backward(pred, boxes)
         ctx.grid = grid
+        ctx.loss_dtype = output.dtype
 
     def backward_vts_loss(ctx, grad):
         pred, boxes = ctx.saved_tensors
         grad_pred = None
         if ctx.needs_input_grad[0]:
-            grad_pred = ops.vts_loss_backward(_scalar_grad(grad), pred, boxes, ctx.grid)
+            grad_pred = ops.vts_loss_backward(_scalar_grad(grad, ctx.loss_dtype), pred, boxes,
+                                              ctx.grid)
         return grad_pred, None, None
 
     def setup_box_mask_loss(ctx, inputs, output):
         logits, boxes, focal_weight, dice_weight = inputs
         ctx.save_for_backward(logits, boxes)
         ctx.weights = (focal_weight, dice_weight)
+        ctx.loss_dtype = output.dtype
 
     def backward_box_mask_loss(ctx, grad):
         logits, boxes = ctx.saved_tensors
         grad_logits = None
         if ctx.needs_input_grad[0]:
-            grad_logits = ops.box_mask_loss_backward(_scalar_grad(grad), logits, boxes,
-                                                     *ctx.weights)
+            grad_logits = ops.box_mask_loss_backward(_scalar_grad(grad, ctx.loss_dtype), logits,
+                                                     boxes, *ctx.weights)
         return grad_logits, None, None, None
 
     for name, backward, setup in (

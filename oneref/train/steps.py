@@ -40,34 +40,29 @@ def unnormalise(images: torch.Tensor) -> torch.Tensor:
 
 def prepare_mim(batch: dict, grid: int, generator: torch.Generator, cfg: PretrainConfig,
                 tokenizer: nn.Module | None) -> dict:
-    """Add ``image_mask`` (B, G*G) bool and ``mim_targets`` (B, G*G) long | None to batch."""
-    from oneref import ops
+    """Add ``image_mask`` (B, G*G) bool (referring-aware masking, noise from ``generator``)
+    and ``mim_targets`` (B, G*G) long from the VQ-KD tokenizer, or None (pixel target)."""
+    from oneref.data.masking import mask_image
 
-    boxes = batch["boxes"]
-    noise = ops.draw_mask_noise(boxes.shape[0], grid, generator, device=boxes.device)
-    batch["image_mask"] = ops.referring_mask(boxes, noise, grid, cfg.outside_ratio,
-                                             cfg.inside_ratio)
-    if tokenizer is not None:
-        batch["mim_targets"] = tokenizer(unnormalise(batch["images"]))
-    else:
-        batch["mim_targets"] = None
+    batch["image_mask"] = mask_image(batch["boxes"], grid, generator, cfg.outside_ratio,
+                                     cfg.inside_ratio)
+    batch["mim_targets"] = (tokenizer(unnormalise(batch["images"])) if tokenizer is not None
+                            else None)
     return batch
 
 
 def prepare_mlm(batch: dict, generator: torch.Generator, cfg: PretrainConfig, mask_id: int,
                 vocab_size: int) -> dict:
-    """Add ``masked_text_ids`` (B, T) and ``mlm_labels`` (B, T) (-100 = not masked)."""
+    """Add ``masked_text_ids`` (B, T) and ``mlm_labels`` (B, T) (-100 = not masked): subject
+    word, then object word, then random positions (SPEC sec. 4)."""
     from oneref.data.masking import mask_text
 
-    ids, lengths, words = batch["text_ids"], batch["text_lengths"], batch["word_positions"]
-    masked, labels = [], []
-    for i in range(ids.shape[0]):
-        m, lab = mask_text(ids[i].cpu(), int(lengths[i]), words[i].cpu(), mask_id, vocab_size,
-                           generator, ratio=cfg.text_mask_ratio)
-        masked.append(torch.as_tensor(m))
-        labels.append(torch.as_tensor(lab))
-    batch["masked_text_ids"] = torch.stack(masked).to(ids.device)
-    batch["mlm_labels"] = torch.stack(labels).to(ids.device)
+    ids = batch["text_ids"]
+    masked, labels = mask_text(ids.cpu(), batch["text_lengths"].cpu(),
+                               batch["word_positions"].cpu(), mask_id, vocab_size, generator,
+                               ratio=cfg.text_mask_ratio)
+    batch["masked_text_ids"] = masked.to(ids.device)
+    batch["mlm_labels"] = labels.to(ids.device)
     return batch
 
 

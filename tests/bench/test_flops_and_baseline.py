@@ -82,3 +82,10 @@ def test_sdpa_baseline_matches_eager_baseline():
     b = sdpa.forward_rec(batch["images"], batch["text_ids"])["sim_logits"]
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert a.abs().max() > 0.01  # not a degenerate all-zero map
+
+
+def test_our_encoder_matches_torchscale_baseline_with_the_same_weights():
+    pytest.importorskip("oneref.model")
+    pytest.importorskip("oneref.checkpoints")
+    from oneref.bench.engines import encoder_agreement
+    assert encoder_agreement(get_config("tiny"), "cpu") < 1e-4

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import oneref.ops
-from csrc_helpers import make_boxes
+from tests.csrc.csrc_helpers import make_boxes
 from oneref.ops import reference
 from oneref.ops.dispatch import unavailable_reasons
 
@@ -52,7 +52,8 @@ def test_errors_name_the_argument(native_ops):
         native_ops.vts_loss(pred.long(), boxes, 24)
     with pytest.raises(RuntimeError, match="oneref::vts_loss: pred must be contiguous"):
         native_ops.vts_loss(pred.transpose(0, 1).contiguous().transpose(0, 1), boxes, 24)
-    with pytest.raises(RuntimeError, match=r"oneref::box_mask_loss: boxes must have shape \[2, 4\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"oneref::box_mask_loss: boxes must have shape \[2, 4\]"):
         native_ops.box_mask_loss(torch.randn(2, 24, 24), boxes[:1], 20.0, 2.0)
     with pytest.raises(RuntimeError, match=r"oneref::box_mask_loss: logits must have shape "
                                            r"\[2, 24, 24\], got \[2, 24, 23\]"):
@@ -67,7 +68,8 @@ def test_errors_name_the_argument(native_ops):
         native_ops.masked_gather(x, mask, 9)
     with pytest.raises(RuntimeError, match="oneref::masked_gather: mask must be Bool, got Long"):
         native_ops.masked_gather(x, mask.long(), 10)
-    with pytest.raises(RuntimeError, match=r"oneref::apply_mask_token: token must have shape \[3\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"oneref::apply_mask_token: token must have shape \[3\]"):
         native_ops.apply_mask_token(x, mask, torch.zeros(4))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csrc_helpers import assert_close, make_boxes
+from tests.csrc.csrc_helpers import assert_close, make_boxes
 from oneref.ops import reference
 from oneref.ops.dispatch import resolve, unavailable_reasons
 
@@ -50,7 +50,8 @@ def test_masked_rows_gpu(cuda_device, dtype, shape):
     n = int(mask.sum())
     rows = torch.ops.oneref.masked_gather(x, mask, n)
     assert torch.equal(rows, x[mask])
-    assert torch.equal(torch.ops.oneref.masked_scatter(rows, mask), reference.masked_scatter(rows, mask))
+    assert torch.equal(torch.ops.oneref.masked_scatter(rows, mask),
+                       reference.masked_scatter(rows, mask))
     token = torch.randn(shape[2], device=cuda_device).to(dtype)
     assert torch.equal(torch.ops.oneref.apply_mask_token(x, mask, token),
                        reference.apply_mask_token(x, mask, token))
@@ -83,7 +84,8 @@ def test_vts_loss_gpu(cuda_device, dtype, batch):
 def test_box_mask_loss_gpu(cuda_device, dtype, batch, grid):
     logits = (torch.randn(batch, grid, grid, device=cuda_device) * 4).to(dtype)
     boxes = make_boxes(batch, seed=grid, device=cuda_device)
-    loss, grad = _loss_and_grad(lambda x: torch.ops.oneref.box_mask_loss(x, boxes, 20.0, 2.0), logits)
+    loss, grad = _loss_and_grad(
+        lambda x: torch.ops.oneref.box_mask_loss(x, boxes, 20.0, 2.0), logits)
     loss_ref, grad_ref = _loss_and_grad(lambda x: reference.box_mask_loss(x, boxes), logits)
     grad_tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5, what="box mask loss")

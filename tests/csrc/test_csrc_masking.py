@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from oneref.ops import reference
-from csrc_helpers import make_boxes
+from tests.csrc.csrc_helpers import make_boxes
 
 RATIOS = [(0.35, 0.75), (0.0, 0.0), (1.0, 1.0), (0.5, 0.9), (0.2, 0.55)]
 

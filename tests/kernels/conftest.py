@@ -23,6 +23,9 @@ import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# GPU test runs launch each kernel with its first config instead of autotuning every config
+# for every test shape (minutes of compilation); the benchmarks autotune and check results.
+os.environ.setdefault("ONEREF_AUTOTUNE", "0")
 
 
 def _fast_interpreter_dot() -> None:
@@ -89,11 +92,13 @@ def check_kernel_close(name: str, kernel: torch.Tensor, torch_same: torch.Tensor
                        ref64: torch.Tensor, floor: float = 0.0, factor: float = 2.0) -> None:
     """Kernel error vs an fp64 reference <= ``factor`` x the error of the same-precision
     PyTorch reference, + ``floor`` (absolute). NaN/inf in the kernel result always fails."""
-    assert kernel.shape == ref64.shape, f"{name}: shape {tuple(kernel.shape)} != {tuple(ref64.shape)}"
+    assert kernel.shape == ref64.shape, (
+        f"{name}: shape {tuple(kernel.shape)} != {tuple(ref64.shape)}")
     kernel64, torch64 = kernel.detach().double(), torch_same.detach().double()
     ref64 = ref64.detach().double()
     bad = ~torch.isfinite(kernel64)
-    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values, first at {bad.nonzero()[0].tolist()}"
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} non-finite values, first at {bad.nonzero()[0].tolist()}")
     err_kernel = (kernel64 - ref64).abs()
     err_torch = (torch64 - ref64).abs()
     limit = factor * err_torch.max().item() + floor

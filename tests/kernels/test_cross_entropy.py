@@ -105,3 +105,43 @@ def test_linear_cross_entropy_opcheck():
                           (x, weight, target, b, -100, 0.1, True, True, 0))
     torch.library.opcheck(lib.linear_cross_entropy_bwd.default,
                           (torch.rand(5), x, weight, target, b, -100, 0.1, 0))
+
+
+@pytest.mark.gpu
+def test_my_ops_compile_fullgraph():
+    """torch.compile sees the registered ops (no graph breaks) and matches eager."""
+    from oneref.kernels import gather, losses, masking
+
+    def step(x, mask, weight, bias, target, boxes, pred, noise):
+        rows = gather.masked_gather(gather.apply_mask_token(x, mask, x[0, 0]), mask,
+                                    num_rows=target.shape[0])
+        loss = cross_entropy.linear_cross_entropy(rows, weight, target, bias,
+                                                  label_smoothing=0.1)
+        image_mask = masking.referring_mask(boxes, noise, 3)
+        logits = pred[..., 0].reshape(-1, 3, 3)
+        return (loss + losses.vts_loss(pred, boxes, 3) + losses.box_mask_loss(logits, boxes)
+                + losses.sts_kl(pred[..., 1], pred[..., 2], ~image_mask))
+
+    x = torch.randn(2, 9, 16, device="cuda", requires_grad=True)
+    mask = torch.zeros(2, 9, dtype=torch.bool, device="cuda")
+    mask[:, 2:6] = True
+    weight = torch.randn(11, 16, device="cuda", requires_grad=True)
+    bias = torch.randn(11, device="cuda", requires_grad=True)
+    target = torch.randint(0, 11, (8,), device="cuda")
+    boxes = torch.rand(2, 4, device="cuda")
+    pred = torch.randn(2, 9, 4, device="cuda", requires_grad=True)
+    noise = torch.rand(2, 2, 9, device="cuda")
+    args = (x, mask, weight, bias, target, boxes, pred, noise)
+    eager = step(*args)
+    compiled = torch.compile(step, fullgraph=True)(*args)
+    torch.testing.assert_close(compiled, eager)
+    compiled.backward()
+    assert all(t.grad is not None for t in (x, weight, bias, pred))
+
+
+@pytest.mark.interpret
+def test_linear_cross_entropy_rejects_out_of_range_target():
+    x, weight, b, target = _inputs(4, 8, 11, True, 0.0, "cpu", torch.float32)
+    target[2] = 11
+    with pytest.raises(RuntimeError, match="outside"):
+        cross_entropy.linear_cross_entropy(x, weight, target, b)

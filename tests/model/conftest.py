@@ -5,10 +5,6 @@ import torch
 
 from oneref import OneRef
 
-# The tiny model's ops are far smaller than a thread pool's overhead; with several test runs
-# sharing 2 cores, multi-threaded intra-op parallelism makes each op ~50x slower.
-torch.set_num_threads(1)
-
 
 def make_batch(config, batch=2, seed=0, lengths=None):
     gen = torch.Generator().manual_seed(seed)

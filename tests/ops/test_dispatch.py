@@ -94,3 +94,17 @@ def test_mask_noise_is_reproducible_from_a_generator():
     first = ops.draw_mask_noise(2, 4, torch.Generator().manual_seed(5))
     second = ops.draw_mask_noise(2, 4, torch.Generator().manual_seed(5))
     assert first.shape == (2, 2, 16) and torch.equal(first, second)
+
+
+def test_matmul_ops_follow_autocast():
+    x = torch.randn(1, 3, 4)
+    wa, wb = torch.randn(2, 4), torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.multiway_linear(x, 1, wa, None, wb, None)
+        loss = ops.linear_cross_entropy(x[0], wa, torch.tensor([0, 1, 1]), reduction="none")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference.multiway_linear(x, 1, wa, None, wb, None),
+                               rtol=2e-2, atol=2e-2)
+    assert loss.shape == (3,)
+    with pytest.raises(TypeError, match="weight_a has dtype"):
+        ops.multiway_linear(x.half(), 1, wa, None, wb, None)

@@ -76,3 +76,23 @@ def test_resume_after_kill_is_exact(tmp_path, monkeypatch):
 def test_resume_without_checkpoint_names_folder(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint found"):
         Trainer(_config(tmp_path, checkpoint=CheckpointConfig(resume="auto")))
+
+
+def test_pretrain_alternates_mim_and_mlm(tmp_path):
+    from oneref.train.config import pretrain_recipe
+
+    cfg = pretrain_recipe(
+        model="tiny", output_dir=str(tmp_path), progress=False, log_interval=1, threads=1,
+        stages=[StageConfig(steps=4, lr=1e-3, batch_size=4)],
+        data=DataConfig(train_size=16, eval_size=8, test_size=8))
+    cfg.pretrain.vts = True
+    trainer = Trainer(cfg)
+    results = trainer.fit()
+    assert results["steps"] == 4 and results["task"] == "pretrain"
+    with open(tmp_path / "metrics.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] == "train"]
+    # Even steps (1st, 3rd) are MIM with VTS, odd steps MLM; the box-mask term is in both.
+    assert rows[0]["mim"] and rows[0]["vts"] and not rows[0]["mlm"]
+    assert rows[1]["mlm"] and not rows[1]["mim"]
+    assert all(float(r["box_mask"]) > 0 for r in rows)
+    assert all(float(r["loss"]) > 0 for r in rows)

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The prepared GPU check: build the extension, run the GPU tests, the sanitizer once, then
+# the benchmark rows G1-G7 of PERF.md. Sized for <= 8 minutes on one H100 (every step has a
+# time box, so a hang costs its box, not the slot). Run from the repository root:
+#
+#     benchmarks/gpu_check.sh OUTDIR
+#
+# OUTDIR receives at most 7 files: build.log, tests.log, bench.log, results.json,
+# summary.md, throughput.png, attention.png. The short table is printed last.
+# Wheels found in wheels/ (e.g. torchscale, fairscale, xformers built for the machine's
+# torch) are installed first with --no-deps into /tmp/oneref-site (no network needed).
+set -u -o pipefail
+
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+TMP=$(mktemp -d /tmp/oneref-gpu-check.XXXXXX)
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+STATUS=()
+
+# step NAME LIMIT_S LOGFILE CMD... : run CMD under a time box, append to LOGFILE, record rc.
+step() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local t=$(date +%s)
+    echo "== ${name} (limit ${limit}s, at $(( t - T0 ))s)" | tee -a "$log"
+    timeout --kill-after=15 "$limit" "$@" >>"$log" 2>&1
+    local rc=$?
+    local note="ok"
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && note="TIMED OUT"
+    [ $rc -ne 0 ] && [ "$note" = ok ] && note="failed"
+    echo "== ${name}: rc=${rc} ${note} ($(( $(date +%s) - t ))s)" | tee -a "$log"
+    STATUS+=("${name}: ${note} (rc ${rc}, $(( $(date +%s) - t ))s)")
+}
+
+# 0. carried wheels ---------------------------------------------------------------------
+if ls wheels/*.whl >/dev/null 2>&1; then
+    step wheels 60 "$OUT/build.log" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target /tmp/oneref-site wheels/*.whl
+    export PYTHONPATH=/tmp/oneref-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+XF=$("$PY" -c "import xformers, xformers.ops; print('xformers', xformers.__version__)" 2>&1 | tail -1)
+echo "xformers import: ${XF}" | tee -a "$OUT/build.log"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/build.log"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/build.log"
+
+# 1. extension build (H100 only: sm_90) ---------------------------------------------------
+NVCC=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+if [ -n "$NVCC" ]; then
+    export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$NVCC")")")
+fi
+export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16}
+step build 240 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+"$PY" -c "import oneref.ops as o; print(o.backend_status('cuda'))" 2>&1 | tee -a "$OUT/build.log"
+
+# 2. GPU tests, then the sanitizer once ---------------------------------------------------
+step gpu-tests 120 "$OUT/tests.log" "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/
+if [ -f benchmarks/gpu_sanitizer.sh ]; then
+    step sanitizer 60 "$OUT/tests.log" bash benchmarks/gpu_sanitizer.sh
+else
+    echo "== sanitizer: skipped (benchmarks/gpu_sanitizer.sh not present)" | tee -a "$OUT/tests.log"
+fi
+
+# 3. benchmark rows: one process per part, merged at the end -------------------------------
+bench() {  # bench NAME LIMIT ARGS...
+    local name=$1 limit=$2
+    shift 2
+    step "bench-${name}" "$limit" "$OUT/bench.log" "$PY" -m oneref.bench --device cuda \
+        --out "$TMP/${name}" "$@"
+}
+bench G1 45 --rows G1 --quick
+bench G2 20 --rows G2
+bench G3 20 --rows G3
+bench G4 75 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3
+bench G5 60 --rows G5 --engines a,b,c,d --warmup 1 --repeats 3 --split-samples 1024
+bench G6 45 --rows G6 --warmup 1 --repeats 3
+bench G7 45 --rows G7 --warmup 1 --repeats 3
+# (e) = (d) + torch.compile last: compilation takes the longest and is the first to drop.
+bench G4e 90 --rows G4 --engines e --warmup 2 --repeats 3
+bench G5e 60 --rows G5 --engines e --warmup 2 --repeats 3 --split-samples 1024
+
+# 4. merge: JSON + PNG + table ------------------------------------------------------------
+PARTS=$(ls "$TMP"/*/results.json 2>/dev/null)
+echo
+echo "elapsed $(( $(date +%s) - T0 ))s; ${XF}"
+printf '%s\n' "${STATUS[@]}"
+if [ -n "$PARTS" ]; then
+    # shellcheck disable=SC2086
+    "$PY" -m oneref.bench --merge $PARTS --out "$OUT" 2>>"$OUT/bench.log"
+else
+    echo "no benchmark results were written (see $OUT/bench.log)"
+fi
+rm -rf "$TMP"
