@@ -18,6 +18,8 @@ PY=${PYTHON:-python3}
 TMP=$(mktemp -d /tmp/oneref-gpu-check.XXXXXX)
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
+# Whole-script budget: no step runs past it, so the merge at the end always happens.
+DEADLINE=${DEADLINE_S:-460}
 STATUS=()
 
 # step NAME LIMIT_S LOGFILE CMD... : run CMD under a time box, append to LOGFILE, record rc.
@@ -25,6 +27,13 @@ step() {
     local name=$1 limit=$2 log=$3
     shift 3
     local t=$(date +%s)
+    local left=$(( DEADLINE - (t - T0) ))
+    if [ "$left" -lt 15 ]; then
+        echo "== ${name}: skipped (script budget of ${DEADLINE}s spent)" | tee -a "$log"
+        STATUS+=("${name}: skipped (budget spent)")
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     echo "== ${name} (limit ${limit}s, at $(( t - T0 ))s)" | tee -a "$log"
     timeout --kill-after=15 "$limit" "$@" >>"$log" 2>&1
     local rc=$?
@@ -52,13 +61,13 @@ if [ -n "$NVCC" ]; then
     export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$NVCC")")")
 fi
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16}
-step build 240 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+step build 200 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 "$PY" -c "import oneref.ops as o; print(o.backend_status('cuda'))" 2>&1 | tee -a "$OUT/build.log"
 
 # 2. GPU tests, then the sanitizer once ---------------------------------------------------
-step gpu-tests 120 "$OUT/tests.log" "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/
+step gpu-tests 90 "$OUT/tests.log" "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/
 if [ -f benchmarks/gpu_sanitizer.sh ]; then
-    step sanitizer 60 "$OUT/tests.log" bash benchmarks/gpu_sanitizer.sh
+    step sanitizer 45 "$OUT/tests.log" bash benchmarks/gpu_sanitizer.sh
 else
     echo "== sanitizer: skipped (benchmarks/gpu_sanitizer.sh not present)" | tee -a "$OUT/tests.log"
 fi
@@ -70,13 +79,13 @@ bench() {  # bench NAME LIMIT ARGS...
     step "bench-${name}" "$limit" "$OUT/bench.log" "$PY" -m oneref.bench --device cuda \
         --out "$TMP/${name}" "$@"
 }
-bench G1 45 --rows G1 --quick
-bench G2 20 --rows G2
-bench G3 20 --rows G3
-bench G4 75 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3
-bench G5 60 --rows G5 --engines a,b,c,d --warmup 1 --repeats 3 --split-samples 1024
-bench G6 45 --rows G6 --warmup 1 --repeats 3
-bench G7 45 --rows G7 --warmup 1 --repeats 3
+bench G1 40 --rows G1 --quick
+bench G2 30 --rows G2
+bench G3 30 --rows G3
+bench G4 70 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3
+bench G5 55 --rows G5 --engines a,b,c,d --warmup 1 --repeats 3 --split-samples 1024
+bench G6 40 --rows G6 --warmup 1 --repeats 3
+bench G7 40 --rows G7 --warmup 1 --repeats 3
 # (e) = (d) + torch.compile last: compilation takes the longest and is the first to drop.
 bench G4e 90 --rows G4 --engines e --warmup 2 --repeats 3
 bench G5e 60 --rows G5 --engines e --warmup 2 --repeats 3 --split-samples 1024

@@ -1,10 +1,20 @@
-"""Shared test setup: fixed seeds and a GPU marker that skips without CUDA."""
+"""Shared test setup: Triton interpreter on CPU-only machines, one thread, fixed seeds, and a
+GPU marker that skips without CUDA."""
 
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+# triton.jit decides at decoration time whether kernels run in the interpreter, so this must
+# happen before any test module imports oneref.kernels.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+# GPU test runs launch each kernel with its first config instead of autotuning every config
+# for every test shape (minutes of compilation); the benchmarks autotune and check results.
+os.environ.setdefault("ONEREF_AUTOTUNE", "0")
 
 # Unit tests use small tensors: one thread avoids oversubscribing the 2-core CI machines
 # (several threads on tiny ops ran ~50x slower there).

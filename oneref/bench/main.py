@@ -156,7 +156,8 @@ def c1_ratios(model_rows: list[dict]) -> dict:
     steadier figure on a machine shared with other jobs."""
     out = {}
     for r in model_rows:
-        if r["engine"] not in ("c", "d") or "rec_train_sps_vs_a" not in r:
+        if (r["engine"] not in ("c", "d") or "rec_train_sps_vs_a" not in r
+                or r.get("row") not in (None, "C1")):
             continue
         out[f"{r['preset']} ({r['engine']})"] = r["rec_train_sps_vs_a"]
         base = next((b for b in model_rows if b["engine"] == "a" and b["preset"] == r["preset"]

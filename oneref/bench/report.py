@@ -16,6 +16,8 @@ __all__ = ["environment", "write_json", "cost_markdown", "kernel_markdown", "plo
            "plot_attention", "fmt"]
 
 log = logging.getLogger(__name__)
+TRAIN_KEYS = ("rec_train_sps", "res_train_sps", "mim_train_sps", "mlm_train_sps")
+INFER_KEYS = ("rec_infer_large_sps", "res_infer_large_sps")
 
 
 def _version(module: str) -> str | None:
@@ -101,6 +103,14 @@ def _preset(row: dict) -> str:
     return f"{row['row']} {row['preset']}" if row.get("row") else row["preset"]
 
 
+def _tasks(row: dict, keys: tuple[str, ...]) -> str:
+    """Several task figures in one cell: ``rec 12 (1.3xa); mim ...`` (only those measured)."""
+    parts = [f"{key.split('_')[0]} {_with_ratio(row, key)}" for key in keys if key in row]
+    if len(parts) == 1:
+        return parts[0].split(" ", 1)[1]
+    return "; ".join(parts) if parts else "-"
+
+
 def cost_markdown(rows: list[dict]) -> str:
     """The cost table: one line per (preset, engine); speeds with ratios to (a) / (b)."""
     head = ("| preset | engine | params M (bb/head) | GFLOPs (GMACs) | train samples/s | "
@@ -119,9 +129,9 @@ def cost_markdown(rows: list[dict]) -> str:
         mfu = r.get("rec_train_mfu")
         lines.append(
             f"| {_preset(r)} | ({r['engine']}) {r.get('dtype', '')} | {params} | {flops} | "
-            f"{_with_ratio(r, 'rec_train_sps')} | {_with_ratio(r, 'rec_infer_b1_sps')} | "
-            f"{_with_ratio(r, 'rec_infer_large_sps')} | {split} | "
-            f"{fmt(r.get('rec_train_peak_mem_gb'))} | {fmt(None if mfu is None else 100 * mfu)}% |")
+            f"{_tasks(r, TRAIN_KEYS)} | {_with_ratio(r, 'rec_infer_b1_sps')} | "
+            f"{_tasks(r, INFER_KEYS)} | {split} | "
+            f"{fmt(r.get('rec_train_peak_mem_gb'))} | {'-' if mfu is None else fmt(100 * mfu) + '%'} |")
     return "\n".join(lines)
 
 

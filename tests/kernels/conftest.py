@@ -2,7 +2,8 @@
 
 Without a GPU the kernels run in the Triton interpreter: ``TRITON_INTERPRET=1`` must be set
 before any kernel module is imported (``triton.jit`` decides at decoration time), so it is set
-here, at import time of this conftest, unless the caller chose a value or CUDA is present.
+in the root ``tests/conftest.py`` (any test directory may import the kernels first), unless
+the caller chose a value or CUDA is present.
 Nothing in ``oneref`` imports triton on ``import oneref``.
 
 Tests marked ``interpret`` (CPU tensors through the interpreter) are skipped when the
@@ -21,11 +22,6 @@ import os
 import pytest
 import torch
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-# GPU test runs launch each kernel with its first config instead of autotuning every config
-# for every test shape (minutes of compilation); the benchmarks autotune and check results.
-os.environ.setdefault("ONEREF_AUTOTUNE", "0")
 
 
 def _fast_interpreter_dot() -> None:
