@@ -2,8 +2,10 @@
 and segmentation (RES), pre-trained with Mask Referring Modeling (MRefM)."""
 
 from oneref.config import ModelConfig, PRESETS, get_config
-from oneref.model import OneRef
+from oneref.info import info
+from oneref.model import OneRef, VQKDTokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "OneRef", "PRESETS", "get_config", "__version__"]
+__all__ = ["ModelConfig", "OneRef", "PRESETS", "VQKDTokenizer", "get_config", "info",
+           "__version__"]

@@ -183,7 +183,8 @@ def box_to_grid_mask(boxes, grid: int):
 
 def sigmoid_focal_loss(logits, target, alpha: float = 0.25, gamma: float = 2.0):
     """Per-sample sigmoid focal loss, mean over pixels: (B, ...) -> (B,)."""
-    logits, target = _acc(logits.flatten(1)), _acc(target.flatten(1))
+    logits = _acc(logits.flatten(1))
+    target = target.flatten(1).to(logits.dtype)
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = prob * target + (1 - prob) * (1 - target)
@@ -193,7 +194,8 @@ def sigmoid_focal_loss(logits, target, alpha: float = 0.25, gamma: float = 2.0):
 
 def dice_loss(logits, target, smooth: float = 1.0):
     """Per-sample dice loss on sigmoid probabilities with +1 smoothing: (B, ...) -> (B,)."""
-    prob, target = _acc(logits.flatten(1)).sigmoid(), _acc(target.flatten(1))
+    prob = _acc(logits.flatten(1)).sigmoid()
+    target = target.flatten(1).to(prob.dtype)
     inter = (prob * target).sum(1)
     return 1 - (2 * inter + smooth) / (prob.sum(1) + target.sum(1) + smooth)
 

@@ -112,3 +112,31 @@ def test_info_reports_backends_and_build(native_ops):
     assert f"torch {torch.__version__}" in text
     assert "oneref._C: built with" in text
     assert ("CPU + CUDA kernels" in text) == data["extension_with_cuda"]
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(native_ops):
+    """The ops trace into one graph (fake impls + autograd) and give the eager results."""
+    gen = torch.Generator().manual_seed(4)
+    boxes = make_boxes(3, seed=4)
+    noise = torch.rand(3, 2, 576, generator=gen)
+    pred = torch.randn(3, 576, 4, generator=gen, requires_grad=True)
+    logits = torch.randn(3, 24, 24, generator=gen, requires_grad=True)
+
+    def step(pred, logits):
+        mask = native_ops.referring_mask(boxes, noise, 24, 0.35, 0.75)
+        loss = native_ops.vts_loss(pred, boxes, 24) + native_ops.box_mask_loss(logits, boxes,
+                                                                               20.0, 2.0)
+        return loss, mask
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss, mask = compiled(pred, logits)
+    loss.backward()
+    grads = (pred.grad.clone(), logits.grad.clone())
+    pred.grad = logits.grad = None
+    loss_ref, mask_ref = step(pred, logits)
+    loss_ref.backward()
+    assert torch.equal(mask, mask_ref)
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(grads[0], pred.grad)
+    torch.testing.assert_close(grads[1], logits.grad)

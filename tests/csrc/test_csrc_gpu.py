@@ -106,6 +106,7 @@ def test_no_host_sync_and_current_stream(cuda_device):
     logits = torch.randn(8, 24, 24, device=cuda_device, requires_grad=True)
     noise = torch.rand(8, 2, 576, device=cuda_device)
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default one
     with torch.cuda.stream(stream):
         torch.cuda.set_sync_debug_mode("error")
         try:
