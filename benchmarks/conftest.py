@@ -5,6 +5,8 @@
 * ``model_preset``: ``base`` on a GPU, ``tiny`` on a CPU;
 * ``rotate(inputs)``: a callable cycling through input sets, so a benchmark never times one
   cached input;
+* ``timed(fn, *args, rounds=, iterations=)``: pytest-benchmark's pedantic run of ``fn(*args)``
+  with a device synchronisation in every call;
 * fixed seeds before every benchmark.
 """
 
@@ -58,6 +60,24 @@ def rotate():
         cycle = itertools.cycle(inputs)
         return lambda: next(cycle)
     return make
+
+
+@pytest.fixture
+def timed(benchmark, device):
+    """``timed(fn, *args, rounds, iterations, prime=True)``: times ``fn(*args)`` followed by a
+    synchronisation of ``device`` (a call is timed whole, its kernels included) with
+    ``benchmark.pedantic`` and 2 warm-up rounds; ``prime`` makes one untimed call first
+    (compilation, autotuning). Returns the last result of ``fn``."""
+    def run_timed(fn, *args, rounds: int, iterations: int, prime: bool = True):
+        def run():
+            out = fn(*args)
+            synchronize(device)
+            return out
+
+        if prime:
+            run()
+        return benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=2)
+    return run_timed
 
 
 def synchronize(device: torch.device) -> None:

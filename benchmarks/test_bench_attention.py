@@ -18,16 +18,6 @@ SEQ = NUM_VISION + TEXT
 IMPLS = ["triton", "sdpa", "torch"]
 
 
-def _timed(benchmark, fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    run()
-    return benchmark.pedantic(run, rounds=20, iterations=3, warmup_rounds=2)
-
-
 @pytest.fixture(scope="module")
 def inputs():
     """Two input sets (rotated between calls): q, k, v views of a packed (B, S, 3, H, Dh)
@@ -61,26 +51,26 @@ def _flops(lengths):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bench_attention_fwd(benchmark, inputs, impl):
+def test_bench_attention_fwd(benchmark, timed, rotate, inputs, impl):
     fn = _impl(impl)
     qkv, lengths = inputs[0]
     want = reference.multiway_attention(*qkv.float().unbind(2), lengths, NUM_VISION)
     got = fn(*qkv.unbind(2), lengths, NUM_VISION).float()
     assert (got - want).abs().max().item() < 2e-2
-    counter = iter(range(10**9))
+    next_qkv = rotate([packed for packed, _ in inputs])
 
     def step():
-        q, k, v = inputs[next(counter) % len(inputs)][0].unbind(2)
+        q, k, v = next_qkv().unbind(2)
         return fn(q, k, v, inputs[0][1], NUM_VISION)
 
     benchmark.group = "G1 multiway_attention fwd bf16 B32 H12 S641 Dh64"
     benchmark.extra_info["flops"] = _flops(lengths)
     with torch.no_grad():
-        _timed(benchmark, step)
+        timed(step, rounds=20, iterations=3)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bench_attention_fwd_bwd(benchmark, inputs, impl):
+def test_bench_attention_fwd_bwd(benchmark, timed, rotate, inputs, impl):
     fn = _impl(impl)
     leaves = [qkv.clone().requires_grad_() for qkv, _ in inputs]
     lengths = inputs[0][1]
@@ -92,12 +82,11 @@ def test_bench_attention_fwd_bwd(benchmark, inputs, impl):
     ref = reference.multiway_attention(*ref_leaf.unbind(2), lengths, NUM_VISION)
     (dref,) = torch.autograd.grad(ref, [ref_leaf], grad.float())
     assert (dqkv.float() - dref).abs().max().item() < 5e-2 * (1 + dref.abs().max().item())
-    counter = iter(range(10**9))
+    next_leaf = rotate(leaves)
 
     def step():
-        leaf = leaves[next(counter) % len(leaves)]
-        fn(*leaf.unbind(2), lengths, NUM_VISION).backward(grad)
+        fn(*next_leaf().unbind(2), lengths, NUM_VISION).backward(grad)
 
     benchmark.group = "G1 multiway_attention fwd+bwd bf16 B32 H12 S641 Dh64"
     benchmark.extra_info["flops"] = int(3.5 * _flops(lengths))
-    _timed(benchmark, step)
+    timed(step, rounds=20, iterations=3)

@@ -12,16 +12,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BATCH, LENGTH, DIM = 64, 576, 768
 
 
-def _timed(benchmark, fn, *args):
-    def run():
-        out = fn(*args)
-        torch.cuda.synchronize()
-        return out
-
-    run()
-    return benchmark.pedantic(run, rounds=50, iterations=5, warmup_rounds=2)
-
-
 @pytest.fixture(scope="module")
 def inputs():
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -32,7 +22,7 @@ def inputs():
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_bench_masked_gather_fwd_bwd(benchmark, inputs, impl):
+def test_bench_masked_gather_fwd_bwd(benchmark, timed, inputs, impl):
     from oneref.kernels import gather
 
     x, mask, _ = inputs
@@ -48,11 +38,11 @@ def test_bench_masked_gather_fwd_bwd(benchmark, inputs, impl):
     benchmark.group = "G2 masked_gather fwd+bwd bf16 64x576x768"
     # gather: read + write N rows; scatter: write B L rows, read N rows.
     benchmark.extra_info["bytes"] = 2 * (2 * rows * DIM + BATCH * LENGTH * DIM + rows * DIM)
-    _timed(benchmark, step)
+    timed(step, rounds=50, iterations=5)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_bench_apply_mask_token(benchmark, inputs, impl):
+def test_bench_apply_mask_token(benchmark, timed, inputs, impl):
     from oneref.kernels import gather
 
     x, mask, token = inputs
@@ -61,4 +51,4 @@ def test_bench_apply_mask_token(benchmark, inputs, impl):
     fn = gather.apply_mask_token if impl == "triton" else reference.apply_mask_token
     benchmark.group = "G2 apply_mask_token fwd bf16 64x576x768"
     benchmark.extra_info["bytes"] = 2 * 2 * BATCH * LENGTH * DIM
-    _timed(benchmark, fn, x, mask, token)
+    timed(fn, x, mask, token, rounds=50, iterations=5)

@@ -11,16 +11,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BATCH, GRID, TEXT = 64, 24, 64
 
 
-def _timed(benchmark, fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    run()
-    return benchmark.pedantic(run, rounds=50, iterations=5, warmup_rounds=2)
-
-
 def _fwd_bwd(fn, *args, grad_of=(0,)):
     leaves = [a.clone().requires_grad_() if i in grad_of else a for i, a in enumerate(args)]
     return lambda: fn(*leaves).backward()
@@ -34,7 +24,7 @@ def boxes():
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_bench_vts_loss(benchmark, boxes, impl):
+def test_bench_vts_loss(benchmark, timed, boxes, impl):
     from oneref.kernels import losses
 
     pred = torch.randn(BATCH, GRID * GRID, 4, device="cuda").to(torch.bfloat16)
@@ -43,11 +33,11 @@ def test_bench_vts_loss(benchmark, boxes, impl):
     fn = losses.vts_loss if impl == "triton" else reference.vts_loss
     benchmark.group = "G2 vts_loss fwd+bwd B=64 G=24"
     benchmark.extra_info["bytes"] = 3 * pred.numel() * 2
-    _timed(benchmark, _fwd_bwd(fn, pred, boxes, GRID))
+    timed(_fwd_bwd(fn, pred, boxes, GRID), rounds=50, iterations=5)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_bench_box_mask_loss(benchmark, boxes, impl):
+def test_bench_box_mask_loss(benchmark, timed, boxes, impl):
     from oneref.kernels import losses
 
     logits = (torch.randn(BATCH, GRID, GRID, device="cuda") * 3).to(torch.bfloat16)
@@ -56,11 +46,11 @@ def test_bench_box_mask_loss(benchmark, boxes, impl):
     fn = losses.box_mask_loss if impl == "triton" else reference.box_mask_loss
     benchmark.group = "G2 box_mask_loss fwd+bwd B=64 G=24"
     benchmark.extra_info["bytes"] = 3 * logits.numel() * 2
-    _timed(benchmark, _fwd_bwd(fn, logits, boxes))
+    timed(_fwd_bwd(fn, logits, boxes), rounds=50, iterations=5)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_bench_sts_kl(benchmark, impl):
+def test_bench_sts_kl(benchmark, timed, impl):
     from oneref.kernels import losses
 
     pred = torch.randn(BATCH, TEXT, device="cuda").to(torch.bfloat16)
@@ -70,4 +60,4 @@ def test_bench_sts_kl(benchmark, impl):
                                reference.sts_kl(pred, target, valid), rtol=1e-4, atol=1e-5)
     fn = losses.sts_kl if impl == "triton" else reference.sts_kl
     benchmark.group = "G2 sts_kl fwd+bwd B=64 T=64"
-    _timed(benchmark, _fwd_bwd(fn, pred, target, valid))
+    timed(_fwd_bwd(fn, pred, target, valid), rounds=50, iterations=5)

@@ -11,16 +11,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BATCH, GRID = 64, 24
 
 
-def _timed(benchmark, fn, *args):
-    def run():
-        out = fn(*args)
-        torch.cuda.synchronize()
-        return out
-
-    run()  # warm up (compile, autotune)
-    return benchmark.pedantic(run, rounds=50, iterations=5, warmup_rounds=2)
-
-
 @pytest.fixture(scope="module")
 def inputs():
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -30,7 +20,7 @@ def inputs():
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_bench_referring_mask(benchmark, inputs, impl):
+def test_bench_referring_mask(benchmark, timed, inputs, impl):
     from oneref.kernels import masking
 
     fn = masking.referring_mask if impl == "triton" else reference.referring_mask
@@ -39,4 +29,4 @@ def test_bench_referring_mask(benchmark, inputs, impl):
                        reference.referring_mask(boxes, noise, GRID))
     benchmark.group = "G2 referring_mask B=64 G=24"
     benchmark.extra_info["bytes"] = noise.numel() * 4 + BATCH * GRID * GRID
-    _timed(benchmark, fn, boxes, noise, GRID)
+    timed(fn, boxes, noise, GRID, rounds=50, iterations=5)

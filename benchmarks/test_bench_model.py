@@ -25,43 +25,26 @@ def _batches(preset, device, batch, task):
     return [make_batch(get_config(preset), batch, device, seed=s, task=task) for s in range(3)]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @pytest.mark.parametrize("key", ENGINE_KEYS)
-def test_bench_rec_train_step(benchmark, key, device, model_preset, rotate):
+def test_bench_rec_train_step(benchmark, timed, key, device, model_preset, rotate):
     engine = _engine(key, model_preset, device)
     batch = 64 if device.type == "cuda" else 8
     nxt = rotate(_batches(model_preset, device, batch, "rec"))
     loss = train_step(engine, "rec", nxt())  # checked before timing
     assert torch.isfinite(loss)
-
-    def step():
-        out = train_step(engine, "rec", nxt())
-        _sync(device)
-        return out
-
     benchmark.group = f"rec train step {model_preset} B={batch}"
     benchmark.extra_info["engine"] = engine.name
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=2)
+    timed(lambda: train_step(engine, "rec", nxt()), rounds=5, iterations=1, prime=False)
 
 
 @pytest.mark.parametrize("key", ENGINE_KEYS)
-def test_bench_rec_inference(benchmark, key, device, model_preset, rotate):
+def test_bench_rec_inference(benchmark, timed, key, device, model_preset, rotate):
     engine = _engine(key, model_preset, device)
     batch = 256 if device.type == "cuda" else 32
     nxt = rotate(_batches(model_preset, device, batch, "rec_infer"))
     boxes = infer_step(engine, "rec_infer", nxt())
     assert boxes.shape == (batch, 4) and torch.isfinite(boxes).all()
     assert ((boxes >= 0) & (boxes <= 1)).all()
-
-    def forward():
-        out = infer_step(engine, "rec_infer", nxt())
-        _sync(device)
-        return out
-
     benchmark.group = f"rec inference {model_preset} B={batch}"
     benchmark.extra_info["engine"] = engine.name
-    benchmark.pedantic(forward, rounds=5, iterations=1, warmup_rounds=2)
+    timed(lambda: infer_step(engine, "rec_infer", nxt()), rounds=5, iterations=1, prime=False)

@@ -15,16 +15,6 @@ BATCH, SEQ, NUM_VISION, DIM = 32, 641, 577, 768
 SHAPES = {"qkv": (3 * DIM, "none"), "fc1_gelu": (4 * DIM, "gelu")}
 
 
-def _timed(benchmark, fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    run()
-    return benchmark.pedantic(run, rounds=20, iterations=3, warmup_rounds=2)
-
-
 def _inputs(d_out):
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -47,7 +37,7 @@ def _impl(name):
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_bench_multiway_linear_fwd(benchmark, impl, shape):
+def test_bench_multiway_linear_fwd(benchmark, timed, rotate, impl, shape):
     d_out, activation = SHAPES[shape]
     xs, (wa, ba, wb, bb) = _inputs(d_out)
     fn = _impl(impl)
@@ -55,31 +45,31 @@ def test_bench_multiway_linear_fwd(benchmark, impl, shape):
     want = reference.multiway_linear(xs[0].float(), NUM_VISION, wa.float(), ba.float(),
                                      wb.float(), bb.float(), activation)
     assert (got - want).abs().max().item() < 5e-2 * (1 + want.abs().max().item())
-    counter = iter(range(10**9))
+    next_x = rotate(xs)
 
     def step():
-        return fn(xs[next(counter) % len(xs)], NUM_VISION, wa, ba, wb, bb, activation)
+        return fn(next_x(), NUM_VISION, wa, ba, wb, bb, activation)
 
     benchmark.group = f"multiway_linear {shape} fwd bf16 B32 S641 D768"
     benchmark.extra_info["flops"] = 2 * BATCH * SEQ * DIM * d_out
     with torch.no_grad():
-        _timed(benchmark, step)
+        timed(step, rounds=20, iterations=3)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_bench_multiway_linear_fwd_bwd(benchmark, impl, shape):
+def test_bench_multiway_linear_fwd_bwd(benchmark, timed, rotate, impl, shape):
     d_out, activation = SHAPES[shape]
     xs, params = _inputs(d_out)
     leaves = [x.clone().requires_grad_() for x in xs]
     params = [p.clone().requires_grad_() for p in params]
     fn = _impl(impl)
     grad = torch.randn(BATCH, SEQ, d_out, device="cuda").to(torch.bfloat16)
-    counter = iter(range(10**9))
+    next_leaf = rotate(leaves)
 
     def step():
-        fn(leaves[next(counter) % len(leaves)], NUM_VISION, *params, activation).backward(grad)
+        fn(next_leaf(), NUM_VISION, *params, activation).backward(grad)
 
     benchmark.group = f"multiway_linear {shape} fwd+bwd bf16 B32 S641 D768"
     benchmark.extra_info["flops"] = 6 * BATCH * SEQ * DIM * d_out
-    _timed(benchmark, step)
+    timed(step, rounds=20, iterations=3)

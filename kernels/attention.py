@@ -71,21 +71,38 @@ _INTERP = {"BLOCK_M": 128, "BLOCK_N": 128}
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, k_base, v_base, start_n, kv_len, stride_ks, stride_kd,
-               stride_vs, stride_vd, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One K/V block of the online softmax; MASKED only for the block holding key n_b."""
+def _key_limit(LENS, b, num_vision, seq_len):
+    """n_b = num_vision + text_lengths[b], clamped to [0, S] so bad lengths cannot read out of
+    bounds; keys at positions >= n_b are never read."""
+    return tl.minimum(tl.maximum(num_vision + tl.load(LENS + b).to(tl.int32), 0), seq_len)
+
+
+@triton.jit
+def _load_kv_block(k_base, v_base, start_n, kv_len, stride_ks, stride_kd, stride_vs, stride_vd,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """K and V rows start_n .. start_n + BLOCK_N, (BLOCK_N, HEAD_DIM) each, and the key mask
+    ``offs_n < kv_len``; only the MASKED (tail) block loads under that mask."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    n_ok = offs_n < kv_len
     if MASKED:
-        n_ok = offs_n < kv_len
         k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+    return k, v, n_ok
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, k_base, v_base, start_n, kv_len, stride_ks, stride_kd,
+               stride_vs, stride_vd, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One K/V block of the online softmax; MASKED only for the block holding key n_b."""
+    k, v, n_ok = _load_kv_block(k_base, v_base, start_n, kv_len, stride_ks, stride_kd,
+                                stride_vs, stride_vd, HEAD_DIM, BLOCK_N, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if MASKED:
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -117,8 +134,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LENS,
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    # keys past kv_len are never read; clamped so bad lengths cannot read out of bounds
-    kv_len = tl.minimum(tl.maximum(num_vision + tl.load(LENS + b).to(tl.int32), 0), seq_len)
+    kv_len = _key_limit(LENS, b, num_vision, seq_len)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -195,7 +211,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENS,
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    kv_len = tl.minimum(tl.maximum(num_vision + tl.load(LENS + b).to(tl.int32), 0), seq_len)
+    kv_len = _key_limit(LENS, b, num_vision, seq_len)
 
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -243,17 +259,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENS,
 def _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, kv_len, stride_ks, stride_kd,
               stride_vs, stride_vd, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
-    if MASKED:
-        n_ok = offs_n < kv_len
-        k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k, v, n_ok = _load_kv_block(k_base, v_base, start_n, kv_len, stride_ks, stride_kd,
+                                stride_vs, stride_vd, HEAD_DIM, BLOCK_N, MASKED)
     p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
                      - lse2[:, None])
     if MASKED:
@@ -284,7 +291,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LENS,
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    kv_len = tl.minimum(tl.maximum(num_vision + tl.load(LENS + b).to(tl.int32), 0), seq_len)
+    kv_len = _key_limit(LENS, b, num_vision, seq_len)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)

@@ -327,16 +327,22 @@ def _masked_log_softmax(x, valid):
 
 
 @triton.jit
+def _sts_row(pred_ptr, target_ptr, valid_ptr, b, offs, inb, stride_p, stride_t, stride_v):
+    """Row b: (valid, log q = log-softmax of pred, log p = log-softmax of target), fp32."""
+    valid = (tl.load(valid_ptr + b * stride_v + offs, mask=inb, other=0) != 0) & inb
+    x = tl.load(pred_ptr + b * stride_p + offs, mask=inb, other=0.0).to(tl.float32)
+    y = tl.load(target_ptr + b * stride_t + offs, mask=inb, other=0.0).to(tl.float32)
+    return valid, _masked_log_softmax(x, valid), _masked_log_softmax(y, valid)
+
+
+@triton.jit
 def _sts_fwd_kernel(pred_ptr, target_ptr, valid_ptr, kl_ptr, T, stride_p, stride_t,
                     stride_v, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inb = offs < T
-    valid = (tl.load(valid_ptr + b * stride_v + offs, mask=inb, other=0) != 0) & inb
-    x = tl.load(pred_ptr + b * stride_p + offs, mask=inb, other=0.0).to(tl.float32)
-    y = tl.load(target_ptr + b * stride_t + offs, mask=inb, other=0.0).to(tl.float32)
-    log_q = _masked_log_softmax(x, valid)
-    log_p = _masked_log_softmax(y, valid)
+    valid, log_q, log_p = _sts_row(pred_ptr, target_ptr, valid_ptr, b, offs, inb, stride_p,
+                                   stride_t, stride_v)
     kl = tl.sum(tl.where(valid, tl.exp(log_p) * (log_p - log_q), 0.0), axis=0)
     tl.store(kl_ptr + b, kl)
 
@@ -349,11 +355,8 @@ def _sts_bwd_kernel(grad_ptr, pred_ptr, target_ptr, valid_ptr, kl_ptr, grad_pred
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inb = offs < T
-    valid = (tl.load(valid_ptr + b * stride_v + offs, mask=inb, other=0) != 0) & inb
-    x = tl.load(pred_ptr + b * stride_p + offs, mask=inb, other=0.0).to(tl.float32)
-    y = tl.load(target_ptr + b * stride_t + offs, mask=inb, other=0.0).to(tl.float32)
-    log_q = _masked_log_softmax(x, valid)
-    log_p = _masked_log_softmax(y, valid)
+    valid, log_q, log_p = _sts_row(pred_ptr, target_ptr, valid_ptr, b, offs, inb, stride_p,
+                                   stride_t, stride_v)
     p = tl.exp(log_p)
     g = tl.load(grad_ptr) * scale
     kl = tl.load(kl_ptr + b)

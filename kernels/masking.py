@@ -27,6 +27,18 @@ __all__ = ["referring_mask"]
 
 
 @triton.jit
+def _patches(noise0, noise1, offs, x1, y1, x2, y2, GRID: tl.constexpr, L: tl.constexpr):
+    """For patch indices ``offs``: (in range, noise[0], noise[1] (0 out of range), inside the
+    grown box [x1, x2) x [y1, y2))."""
+    in_range = offs < L
+    n0 = tl.load(noise0 + offs, mask=in_range, other=0.0)
+    n1 = tl.load(noise1 + offs, mask=in_range, other=0.0)
+    col = offs % GRID
+    row = offs // GRID
+    return in_range, n0, n1, (col >= x1) & (col < x2) & (row >= y1) & (row < y2)
+
+
+@triton.jit
 def _referring_mask_kernel(boxes_ptr, noise_ptr, keep_table_ptr, out_ptr, keep_outside,
                            GRID: tl.constexpr, L: tl.constexpr,
                            BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -48,23 +60,14 @@ def _referring_mask_kernel(boxes_ptr, noise_ptr, keep_table_ptr, out_ptr, keep_o
     noise0 = noise_ptr + b * (2 * L)
     noise1 = noise0 + L
     offs_i = i0 + tl.arange(0, BLOCK_I)
-    mask_i = offs_i < L
-    ni0 = tl.load(noise0 + offs_i, mask=mask_i, other=0.0)
-    ni1 = tl.load(noise1 + offs_i, mask=mask_i, other=0.0)
-    col_i = offs_i % GRID
-    row_i = offs_i // GRID
-    inside_i = (col_i >= x1) & (col_i < x2) & (row_i >= y1) & (row_i < y2)
+    mask_i, ni0, ni1, inside_i = _patches(noise0, noise1, offs_i, x1, y1, x2, y2, GRID, L)
 
     rank0 = tl.zeros([BLOCK_I], dtype=tl.int32)
     rank1 = tl.zeros([BLOCK_I], dtype=tl.int32)
     for j0 in range(0, L, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
-        mask_j = offs_j < L
-        nj0 = tl.load(noise0 + offs_j, mask=mask_j, other=0.0)
-        nj1 = tl.load(noise1 + offs_j, mask=mask_j, other=0.0)
-        col_j = offs_j % GRID
-        row_j = offs_j // GRID
-        inside_j = mask_j & (col_j >= x1) & (col_j < x2) & (row_j >= y1) & (row_j < y2)
+        mask_j, nj0, nj1, inside_j = _patches(noise0, noise1, offs_j, x1, y1, x2, y2, GRID, L)
+        inside_j = mask_j & inside_j
         earlier = offs_j[None, :] < offs_i[:, None]
         before0 = (nj0[None, :] < ni0[:, None]) | ((nj0[None, :] == ni0[:, None]) & earlier)
         before1 = (nj1[None, :] < ni1[:, None]) | ((nj1[None, :] == ni1[:, None]) & earlier)

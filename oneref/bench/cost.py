@@ -167,21 +167,28 @@ def _captured(row: dict, key: str, device: torch.device):
             torch.cuda.empty_cache()
 
 
-def _time_train(engine, config, task, tb, settings, row, train_flops, peak_tflops,
-                        runs):
-    key, preset, device = engine.key, config.name, engine.device
-    inputs = [make_batch(config, tb, device, seed=s, task=task)
+def _time_step(step, engine, config, task, batch, seed, settings, runs, what):
+    """Time ``step(engine, task, inputs)`` over ``settings.input_sets`` batches of ``batch``
+    samples (seeds ``seed``, ``seed + 1``, ...) after checking that one call is finite
+    (``what`` names its output in the error). Returns (Measurement, peak memory in GB or
+    None on the CPU)."""
+    device = engine.device
+    inputs = [make_batch(config, batch, device, seed=seed + s, task=task)
               for s in range(settings.input_sets)]
-    loss = train_step(engine, task, inputs[0])
-    _check_finite(loss, f"({key}) {preset} {task} loss")
+    _check_finite(step(engine, task, inputs[0]), f"({engine.key}) {config.name} {task} {what}")
     mem = {}
     with peak_memory(device, mem):
-        m = measure(lambda b: train_step(engine, task, b), inputs, device,
+        m = measure(lambda x: step(engine, task, x), inputs, device,
                     settings.warmup, settings.repeats, runs)
+    return m, mem["peak_mem_gb"]
+
+
+def _time_train(engine, config, task, tb, settings, row, train_flops, peak_tflops, runs):
+    m, peak_mem = _time_step(train_step, engine, config, task, tb, 0, settings, runs, "loss")
     row[f"{task}_train_batch"] = tb
     row[f"{task}_train_step_s"] = m
     row[f"{task}_train_sps"] = tb / m.median
-    row[f"{task}_train_peak_mem_gb"] = mem["peak_mem_gb"]
+    row[f"{task}_train_peak_mem_gb"] = peak_mem
     if task == "rec" and train_flops and peak_tflops:
         achieved = train_flops * tb / m.median / 1e12
         row["rec_train_tflops"] = achieved
@@ -189,26 +196,19 @@ def _time_train(engine, config, task, tb, settings, row, train_flops, peak_tflop
 
 
 def _time_infer(engine, config, task, ib, settings, row, runs):
-    key, preset, device = engine.key, config.name, engine.device
     short = task.split("_")[0]
     for label, b in (("b1", 1), ("large", ib)):
         if label == "b1" and task != "rec_infer":
             continue
-        inputs = [make_batch(config, b, device, seed=10 + s, task=task)
-                  for s in range(settings.input_sets)]
-        out = infer_step(engine, task, inputs[0])
-        _check_finite(out, f"({key}) {preset} {task} output")
-        mem = {}
-        with peak_memory(device, mem):
-            m = measure(lambda x: infer_step(engine, task, x), inputs, device,
-                        settings.warmup, settings.repeats, runs)
+        m, peak_mem = _time_step(infer_step, engine, config, task, b, 10, settings, runs,
+                                 "output")
         row[f"{short}_infer_{label}_batch"] = b
         row[f"{short}_infer_{label}_s"] = m
         row[f"{short}_infer_{label}_sps"] = b / m.median
         if label == "b1":
             row["rec_latency_b1_ms"] = 1e3 * m.median
         else:
-            row[f"{short}_infer_peak_mem_gb"] = mem["peak_mem_gb"]
+            row[f"{short}_infer_peak_mem_gb"] = peak_mem
 
 
 def _sweep(engine, config, batches, settings, row):

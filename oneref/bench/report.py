@@ -161,6 +161,18 @@ def _pyplot():
     return plt
 
 
+def _save_plot(plt, fig, ax, title: str, path: Path) -> Path:
+    """Title, legend and layout of a finished plot; writes it to ``path`` (PNG, parents
+    created) and closes the figure."""
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_throughput(rows: list[dict], path: Path, title: str) -> Path | None:
     """Inference samples/s vs batch, one line per (preset, engine) with a sweep."""
     series = [(f"{r['preset']} ({r['engine']})", r["infer_sweep"]) for r in rows
@@ -177,14 +189,8 @@ def plot_throughput(rows: list[dict], path: Path, title: str) -> Path | None:
     ax.set_yscale("log")
     ax.set_xlabel("batch")
     ax.set_ylabel("REC inference samples/s")
-    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_plot(plt, fig, ax, title, path)
 
 
 def plot_attention(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -202,11 +208,5 @@ def plot_attention(rows: list[dict], path: Path, title: str) -> Path | None:
                 label=f"{impl} {pas} B={batch}")
     ax.set_xlabel("text length (keys = vision + text)")
     ax.set_ylabel("TFLOP/s")
-    ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_plot(plt, fig, ax, title, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["collate", "SAMPLE_KEYS"]
+__all__ = ["collate", "make_sample", "SAMPLE_KEYS"]
 
 # sample key -> batch key
 SAMPLE_KEYS = {
@@ -12,6 +12,28 @@ SAMPLE_KEYS = {
     "mask": "masks", "has_mask": "has_mask", "word_positions": "word_positions",
     "expression": "expressions", "index": "indices",
 }
+
+
+def make_sample(out, tokenizer, max_text_len: int, word_indices, index: int) -> dict:
+    """The sample dict of one transformed example (see :mod:`oneref.data`).
+
+    ``out``: a :class:`oneref.data.transforms.Transformed`; its text is tokenised with
+    ``tokenizer`` (padded to ``max_text_len``) and ``word_indices`` (subject, object word
+    indices of the text, -1 unknown) become token ``word_positions``.
+    """
+    text_ids, length = tokenizer.encode_padded(out.text, max_text_len)
+    positions = tokenizer.word_positions(out.text, word_indices, max_text_len)
+    return {
+        "image": out.image,
+        "text_ids": text_ids,
+        "text_length": torch.tensor(length, dtype=torch.long),
+        "box": out.box,
+        "mask": out.mask,
+        "has_mask": out.has_mask,
+        "word_positions": torch.tensor(positions, dtype=torch.long),
+        "expression": out.text,
+        "index": index,
+    }
 
 
 def collate(samples: list[dict]) -> dict:

@@ -17,10 +17,10 @@ import os
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from oneref.data.collate import make_sample
 from oneref.data.parsing import subject_object_words
 from oneref.data.records import ErrorPolicy, RefRecord, check_box_inside
 from oneref.data.refer_toolkit import load_refer
@@ -201,20 +201,12 @@ class ReferringDataset(Dataset):
         return mask
 
     def __getitem__(self, index: int) -> dict:
+        size = len(self.records)
+        if not -size <= index < size:
+            raise IndexError(f"index {index} out of range for a ReferringDataset of size {size}")
+        index %= size  # a negative index would be an invalid seed for the random draws
         record = self.records[index]
         rng = np.random.default_rng([self.seed, index, self.epoch])
         out = self.transform(self._load(record), rng)
-        text_ids, length = self.tokenizer.encode_padded(out.text, self.max_text_len)
         words = subject_object_words(out.text) if self.parse_words else (-1, -1)
-        positions = self.tokenizer.word_positions(out.text, words, self.max_text_len)
-        return {
-            "image": out.image,
-            "text_ids": text_ids,
-            "text_length": torch.tensor(length, dtype=torch.long),
-            "box": out.box,
-            "mask": out.mask,
-            "has_mask": out.has_mask,
-            "word_positions": torch.tensor(positions, dtype=torch.long),
-            "expression": out.text,
-            "index": index,
-        }
+        return make_sample(out, self.tokenizer, self.max_text_len, words, index)

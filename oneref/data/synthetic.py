@@ -18,10 +18,10 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from oneref.data.build_refshapes_spm import ASSET_PATH
+from oneref.data.collate import make_sample
 from oneref.data.grammar import CATEGORIES, Expression, make_expression
 from oneref.data.shapes import Shape, render_mask, render_scene, sample_scene
 from oneref.data.tokenizer import Tokenizer
@@ -169,21 +169,9 @@ class RefShapes(Dataset):
         box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float64)
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index, self.epoch, 1])
         out = self.transform(Example(image, box, mask, scene.text), rng)
-        text_ids, length = self.tokenizer.encode_padded(out.text, self.max_text_len)
         expr = scene.expression
-        positions = self.tokenizer.word_positions(
-            out.text, [expr.subject_word, expr.object_word], self.max_text_len)
-        return {
-            "image": out.image,
-            "text_ids": text_ids,
-            "text_length": torch.tensor(length, dtype=torch.long),
-            "box": out.box,
-            "mask": out.mask,
-            "has_mask": out.has_mask,
-            "word_positions": torch.tensor(positions, dtype=torch.long),
-            "expression": out.text,
-            "index": index,
-        }
+        return make_sample(out, self.tokenizer, self.max_text_len,
+                           [expr.subject_word, expr.object_word], index)
 
 
 def _iou(a, b) -> float:

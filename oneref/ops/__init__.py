@@ -39,7 +39,7 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
 
     Args:
         q, k, v: (B, S, H, Dh) fp32/fp16/bf16, the same dtype and device; strided views of a
-            packed QKV tensor are accepted. Dh in {32, 64, 128} for the kernels.
+            packed QKV tensor are accepted. Dh in {16, 32, 64, 128} for the kernels.
         text_lengths: (B,) integer tensor, 1 <= text_lengths[b] <= S - num_vision: the number
             of real text tokens; keys past ``num_vision + text_lengths[b]`` are ignored.
         num_vision: vision tokens at the start of the sequence (577 for OneRef-B).

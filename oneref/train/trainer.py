@@ -45,6 +45,19 @@ def auto_threads() -> int:
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
+@torch.no_grad()
+def torchscale_init(model: torch.nn.Module) -> None:
+    """Re-draw weights as torchscale's BEiT-3 modules are built (see ``TrainConfig.init``):
+    Xavier-uniform for every ``nn.Linear`` weight, N(0, D^-0.5) for the text embedding."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+    embed = getattr(getattr(model, "embed", None), "text_embed", None)
+    if isinstance(embed, torch.nn.Embedding):
+        torch.nn.init.normal_(embed.weight, std=embed.embedding_dim ** -0.5)
+    log.info("initial weights: torchscale scheme (Xavier linear, N(0, D^-0.5) text embedding)")
+
+
 class Trainer:
     """Build everything a run needs from a :class:`TrainConfig`; :meth:`fit` trains."""
 
@@ -100,6 +113,8 @@ class Trainer:
             log.info("initial weights from %s", cfg.checkpoint.init_from)
         else:
             model = OneRef.from_config(cfg.model, **cfg.model_overrides)
+            if cfg.init == "torchscale":
+                torchscale_init(model)
         return model
 
     def _build_vqkd(self):

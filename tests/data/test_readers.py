@@ -68,6 +68,10 @@ def test_coco_family_5_tuples(root, tok):
     assert s0["text_length"].item() == 5 and s0["word_positions"].tolist() == [-1, -1]
     batch = collate([s0, s1])
     assert batch["has_mask"].tolist() == [True, False] and batch["masks"].shape == (2, S, S)
+    last = ds[-1]  # Python indexing: the last sample, with its non-negative index
+    assert last["index"] == 1 and torch.equal(last["image"], s1["image"])
+    with pytest.raises(IndexError, match="out of range"):
+        ds[2]
 
 
 def test_transvg_referit_flickr_layouts(root, tok):

@@ -24,31 +24,32 @@ SHAPES = [  # (B, L, D, masked fraction)
 ]
 
 
-
-
 def _inputs(batch, length, dim, frac, device, dtype):
     x = torch.randn(batch, length, dim, device=device).to(dtype)
     mask = torch.rand(batch, length, device=device) < frac
     return x, mask
 
 
+def _check_with_adjoint(op, ref, ref_adjoint, inp, mask):
+    """op(inp, mask) equals ref(inp, mask) and its gradient for a random output gradient g
+    equals ref_adjoint(g, mask) (gather and scatter are each other's adjoint); returns g."""
+    leaf = inp.clone().requires_grad_()
+    out = op(leaf, mask)
+    assert torch.equal(out, ref(inp, mask))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert torch.equal(leaf.grad, ref_adjoint(grad, mask))
+    return grad
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("batch,length,dim,frac", SHAPES)
 def test_masked_gather_scatter(device, dtype, batch, length, dim, frac, poison_empty):
     x, mask = _inputs(batch, length, dim, frac, device, dtype)
-    x_k = x.clone().requires_grad_()
-    rows = gather.masked_gather(x_k, mask)
-    assert torch.equal(rows, reference.masked_gather(x, mask))
-    grad_rows = torch.randn_like(rows)
-    rows.backward(grad_rows)
-    assert torch.equal(x_k.grad, reference.masked_scatter(grad_rows, mask))
-
-    rows_k = grad_rows.clone().requires_grad_()
-    dense = gather.masked_scatter(rows_k, mask)
-    assert torch.equal(dense, reference.masked_scatter(grad_rows, mask))
-    grad_dense = torch.randn_like(dense)
-    dense.backward(grad_dense)
-    assert torch.equal(rows_k.grad, reference.masked_gather(grad_dense, mask))
+    grad_rows = _check_with_adjoint(gather.masked_gather, reference.masked_gather,
+                                    reference.masked_scatter, x, mask)
+    _check_with_adjoint(gather.masked_scatter, reference.masked_scatter,
+                        reference.masked_gather, grad_rows, mask)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
