@@ -13,11 +13,11 @@
 from __future__ import annotations
 
 import itertools
-import random
 
-import numpy as np
 import pytest
 import torch
+
+from oneref.testing import seed_everything, skip_gpu_items
 
 
 def pytest_configure(config):
@@ -26,19 +26,12 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="GPU benchmark: needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    skip_gpu_items(items, reason="GPU benchmark: needs a CUDA device")
 
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
+    seed_everything(0)
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 GPU marker that skips without CUDA."""
 
 import os
-import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,6 +14,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 # for every test shape (minutes of compilation); the benchmarks autotune and check results.
 os.environ.setdefault("ONEREF_AUTOTUNE", "0")
 
+from oneref.testing import seed_everything, skip_gpu_items  # noqa: E402 - after the env
+
 # Unit tests use small tensors: one thread avoids oversubscribing the 2-core CI machines
 # (several threads on tiny ops ran ~50x slower there).
 torch.set_num_threads(1)
@@ -23,15 +23,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
+    seed_everything(0)
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    skip_gpu_items(items, reason="needs a CUDA device")
