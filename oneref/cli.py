@@ -1,4 +1,4 @@
-"""The ``oneref`` command: train | pretrain | eval | predict | info.
+"""The ``oneref`` command: train | pretrain | eval | predict | info | bench.
 
 ``oneref train`` with no arguments trains REC on the built-in RefShapes data with the
 ``small`` preset (the CPU demo: a few minutes on 2 cores), then prints Acc@0.5 on the test
@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print presets with parameter counts and the op backend "
                                    "in use on each device.")
     p.add_argument("--model", default="small", help="preset to count (default: small)")
+    from oneref.bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="cost table, engine comparison, kernel tables, plots",
+                       description="Benchmark suite: the paper-style cost table and the "
+                                   "engine rows (a)-(e); CPU mode on machines without a GPU.")
+    add_bench_arguments(p)
     return parser
 
 
@@ -225,7 +231,8 @@ def _cmd_info(args) -> int:
 
     from oneref.config import PRESETS
     from oneref.model import OneRef
-    from oneref.ops.dispatch import backend_status, current_backend
+    from oneref.info import info
+    from oneref.ops.dispatch import current_backend
 
     if args.model not in PRESETS:
         raise ValueError(f"--model must be one of {sorted(PRESETS)}, got {args.model!r}")
@@ -239,19 +246,14 @@ def _cmd_info(args) -> int:
           f"text {cfg.max_text_len}, sequence {cfg.seq_len}")
     print(f"  parameters: total {total:,}, backbone {backbone:,}, heads {total - backbone:,}")
     print(f"op backend setting: {current_backend()} (ONEREF_BACKEND / use_backend)")
-    try:
-        from oneref import info as info_mod  # the backend report, when the package has it
-    except ImportError:
-        info_mod = None
-    if info_mod is not None and hasattr(info_mod, "info"):
-        info_mod.info()
-        return 0
-    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for name, reasons in backend_status(device).items():
-            state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
-            print(f"  [{device}] {name}: {state}")
+    info()
     return 0
+
+
+def _cmd_bench(args) -> int:
+    from oneref.bench import run_bench
+
+    return run_bench(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["train"] + (argv if argv is not None else sys.argv[1:]))
     handlers = {"train": lambda a: _cmd_train(a), "pretrain": lambda a: _cmd_train(a, True),
-                "eval": _cmd_eval, "predict": _cmd_predict, "info": _cmd_info}
+                "eval": _cmd_eval, "predict": _cmd_predict, "info": _cmd_info,
+                "bench": _cmd_bench}
     try:
         return handlers[command](args)
     except (ValueError, TypeError) as exc:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from oneref.cli import build_parser, main
 
-SUBCOMMANDS = ("train", "pretrain", "eval", "predict", "info")
+SUBCOMMANDS = ("train", "pretrain", "eval", "predict", "info", "bench")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

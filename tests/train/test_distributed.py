@@ -9,7 +9,7 @@ import sys
 import pytest
 
 COMMON = ["train", "--model", "tiny", "--steps", "4", "--lr", "0.002", "--train-size", "32",
-          "--threads", "1", "--no-progress", "--device", "cpu",
+          "--threads", "1", "--no-progress", "--device", "cpu", "--time-budget", "0",
           "--set", "data.eval_size=12", "--set", "final_test=false", "--set", "log_interval=1",
           "--set", "stages.0.warmup_steps=1", "--set", 'model_overrides={"drop_path": 0.0}',
           "--set", "checkpoint.keep_last=0"]

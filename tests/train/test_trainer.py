@@ -12,7 +12,8 @@ from oneref.train.trainer import Trainer
 def _config(out, steps=6, **changes):
     return refshapes_recipe(
         model="tiny", output_dir=str(out), progress=False, log_interval=1, final_test=False,
-        threads=1, stages=[StageConfig(steps=steps, lr=2e-3, batch_size=4, warmup_steps=1)],
+        threads=1, time_budget_s=0.0,
+        stages=[StageConfig(steps=steps, lr=2e-3, batch_size=4, warmup_steps=1)],
         data=DataConfig(train_size=16, eval_size=8, test_size=8, eval_batch_size=8),
         **changes)
 
