@@ -12,6 +12,9 @@ import torch
 from oneref.ops.checks import (autocast_inputs, check_boxes, check_bool_mask, check_shape,
                                check_tensor)
 from oneref.ops.dispatch import BACKENDS, backend_status, current_backend, resolve, use_backend
+from oneref.ops.flops import register_cpu_attention_flops
+
+register_cpu_attention_flops()
 
 __all__ = [
     "BACKENDS",

@@ -59,3 +59,15 @@ def test_multiway_linear_matches_reference(num_vision, activation):
                        + [t.grad.clone() for t in inputs])
     for fast, ref in zip(*results):
         torch.testing.assert_close(fast, ref)
+
+
+def test_flop_counter_sees_the_attention():
+    batch, seq, heads, dim, vision = 2, 30, 2, 16, 20
+    q, k, v = (torch.randn(batch, seq, heads, dim, requires_grad=True) for _ in range(3))
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        out = torch_backend.multiway_attention(q, k, v, torch.tensor([3, 10]), vision)
+        forward = counter.get_total_flops()
+        out.sum().backward()
+    # Two matmuls of 2 * S * S * Dh FLOPs per head (the padded key count, as SDPA's formula).
+    assert forward == 4 * batch * heads * seq * seq * dim
+    assert counter.get_total_flops() == forward * 3.5
