@@ -89,7 +89,8 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _load(backend: str) -> None:
-    if backend in _load_errors or any(backend in impls for impls in _registry.values()):
+    """Import the backend's module once; remember its import error ("" when it loaded)."""
+    if backend in _load_errors:
         return
     try:
         importlib.import_module(_BACKEND_MODULES[backend])
