@@ -250,11 +250,13 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_pretrained(model, directory) -> None:
-    """Write ``model.safetensors`` (all parameters and buffers) and ``config.json``."""
+def save_pretrained(model, directory, state_dict: dict | None = None) -> None:
+    """Write ``model.safetensors`` (all parameters and buffers, or ``state_dict`` when given:
+    the gathered weights of a sharded model) and ``config.json``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     metadata = {"format": "pt", "heads": ",".join(model.heads)}
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 

@@ -28,27 +28,41 @@ def move_batch(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, task: str, device: torch.device,
-             amp: str = "auto") -> dict[str, float]:
+             amp: str = "auto", min_batches: int = 0) -> dict[str, float]:
     """Metrics of ``model`` (a ``OneRef``) on every batch of ``loader``.
 
     ``task="rec"``: ``{"acc@0.5", "miou_box", "n"}``; ``task="res"``: ``{"miou", "oiou",
     "prec@0.5".."prec@0.9", "n"}``. Each rank sees its shard; sums are reduced over ranks.
+    ``min_batches``: forward the last batch again (not counted) until this many forwards
+    ran, for sharded models whose ranks must run the same number of forwards.
     """
     was_training = model.training
     model.eval()
     acc = RECAccumulator() if task == "rec" else RESAccumulator()
+    batch, forwards = None, 0
     try:
         for batch in loader:
             batch = move_batch(batch, device)
-            with autocast_context(device, amp):
-                if task == "rec":
-                    out = model.forward_rec(batch["images"], batch["text_ids"],
-                                            batch["text_lengths"])
-                    acc.update(out.boxes.float(), batch["boxes"].float())
-                else:
-                    out = model.forward_res(batch["images"], batch["text_ids"],
-                                            batch["text_lengths"])
-                    acc.update(out.mask_logits.float() > 0, batch["masks"] > 0.5)
+            _update(acc, _predict(model, batch, task, device, amp), batch, task)
+            forwards += 1
+        if forwards < min_batches and batch is None:
+            raise ValueError(f"this rank's evaluation shard is empty but {min_batches} "
+                             f"forwards are needed; use at least one sample per rank")
+        for _ in range(forwards, min_batches):
+            _predict(model, batch, task, device, amp)
     finally:
         model.train(was_training)
     return acc.compute()
+
+
+def _predict(model, batch: dict, task: str, device: torch.device, amp: str):
+    with autocast_context(device, amp):
+        forward = model.forward_rec if task == "rec" else model.forward_res
+        return forward(batch["images"], batch["text_ids"], batch["text_lengths"])
+
+
+def _update(acc, out, batch: dict, task: str) -> None:
+    if task == "rec":
+        acc.update(out.boxes.float(), batch["boxes"].float())
+    else:
+        acc.update(out.mask_logits.float() > 0, batch["masks"] > 0.5)

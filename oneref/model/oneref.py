@@ -121,10 +121,11 @@ class OneRef(nn.Module):
         from oneref.checkpoints import load_pretrained
         return load_pretrained(path, map_location=map_location)
 
-    def save_pretrained(self, path) -> None:
-        """Write ``model.safetensors`` and ``config.json`` into directory ``path`` (atomic)."""
+    def save_pretrained(self, path, state_dict: dict | None = None) -> None:
+        """Write ``model.safetensors`` and ``config.json`` into directory ``path`` (atomic);
+        ``state_dict`` replaces this module's own (gathered weights of a sharded copy)."""
         from oneref.checkpoints import save_pretrained
-        save_pretrained(self, path)
+        save_pretrained(self, path, state_dict)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each encoder block in the backward pass (activation checkpointing)."""

@@ -6,9 +6,11 @@ single process with no process group (every helper here then works as a no-op).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "shutdown", "seed_everything", "wrap_model",
-           "unwrap", "is_main", "barrier", "all_reduce_mean", "resolve_device"]
+           "shard_model", "gathered", "full_state", "load_full_state", "unwrap", "is_main",
+           "barrier", "all_reduce_mean", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +77,79 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def wrap_model(module: torch.nn.Module, info: DistInfo, strategy: str,
-               find_unused: bool = False) -> torch.nn.Module:
-    """DDP (``find_unused`` for steps that use only some heads) or FSDP full sharding."""
+def wrap_model(module: torch.nn.Module, info: DistInfo, find_unused: bool = False
+               ) -> torch.nn.Module:
+    """DDP around ``module`` (``find_unused`` for steps that use only some heads); the module
+    itself without a process group."""
     if not info.enabled:
         return module
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        kwargs = {"device_id": info.device} if info.device.type == "cuda" else {}
-        return FSDP(module, use_orig_params=True, **kwargs)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(module, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def shard_model(module: torch.nn.Module, info: DistInfo,
+                units: Iterable[torch.nn.Module] = ()) -> torch.nn.Module:
+    """FSDP2 full sharding over all ranks, in place: each of ``units`` (the encoder blocks) is
+    gathered only around its own forward, the remaining parameters with the root's.
+
+    Parameters become ``DTensor`` shards, so the optimizer must be built afterwards.
+    ``requires_grad`` may still change per stage (frozen parameters get no gradient).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    return fully_shard(module, mesh=mesh)
+
+
+@contextlib.contextmanager
+def gathered(root: torch.nn.Module):
+    """Full parameters of an FSDP2 ``root`` for calls that bypass its ``forward`` (evaluation
+    through ``model.forward_rec``); a no-op for any other module."""
+    if not hasattr(root, "unshard"):
+        yield
+        return
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
+def _state_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+               ) -> tuple[dict, dict]:
+    """Unsharded ``(model, optimizer)`` state dicts on the CPU, keyed by parameter name; a
+    collective under FSDP (every rank calls it; only rank 0 gets the tensors)."""
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = _state_options(cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = ({} if optimizer is None else
+                   get_optimizer_state_dict(model, optimizer, options=options))
+    return model_state, optim_state
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    model_state: dict, optim_state: dict) -> None:
+    """Inverse of :func:`full_state` (each rank passes the full dicts; shards are cut locally)."""
+    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    set_model_state_dict(model, model_state, options=_state_options())
+    # Parameters that never had a gradient (REC leaves the mask token unused) have no AdamW
+    # state yet: a missing entry is legitimate, so the optimizer load is not strict.
+    set_optimizer_state_dict(model, optimizer, optim_state, options=_state_options(strict=False))
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -1,8 +1,8 @@
 """The training loop: REC / RES fine-tuning and MRefM pre-training, staged, resumable.
 
 Order of set-up (logged): process group -> threads -> seed -> model -> datasets -> task
-module (grad checkpointing, device) -> optimizer -> resume -> per-stage freeze + DDP/FSDP
-wrap -> torch.compile. Each step: lr from the plan, batch to device (MRefM: draw masks,
+module (grad checkpointing, device) -> FSDP sharding -> optimizer -> resume -> per-stage
+freeze + DDP wrap -> torch.compile. Each step: lr from the plan, batch to device (MRefM: draw masks,
 tokenizer targets), autocast forward, backward, clip, AdamW; every ``log_interval`` steps the
 loss parts are averaged over ranks and written to CSV / TensorBoard / the progress bar.
 """
@@ -20,8 +20,9 @@ from oneref.eval.evaluate import autocast_context, evaluate, move_batch
 from oneref.train import checkpoint as ckpt
 from oneref.train.config import TrainConfig
 from oneref.train.data import build_dataset, eval_loader, train_loader
-from oneref.train.distributed import (all_reduce_mean, barrier, init_distributed,
-                                      seed_everything, unwrap, wrap_model)
+from oneref.train.distributed import (all_reduce_mean, barrier, full_state, gathered,
+                                      init_distributed, load_full_state, seed_everything,
+                                      shard_model, unwrap, wrap_model)
 from oneref.train.logger import RunLogger, plot_curve, write_json
 from oneref.train.optim import StagePlan, build_optimizer, set_lr
 from oneref.train.steps import TaskModule, mrefm_mode, prepare_mim, prepare_mlm
@@ -91,12 +92,16 @@ class Trainer:
         self.task_module = TaskModule(self.model, config.task, config.pretrain).to(self.device)
         if config.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        self.fsdp = config.dist.strategy == "fsdp" and self.info.enabled
+        if self.fsdp:
+            shard_model(self.task_module, self.info, self.model.encoder.blocks)
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.plan = StagePlan(config.stages, len(self.train_set), self.info.world_size,
                               config.schedule)
         self.mask_generator = torch.Generator().manual_seed(config.seed + 1000 + self.info.rank)
         self.tokenizer = self._build_vqkd() if config.task == "pretrain" else None
         self.step = 0
+        self.elapsed_before = 0.0
         self.resumed_from: Path | None = None
         if config.checkpoint.resume:
             self._resume(config.checkpoint.resume)
@@ -131,13 +136,14 @@ class Trainer:
         return tok.to(self.device)
 
     def _apply_stage(self, index: int) -> None:
-        """Freeze / unfreeze the backbone for stage ``index`` and (re)wrap for DDP/FSDP."""
+        """Freeze / unfreeze the backbone for stage ``index`` and re-wrap for DDP (which
+        records the trainable parameters when built; FSDP was sharded once)."""
         stage = self.plan.spans[index].stage
         for p in self.model.backbone_parameters():
             p.requires_grad_(not stage.freeze_backbone)
         # Every task leaves some heads (and REC the mask token) without a gradient.
-        module = wrap_model(self.task_module, self.info, self.config.dist.strategy,
-                            find_unused=True)
+        module = (self.task_module if self.fsdp else
+                  wrap_model(self.task_module, self.info, find_unused=True))
         if self.config.compile:
             module = torch.compile(module)
         self.wrapped = module
@@ -147,10 +153,13 @@ class Trainer:
                  "frozen" if stage.freeze_backbone else "trained")
 
     # ------------------------------------------------------------------ checkpoints
-    def _state(self, epoch: int) -> dict:
+    def _state(self, epoch: int, elapsed: float) -> dict:
+        """Everything a resume needs (a collective under FSDP: call it on every rank)."""
+        model_state, optim_state = full_state(self.model, self.optimizer)
         return {
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
+            "elapsed_s": elapsed,
             "scheduler": {"step": self.step, "lr": self.plan.lr_at(max(self.step - 1, 0))},
             "step": self.step,
             "epoch": epoch,
@@ -163,12 +172,12 @@ class Trainer:
             "world_size": self.info.world_size,
         }
 
-    def save(self, epoch: int) -> None:
-        if self.config.dist.strategy == "fsdp" and self.info.enabled:
-            raise NotImplementedError("checkpointing FSDP runs needs a full-state gather; "
-                                      "use dist.strategy=ddp for resumable runs")
+    def save(self, epoch: int, elapsed: float = 0.0) -> None:
+        """Write a checkpoint of the current step; ``elapsed`` training seconds so far (a
+        resumed run spends only the rest of ``time_budget_s``)."""
+        state = self._state(epoch, elapsed)
         if self.main:
-            ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self._state(epoch),
+            ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, state,
                                  self.config.checkpoint.keep_last)
         barrier()
 
@@ -182,9 +191,9 @@ class Trainer:
         if state.get("world_size", 1) != self.info.world_size:
             raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks; "
                              f"resume with the same number (now {self.info.world_size})")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.step = int(state["step"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
         ckpt.set_rng_state(state["rng"])
         self.mask_generator.set_state(state["mask_generator"])
         self.resumed_from = path
@@ -232,7 +241,9 @@ class Trainer:
         losses["loss"].backward()
         if cfg.optim.grad_clip > 0:
             params = [p for p in self.model.parameters() if p.grad is not None]
-            losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            # Under FSDP the norm is a DTensor (reduced over shards): take its value.
+            losses["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {k: v.detach().float() for k, v in losses.items()}
@@ -243,7 +254,13 @@ class Trainer:
             build_dataset(self.config.data, self.model.config, split)
         loader = eval_loader(dataset, self.config.data, self.device, self.info.rank,
                              self.info.world_size)
-        return evaluate(self.model, loader, self.config.task, self.device, self.config.amp)
+        if not self.fsdp:
+            return evaluate(self.model, loader, self.config.task, self.device, self.config.amp)
+        # Sharded blocks gather their weights in every forward: all ranks run as many.
+        per_rank = -(-len(dataset) // self.info.world_size)
+        with gathered(self.task_module):
+            return evaluate(self.model, loader, self.config.task, self.device, self.config.amp,
+                            min_batches=-(-per_rank // self.config.data.eval_batch_size))
 
     def _budget_fraction(self, t_start: float) -> float | None:
         """Share of ``time_budget_s`` used (the maximum over ranks), or None without one."""
@@ -272,13 +289,14 @@ class Trainer:
         counts: dict[str, int] = {}
         window_steps, window_samples = 0, 0
         t_window = t_start = time.perf_counter()
+        t_budget = t_start - self.elapsed_before  # a resumed run continues the budget
         start_step = self.step
         epoch = 0
         self.losses: list[tuple[int, float]] = []
         for span, epoch, batch in self._batches():
             if span.index != self._stage_index:
                 self._apply_stage(span.index)
-            frac = self._budget_fraction(t_start)
+            frac = self._budget_fraction(t_budget)
             if frac is not None and frac >= 1.0:
                 log.info("time budget of %.0f s used after %d steps: stopping",
                          cfg.time_budget_s, self.step)
@@ -298,7 +316,7 @@ class Trainer:
                 now = time.perf_counter()
                 row.update(lr=self.optimizer.param_groups[0]["lr"],
                            samples_per_s=window_samples / max(now - t_window, 1e-9),
-                           elapsed_s=now - t_start)
+                           elapsed_s=now - t_budget)
                 logger.log(self.step, row)
                 self.losses.append((self.step, row["loss"]))
                 if bar is not None:
@@ -309,20 +327,22 @@ class Trainer:
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.eval_set:
                 logger.log(self.step, self.evaluate(cfg.data.eval_split), split="val")
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                self.save(epoch)
+                self.save(epoch, time.perf_counter() - t_budget)
         if bar is not None:
             bar.close()
         train_seconds = time.perf_counter() - t_start
         steps_done = self.step - start_step
-        results = self._finish(logger, epoch, train_seconds, steps_done)
+        results = self._finish(logger, epoch, train_seconds, steps_done,
+                               train_seconds + self.elapsed_before)
         logger.close()
         return results
 
-    def _finish(self, logger: RunLogger, epoch: int, train_seconds: float, steps: int) -> dict:
+    def _finish(self, logger: RunLogger, epoch: int, train_seconds: float, steps: int,
+                elapsed: float) -> dict:
         cfg = self.config
         if cfg.checkpoint.interval == 0 or self.step % cfg.checkpoint.interval:
             if cfg.checkpoint.interval or cfg.checkpoint.keep_last:
-                self.save(epoch)
+                self.save(epoch, elapsed)
         samples = sum(min(max(self.step - s.start, 0), s.steps) * s.stage.batch_size
                       for s in self.plan.spans) * self.info.world_size
         results = {"task": cfg.task, "steps": self.step, "train_seconds": train_seconds,
@@ -339,8 +359,9 @@ class Trainer:
             if cfg.final_test:
                 results[cfg.data.test_split] = self.evaluate(cfg.data.test_split)
                 logger.log(self.step, results[cfg.data.test_split], split="test")
+        weights = full_state(self.model)[0] if self.fsdp else None
         if self.main:
-            unwrap(self.model).save_pretrained(self.run_dir / "model")
+            unwrap(self.model).save_pretrained(self.run_dir / "model", weights)
             write_json(self.run_dir / "train_config.json", cfg.to_dict())
             write_json(self.run_dir / "metrics.json", results)
             plot_curve(logger.rows, self.run_dir / "curve.png",

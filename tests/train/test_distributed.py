@@ -1,4 +1,5 @@
-"""torchrun --nproc_per_node=2 on CPU (gloo) matches one process on the same global batch."""
+"""torchrun --nproc_per_node=2 on CPU (gloo), DDP and FSDP, matches one process on the same
+global batch; an FSDP run resumes from its gathered checkpoint."""
 
 import csv
 import json
@@ -7,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 COMMON = ["train", "--model", "tiny", "--steps", "4", "--lr", "0.002", "--train-size", "32",
           "--threads", "1", "--no-progress", "--device", "cpu", "--time-budget", "0",
@@ -28,19 +31,51 @@ def _losses(run):
         return [float(r["loss"]) for r in csv.DictReader(handle) if r["split"] == "train"]
 
 
-@pytest.mark.slow
-def test_two_ranks_match_one_process(tmp_path):
-    single, double = tmp_path / "single", tmp_path / "double"
-    _run([sys.executable, "-m", "oneref.cli", *COMMON, "--batch-size", "8", "-o", str(single)],
-         tmp_path)
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, global batch 8."""
+    run = tmp_path_factory.mktemp("single")
+    _run([sys.executable, "-m", "oneref.cli", *COMMON, "--batch-size", "8", "-o", str(run)], run)
+    return run
+
+
+def _two_ranks(run, port, *extra):
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-          "--master_port=29533", "-m", "oneref.cli", *COMMON, "--batch-size", "4",
-          "-o", str(double)], tmp_path)
+          f"--master_port={port}", "-m", "oneref.cli", *COMMON, "--batch-size", "4",
+          "-o", str(run), *extra], run.parent)
+
+
+def _assert_same_run(two_ranks, single):
     one = json.loads((single / "metrics.json").read_text())
-    two = json.loads((double / "metrics.json").read_text())
+    two = json.loads((two_ranks / "metrics.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["val"]["n"] == one["val"]["n"] == 12  # every sample once, reduced over ranks
     assert two["val"]["miou_box"] == pytest.approx(one["val"]["miou_box"], abs=1e-4)
     assert two["val"]["acc@0.5"] == pytest.approx(one["val"]["acc@0.5"], abs=1e-6)
-    assert _losses(double) == pytest.approx(_losses(single), rel=1e-4)
+    assert _losses(two_ranks) == pytest.approx(_losses(single), rel=1e-4)
     assert len(_losses(single)) == 4
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(tmp_path, single):
+    _two_ranks(tmp_path / "ddp", 29533)
+    _assert_same_run(tmp_path / "ddp", single)
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_resumes(tmp_path, single):
+    run = tmp_path / "fsdp"
+    fsdp = ["--set", "dist.strategy=fsdp", "--set", "checkpoint.interval=2"]
+    _two_ranks(run, 29534, *fsdp)
+    _assert_same_run(run, single)
+    weights = load_file(run / "model" / "model.safetensors")
+    reference = load_file(single / "model" / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    for key, value in weights.items():  # gathered, not one rank's shard
+        assert value.shape == reference[key].shape, key
+        torch.testing.assert_close(value, reference[key], rtol=1e-3, atol=1e-5, msg=key)
+
+    # Lose the last checkpoint and the tail of the log, then resume from step 2.
+    (run / "checkpoints" / "step_00000004.pt").unlink()
+    _two_ranks(run, 29535, *fsdp, "--resume", "auto")
+    _assert_same_run(run, single)

@@ -9,10 +9,10 @@ from oneref.train.config import CheckpointConfig, DataConfig, StageConfig, refsh
 from oneref.train.trainer import Trainer
 
 
-def _config(out, steps=6, **changes):
+def _config(out, steps=6, time_budget_s=0.0, **changes):
     return refshapes_recipe(
         model="tiny", output_dir=str(out), progress=False, log_interval=1, final_test=False,
-        threads=1, time_budget_s=0.0,
+        threads=1, time_budget_s=time_budget_s,
         stages=[StageConfig(steps=steps, lr=2e-3, batch_size=4, warmup_steps=1)],
         data=DataConfig(train_size=16, eval_size=8, test_size=8, eval_batch_size=8),
         **changes)
@@ -72,6 +72,23 @@ def test_resume_after_kill_is_exact(tmp_path, monkeypatch):
         assert torch.equal(value, ref_weights[key]), key
     assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == \
         ["step_00000003.pt", "step_00000006.pt"]
+
+
+def test_resume_continues_the_time_budget(tmp_path):
+    from oneref.train import checkpoint as ckpt
+
+    first = Trainer(_config(tmp_path, time_budget_s=600.0,
+                            checkpoint=CheckpointConfig(interval=2, keep_last=0)))
+    first.fit()
+    spent = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_00000002.pt")["elapsed_s"]
+    assert 0 < spent < 600
+    (tmp_path / "checkpoints" / "step_00000004.pt").unlink()
+    (tmp_path / "checkpoints" / "step_00000006.pt").unlink()
+    # A budget that the first two steps already used up: the resumed run trains no step.
+    second = Trainer(_config(tmp_path, time_budget_s=spent,
+                             checkpoint=CheckpointConfig(resume="auto", keep_last=0)))
+    assert second.step == 2 and second.elapsed_before == spent
+    assert second.fit()["steps"] == 2
 
 
 def test_resume_without_checkpoint_names_folder(tmp_path):
