@@ -35,6 +35,10 @@ class ModelConfig:
     ln_eps: float = 1e-5
     # Visual-token vocabulary of the MIM target (BEiT v2 VQ-KD codebook size).
     mim_vocab: int = 8192
+    # Multiplies the REC similarity map M_sim (cosines in [-1, 1]) before it is used as the
+    # pooling softmax and as box-mask logits. OneRef uses none (1.0), which pretrained
+    # BEiT-3 features do not need; trained from scratch, a +-1 range keeps both signals weak.
+    sim_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -45,6 +49,8 @@ class ModelConfig:
             raise ValueError(
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
             )
+        if not self.sim_scale > 0:
+            raise ValueError(f"sim_scale must be > 0, got {self.sim_scale}")
         if self.max_text_len + 2 > self.text_positions:
             raise ValueError(
                 f"max_text_len ({self.max_text_len}) needs max_text_len + 2 <= text_positions "
@@ -96,10 +102,12 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # The CPU demo (`oneref train` on RefShapes, 2 cores, minutes): 96 px -> 6 x 6 patches
     # (RefShapes shapes are 1-2 patches wide), 16 text tokens (longest RefShapes expression:
-    # 12), width 128 with two 64-dim heads; no stochastic depth for short from-scratch runs.
+    # 12), width 128 with four 32-dim heads; no stochastic depth for short from-scratch runs;
+    # similarity map x10 (see ``sim_scale``).
     "small": ModelConfig(
-        name="small", img_size=96, embed_dim=128, depth=4, num_heads=2, ffn_dim=512,
+        name="small", img_size=96, embed_dim=128, depth=4, num_heads=4, ffn_dim=512,
         vocab_size=1024, max_text_len=16, text_positions=64, mim_vocab=512, drop_path=0.0,
+        sim_scale=10.0,
     ),
     "base": ModelConfig(name="base"),
     "large": ModelConfig(name="large", embed_dim=1024, depth=24, num_heads=16, ffn_dim=4096),

@@ -21,9 +21,11 @@ __all__ = ["RECHead", "RESHead", "MIMHead", "MLMHead", "similarity_map",
            "patchify", "pixel_targets"]
 
 
-def similarity_map(e_txt: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of the text query with every patch: (B, D), (B, L, D) -> (B, L)."""
-    return torch.einsum("bd,bld->bl", e_txt, v_hat)
+def similarity_map(e_txt: torch.Tensor, v_hat: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Cosine similarity of the text query with every patch, times ``scale``:
+    (B, D), (B, L, D) -> (B, L)."""
+    sim = torch.einsum("bd,bld->bl", e_txt, v_hat)
+    return sim if scale == 1.0 else sim * scale
 
 
 class RECHead(nn.Module):

@@ -188,7 +188,7 @@ class OneRef(nn.Module):
         patches = enc.vision[:, 1:]
         e_txt = F.normalize(self.language_head(enc.text[:, 0]), dim=-1)
         v_hat = F.normalize(self.vision_head(patches), dim=-1)
-        return patches, e_txt, v_hat, similarity_map(e_txt, v_hat)
+        return patches, e_txt, v_hat, similarity_map(e_txt, v_hat, self.config.sim_scale)
 
     def _grid(self, sim: torch.Tensor) -> torch.Tensor:
         grid = self.config.grid
@@ -348,7 +348,7 @@ class OneRef(nn.Module):
         w_hat = F.normalize(self.language_head(text), dim=-1)  # (B, T, D)
         e_txt = w_hat[:, 0]
         v_hat = F.normalize(self.vision_head(enc.vision), dim=-1)  # (B, 1 + L, D)
-        sim = similarity_map(e_txt, v_hat[:, 1:])
+        sim = similarity_map(e_txt, v_hat[:, 1:], self.config.sim_scale)
         losses = {"mlm": mlm, "box_mask": similarity_constraint(self._grid(sim), boxes)}
         if sts_head is not None:
             e_img = v_hat[:, 0]

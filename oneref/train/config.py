@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 TASKS = ("rec", "res", "pretrain")
+#: ``TrainConfig.init`` choices (applied by :func:`oneref.train.init.initialise`).
+INIT_SCHEMES = ("model", "torchscale", "scratch")
 
 
 @dataclass
@@ -177,12 +179,12 @@ class TrainConfig:
     amp: str = "auto"
     #: ``torch.compile`` the training step module.
     compile: bool = False
-    #: Initial weights when training from scratch: ``model`` keeps the model's own init
-    #: (BEiT's trunc-normal 0.02, sized for D = 768 checkpoints); ``torchscale`` re-draws
-    #: every ``nn.Linear`` weight Xavier-uniform and the text embedding N(0, D^-0.5), as the
-    #: torchscale BEiT-3 modules are built. At D = 128 the 0.02 init leaves the text
-    #: embedding ~100x smaller than the patch embedding and training stalls (RefShapes: no
-    #: progress in 150 steps on 64 fixed samples; with ``torchscale`` it fits them).
+    #: Initial weights when training from scratch (:mod:`oneref.train.init`): ``model``
+    #: keeps the model's own init (BEiT's normal 0.02, sized for D = 768 checkpoints);
+    #: ``torchscale`` re-draws every ``nn.Linear`` Xavier-uniform and the text embedding
+    #: N(0, D^-0.5) as torchscale builds BEiT-3; ``scratch`` also starts the vision
+    #: positions as 2-D sin-cos codes and the text embedding at N(0, 1). With ``model`` at
+    #: D = 128 RefShapes makes no progress in 150 steps on 64 fixed samples.
     init: str = "model"
     #: Activation checkpointing in the encoder (memory for compute; for large).
     grad_checkpointing: bool = False
@@ -234,8 +236,8 @@ class TrainConfig:
             raise ValueError(f"dist.strategy must be ddp or fsdp, got {self.dist.strategy!r}")
         if self.dist.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"dist.backend must be auto, nccl or gloo, got {self.dist.backend!r}")
-        if self.init not in ("model", "torchscale"):
-            raise ValueError(f"init must be model or torchscale, got {self.init!r}")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -338,10 +340,10 @@ def load_config_file(path: str | Path) -> TrainConfig:
 def refshapes_recipe(**changes) -> TrainConfig:
     """Default of ``oneref train``: REC from scratch on RefShapes, ``small`` model, 2-core CPU.
 
-    One full stage, lr 5e-4 after a 100-step linear warm-up, cosine to 2% over a 420 s
-    wall-clock budget (``time_budget_s``; ``steps`` is only an upper bound), so data
-    generation + training + evaluation fit inside 10 minutes on 2 CPU cores however busy the
-    machine is: a slower machine trains fewer steps but still anneals.
+    One full stage from the ``scratch`` init, lr 5e-4 after a 100-step linear warm-up, cosine
+    to 2% over a 480 s wall-clock budget (``time_budget_s``; ``steps`` is only an upper
+    bound), so data generation + training + evaluation fit inside 10 minutes on 2 CPU cores
+    however busy the machine is: a slower machine trains fewer steps but still anneals.
     """
     config = TrainConfig(
         task="rec",
@@ -352,8 +354,8 @@ def refshapes_recipe(**changes) -> TrainConfig:
         optim=OptimConfig(weight_decay=1e-4, grad_clip=1.0),
         data=DataConfig(dataset="refshapes", train_size=20000, eval_size=500, test_size=1000,
                         num_workers=0, eval_batch_size=128),
-        time_budget_s=420.0,
-        init="torchscale",
+        time_budget_s=480.0,
+        init="scratch",
         output_dir="runs/refshapes_rec",
         log_interval=10,
     )
@@ -388,6 +390,7 @@ def pretrain_recipe(**changes) -> TrainConfig:
                             warmup_steps=20)],
         schedule=ScheduleConfig(kind="cosine", interval="step"),
         data=DataConfig(dataset="refshapes", train_size=3000, eval_size=200, test_size=200),
+        init="scratch",
         output_dir="runs/refshapes_mrefm",
         final_test=False,
     )

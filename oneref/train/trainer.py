@@ -23,6 +23,7 @@ from oneref.train.data import build_dataset, eval_loader, train_loader
 from oneref.train.distributed import (all_reduce_mean, barrier, full_state, gathered,
                                       init_distributed, load_full_state, seed_everything,
                                       shard_model, unwrap, wrap_model)
+from oneref.train.init import initialise
 from oneref.train.logger import RunLogger, plot_curve, write_json
 from oneref.train.optim import StagePlan, build_optimizer, set_lr
 from oneref.train.steps import TaskModule, mrefm_mode, prepare_mim, prepare_mlm
@@ -44,19 +45,6 @@ def auto_threads() -> int:
     except OSError:
         busy = 0.0
     return max(1, min(cores, int(cores - busy + 0.5)))
-
-
-@torch.no_grad()
-def torchscale_init(model: torch.nn.Module) -> None:
-    """Re-draw weights as torchscale's BEiT-3 modules are built (see ``TrainConfig.init``):
-    Xavier-uniform for every ``nn.Linear`` weight, N(0, D^-0.5) for the text embedding."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            torch.nn.init.xavier_uniform_(module.weight)
-    embed = getattr(getattr(model, "embed", None), "text_embed", None)
-    if isinstance(embed, torch.nn.Embedding):
-        torch.nn.init.normal_(embed.weight, std=embed.embedding_dim ** -0.5)
-    log.info("initial weights: torchscale scheme (Xavier linear, N(0, D^-0.5) text embedding)")
 
 
 class Trainer:
@@ -118,8 +106,7 @@ class Trainer:
             log.info("initial weights from %s", cfg.checkpoint.init_from)
         else:
             model = OneRef.from_config(cfg.model, **cfg.model_overrides)
-            if cfg.init == "torchscale":
-                torchscale_init(model)
+            initialise(model, cfg.init)
         return model
 
     def _build_vqkd(self):
@@ -279,11 +266,14 @@ class Trainer:
         logger = RunLogger(self.run_dir, enabled=self.main,
                            resume_step=self.step if self.resumed_from else None)
         bar = None
+        # With a wall-clock budget the bar (and its ETA) counts budget seconds, not steps.
+        budgeted = cfg.time_budget_s > 0
         if self.main and cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.plan.total_steps, initial=self.step, unit="step",
-                       dynamic_ncols=True, desc=cfg.task)
+            bar = tqdm(total=round(cfg.time_budget_s) if budgeted else self.plan.total_steps,
+                       initial=round(self.elapsed_before) if budgeted else self.step,
+                       unit="s" if budgeted else "step", dynamic_ncols=True, desc=cfg.task)
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
@@ -320,9 +310,10 @@ class Trainer:
                 logger.log(self.step, row)
                 self.losses.append((self.step, row["loss"]))
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}",
+                    bar.set_postfix(step=self.step, loss=f"{row['loss']:.3f}",
                                     sps=f"{row['samples_per_s']:.0f}")
-                    bar.update(self.step - bar.n)
+                    done = min(round(now - t_budget), bar.total) if budgeted else self.step
+                    bar.update(done - bar.n)
                 sums, counts, window_steps, window_samples, t_window = {}, {}, 0, 0, now
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.eval_set:
                 logger.log(self.step, self.evaluate(cfg.data.eval_split), split="val")

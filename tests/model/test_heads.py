@@ -120,3 +120,23 @@ def test_bf16_autocast_rec_step_close_to_fp32(tiny):
     assert out.boxes.dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 for v in low.values())
     torch.testing.assert_close(low["loss"], ref["loss"], rtol=0.05, atol=0.05)
+
+
+def test_sim_scale_multiplies_the_similarity_map():
+    torch.manual_seed(0)
+    plain_model = OneRef.from_config("tiny", heads=("rec",)).eval()
+    scaled = OneRef(plain_model.config.replace(sim_scale=4.0), heads=("rec",)).eval()
+    scaled.load_state_dict(plain_model.state_dict())
+    images, ids, lengths, _ = make_batch(plain_model.config)
+    with torch.no_grad():
+        plain = plain_model.forward_rec(images, ids, lengths)
+        sharp = scaled.forward_rec(images, ids, lengths)
+    torch.testing.assert_close(sharp.sim_logits, 4.0 * plain.sim_logits)
+    # The pooling softmax sees the scaled map too, so the boxes differ.
+    assert not torch.allclose(sharp.boxes, plain.boxes)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0])
+def test_sim_scale_must_be_positive(scale):
+    with pytest.raises(ValueError, match="sim_scale"):
+        OneRef.from_config("tiny", sim_scale=scale)
