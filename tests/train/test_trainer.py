@@ -1,6 +1,7 @@
 """Training loop on the tiny preset: a step learns, checkpoints resume exactly."""
 
 import csv
+import os
 
 import pytest
 import torch
@@ -114,3 +115,19 @@ def test_pretrain_alternates_mim_and_mlm(tmp_path):
     assert rows[1]["mlm"] and not rows[1]["mim"]
     assert all(float(r["box_mask"]) > 0 for r in rows)
     assert all(float(r["loss"]) > 0 for r in rows)
+
+
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
+    from oneref.train import trainer as trainer_module
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(trainer_module, "_busy_cores", lambda: 0.0)
+    assert trainer_module.auto_threads() == cores
+    monkeypatch.setattr(trainer_module, "_busy_cores", lambda: cores + 3.0)
+    assert trainer_module.auto_threads() == 1  # never fewer than one
+
+
+def test_busy_cores_is_a_core_count():
+    from oneref.train.trainer import _busy_cores
+
+    assert 0.0 <= _busy_cores(interval=0.05) <= (os.cpu_count() or 1) + 1e-6
