@@ -2,9 +2,10 @@
 
 Order of set-up (logged): process group -> threads -> seed -> model -> datasets -> task
 module (grad checkpointing, device) -> FSDP sharding -> optimizer -> resume -> per-stage
-freeze + DDP wrap -> torch.compile. Each step: lr from the plan, batch to device (MRefM: draw masks,
-tokenizer targets), autocast forward, backward, clip, AdamW; every ``log_interval`` steps the
-loss parts are averaged over ranks and written to CSV / TensorBoard / the progress bar.
+freeze + DDP wrap -> torch.compile. Each step: lr from the plan, batch to device (MRefM:
+draw masks, tokenizer targets), autocast forward, backward, clip, AdamW; every
+``log_interval`` steps the loss parts are averaged over ranks and written to CSV /
+TensorBoard / the progress bar.
 """
 
 from __future__ import annotations
