@@ -77,8 +77,8 @@ class Trainer:
         self.info = init_distributed(config.device, config.dist.backend)
         self.device = self.info.device
         self.main = self.info.rank == 0
-        threads = config.threads if config.threads > 0 else auto_threads()
         if self.device.type == "cpu":
+            threads = config.threads if config.threads > 0 else auto_threads()
             torch.set_num_threads(max(1, threads // self.info.world_size))
             log.info("CPU threads: %d", torch.get_num_threads())
         self.run_dir = Path(config.output_dir)
