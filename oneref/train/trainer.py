@@ -104,7 +104,7 @@ class Trainer:
         self.fsdp = config.dist.strategy == "fsdp" and self.info.enabled
         if self.fsdp:
             shard_model(self.task_module, self.info, self.model.encoder.blocks)
-        self.optimizer = build_optimizer(self.model, config.optim, self.device)
+        self.optimizer = build_optimizer(self.model, config.optim)
         self.plan = StagePlan(config.stages, len(self.train_set), self.info.world_size,
                               config.schedule)
         self.mask_generator = torch.Generator().manual_seed(config.seed + 1000 + self.info.rank)

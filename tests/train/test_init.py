@@ -35,10 +35,11 @@ def test_sincos_2d_rejects_widths_not_divisible_by_4(dim):
         sincos_2d(3, dim)
 
 
-def test_scratch_init_sets_patch_positions_and_keeps_the_rest():
+def test_scratch_init_sets_position_codes_and_keeps_the_rest():
     torch.manual_seed(0)
     model = OneRef.from_config("tiny", heads=("rec",))
     before = model.embed.vision_pos.weight.detach().clone()
+    text_before = model.embed.text_pos.weight.detach().clone()
     initialise(model, "scratch")
     table = model.embed.vision_pos.weight.detach()
     cfg = model.config
@@ -46,6 +47,11 @@ def test_scratch_init_sets_patch_positions_and_keeps_the_rest():
     torch.testing.assert_close(table[first:first + cfg.num_patches],
                                sincos_2d(cfg.grid, cfg.embed_dim).float())
     torch.testing.assert_close(table[:first], before[:first])  # offset rows + CLS untouched
+    text_table = model.embed.text_pos.weight.detach()
+    rows = cfg.text_positions - POSITION_OFFSET
+    torch.testing.assert_close(text_table[POSITION_OFFSET:],
+                               sincos_1d(torch.arange(rows), cfg.embed_dim).float())
+    torch.testing.assert_close(text_table[:POSITION_OFFSET], text_before[:POSITION_OFFSET])
     assert model.embed.text_embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
     assert model.embed.vision_pos.weight.requires_grad
 
