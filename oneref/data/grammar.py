@@ -193,10 +193,12 @@ def _relation_options(shapes, target, margin):
             if not _related(shapes[target], other, relation, margin):
                 continue
             for d_t in ambiguous:
-                for d_o in anchor_descs:
-                    expr = Expression("relation", d_t, relation, d_o)
-                    if _unique(expr, target, shapes, margin):
-                        out.append(expr)
+                # Every anchor description picks out ``other`` alone, so whether the
+                # expression is unique does not depend on which one is said.
+                probe = Expression("relation", d_t, relation, anchor_descs[0])
+                if _unique(probe, target, shapes, margin):
+                    out.extend(Expression("relation", d_t, relation, d_o)
+                               for d_o in anchor_descs)
     return out
 
 

@@ -2,7 +2,8 @@
 
 * :class:`MultiwayLinear` - two ``nn.Linear`` experts (``A`` for vision rows, ``B`` for text
   rows) applied in one call of :func:`oneref.ops.multiway_linear` (no split/cat copies).
-* :class:`MultiwayLayerNorm` - two LayerNorm experts over the joint sequence.
+* :class:`MultiwayLayerNorm` - two LayerNorm experts applied in one call of
+  :func:`oneref.ops.multiway_layer_norm`.
 * :class:`DropPath` - per-sample stochastic depth on a residual branch.
 * :class:`MLP` - the ReLU multi-layer perceptron of the heads (``layers.0``, ``layers.1``, ...).
 
@@ -47,11 +48,8 @@ class MultiwayLinear(nn.Module):
 
 
 class MultiwayLayerNorm(nn.Module):
-    """LayerNorm with expert ``A`` on the first ``num_vision`` rows and ``B`` on the rest.
-
-    Each expert runs the native LayerNorm with its own affine parameters (one fused kernel
-    forward and backward per expert) and the two row ranges are joined.
-    """
+    """LayerNorm with expert ``A``'s affine parameters on the first ``num_vision`` rows and
+    ``B``'s on the rest, in one call of :func:`oneref.ops.multiway_layer_norm`."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -60,7 +58,8 @@ class MultiwayLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, num_vision: int) -> torch.Tensor:
         """x: (B, S, D) -> (B, S, D)."""
-        return torch.cat([self.A(x[:, :num_vision]), self.B(x[:, num_vision:])], dim=1)
+        return ops.multiway_layer_norm(x, num_vision, self.A.weight, self.A.bias, self.B.weight,
+                                       self.B.bias, self.A.eps)
 
 
 class DropPath(nn.Module):

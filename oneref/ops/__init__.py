@@ -23,6 +23,7 @@ __all__ = [
     "use_backend",
     "multiway_attention",
     "multiway_linear",
+    "multiway_layer_norm",
     "referring_mask",
     "draw_mask_noise",
     "apply_mask_token",
@@ -92,6 +93,38 @@ def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
         raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
     return resolve("multiway_linear", x.device, backend)(x, num_vision, weight_a, bias_a,
                                                          weight_b, bias_b, activation)
+
+
+def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
+                        eps: float = 1e-5, *, backend: str | None = None):
+    """LayerNorm over the last dim: expert A's weight/bias on rows ``s < num_vision``,
+    expert B's on the remaining rows.
+
+    Args:
+        x: (B, S, D).
+        num_vision: rows of each sample that belong to the vision expert (0..S).
+        weight_a, weight_b, bias_a, bias_b: (D,) or None.
+        eps: added to the variance.
+
+    Returns:
+        (B, S, D) in the dtype of x; under autocast the op computes and returns fp32, as
+        autocast runs ``layer_norm``.
+    """
+    check_tensor("x", x, ndim=3, floating=True)
+    if torch.is_autocast_enabled(x.device.type):
+        x, weight_a, bias_a, weight_b, bias_b = (
+            None if t is None else t.float() for t in (x, weight_a, bias_a, weight_b, bias_b))
+    width = x.shape[-1]
+    for name, param in (("weight_a", weight_a), ("bias_a", bias_a), ("weight_b", weight_b),
+                        ("bias_b", bias_b)):
+        if param is not None:
+            check_shape(name, param, (width,), like=x)
+    if not 0 <= num_vision <= x.shape[1]:
+        raise ValueError(f"num_vision must be in [0, S] = [0, {x.shape[1]}], got {num_vision}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    return resolve("multiway_layer_norm", x.device, backend)(x, num_vision, weight_a, bias_a,
+                                                             weight_b, bias_b, eps)
 
 
 def draw_mask_noise(batch: int, grid: int, generator: torch.Generator | None = None,

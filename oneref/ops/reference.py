@@ -79,6 +79,15 @@ def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
     return F.gelu(y) if activation == "gelu" else y
 
 
+def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
+                        eps: float = 1e-5):
+    """LayerNorm over the last dim with expert A's affine parameters on rows
+    ``s < num_vision`` and expert B's on the rest. x: (B, S, D); weights/biases (D,) or None."""
+    shape = (x.shape[-1],)
+    return torch.cat([F.layer_norm(x[:, :num_vision], shape, weight_a, bias_a, eps),
+                      F.layer_norm(x[:, num_vision:], shape, weight_b, bias_b, eps)], dim=1)
+
+
 def grown_box_region(boxes: torch.Tensor, grid: int) -> torch.Tensor:
     """Patch rectangle of each box grown by one patch per side: (B, 4) int64 x1, y1, x2, y2.
 

@@ -83,6 +83,10 @@ def test_other_argument_errors():
     with pytest.raises(ValueError, match="activation must be"):
         ops.multiway_linear(torch.rand(1, 3, 4), 1, torch.rand(2, 4), None, torch.rand(2, 4),
                             None, activation="relu")
+    with pytest.raises(ValueError, match=r"bias_b must have shape \(4,\)"):
+        ops.multiway_layer_norm(torch.rand(1, 3, 4), 1, None, None, None, torch.rand(3))
+    with pytest.raises(ValueError, match="num_vision must be in"):
+        ops.multiway_layer_norm(torch.rand(1, 3, 4), 4, None, None, None, None)
     with pytest.raises(ValueError, match="reduction must be"):
         ops.linear_cross_entropy(torch.rand(2, 4), torch.rand(5, 4), torch.tensor([0, 1]),
                                  reduction="sum")
@@ -106,5 +110,8 @@ def test_matmul_ops_follow_autocast():
     torch.testing.assert_close(y.float(), reference.multiway_linear(x, 1, wa, None, wb, None),
                                rtol=2e-2, atol=2e-2)
     assert loss.shape == (3,)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        normed = ops.multiway_layer_norm(y, 1, torch.ones(2), None, torch.ones(2), None)
+    assert normed.dtype == torch.float32  # autocast's layer_norm policy
     with pytest.raises(TypeError, match="weight_a has dtype"):
         ops.multiway_linear(x.half(), 1, wa, None, wb, None)

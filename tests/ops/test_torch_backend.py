@@ -42,23 +42,71 @@ def test_attention_bf16_error_is_that_of_the_reference():
     assert fast_err <= 2 * ref_err + 1e-3
 
 
-@pytest.mark.parametrize("num_vision", [0, 1, 9, 12])
-@pytest.mark.parametrize("activation", ["none", "gelu"])
-def test_multiway_linear_matches_reference(num_vision, activation):
-    x = torch.randn(12, 3, 5, dtype=torch.float64).transpose(0, 1).requires_grad_()  # strided
-    params = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-              for shape in ((4, 5), (4,), (4, 5), (4,))]
-    grad = torch.randn(3, 12, 4, dtype=torch.float64)
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Buffers from ``new_empty`` start as NaN, so a row range an op forgets to write shows."""
+    allocate = torch.Tensor.new_empty
+
+    def new_empty(self, *size, **kwargs):
+        return allocate(self, *size, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+
+
+# op name -> (fast, reference, keyword arguments, parameter shapes for input width d)
+_ROW_OPS = {
+    "linear": (torch_backend.multiway_linear, reference.multiway_linear, {},
+               lambda d: ((4, d), (4,), (4, d), (4,))),
+    "linear+gelu": (torch_backend.multiway_linear, reference.multiway_linear,
+                    {"activation": "gelu"}, lambda d: ((4, d), (4,), (4, d), (4,))),
+    "layer_norm": (torch_backend.multiway_layer_norm, reference.multiway_layer_norm,
+                   {"eps": 1e-5}, lambda d: ((d,),) * 4),
+}
+
+
+def _row_op_results(op, x, params, num_vision, grad):
+    """Output and gradients of every input that requires one, for the fast and the
+    reference implementation."""
+    fast, ref, kwargs, _ = _ROW_OPS[op]
+    leaves = [t for t in [x, *params] if t is not None and t.requires_grad]
     results = []
-    for fn in (torch_backend.multiway_linear, reference.multiway_linear):
-        inputs = [x] + params
-        for tensor in inputs:
+    for fn in (fast, ref):
+        for tensor in leaves:
             tensor.grad = None
-        fn(x, num_vision, *params, activation=activation).backward(grad)
-        results.append([fn(x, num_vision, *params, activation=activation).detach()]
-                       + [t.grad.clone() for t in inputs])
-    for fast, ref in zip(*results):
-        torch.testing.assert_close(fast, ref)
+        out = fn(x, num_vision, *params, **kwargs)
+        out.backward(grad)
+        results.append([out.detach()] + [t.grad.clone() for t in leaves])
+    return results
+
+
+@pytest.mark.parametrize("op", list(_ROW_OPS))
+@pytest.mark.parametrize("seq, num_vision", [(12, 0), (12, 1), (12, 9), (12, 12), (641, 577)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_multiway_row_ops_match_reference(poisoned_buffers, op, seq, num_vision, bias):
+    width = 5
+    x = torch.randn(seq, 3, width, dtype=torch.float64).transpose(0, 1).requires_grad_()
+    params = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+              for shape in _ROW_OPS[op][3](width)]
+    if not bias:
+        params[1] = params[3] = None
+    grad = torch.randn(3, seq, params[0].shape[0], dtype=torch.float64)
+    fast, ref = _row_op_results(op, x, params, num_vision, grad)
+    assert not fast[0].isnan().any()
+    for got, expected in zip(fast, ref):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("op", list(_ROW_OPS))
+@pytest.mark.parametrize("frozen", ["input", "parameters"])
+def test_multiway_row_ops_with_frozen_inputs(op, frozen):
+    x = torch.randn(2, 7, 6, requires_grad=frozen == "parameters")
+    params = [torch.randn(*shape, requires_grad=frozen == "input")
+              for shape in _ROW_OPS[op][3](6)]
+    grad = torch.randn(2, 7, params[0].shape[0])
+    fast, ref = _row_op_results(op, x, params, 3, grad)
+    assert len(fast) == (2 if frozen == "parameters" else 5)
+    for got, expected in zip(fast, ref):
+        torch.testing.assert_close(got, expected)
 
 
 def test_flop_counter_sees_the_attention():
