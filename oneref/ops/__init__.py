@@ -96,9 +96,12 @@ def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
 
 
 def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
-                        eps: float = 1e-5, *, backend: str | None = None):
+                        eps: float = 1e-5):
     """LayerNorm over the last dim: expert A's weight/bias on rows ``s < num_vision``,
     expert B's on the remaining rows.
+
+    Not dispatched: every backend setting runs PyTorch's native LayerNorm kernels, one call
+    per expert, with a backward that writes each row range of the input gradient once.
 
     Args:
         x: (B, S, D).
@@ -123,8 +126,9 @@ def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
         raise ValueError(f"num_vision must be in [0, S] = [0, {x.shape[1]}], got {num_vision}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    return resolve("multiway_layer_norm", x.device, backend)(x, num_vision, weight_a, bias_a,
-                                                             weight_b, bias_b, eps)
+    from oneref.ops.torch_backend import multiway_layer_norm as run
+
+    return run(x, num_vision, weight_a, bias_a, weight_b, bias_b, eps)
 
 
 def draw_mask_noise(batch: int, grid: int, generator: torch.Generator | None = None,

@@ -6,11 +6,12 @@ faster PyTorch composite with the same contract (tested against the reference):
 * ``multiway_attention`` runs :func:`torch.nn.functional.scaled_dot_product_attention` with a
   bool key-padding mask (fused CPU flash kernel; memory-efficient or cuDNN kernel on GPU)
   instead of materialising the fp32 score matrix.
-* ``multiway_linear`` and ``multiway_layer_norm`` run each expert once over the flattened
-  rows of its range (one ``addmm`` / one native LayerNorm) and write each range of the
-  output and of the input gradient in place. Autograd's slice + cat composite instead
-  zero-fills a full-size input gradient per expert and adds the two: on the CPU ``small``
-  model those fills, copies and adds cost about a tenth of the training step.
+* ``multiway_linear`` runs each expert once over the flattened rows of its range (one
+  ``addmm``) and writes each range of the output and of the input gradient once. Autograd's
+  slice + cat composite instead zero-fills a full-size input gradient per expert and adds
+  the two. :func:`multiway_layer_norm` (what :func:`oneref.ops.multiway_layer_norm` runs on
+  every backend setting) does the same around the native LayerNorm kernels. Together they
+  take about 7% off the CPU training step of the ``small`` model.
 """
 
 from __future__ import annotations
@@ -135,7 +136,6 @@ class _MultiwayLayerNorm(torch.autograd.Function):
         return (joined, None, *grads, None)
 
 
-@register("multiway_layer_norm", "torch")
 def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
                         eps: float = 1e-5):
     return _MultiwayLayerNorm.apply(x, num_vision, weight_a, bias_a, weight_b, bias_b, eps)
