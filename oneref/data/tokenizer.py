@@ -43,6 +43,7 @@ class Tokenizer:
         self.mask_id = self.num_pieces + 1
         self.vocab_size = self.mask_id + 1
         self._spm_unk = self.sp.unk_id()
+        self._word_lengths: dict[str, int] = {}  # word -> number of pieces (word_positions)
 
     def __getstate__(self) -> dict:
         # Rebuilt from the file on unpickling (DataLoader workers, spawn start method).
@@ -73,9 +74,7 @@ class Tokenizer:
     def encode_padded(self, text: str, max_len: int) -> tuple[torch.Tensor, int]:
         """(ids long (max_len,) padded with 1, length counting <s> and </s>)."""
         ids = self.encode(text, max_len)
-        out = torch.full((max_len,), self.pad_id, dtype=torch.long)
-        out[: len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out, len(ids)
+        return torch.tensor(ids + [self.pad_id] * (max_len - len(ids)), dtype=torch.long), len(ids)
 
     def decode(self, ids) -> str:
         """Text of fairseq ids (special ids dropped, ``<unk>`` kept as the spm unk piece)."""
@@ -88,6 +87,13 @@ class Tokenizer:
             spm_ids.append(self._spm_unk if i == self.unk_id else i - 1)
         return self.sp.DecodeIds(spm_ids)
 
+    def _word_length(self, word: str) -> int:
+        """Pieces of one word, remembered (a corpus repeats its words)."""
+        length = self._word_lengths.get(word)
+        if length is None:
+            length = self._word_lengths[word] = len(self._piece_ids(word))
+        return length
+
     def word_positions(self, text: str, word_indices, max_len: int | None = None) -> list[int]:
         """Token position (in :meth:`encode` output, ``<s>`` at 0) of the first piece of each
         whitespace-separated word index in ``word_indices``; -1 for a negative index or a
@@ -96,7 +102,7 @@ class Tokenizer:
         starts, pos = [], 1
         for word in words:
             starts.append(pos)
-            pos += len(self._piece_ids(word))
+            pos += self._word_length(word)
         limit = (max_len - 1) if max_len is not None else pos
         out = []
         for w in word_indices:
