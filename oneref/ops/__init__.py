@@ -13,6 +13,7 @@ from oneref.ops.checks import (autocast_inputs, check_boxes, check_bool_mask, ch
                                check_tensor)
 from oneref.ops.dispatch import BACKENDS, backend_status, current_backend, resolve, use_backend
 from oneref.ops.flops import register_cpu_attention_flops
+from oneref.ops import torch_backend  # noqa: E402 - torch only; registers the torch backend
 
 register_cpu_attention_flops()
 
@@ -126,9 +127,8 @@ def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
         raise ValueError(f"num_vision must be in [0, S] = [0, {x.shape[1]}], got {num_vision}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    from oneref.ops.torch_backend import multiway_layer_norm as run
-
-    return run(x, num_vision, weight_a, bias_a, weight_b, bias_b, eps)
+    return torch_backend.multiway_layer_norm(x, num_vision, weight_a, bias_a, weight_b, bias_b,
+                                             eps)
 
 
 def draw_mask_noise(batch: int, grid: int, generator: torch.Generator | None = None,
