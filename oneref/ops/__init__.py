@@ -13,7 +13,7 @@ from oneref.ops.checks import (autocast_inputs, check_boxes, check_bool_mask, ch
                                check_tensor)
 from oneref.ops.dispatch import BACKENDS, backend_status, current_backend, resolve, use_backend
 from oneref.ops.flops import register_cpu_attention_flops
-from oneref.ops import torch_backend  # noqa: E402 - torch only; registers the torch backend
+from oneref.ops import torch_backend  # torch only (registers the torch backend)
 
 register_cpu_attention_flops()
 

@@ -106,27 +106,26 @@ class _MultiwayLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, num_vision: int, weight_a, bias_a, weight_b, bias_b, eps: float):
-        rows = _expert_rows(x, num_vision)
         shape = (x.shape[-1],)
-        normed, stats = [], []
-        for r, w, b in zip(rows, (weight_a, weight_b), (bias_a, bias_b)):
-            out, mean, rstd = torch.native_layer_norm(r, shape, w, b, eps)
+        normed, saved = [], []
+        for rows, weight, bias in zip(_expert_rows(x, num_vision), (weight_a, weight_b),
+                                      (bias_a, bias_b)):
+            out, mean, rstd = torch.native_layer_norm(rows, shape, weight, bias, eps)
             normed.append(out)
-            stats += [mean, rstd]
-        ctx.save_for_backward(*rows, *stats, weight_a, bias_a, weight_b, bias_b)
+            saved += [rows, mean, rstd, weight, bias]
+        ctx.save_for_backward(*saved)
         ctx.num_vision = num_vision
         return _join_rows(*normed, *x.shape[:2], num_vision)
 
     @staticmethod
     def backward(ctx, grad_y):
-        rows_a, rows_b, mean_a, rstd_a, mean_b, rstd_b, *params = ctx.saved_tensors
+        saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_rows = _expert_rows(grad_y, ctx.num_vision)
         shape = (grad_y.shape[-1],)
         grad_x, grads = [], []
-        for grad, rows, mean, rstd, weight, bias, (need_w, need_b) in zip(
-                grad_rows, (rows_a, rows_b), (mean_a, mean_b), (rstd_a, rstd_b), params[0::2],
-                params[1::2], (needs[2:4], needs[4:6])):
+        for grad, (rows, mean, rstd, weight, bias), (need_w, need_b) in zip(
+                _expert_rows(grad_y, ctx.num_vision), (saved[:5], saved[5:]),
+                (needs[2:4], needs[4:6])):
             dx, dw, db = torch.ops.aten.native_layer_norm_backward(
                 grad, rows, shape, mean, rstd, weight, bias,
                 [needs[0], need_w and weight is not None, need_b and bias is not None])
