@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU check: build the extension, run the GPU tests, the sanitizer once, then
-# the benchmark rows G1-G7 of PERF.md. Sized for <= 8 minutes on one H100 (every step has a
-# time box, so a hang costs its box, not the slot). Run from the repository root:
+# The prepared GPU check: build the extension, run the GPU tests, then the benchmark rows
+# G1-G7 of PERF.md, a short training run, the sanitizer once and the torch.compile rows.
+# Sized for <= 8 minutes on one H100 (every step has a time box, so a hang costs its box,
+# not the slot). Run from the repository root:
 #
 #     benchmarks/gpu_check.sh OUTDIR
 #
@@ -19,7 +20,7 @@ TMP=$(mktemp -d /tmp/oneref-gpu-check.XXXXXX)
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 # Whole-script budget: no step runs past it, so the merge at the end always happens.
-DEADLINE=${DEADLINE_S:-460}
+DEADLINE=${DEADLINE_S:-480}
 STATUS=()
 
 # step NAME LIMIT_S LOGFILE CMD... : run CMD under a time box, append to LOGFILE, record rc.
@@ -65,12 +66,12 @@ step build 200 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-d
 "$PY" -c "import oneref.ops as o; print(o.backend_status('cuda'))" 2>&1 | tee -a "$OUT/build.log"
 
 # 2. GPU tests, then the sanitizer once ---------------------------------------------------
-step gpu-tests 90 "$OUT/tests.log" "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/
-if [ -f benchmarks/gpu_sanitizer.sh ]; then
-    step sanitizer 45 "$OUT/tests.log" bash benchmarks/gpu_sanitizer.sh
-else
-    echo "== sanitizer: skipped (benchmarks/gpu_sanitizer.sh not present)" | tee -a "$OUT/tests.log"
-fi
+# Every failure is reported (no -x): one slot has to show all of them. With pytest-xdist the
+# Triton compilations of the test shapes run in 4 processes.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+step gpu-tests 120 "$OUT/tests.log" "$PY" -m pytest -m gpu -q -rfE --maxfail=40 \
+    -p no:cacheprovider "${XDIST[@]}" tests/
 
 # 3. benchmark rows: one process per part, merged at the end -------------------------------
 bench() {  # bench NAME LIMIT ARGS...
@@ -86,7 +87,18 @@ bench G4 70 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3
 bench G5 55 --rows G5 --engines a,b,c,d --warmup 1 --repeats 3 --split-samples 1024
 bench G6 40 --rows G6 --warmup 1 --repeats 3
 bench G7 40 --rows G7 --warmup 1 --repeats 3
-# (e) = (d) + torch.compile last: compilation takes the longest and is the first to drop.
+# The trainer end to end on the GPU (bf16 autocast, fused AdamW, the extension's kernels):
+# 30 s of the default RefShapes job, then its evaluation.
+step train-rec 75 "$OUT/tests.log" "$PY" -m oneref.cli train --device cuda --time-budget 30 \
+    --no-progress --output-dir "$TMP/train-rec"
+
+# The sanitizer, then (e) = (d) + torch.compile last: compilation takes the longest and is
+# the first to drop.
+if [ -f benchmarks/gpu_sanitizer.sh ]; then
+    step sanitizer 45 "$OUT/tests.log" bash benchmarks/gpu_sanitizer.sh
+else
+    echo "== sanitizer: skipped (benchmarks/gpu_sanitizer.sh not present)" | tee -a "$OUT/tests.log"
+fi
 bench G4e 90 --rows G4 --engines e --warmup 2 --repeats 3
 bench G5e 60 --rows G5 --engines e --warmup 2 --repeats 3 --split-samples 1024
 
