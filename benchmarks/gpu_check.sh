@@ -6,6 +6,8 @@
 #
 #     benchmarks/gpu_check.sh OUTDIR
 #
+# STEPS=build,bench-G4 (comma list of step names) runs only those steps; DEADLINE_S caps the
+# whole script (default 480 s).
 # OUTDIR receives at most 7 files: build.log, tests.log, bench.log, results.json,
 # summary.md, throughput.png, attention.png. The short table is printed last.
 # Wheels found in wheels/ (e.g. torchscale, fairscale, xformers built for the machine's
@@ -23,10 +25,14 @@ T0=$(date +%s)
 DEADLINE=${DEADLINE_S:-480}
 STATUS=()
 
-# step NAME LIMIT_S LOGFILE CMD... : run CMD under a time box, append to LOGFILE, record rc.
+# step NAME LIMIT_S LOGFILE CMD... : run CMD under a time box, append to LOGFILE, record rc
+# (nothing when STEPS is set and does not name NAME).
 step() {
     local name=$1 limit=$2 log=$3
     shift 3
+    if [ -n "${STEPS:-}" ] && [[ ",${STEPS}," != *",${name},"* ]]; then
+        return
+    fi
     local t=$(date +%s)
     local left=$(( DEADLINE - (t - T0) ))
     if [ "$left" -lt 15 ]; then
@@ -80,11 +86,13 @@ bench() {  # bench NAME LIMIT ARGS...
     step "bench-${name}" "$limit" "$OUT/bench.log" "$PY" -m oneref.bench --device cuda \
         --out "$TMP/${name}" "$@"
 }
+# The headline row first. Each part rewrites its results.json after every row, so a part
+# stopped by its time box still contributes what it measured.
+bench G4 70 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3
 bench G1 40 --rows G1 --quick
+bench G5 55 --rows G5 --engines a,b,c,d --warmup 1 --repeats 3 --split-samples 1024
 bench G2 30 --rows G2
 bench G3 30 --rows G3
-bench G4 70 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3
-bench G5 55 --rows G5 --engines a,b,c,d --warmup 1 --repeats 3 --split-samples 1024
 bench G6 40 --rows G6 --warmup 1 --repeats 3
 bench G7 40 --rows G7 --warmup 1 --repeats 3
 # The trainer end to end on the GPU (bf16 autocast, fused AdamW, the extension's kernels):

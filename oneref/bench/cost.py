@@ -26,7 +26,7 @@ from oneref.bench.split import SPLIT_SIZE, split_test_time
 from oneref.bench.timing import Measurement, measure, peak_memory
 from oneref.config import get_config
 
-__all__ = ["CostSettings", "run_cost_table", "add_ratios", "SPEED_KEYS"]
+__all__ = ["CostSettings", "iter_cost_rows", "run_cost_table", "add_ratios", "SPEED_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -280,34 +280,43 @@ def _agreement(preset: str, settings: CostSettings, device: torch.device) -> dic
     return {"encoder_max_diff_a_vs_ours": diff}
 
 
-def run_cost_table(settings: CostSettings, device: torch.device, peak_tflops: float) -> list[dict]:
-    """Measure every (preset, engine) row of ``settings`` on ``device``; ratios included."""
-    rows = []
+def iter_cost_rows(settings: CostSettings, device: torch.device, peak_tflops: float):
+    """Measure every (preset, engine) row of ``settings`` on ``device``, yielding each row
+    as soon as it is measured (ratios are added by the caller, over all rows)."""
     for preset in settings.presets:
         analytic = analytic_encoder_flops(get_config(preset))
         agreement = _agreement(preset, settings, device)
-        if settings.passes > 1:
-            one = dataclasses.replace(settings, passes=1)
-            measured = {}
-            for i in range(2):
-                order = settings.engines if i % 2 == 0 else tuple(reversed(settings.engines))
-                for key in order:
-                    log.info("cost table: %s engine (%s), pass %d", preset, key, i + 1)
-                    measured.setdefault(key, []).append(_measure_engine(key, preset, one,
-                                                                        device, peak_tflops,
-                                                                        runs=1))
-            per_engine = [(k, _combine(*measured[k]) if "skipped" not in measured[k][0]
-                           else measured[k][0]) for k in settings.engines]
-        else:
-            per_engine = []
-            for key in settings.engines:
-                log.info("cost table: %s engine (%s)", preset, key)
-                per_engine.append((key, _measure_engine(key, preset, settings, device,
-                                                        peak_tflops)))
-        for _, row in per_engine:
+        for row in _engine_rows(preset, settings, device, peak_tflops):
             row["analytic_encoder_gflops"] = analytic["total"] / 1e9
             row.update(agreement)
-            rows.append(row)
+            yield row
+
+
+def _engine_rows(preset: str, settings: CostSettings, device: torch.device,
+                 peak_tflops: float):
+    """One preset's engine rows: one after another, or with two passes in alternating
+    order (combined, so only after the second pass)."""
+    if settings.passes == 1:
+        for key in settings.engines:
+            log.info("cost table: %s engine (%s)", preset, key)
+            yield _measure_engine(key, preset, settings, device, peak_tflops)
+        return
+    one = dataclasses.replace(settings, passes=1)
+    measured = {}
+    for i in range(2):
+        order = settings.engines if i % 2 == 0 else tuple(reversed(settings.engines))
+        for key in order:
+            log.info("cost table: %s engine (%s), pass %d", preset, key, i + 1)
+            measured.setdefault(key, []).append(_measure_engine(key, preset, one, device,
+                                                                peak_tflops, runs=1))
+    for key in settings.engines:
+        first = measured[key][0]
+        yield first if "skipped" in first else _combine(*measured[key])
+
+
+def run_cost_table(settings: CostSettings, device: torch.device, peak_tflops: float) -> list[dict]:
+    """Every row of :func:`iter_cost_rows`, with the ratios between engines."""
+    rows = list(iter_cost_rows(settings, device, peak_tflops))
     add_ratios(rows)
     return rows
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from oneref.bench.timing import sync, time_calls
 from oneref.ops import reference
 
-__all__ = ["bench_call", "attention_rows", "memory_rows", "lce_rows", "run_kernel_tables"]
+__all__ = ["bench_call", "attention_rows", "memory_rows", "lce_rows", "iter_kernel_rows",
+           "run_kernel_tables"]
 
 log = logging.getLogger(__name__)
 
@@ -362,22 +363,30 @@ def lce_rows(device, cases=None):
     return rows
 
 
-def run_kernel_tables(device, rows=("G1", "G2", "G3"), peak_tflops=None, copy_gbps=None,
-                      quick: bool = False) -> list[dict]:
-    """The kernel rows asked for; on a CPU, tiny forms (attention with 17 vision tokens,
-    small memory-bound batches, small vocabularies) so the code path and plots still run."""
+def iter_kernel_rows(device, rows=("G1", "G2", "G3"), peak_tflops=None, copy_gbps=None,
+                     quick: bool = False):
+    """The kernel rows asked for, yielded one table part at a time (attention one shape at a
+    time); on a CPU, tiny forms (attention with 17 vision tokens, small memory-bound
+    batches, small vocabularies) so the code path and plots still run."""
     gpu = device.type == "cuda"
-    out = []
     if "G1" in rows:
         if gpu:
-            out += attention_rows(device, batches=(8, 32) if not quick else (32,),
-                                  text_lens=(8, 16, 32, 64), peak_tflops=peak_tflops)
+            # The full 641-token sequence first: each length is autotuned anew.
+            for batch, text_len in itertools.product((32,) if quick else (32, 8),
+                                                     (64, 8, 16, 32)):
+                yield from attention_rows(device, batches=(batch,), text_lens=(text_len,),
+                                          peak_tflops=peak_tflops)
         else:
-            out += attention_rows(device, batches=(2,), text_lens=(8, 16, 32, 64), heads=2,
-                                  head_dim=32, num_vision=17, peak_tflops=peak_tflops,
-                                  passes=("fwd",) if quick else ("fwd", "fwd+bwd"))
+            yield from attention_rows(device, batches=(2,), text_lens=(8, 16, 32, 64), heads=2,
+                                      head_dim=32, num_vision=17, peak_tflops=peak_tflops,
+                                      passes=("fwd",) if quick else ("fwd", "fwd+bwd"))
     if "G2" in rows:
-        out += memory_rows(device, copy_gbps, scale=8 if gpu else 1 / 16)
+        yield from memory_rows(device, copy_gbps, scale=8 if gpu else 1 / 16)
     if "G3" in rows:
-        out += lce_rows(device)
-    return out
+        yield from lce_rows(device)
+
+
+def run_kernel_tables(device, rows=("G1", "G2", "G3"), peak_tflops=None, copy_gbps=None,
+                      quick: bool = False) -> list[dict]:
+    """Every row of :func:`iter_kernel_rows` as one list."""
+    return list(iter_kernel_rows(device, rows, peak_tflops, copy_gbps, quick))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from oneref.bench.cost import CostSettings, add_ratios, run_cost_table
-from oneref.bench.kernels import run_kernel_tables
+from oneref.bench.cost import CostSettings, add_ratios, iter_cost_rows
+from oneref.bench.kernels import iter_kernel_rows
 from oneref.bench.report import (cost_markdown, environment, kernel_markdown, plot_attention,
                                  plot_throughput, write_json)
 from oneref.bench.timing import copy_bandwidth, matmul_peak
@@ -133,7 +133,9 @@ def _summary(results: dict, short: bool = False) -> str:
     ceil = results.get("ceilings", {})
     lines = [f"# oneref bench: {env.get('device_name')} ({env['device_type']}), torch "
              f"{env['torch']}, triton {env.get('triton')}, xformers {env.get('xformers')}, "
-             f"{env['date_utc']}, load {env.get('load_avg_1_5_15')}",
+             f"{env['date_utc']}, load {env.get('load_avg_1_5_15')}"
+             + ("" if env.get("triton_autotune", True)
+                else ", Triton kernels untuned (ONEREF_AUTOTUNE=0: first config)"),
              f"matmul peak {ceil.get('matmul', {}).get('tflops', 0):.3g} TFLOP/s "
              f"({ceil.get('matmul', {}).get('dtype')}), copy "
              f"{ceil.get('copy', {}).get('gbps', 0):.4g} GB/s; FLOPs = 2 x MACs; speeds are "
@@ -228,19 +230,24 @@ def run_bench(args: argparse.Namespace) -> int:
     peak = results["ceilings"]["matmul"]["tflops"]
     copy = results["ceilings"]["copy"]["gbps"]
     log.info("ceilings: %.3g TFLOP/s matmul, %.4g GB/s copy", peak, copy)
+    # results.json is rewritten after every row, so a run stopped by a time box still leaves
+    # what it measured (for --merge).
     kernel_rows = tuple(r for r in rows if r in KERNEL_ROWS)
     if kernel_rows:
-        results["kernel_rows"] = run_kernel_tables(device, kernel_rows, peak, copy,
-                                                   quick=args.quick)
+        for r in iter_kernel_rows(device, kernel_rows, peak, copy, quick=args.quick):
+            results["kernel_rows"].append(r)
+            write_json(results, out / "results.json")
     for row in rows:
         if row in KERNEL_ROWS:
             continue
         settings = plan_cost_rows(row, gpu, args)
         if not gpu and row in ("G4", "G5", "G6", "G7"):
             log.warning("%s is a GPU row; running it on the CPU with %s", row, settings.presets)
-        for r in run_cost_table(settings, device, peak):
+        for r in iter_cost_rows(settings, device, peak):
             r["row"] = row
             results["model_rows"].append(r)
+            add_ratios(results["model_rows"])
+            write_json(results, out / "results.json")
     print(_finish(results, out))
     print(f"\nresults: {out / 'results.json'}")
     return 0

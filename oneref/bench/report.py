@@ -62,6 +62,8 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        # ONEREF_AUTOTUNE=0: every Triton kernel runs its first config (no tuning).
+        "triton_autotune": os.environ.get("ONEREF_AUTOTUNE", "1") != "0",
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -74,8 +76,12 @@ def environment(device: torch.device) -> dict:
 
 
 def write_json(results: dict, path: Path) -> Path:
+    """Write ``results`` to ``path`` atomically (a run killed mid-write leaves the last
+    complete file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=str, sort_keys=False))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str, sort_keys=False))
+    tmp.replace(path)
     return path
 
 
