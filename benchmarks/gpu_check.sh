@@ -73,9 +73,9 @@ step build 200 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-d
 
 # 2. GPU tests, then the sanitizer once ---------------------------------------------------
 # Every failure is reported (no -x): one slot has to show all of them. With pytest-xdist the
-# Triton compilations of the test shapes run in 4 processes.
+# Triton compilations of the test shapes run in 8 processes.
 XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 step gpu-tests 120 "$OUT/tests.log" "$PY" -m pytest -m gpu -q -rfE --maxfail=40 \
     -p no:cacheprovider "${XDIST[@]}" tests/
 
@@ -88,7 +88,7 @@ bench() {  # bench NAME LIMIT ARGS...
 }
 # The headline row first. Each part rewrites its results.json after every row, so a part
 # stopped by its time box still contributes what it measured.
-bench G4 70 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3
+bench G4 120 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3
 bench G1 40 --rows G1 --quick
 bench G5 55 --rows G5 --engines a,b,c,d --warmup 1 --repeats 3 --split-samples 1024
 bench G2 30 --rows G2
