@@ -88,7 +88,7 @@ bench() {  # bench NAME LIMIT ARGS...
 }
 # The headline row first. Each part rewrites its results.json after every row, so a part
 # stopped by its time box still contributes what it measured.
-bench G4 120 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3
+bench G4 120 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3 --profile
 bench G1 40 --rows G1 --quick
 bench G5 55 --rows G5 --engines a,b,c,d --warmup 1 --repeats 3 --split-samples 1024
 bench G2 30 --rows G2

@@ -23,7 +23,7 @@ from oneref.bench.engines import (ENGINES, TASK_FNS, build_engine, encoder_agree
                                   infer_step, make_batch, train_step)
 from oneref.bench.flops import analytic_encoder_flops, count_flops
 from oneref.bench.split import SPLIT_SIZE, split_test_time
-from oneref.bench.timing import Measurement, measure, peak_memory
+from oneref.bench.timing import Measurement, measure, peak_memory, profile_ops
 from oneref.config import get_config
 
 __all__ = ["CostSettings", "iter_cost_rows", "run_cost_table", "add_ratios", "SPEED_KEYS"]
@@ -58,6 +58,7 @@ class CostSettings:
     # shared CPU this interleaving keeps load drift from favouring one engine.
     passes: int = 1
     count_flops: bool = True
+    profile: bool = False   # also record where one training step's time goes (profile_ops)
 
 
 def _params(model) -> dict:
@@ -186,6 +187,10 @@ def _time_step(step, engine, config, task, batch, seed, settings, runs, what):
 
 def _time_train(engine, config, task, tb, settings, row, train_flops, peak_tflops, runs):
     m, peak_mem = _time_step(train_step, engine, config, task, tb, 0, settings, runs, "loss")
+    if settings.profile:
+        inputs = make_batch(config, tb, engine.device, seed=0, task=task)
+        row[f"{task}_train_profile"] = profile_ops(lambda: train_step(engine, task, inputs),
+                                                   engine.device)
     row[f"{task}_train_batch"] = tb
     row[f"{task}_train_step_s"] = m
     row[f"{task}_train_sps"] = tb / m.median

@@ -21,7 +21,7 @@ import torch
 from oneref.bench.cost import CostSettings, add_ratios, iter_cost_rows
 from oneref.bench.kernels import iter_kernel_rows
 from oneref.bench.report import (cost_markdown, environment, kernel_markdown, plot_attention,
-                                 plot_throughput, write_json)
+                                 plot_throughput, profile_markdown, write_json)
 from oneref.bench.timing import copy_bandwidth, matmul_peak
 
 __all__ = ["add_arguments", "run_bench", "main", "plan_cost_rows", "ROWS"]
@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads on CPU (default: torch's default; on a "
                              "machine shared with other jobs 1 thread gives steadier ratios)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one training step per model row: the top ops by "
+                             "device time, and busy vs wall time (in summary.md and the JSON)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny preset only, 1 repeat: a smoke run of every code path")
     parser.add_argument("--out", default=None, help="results folder (default runs/bench-<date>)")
@@ -103,6 +106,7 @@ def plan_cost_rows(row: str, gpu: bool, args) -> CostSettings:
         s.split_samples = 16 if s.split_samples != 0 else 0
         s.train_batch = dict(s.train_batch, tiny=4)
         s.infer_batch = dict(s.infer_batch, tiny=8)
+    s.profile = getattr(args, "profile", False)
     if args.repeats is not None:
         s.repeats = args.repeats
     if args.warmup is not None:
@@ -142,6 +146,8 @@ def _summary(results: dict, short: bool = False) -> str:
              "samples/s with (ratio to row (a), row (b)) of the same run"]
     if results.get("model_rows"):
         lines += ["", cost_markdown(results["model_rows"])]
+        if not short:
+            lines += profile_markdown(results["model_rows"])
     if results.get("kernel_rows"):
         kernel_rows = results["kernel_rows"]
         lines += ["", kernel_markdown(_short_kernels(kernel_rows) if short else kernel_rows)]

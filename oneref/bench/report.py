@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["environment", "write_json", "cost_markdown", "kernel_markdown", "plot_throughput",
+__all__ = ["environment", "write_json", "cost_markdown", "profile_markdown", "kernel_markdown",
+           "plot_throughput",
            "plot_attention", "fmt"]
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,21 @@ def cost_markdown(rows: list[dict]) -> str:
             f"{_tasks(r, INFER_KEYS)} | {split} | "
             f"{fmt(r.get('rec_train_peak_mem_gb'))} | {'-' if mfu is None else fmt(100 * mfu) + '%'} |")
     return "\n".join(lines)
+
+
+def profile_markdown(rows: list[dict]) -> list[str]:
+    """One table per profiled training step (``<task>_train_profile``): its top ops."""
+    lines = []
+    for r in rows:
+        for key, prof in r.items():
+            if not key.endswith("_train_profile"):
+                continue
+            lines += ["", f"{_preset(r)} ({r['engine']}) {key.split('_')[0]} training step: "
+                          f"device busy {fmt(prof['busy_ms'])} ms of {fmt(prof['wall_ms'])} ms "
+                          "wall", "", "| op | calls | ms | share |", "|---|---|---|---|"]
+            lines += [f"| {o['op'][:70]} | {fmt(o['calls'])} | {fmt(o['ms'])} | "
+                      f"{fmt(100 * o['share'])}% |" for o in prof["top"]]
+    return lines
 
 
 def kernel_markdown(rows: list[dict]) -> str:

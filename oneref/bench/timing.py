@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["sync", "time_calls", "measure", "peak_memory", "matmul_peak", "copy_bandwidth",
-           "Measurement"]
+__all__ = ["sync", "time_calls", "measure", "peak_memory", "profile_ops", "matmul_peak",
+           "copy_bandwidth", "Measurement"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,32 @@ def peak_memory(device: torch.device, out: dict):
             out["peak_mem_above_start_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
         else:
             out["peak_mem_gb"] = None
+
+
+def profile_ops(fn: Callable, device: torch.device, calls: int = 2, top: int = 12) -> dict:
+    """Where the time of ``fn()`` goes (torch.profiler over ``calls`` calls after one untimed
+    call): the ``top`` ops by self time on ``device`` (GPU kernel time on CUDA, CPU time on a
+    CPU), each with calls and milliseconds per ``fn`` call and its share of the total, plus
+    ``busy_ms`` (that total per call) and ``wall_ms``: a GPU busy for much less than the wall
+    time waits on the host."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    fn()
+    sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        wall = time.perf_counter() - start
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    ops = [{"op": e.key, "calls": e.count / calls,
+            "ms": getattr(e, attr) / 1e3 / calls, "share": getattr(e, attr) / total}
+           for e in events[:top]]
+    return {"busy_ms": total / 1e3 / calls, "wall_ms": 1e3 * wall / calls, "top": ops}
 
 
 def _bench(fn: Callable, device: torch.device, repeats: int) -> float:

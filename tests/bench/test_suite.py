@@ -9,9 +9,11 @@ import torch
 
 from oneref.bench.cost import CostSettings, add_ratios, run_cost_table
 from oneref.bench.kernels import attention_rows, lce_rows
+import oneref.bench.main as bench_main
 from oneref.bench.main import main
-from oneref.bench.report import cost_markdown, environment, plot_attention, plot_throughput
-from oneref.bench.timing import measure
+from oneref.bench.report import (cost_markdown, environment, plot_attention, plot_throughput,
+                                 profile_markdown)
+from oneref.bench.timing import measure, profile_ops
 
 CPU = torch.device("cpu")
 
@@ -46,6 +48,38 @@ def test_cost_row_of_baseline_has_measured_figures():
     assert row["split_time_extrapolated"] is True and row["split_samples_measured"] == 4
     assert row["split_time_s"] == pytest.approx(row["split_measured_s"] * 5657 / 4)
     assert set(row["infer_sweep"]) == {1, 2}
+
+
+def test_profile_ops_ranks_ops_by_self_time():
+    a, b = torch.randn(384, 384), torch.randn(384, 384)
+    prof = profile_ops(lambda: (a @ b).add_(1.0), CPU, calls=3, top=5)
+    assert prof["top"][0]["op"] == "aten::mm" and prof["top"][0]["calls"] == 1
+    assert all(o["ms"] >= 0 for o in prof["top"])
+    assert 0 < sum(o["share"] for o in prof["top"]) <= 1 + 1e-9
+    assert prof["busy_ms"] > 0 and prof["wall_ms"] > 0
+
+
+def test_profiled_row_has_its_step_profile_table():
+    (row,) = run_cost_table(_tiny_settings(infer_tasks=(), sweep_batch={}, split_samples=0,
+                                           count_flops=False, profile=True), CPU, 0.05)
+    prof = row["rec_train_profile"]
+    assert prof["top"] and {"op", "calls", "ms", "share"} <= set(prof["top"][0])
+    text = "\n".join(profile_markdown([row]))
+    assert "tiny (a) rec training step: device busy" in text
+    assert prof["top"][0]["op"][:70] in text
+
+
+def test_rows_measured_before_an_interruption_are_kept(tmp_path, monkeypatch):
+    def one_row_then_stop(settings, device, peak):
+        yield {"preset": "tiny", "engine": "a", "rec_train_sps": 10.0}
+        raise KeyboardInterrupt  # what a time box's signal does mid-row
+
+    monkeypatch.setattr(bench_main, "iter_cost_rows", one_row_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--device", "cpu", "--rows", "C1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["engine"] for r in data["model_rows"]] == ["a"]
+    assert data["model_rows"][0]["row"] == "C1"
 
 
 def test_ratios_are_computed_from_measured_numbers():
