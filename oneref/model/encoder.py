@@ -94,7 +94,9 @@ class MultiwayEncoder(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, text_lengths: torch.Tensor, num_vision: int) -> torch.Tensor:
-        """x: (B, S, D) embeddings; text_lengths: (B,). Returns (B, S, D)."""
+        """x: (B, S, D) embeddings; text_lengths: (B,). Returns (B, S, D), stored
+        sequence-major (see :mod:`oneref.ops.layout`)."""
+        x = ops.sequence_major(x)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, text_lengths, num_vision, use_reentrant=False)

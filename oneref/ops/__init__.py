@@ -13,6 +13,7 @@ from oneref.ops.checks import (autocast_inputs, check_boxes, check_bool_mask, ch
                                check_tensor)
 from oneref.ops.dispatch import BACKENDS, backend_status, current_backend, resolve, use_backend
 from oneref.ops.flops import register_cpu_attention_flops
+from oneref.ops.layout import is_sequence_major, sequence_major
 from oneref.ops import torch_backend  # torch only (registers the torch backend)
 
 register_cpu_attention_flops()
@@ -22,6 +23,8 @@ __all__ = [
     "backend_status",
     "current_backend",
     "use_backend",
+    "sequence_major",
+    "is_sequence_major",
     "multiway_attention",
     "multiway_linear",
     "multiway_layer_norm",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from oneref.ops import reference, torch_backend
+from oneref.ops import is_sequence_major, reference, sequence_major, torch_backend
 
 
 def _packed_qkv(batch, seq, heads, dim, dtype):
@@ -30,6 +30,24 @@ def test_attention_matches_reference(seq, num_vision, heads, dim, lengths):
     ref_out, ref_dqkv = run(reference.multiway_attention)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(dqkv, ref_dqkv)
+
+
+def test_attention_output_is_sequence_major():
+    _, (q, k, v) = _packed_qkv(3, 20, 2, 8, torch.float32)
+    out = torch_backend.multiway_attention(q, k, v, torch.tensor([1, 4, 2]), 16)
+    assert out.shape == (3, 20, 2, 8) and is_sequence_major(out)
+    assert is_sequence_major(out.reshape(3, 20, 16))  # the model's (B, S, D) view: no copy
+
+
+@pytest.mark.parametrize("batch, seq", [(3, 7), (1, 7), (3, 1)])
+def test_sequence_major_keeps_values_and_copies_only_when_needed(batch, seq):
+    x = torch.randn(batch, seq, 4)
+    y = sequence_major(x)
+    assert torch.equal(x, y) and is_sequence_major(y)
+    assert y.transpose(0, 1).is_contiguous()
+    assert sequence_major(y) is y
+    if batch == 1 or seq == 1:  # both layouts are the same memory order
+        assert y is x
 
 
 def test_attention_bf16_error_is_that_of_the_reference():
@@ -79,19 +97,35 @@ def _row_op_results(op, x, params, num_vision, grad):
     return results
 
 
+def _random_laid_out(batch, seq, width, layout):
+    """A random fp64 (batch, seq, width) tensor stored as ``layout`` names: sequence-major
+    (as the encoder keeps its hidden states), batch-major, or rows of a wider tensor."""
+    if layout == "sequence-major":
+        return torch.randn(seq, batch, width, dtype=torch.float64).transpose(0, 1)
+    if layout == "batch-major":
+        return torch.randn(batch, seq, width, dtype=torch.float64)
+    return torch.randn(batch, seq, 2 * width + 1, dtype=torch.float64)[..., 1:width + 1]
+
+
 @pytest.mark.parametrize("op", list(_ROW_OPS))
 @pytest.mark.parametrize("seq, num_vision", [(12, 0), (12, 1), (12, 9), (12, 12), (641, 577)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_multiway_row_ops_match_reference(poisoned_buffers, op, seq, num_vision, bias):
+@pytest.mark.parametrize("layout, grad_layout", [("sequence-major", "sequence-major"),
+                                                 ("sequence-major", "batch-major"),
+                                                 ("batch-major", "batch-major"),
+                                                 ("strided", "strided")])
+def test_multiway_row_ops_match_reference(poisoned_buffers, op, seq, num_vision, bias, layout,
+                                          grad_layout):
     width = 5
-    x = torch.randn(seq, 3, width, dtype=torch.float64).transpose(0, 1).requires_grad_()
+    x = _random_laid_out(3, seq, width, layout).requires_grad_()
     params = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
               for shape in _ROW_OPS[op][3](width)]
     if not bias:
         params[1] = params[3] = None
-    grad = torch.randn(3, seq, params[0].shape[0], dtype=torch.float64)
+    grad = _random_laid_out(3, seq, params[0].shape[0], grad_layout)
     fast, ref = _row_op_results(op, x, params, num_vision, grad)
     assert not fast[0].isnan().any()
+    assert is_sequence_major(fast[0])  # each expert's block written in place
     for got, expected in zip(fast, ref):
         torch.testing.assert_close(got, expected)
 
