@@ -346,9 +346,10 @@ def refshapes_recipe(**changes) -> TrainConfig:
     however busy the machine is (start-up and evaluation take about 8 s more): a slower
     machine trains fewer steps but still anneals.
     Accuracy grows with every step the budget allows (test Acc@0.5 0.37 after 1,650 steps,
-    0.54 after 3,300, 0.70 after 6,000; on a 2-core Intel Xeon 5,600-6,400 budgeted steps
-    and 0.67-0.72), so the 200,000 training scenes are each seen about once (60,000
-    seen three times: 0.69). AdamW's beta2 is 0.98 as in BEiT-3 pre-training
+    0.54 after 3,300, about 0.70 after 6,000; on a 2-core Intel Xeon 5,600-6,400 budgeted
+    steps and 0.67-0.72 over six runs, with a run-to-run spread of about +-0.02 at equal
+    steps), so the 200,000 training scenes are each seen about once (60,000 seen three
+    times: 0.69). AdamW's beta2 is 0.98 as in BEiT-3 pre-training
     (0.999: 0.70 after 6,000 steps, 0.98: 0.71; val 0.72 and 0.75).
     """
     config = TrainConfig(
