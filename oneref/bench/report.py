@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["environment", "write_json", "cost_markdown", "profile_markdown", "kernel_markdown",
-           "plot_throughput",
-           "plot_attention", "fmt"]
+           "plot_throughput", "plot_attention", "fmt"]
 
 log = logging.getLogger(__name__)
 TRAIN_KEYS = ("rec_train_sps", "res_train_sps", "mim_train_sps", "mlm_train_sps")
@@ -149,9 +148,10 @@ def profile_markdown(rows: list[dict]) -> list[str]:
         for key, prof in r.items():
             if not key.endswith("_train_profile"):
                 continue
+            busy = "GPU busy" if str(r.get("device", "")).startswith("cuda") else "op self time"
             lines += ["", f"{_preset(r)} ({r['engine']}) {key.split('_')[0]} training step: "
-                          f"device busy {fmt(prof['busy_ms'])} ms of {fmt(prof['wall_ms'])} ms "
-                          "wall", "", "| op | calls | ms | share |", "|---|---|---|---|"]
+                          f"{busy} {fmt(prof['busy_ms'])} ms of {fmt(prof['wall_ms'])} ms wall",
+                      "", "| op | calls | ms | share |", "|---|---|---|---|"]
             lines += [f"| {o['op'][:70]} | {fmt(o['calls'])} | {fmt(o['ms'])} | "
                       f"{fmt(100 * o['share'])}% |" for o in prof["top"]]
     return lines
