@@ -71,12 +71,13 @@ export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16}
 step build 200 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 "$PY" -c "import oneref.ops as o; print(o.backend_status('cuda'))" 2>&1 | tee -a "$OUT/build.log"
 
-# 2. GPU tests, then the sanitizer once ---------------------------------------------------
-# Every failure is reported (no -x): one slot has to show all of them. With pytest-xdist the
-# Triton compilations of the test shapes run in 8 processes.
+# 2. GPU tests ------------------------------------------------------------------------------
+# Every failure is reported (no -x): one slot has to show all of them; -v names each test as
+# it ends, so a run stopped by its box still says which ran. With pytest-xdist the Triton
+# compilations of the test shapes run in 8 processes.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-step gpu-tests 120 "$OUT/tests.log" "$PY" -m pytest -m gpu -q -rfE --maxfail=40 \
+step gpu-tests 120 "$OUT/tests.log" "$PY" -m pytest -m gpu -v -rfE --maxfail=40 \
     -p no:cacheprovider "${XDIST[@]}" tests/
 
 # 3. benchmark rows: one process per part, merged at the end -------------------------------
