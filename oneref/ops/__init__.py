@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from oneref.ops.checks import (autocast_inputs, check_boxes, check_bool_mask, check_shape,
-                               check_tensor)
+from oneref.ops.checks import (autocast_inputs, check_boxes, check_bool_mask, check_row_split,
+                               check_shape, check_tensor)
 from oneref.ops.dispatch import BACKENDS, backend_status, current_backend, resolve, use_backend
 from oneref.ops.flops import register_cpu_attention_flops
 from oneref.ops.layout import is_sequence_major, sequence_major
@@ -91,8 +91,7 @@ def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
     for name, bias in (("bias_a", bias_a), ("bias_b", bias_b)):
         if bias is not None:
             check_shape(name, bias, (d_out,), like=weight_a)
-    if not 0 <= num_vision <= x.shape[1]:
-        raise ValueError(f"num_vision must be in [0, S] = [0, {x.shape[1]}], got {num_vision}")
+    check_row_split(num_vision, x.shape[1])
     if activation not in ("none", "gelu"):
         raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
     return resolve("multiway_linear", x.device, backend)(x, num_vision, weight_a, bias_a,
@@ -126,8 +125,7 @@ def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
                         ("bias_b", bias_b)):
         if param is not None:
             check_shape(name, param, (width,), like=x)
-    if not 0 <= num_vision <= x.shape[1]:
-        raise ValueError(f"num_vision must be in [0, S] = [0, {x.shape[1]}], got {num_vision}")
+    check_row_split(num_vision, x.shape[1])
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     return torch_backend.multiway_layer_norm(x, num_vision, weight_a, bias_a, weight_b, bias_b,

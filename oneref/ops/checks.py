@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["check_tensor", "check_shape", "check_bool_mask", "check_boxes", "autocast_inputs"]
+__all__ = ["check_tensor", "check_shape", "check_bool_mask", "check_boxes", "check_row_split",
+           "autocast_inputs"]
 
 
 def check_tensor(name: str, value, *, ndim: int | None = None, floating: bool = False,
@@ -52,6 +53,12 @@ def check_boxes(name: str, boxes, batch: int | None = None,
         expected = f"({batch if batch is not None else 'B'}, 4)"
         raise ValueError(f"{name} must have shape {expected} (cx, cy, w, h), "
                          f"got {tuple(boxes.shape)}")
+
+
+def check_row_split(num_vision: int, seq: int) -> None:
+    """Raise unless the vision expert's row count ``num_vision`` is in [0, ``seq``]."""
+    if not 0 <= num_vision <= seq:
+        raise ValueError(f"num_vision must be in [0, S] = [0, {seq}], got {num_vision}")
 
 
 def autocast_inputs(*tensors):

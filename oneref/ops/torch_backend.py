@@ -14,10 +14,10 @@ faster PyTorch composite with the same contract (tested against the reference):
   about 7% off the CPU training step of the ``small`` model.
 * The outputs of these three ops, and the input gradients of the multiway linear and
   LayerNorm, are sequence-major (:mod:`oneref.ops.layout`), the layout the encoder keeps
-  its hidden states in. On such
-  inputs each expert's rows are a contiguous block: the GEMMs read their rows as views and
-  write their blocks in place, with no split or join copies. That took another 7% off the
-  same step (71.4 vs 76.8 ms, median of 8 alternating runs in one process, 2 threads).
+  its hidden states in. On such inputs each expert's rows are a contiguous block: the GEMMs
+  read their rows as views and write their blocks in place, with no split or join copies.
+  That took another 7% off the same step (71.4 vs 76.8 ms, median of 8 alternating runs in
+  one process, 2 threads).
 """
 
 from __future__ import annotations
