@@ -340,22 +340,24 @@ def load_config_file(path: str | Path) -> TrainConfig:
 def refshapes_recipe(**changes) -> TrainConfig:
     """Default of ``oneref train``: REC from scratch on RefShapes, ``small`` model, 2-core CPU.
 
-    One full stage from the ``scratch`` init, lr 5e-4 after a 100-step linear warm-up, cosine
-    to 2% over a 575 s wall-clock budget (``time_budget_s``; ``steps`` is only an upper
-    bound), so data generation + training + evaluation fit inside 10 minutes on 2 CPU cores
-    however busy the machine is (start-up and evaluation take about 8 s more): a slower
+    One full stage from the ``scratch`` init, batch 16, lr 5e-4 after a 100-step linear
+    warm-up, cosine to 2% over a 575 s wall-clock budget (``time_budget_s``; ``steps`` is only
+    an upper bound), so data generation + training + evaluation fit inside 10 minutes on 2 CPU
+    cores however busy the machine is (start-up and evaluation take about 8 s more): a slower
     machine trains fewer steps but still anneals.
-    Accuracy grows with every step the budget allows (test Acc@0.5 0.37 after 1,650 steps,
-    0.54 after 3,300, about 0.70 after 6,000; on a 2-core Intel Xeon 5,600-6,400 budgeted
-    steps and 0.67-0.72 over six runs, with a run-to-run spread of about +-0.02 at equal
-    steps), so the 200,000 training scenes are each seen about once (60,000 seen three
-    times: 0.69). AdamW's beta2 is 0.98 as in BEiT-3 pre-training
-    (0.999: 0.70 after 6,000 steps, 0.98: 0.71; val 0.72 and 0.75).
+    Accuracy grows with the number of optimizer steps the budget allows, so the batch is small:
+    on a 2-core Intel Xeon, batch 32 ran 5,600-6,400 steps and scored test Acc@0.5 0.67-0.72
+    over seven runs (mean 0.70); batch 24 ran 8,159 steps (0.736); batch 16 12,300-12,700
+    steps at the same samples/s (0.71-0.77 over four runs, mean 0.74); batch 8 20,010 steps
+    (0.672: fewer samples/s, noisier steps). The 200,000 training scenes are each seen about
+    once (60,000 seen three times scored lower).
+    AdamW's beta2 is 0.98 as in BEiT-3 pre-training (0.999: 0.70 after 6,000 batch-32 steps,
+    0.98: 0.71; val 0.72 and 0.75).
     """
     config = TrainConfig(
         task="rec",
         model="small",
-        stages=[StageConfig(name="full", epochs=0, steps=20000, lr=5e-4, batch_size=32,
+        stages=[StageConfig(name="full", epochs=0, steps=40000, lr=5e-4, batch_size=16,
                             warmup_steps=100)],
         schedule=ScheduleConfig(kind="cosine", interval="step", min_lr_ratio=0.02),
         optim=OptimConfig(weight_decay=1e-4, betas=(0.9, 0.98), grad_clip=1.0),
