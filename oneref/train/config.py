@@ -347,8 +347,8 @@ def refshapes_recipe(**changes) -> TrainConfig:
     machine trains fewer steps but still anneals.
     Accuracy grows with the number of optimizer steps the budget allows, so the batch is small:
     on a 2-core Intel Xeon, batch 32 ran 5,600-6,400 steps and scored test Acc@0.5 0.67-0.72
-    over seven runs (mean 0.70); batch 24 ran 8,159 steps (0.736); batch 16 12,300-12,700
-    steps at the same samples/s (0.71-0.77 over four runs, mean 0.74); batch 8 20,010 steps
+    over seven runs (mean 0.70); batch 24 ran 8,159 steps (0.736); batch 16 11,300-12,700
+    steps at the same samples/s (0.71-0.77 over five runs, mean 0.745); batch 8 20,010 steps
     (0.672: fewer samples/s, noisier steps). The 200,000 training scenes are each seen about
     once (60,000 seen three times scored lower).
     AdamW's beta2 is 0.98 as in BEiT-3 pre-training (0.999: 0.70 after 6,000 batch-32 steps,
