@@ -15,26 +15,28 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from oneref.config import ModelConfig
+from oneref.config import PRESETS, ModelConfig, get_config
+from oneref.io import atomic_write, write_json
 
 __all__ = ["RENAME_RULES", "QKV_RULE", "LoadReport", "convert_official_state_dict",
-           "resize_vision_positions", "load_official", "read_checkpoint", "save_pretrained",
+           "resize_vision_positions", "load_official", "load_pth", "read_checkpoint",
+           "infer_model_config", "save_pretrained",
            "load_pretrained", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ RENAME_RULES: list[tuple[str, str]] = [
 # q/k/v of each expert are stacked (in this order) into one packed (3D, D) weight / (3D,) bias.
 QKV_RULE = (_LAYER + r"self_attn\.([qkv])_proj\.([AB])\.(weight|bias)$", _BLOCK + r"attn.qkv.\3.\4")
 _QKV_ORDER = {"q": 0, "k": 1, "v": 2}
+# numpy's scalar constructor, which pickles numpy floats and ints (e.g. a logged accuracy).
+_NUMPY_SCALAR = np.float64(0).__reduce__()[0]
 
 
 @dataclass
@@ -91,6 +95,27 @@ class LoadReport:
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     resized_keys: list[str] = field(default_factory=list)
+    loaded: int = 0
+
+    def summary(self, source: str = "checkpoint") -> str:
+        """A short block: tensors loaded, then resized / missing / unused keys grouped by
+        their leading module name (``rec_head (5)``)."""
+        lines = [f"loaded {self.loaded} tensors from {source}"]
+        for label, keys in (("resized", self.resized_keys),
+                            ("missing, left as initialised", self.missing_keys),
+                            ("in the file, not used", self.unexpected_keys)):
+            if keys:
+                lines.append(f"  {label}: {len(keys)} ({_group_keys(keys)})")
+        return "\n".join(lines)
+
+
+def _group_keys(keys: list[str], most: int = 6) -> str:
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(_strip(key).split(".")[0], []).append(key)
+    parts = [members[0] if len(members) == 1 else f"{name} ({len(members)})"
+             for name, members in groups.items()]
+    return ", ".join(parts[:most]) + (f", +{len(parts) - most} more" if len(parts) > most else "")
 
 
 def _strip(key: str) -> str:
@@ -166,24 +191,64 @@ def resize_vision_positions(table: torch.Tensor, num_patches: int) -> torch.Tens
     return torch.cat([table[:KEPT_POSITION_ROWS], grid], dim=0)
 
 
+def _safe_globals() -> list:
+    """What official OneRef / BEiT-3 files pickle beside their tensors: the training
+    arguments (``argparse.Namespace``) and numpy scalars of logged metrics. Allowed by the
+    ``weights_only`` loader; nothing else is."""
+    return [argparse.Namespace, np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64)),
+            type(np.dtype(np.float32)), _NUMPY_SCALAR]
+
+
+def load_pth(path, trust: bool = False):
+    """``torch.load`` a ``.pth`` file safely: ``weights_only`` with :func:`_safe_globals`
+    allowed, memory-mapped (an 8 GB file with optimizer state is not read into RAM twice).
+    ``trust=True`` unpickles anything (runs code from the file: only for files you trust)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return _torch_load(path, trust, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise ValueError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+        return _torch_load(path, trust, mmap=False)  # legacy (non-zip) files cannot be mapped
+
+
+def _torch_load(path: Path, trust: bool, mmap: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - only used to word the message
+            unsafe = []
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
+        names = [n for n in unsafe if n not in allowed] or ["objects"]
+        raise ValueError(f"checkpoint {str(path)!r} pickles {', '.join(names[:5])} besides "
+                         f"its tensors; loading those would run code from the file. If you "
+                         f"trust it, pass --trust-checkpoint (Python: allow_pickle=True)") from err
+    except RuntimeError as err:
+        if mmap and "mmap" in str(err):
+            raise
+        raise ValueError(f"cannot read checkpoint {str(path)!r} (truncated or not a torch "
+                         f"file?): {err}") from err
+    except Exception as err:  # noqa: BLE001 - a torn or foreign file fails in many ways
+        raise ValueError(f"cannot read checkpoint {str(path)!r} (truncated or not a torch "
+                         f"file?): {type(err).__name__}: {err}") from err
+
+
 def read_checkpoint(source, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Load an official ``.pth`` (or take a dict) and return its flat state dict.
 
     Accepts ``{"model": state}``, ``{"module": state}``, ``{"state_dict": state}`` or a
-    state dict. Files are read with ``weights_only=True``; pass ``allow_pickle=True`` for
-    trusted files that also pickle other objects (e.g. training arguments).
+    state dict. Files are read by :func:`load_pth` (safe by default); ``allow_pickle=True``
+    unpickles any object, for trusted files only.
     """
-    if isinstance(source, Mapping):
-        obj = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-        except pickle.UnpicklingError as err:
-            raise ValueError(f"checkpoint {str(path)!r} holds pickled objects other than tensors; "
-                             f"if you trust the file, pass allow_pickle=True ({err})") from err
+    obj = source if isinstance(source, Mapping) else load_pth(source, trust=allow_pickle)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"checkpoint holds a {type(obj).__name__}, expected a state dict or "
+                         f"a dict with key 'model'")
     for key in ("model", "module", "state_dict"):
         if key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -193,6 +258,42 @@ def read_checkpoint(source, allow_pickle: bool = False) -> dict[str, torch.Tenso
         raise ValueError(f"checkpoint entries {bad[:5]} are not tensors; expected a state dict "
                          f"or a dict with key 'model'")
     return dict(obj)
+
+
+def infer_model_config(state: Mapping[str, torch.Tensor],
+                       preset: str | ModelConfig | None = None) -> ModelConfig:
+    """The model config of converted (our-named) official tensors.
+
+    The preset is the one whose width and depth the tensors have (``base``, ``large``), or
+    ``preset`` when given (checked against them); the vocabulary, text-position and
+    visual-token sizes are the file's. ValueError when no preset fits.
+    """
+    try:
+        vocab, dim = state["embed.text_embed.weight"].shape
+        ffn = state["encoder.blocks.0.mlp.fc1.A.weight"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"not a BEiT-3 / OneRef checkpoint: it has no {err.args[0]!r} "
+                         f"(after renaming)") from None
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.blocks."))
+    found = {"embed_dim": int(dim), "depth": depth, "ffn_dim": int(ffn)}
+    if preset is None:
+        matches = [name for name, cfg in PRESETS.items()
+                   if all(getattr(cfg, k) == v for k, v in found.items())]
+        if not matches:
+            raise ValueError(f"checkpoint has width {dim}, depth {depth}, FFN {ffn}: no preset "
+                             f"({', '.join(PRESETS)}) matches; pass --model NAME")
+        preset = matches[0]
+    config = get_config(preset)
+    wrong = {k: (v, getattr(config, k)) for k, v in found.items() if getattr(config, k) != v}
+    if wrong:
+        detail = ", ".join(f"{k} {got} (preset {want})" for k, (got, want) in wrong.items())
+        raise ValueError(f"checkpoint does not fit preset {config.name!r}: {detail}")
+    sizes = {"vocab_size": int(vocab)}
+    if "embed.text_pos.weight" in state:
+        sizes["text_positions"] = int(state["embed.text_pos.weight"].shape[0])
+    if "mim_head.proj.weight" in state:
+        sizes["mim_vocab"] = int(state["mim_head.proj.weight"].shape[0])
+    return config.replace(**sizes)
 
 
 def load_official(model, source, *, allow_pickle: bool = False) -> LoadReport:
@@ -229,25 +330,13 @@ def load_official(model, source, *, allow_pickle: bool = False) -> LoadReport:
                              f"{tuple(expected)}")
         converted[key] = tensor
     result = model.load_state_dict(converted, strict=False)
+    report.loaded = len(converted)
     report.missing_keys = sorted(result.missing_keys)
     if report.missing_keys:
-        logger.warning("keys not in the checkpoint (left as initialised): %s", report.missing_keys)
+        logger.info("keys not in the checkpoint (left as initialised): %s", report.missing_keys)
     if report.unexpected_keys:
-        logger.warning("checkpoint keys not used by the model: %s", report.unexpected_keys)
+        logger.info("checkpoint keys not used by the model: %s", report.unexpected_keys)
     return report
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_pretrained(model, directory, state_dict: dict | None = None) -> None:
@@ -258,13 +347,8 @@ def save_pretrained(model, directory, state_dict: dict | None = None) -> None:
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     metadata = {"format": "pt", "heads": ",".join(model.heads)}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-    def write_config(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(model.config.to_dict(), fh, indent=2, sort_keys=True)
-
-    _atomic_write(directory / CONFIG_NAME, write_config)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_json(directory / CONFIG_NAME, model.config.to_dict())
 
 
 def load_pretrained(directory, map_location="cpu"):

@@ -1,9 +1,11 @@
-"""The ``oneref`` command: train | pretrain | eval | predict | info | bench.
+"""The ``oneref`` command: train | pretrain | eval | predict | convert | info | bench.
 
 ``oneref train`` with no arguments trains REC on the built-in RefShapes data with the
 ``small`` preset (the CPU demo: a few minutes on 2 cores), then prints Acc@0.5 on the test
-split beside a colour-guess baseline. Settings come from the recipe, then ``--config FILE``
-(JSON or YAML), then the flags, then ``--set key=value`` overrides (dotted keys).
+split beside a colour-guess baseline. Real data (docs/data.md) takes the reference code's
+flags: ``--dataset unc --data-root IMAGES --split-root SPLITS --tokenizer beit3.spm``.
+Settings come from the recipe, then ``--config FILE`` (JSON or YAML), then the flags, then
+``--set key=value`` overrides (dotted keys).
 """
 
 from __future__ import annotations
@@ -11,11 +13,48 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
+
+# flag -> DataConfig field; path flags are stored absolute so a run folder can be evaluated
+# from anywhere.
+_DATA_FLAGS = {"dataset": "dataset", "data_root": "root", "split_root": "split_root",
+               "refer_root": "refer_root", "split_by": "split_by", "tokenizer": "tokenizer",
+               "seg_mask": "seg_mask", "num_workers": "num_workers"}
+_PATH_FLAGS = ("data_root", "split_root", "refer_root", "tokenizer")
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (real-data layout: docs/data.md)")
+    g.add_argument("--dataset", help="refshapes (built in), unc, unc+, gref, gref_umd, referit, "
+                                     "flickr, mixup; with --refer-root: refcoco, refcoco+, refcocog")
+    g.add_argument("--data-root", metavar="IMAGE_DATA",
+                   help="image root: other/images/mscoco/images/train2014, referit/images, "
+                        "Flickr30k/flickr30k-images below it")
+    g.add_argument("--split-root", metavar="SPLITS",
+                   help="folder of split files {dataset}/{dataset}_{split}.pth")
+    g.add_argument("--refer-root", metavar="DIR",
+                   help="refer-toolkit layout (refcoco/instances.json + refs(unc).p), "
+                        "instead of --split-root")
+    g.add_argument("--split-by", help="refer-toolkit split scheme: unc, google, umd")
+    g.add_argument("--tokenizer", metavar="SPM", help="sentencepiece model (beit3.spm)")
+    g.add_argument("--seg-mask", "--enable-seg-mask", dest="seg_mask", action="store_true",
+                   default=None, help="REC box-mask constraint from the segmentation mask")
+    g.add_argument("--num-workers", type=int,
+                   help="DataLoader workers (default: the usable cores on a GPU, 0 on a CPU)")
+
+
+def _add_weights_flags(p: argparse.ArgumentParser, flag: str, default: str | None) -> None:
+    p.add_argument(flag, default=default, metavar="PATH",
+                   help="run folder, save_pretrained folder or official .pth (BEiT-3 / OneRef)"
+                        + (f" (default: {default})" if default else ""))
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle any object in a .pth (runs code from the file; only for "
+                        "files you trust)")
 
 
 def _add_train_flags(p: argparse.ArgumentParser, pretrain: bool) -> None:
@@ -24,12 +63,12 @@ def _add_train_flags(p: argparse.ArgumentParser, pretrain: bool) -> None:
                    help="dotted override, e.g. --set optim.grad_clip=0 (repeatable)")
     if not pretrain:
         p.add_argument("--task", choices=("rec", "res"), help="rec (boxes) or res (masks)")
-        p.add_argument("--recipe", choices=("refshapes", "reference"), default="refshapes",
-                       help="refshapes: CPU demo from scratch (default); reference: the "
-                            "paper's two-stage fine-tuning for real data")
-    p.add_argument("--model", help="preset: tiny, small, base, large")
-    p.add_argument("--dataset", help="refshapes or a real dataset name (unc, gref, ...)")
-    p.add_argument("--data-root", help="folder of split files and images (real data)")
+    p.add_argument("--recipe", choices=("refshapes", "reference"),
+                   help="refshapes: CPU demo from scratch; reference: the paper's schedule for "
+                        "real data (default whenever --dataset is not refshapes)")
+    p.add_argument("--model", help="preset: tiny, small, base, large (default: the recipe's, "
+                                   "or the shape of an --init-from .pth)")
+    _add_data_flags(p)
     p.add_argument("--steps", type=int, help="optimizer steps of the (last) stage")
     p.add_argument("--epochs", type=int, help="epochs of the (last) stage (steps unset)")
     p.add_argument("--batch-size", type=int, help="per-rank batch of every stage")
@@ -40,10 +79,9 @@ def _add_train_flags(p: argparse.ArgumentParser, pretrain: bool) -> None:
     p.add_argument("--output-dir", "-o", help="run folder")
     p.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                    help="continue from the newest checkpoint of the run folder (or PATH)")
-    p.add_argument("--init-from", metavar="DIR", help="start weights (save_pretrained folder)")
+    _add_weights_flags(p, "--init-from", None)
     p.add_argument("--checkpoint-interval", type=int, help="save every N steps")
     p.add_argument("--threads", type=int, help="CPU threads (0: torch default)")
-    p.add_argument("--num-workers", type=int, help="DataLoader workers")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", choices=("auto", "bf16", "fp32"))
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the step")
@@ -68,24 +106,46 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Mask Referring Modeling pre-training on RefShapes or "
                                    "real data.")
     _add_train_flags(p, pretrain=True)
-    p = sub.add_parser("eval", help="metrics of a trained model on a split",
-                       description="REC Acc@0.5 or RES mIoU/oIoU/Prec@X of a trained model.")
-    p.add_argument("--checkpoint", default="runs/refshapes_rec", metavar="DIR",
-                   help="run folder or save_pretrained folder (default: runs/refshapes_rec)")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p = sub.add_parser("eval", help="metrics of a trained model on one or more splits",
+                       description="REC Acc@0.5 or RES mIoU/oIoU/Prec@X per split, beside the "
+                                   "paper's numbers; writes eval.json and eval.md.")
+    _add_weights_flags(p, "--checkpoint", "runs/refshapes_rec")
+    p.add_argument("--split", help="comma list, e.g. val,testA,testB (default: every split of "
+                                   "the dataset but train)")
     p.add_argument("--task", choices=("rec", "res"), help="default: the run's task")
+    p.add_argument("--model", help="preset of an official .pth (default: from its shapes)")
+    _add_data_flags(p)
     p.add_argument("--size", type=int, help="RefShapes split size (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="per-rank batch (default 128)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p = sub.add_parser("predict", help="ground one expression in one image",
-                       description="Print the predicted box and write a PNG with it drawn.")
-    p.add_argument("--image", required=True, metavar="PATH", help="input image")
-    p.add_argument("--text", required=True, help="referring expression")
-    p.add_argument("--checkpoint", default="runs/refshapes_rec", metavar="DIR",
-                   help="run folder or save_pretrained folder (default: runs/refshapes_rec)")
+    p.add_argument("--out", metavar="DIR", help="where eval.json / eval.md go (default: the "
+                                                "run folder, else the current folder)")
+    p = sub.add_parser("predict", help="ground expressions in images",
+                       description="One image and expression (--image, --text), or a JSON-lines "
+                                   "file of pairs (--input); prints / writes boxes and drawings.")
+    _add_weights_flags(p, "--checkpoint", "runs/refshapes_rec")
+    p.add_argument("--tokenizer", metavar="SPM",
+                   help="sentencepiece model (default: the one the run recorded)")
+    p.add_argument("--model", help="preset of an official .pth (default: from its shapes)")
+    p.add_argument("--image", metavar="PATH", help="input image")
+    p.add_argument("--text", help="referring expression")
     p.add_argument("--out", metavar="PNG", help="output image (default: <image>_pred.png)")
+    p.add_argument("--input", metavar="JSONL",
+                   help='lines {"image": path, "text": str} (paths relative to the file)')
+    p.add_argument("--out-dir", metavar="DIR", help="with --input: predictions.jsonl + PNGs")
+    p.add_argument("--batch-size", type=int, default=16, help="with --input (default 16)")
+    p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                   help="with --input: skip a bad line or image (default), or stop")
     p.add_argument("--task", choices=("rec", "res"), help="default: the run's task")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p = sub.add_parser("convert", help="official .pth -> save_pretrained folder",
+                       description="Convert an official BEiT-3 / OneRef .pth into a folder of "
+                                   "model.safetensors + config.json and print the load report.")
+    p.add_argument("source", metavar="IN.pth", help="official checkpoint")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write")
+    p.add_argument("--model", help="preset (default: from the tensor shapes)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle any object in the file (runs code from it)")
     p = sub.add_parser("info", help="model presets, parameter counts, op backends",
                        description="Print presets with parameter counts and the op backend "
                                    "in use on each device.")
@@ -101,26 +161,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- train / pretrain ---------------------------------------------------------------------
 
-def _train_config(args, pretrain: bool):
+def _data_values(args) -> dict:
+    """DataConfig fields of the data flags given (paths made absolute)."""
+    values = {}
+    for flag, name in _DATA_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            values[name] = (os.path.abspath(os.path.expanduser(value)) if flag in _PATH_FLAGS
+                            else value)
+    return values
+
+
+def _recipe(args, pretrain: bool, real: bool):
+    from oneref.sources import official_preset
     from oneref.train import config as tc
 
     if args.config:
-        cfg = tc.load_config_file(args.config)
-    elif pretrain:
-        cfg = tc.pretrain_recipe()
-    elif args.recipe == "reference":
-        cfg = tc.reference_recipe(args.model or "base")
-    else:
-        cfg = tc.refshapes_recipe()
-    flags = []
+        return tc.load_config_file(args.config)
+    model = args.model
+    if model is None and args.init_from and Path(args.init_from).is_file():
+        model = official_preset(args.init_from, trust=args.trust_checkpoint)
+    if (args.recipe or ("reference" if real else "refshapes")) == "reference":
+        return (tc.reference_pretrain_recipe(model or "base") if pretrain
+                else tc.reference_recipe(model or "base"))
+    cfg = tc.pretrain_recipe() if pretrain else tc.refshapes_recipe()
+    return cfg if model is None else tc.apply_overrides(cfg, [f"model={json.dumps(model)}"])
+
+
+def _train_config(args, pretrain: bool):
+    from oneref.train import config as tc
+
+    data = _data_values(args)
+    cfg = _recipe(args, pretrain, data.get("dataset", "refshapes") != "refshapes")
     last = len(cfg.stages) - 1
-    simple = {"task": "task", "model": "model", "dataset": "data.dataset",
-              "data_root": "data.root", "train_size": "data.train_size",
+    flags = [f"data.{name}={json.dumps(value)}" for name, value in data.items()]
+    simple = {"task": "task", "model": "model", "train_size": "data.train_size",
               "output_dir": "output_dir", "resume": "checkpoint.resume",
               "init_from": "checkpoint.init_from", "threads": "threads",
-              "checkpoint_interval": "checkpoint.interval", "num_workers": "data.num_workers",
-              "device": "device", "amp": "amp", "compile": "compile",
-              "grad_checkpointing": "grad_checkpointing", "seed": "seed",
+              "checkpoint_interval": "checkpoint.interval", "device": "device", "amp": "amp",
+              "compile": "compile", "grad_checkpointing": "grad_checkpointing", "seed": "seed",
               "time_budget": "time_budget_s", "vts": "pretrain.vts", "sts": "pretrain.sts",
               "vqkd": "pretrain.vqkd_checkpoint", "steps": f"stages.{last}.steps",
               "lr": f"stages.{last}.lr"}
@@ -132,6 +211,8 @@ def _train_config(args, pretrain: bool):
         flags += [f"stages.{last}.epochs={args.epochs}", f"stages.{last}.steps=0"]
     if args.batch_size is not None:
         flags += [f"stages.{i}.batch_size={args.batch_size}" for i in range(len(cfg.stages))]
+    if args.trust_checkpoint:
+        flags.append("checkpoint.trust=true")
     if args.fsdp:
         flags.append('dist.strategy="fsdp"')
     if args.no_progress:
@@ -146,6 +227,8 @@ def _cmd_train(args, pretrain: bool = False) -> int:
     cfg = _train_config(args, pretrain)
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
+    if trainer.load_report is not None and is_main():
+        print(trainer.load_report.summary(cfg.checkpoint.init_from))
     results = trainer.fit()
     if not is_main():
         return 0
@@ -160,10 +243,10 @@ def _cmd_train(args, pretrain: bool = False) -> int:
         if split in results:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in results[split].items() if k != "n")
             print(f"{split} ({results[split]['n']} samples): {metrics}")
-    if cfg.data.dataset == "refshapes" and cfg.task == "rec" and cfg.final_test:
+    if not cfg.data.real and cfg.task == "rec" and cfg.final_test:
         from oneref.data.synthetic import colour_guess_accuracy
+        from oneref.io import write_json
         from oneref.train.data import build_dataset
-        from oneref.train.logger import write_json
 
         test = build_dataset(cfg.data, trainer.model.config, cfg.data.test_split)
         baseline = colour_guess_accuracy(test, seed=0)
@@ -173,56 +256,103 @@ def _cmd_train(args, pretrain: bool = False) -> int:
         results["colour_guess_baseline"] = baseline
         results["wall_seconds"] = wall
         write_json(Path(cfg.output_dir) / "metrics.json", results)
+    if cfg.data.real:
+        print(f"evaluate every split: oneref eval --checkpoint {cfg.output_dir}")
     return 0
 
 
-# --- eval / predict / info ------------------------------------------------------------------
+# --- eval / predict / convert / info ---------------------------------------------------------
 
 def _cmd_eval(args) -> int:
-    from oneref.eval.evaluate import evaluate
-    from oneref.eval.predict import _find_model_dir
-    from oneref.model import OneRef
-    from oneref.train.config import TrainConfig
-    from oneref.train.data import build_dataset, eval_loader
-    from oneref.train.distributed import resolve_device
+    import dataclasses
 
-    model_dir, train_cfg = _find_model_dir(Path(args.checkpoint))
-    cfg = TrainConfig.from_dict(train_cfg) if train_cfg else TrainConfig()
-    task = args.task or (cfg.task if cfg.task in ("rec", "res") else "rec")
+    import torch
+
+    from oneref.eval.splits import default_splits, eval_table, evaluate_splits, write_eval
+    from oneref.sources import ModelSource
+    from oneref.train.config import DataConfig, TrainConfig
+    from oneref.train.distributed import init_distributed, shutdown
+
+    source = ModelSource(args.checkpoint, preset=args.model, trust=args.trust_checkpoint)
+    run = TrainConfig.from_dict(source.train_config) if source.train_config else None
+    data = dataclasses.replace(run.data if run else DataConfig(), **_data_values(args),
+                               eval_batch_size=args.batch_size)
     if args.size is not None:
-        cfg.data.test_size = cfg.data.eval_size = args.size
-    cfg.data.eval_batch_size = args.batch_size
-    device = resolve_device(args.device)
-    model = OneRef.from_pretrained(model_dir).to(device)
-    dataset = build_dataset(cfg.data, model.config, args.split)
-    loader = eval_loader(dataset, cfg.data, device, 0, 1)
-    t0 = time.perf_counter()
-    metrics = evaluate(model, loader, task, device)
-    seconds = time.perf_counter() - t0
-    print(f"{args.split} ({metrics['n']} samples, {metrics['n'] / seconds:.1f} samples/s): "
-          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n"))
-    if cfg.data.dataset == "refshapes" and task == "rec":
-        from oneref.data.synthetic import colour_guess_accuracy
-
-        print(f"colour-guess baseline: {colour_guess_accuracy(dataset, seed=0):.4f}")
+        data = dataclasses.replace(data, eval_size=args.size, test_size=args.size)
+    task = args.task or (run.task if run and run.task in ("rec", "res") else "rec")
+    splits = ([s.strip() for s in args.split.split(",") if s.strip()] if args.split
+              else list(default_splits(data)))
+    if not splits:
+        raise ValueError(f"--split {args.split!r} names no split")
+    info = init_distributed(args.device)
+    try:
+        model = source.build().to(info.device)
+        if source.report is not None and info.rank == 0:
+            print(source.report.summary(args.checkpoint))
+        rows = evaluate_splits(model, data, task, splits, info.device, rank=info.rank,
+                               world_size=info.world_size)
+    finally:
+        shutdown()
+    if info.rank != 0:
+        return 0
+    table = eval_table(rows, task, data, model.config.name)
+    print(table)
+    meta = {"checkpoint": str(args.checkpoint), "task": task, "dataset": data.dataset,
+            "model": model.config.name, "world_size": info.world_size,
+            "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
+            else "cpu", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    out = Path(args.out) if args.out else (source.run_dir or Path("."))
+    for path in write_eval(out, rows, meta, table):
+        print(f"wrote {path}")
     return 0
 
 
 def _cmd_predict(args) -> int:
-    from oneref.eval.predict import draw_prediction, load_image, load_predictor
+    from oneref.eval.predict import draw_prediction, load_image, load_predictor, predict_file
     from oneref.train.distributed import resolve_device
 
-    if not args.text.strip():
+    if args.input is None and (args.image is None or args.text is None):
+        raise ValueError("give --image and --text, or --input pairs.jsonl with --out-dir")
+    if args.input is not None and (args.image or args.text):
+        raise ValueError("--input replaces --image/--text; give one or the other")
+    if args.input is not None and not args.out_dir:
+        raise ValueError("--input needs --out-dir (where predictions.jsonl and the PNGs go)")
+    if args.text is not None and not args.text.strip():
         raise ValueError("--text must be a non-empty expression")
-    image = load_image(args.image)
-    predictor = load_predictor(args.checkpoint, resolve_device(args.device), args.task)
+    image = load_image(args.image) if args.image else None
+    predictor = load_predictor(args.checkpoint, resolve_device(args.device), args.task,
+                               tokenizer=args.tokenizer, preset=args.model,
+                               trust=args.trust_checkpoint)
+    if predictor.report is not None:
+        print(predictor.report.summary(args.checkpoint))
+    if args.input is not None:
+        result = predict_file(predictor, args.input, args.out_dir, args.batch_size,
+                              args.on_error)
+        print(f"{result['predicted']} predictions, {result['skipped']} lines skipped: "
+              f"{result['predictions']}")
+        return 0
     pred = predictor.predict(image, args.text)
     x1, y1, x2, y2 = pred.box_xyxy
     print(f"box (x1, y1, x2, y2) pixels: {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}")
+    print(f"score {pred.score:.3f} (highest patch probability)"
+          + ("" if pred.mask is None else f", mask {int(pred.mask.sum())} pixels"))
     out = Path(args.out) if args.out else Path(args.image).with_name(
         Path(args.image).stem + "_pred.png")
     draw_prediction(image, pred, args.text).save(out, format="PNG")
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from oneref.sources import ModelSource
+
+    if not Path(args.source).is_file():
+        raise ValueError(f"{args.source} is not a file (an official .pth is expected)")
+    source = ModelSource(args.source, preset=args.model, trust=args.trust_checkpoint)
+    model = source.build()
+    print(source.report.summary(args.source))
+    model.save_pretrained(args.out_dir)
+    print(f"wrote {args.out_dir} ({model.config.name}: model.safetensors + config.json)")
     return 0
 
 
@@ -265,11 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["train"] + (argv if argv is not None else sys.argv[1:]))
     handlers = {"train": lambda a: _cmd_train(a), "pretrain": lambda a: _cmd_train(a, True),
-                "eval": _cmd_eval, "predict": _cmd_predict, "info": _cmd_info,
-                "bench": _cmd_bench}
+                "eval": _cmd_eval, "predict": _cmd_predict, "convert": _cmd_convert,
+                "info": _cmd_info, "bench": _cmd_bench}
     try:
         return handlers[command](args)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"oneref {command}: error: {exc}", file=sys.stderr)
         return 2
 

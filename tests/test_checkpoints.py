@@ -4,46 +4,15 @@ import argparse
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from oneref import OneRef
 from oneref.checkpoints import load_official, load_pretrained, resize_vision_positions
+from oneref.testing import official_beit3_state as official_state
 
-
-
-def official_state(config, seed=0, prefix="beit3."):
-    """Random tensors under the official torchscale BEiT-3 names for ``config``."""
-    gen = torch.Generator().manual_seed(seed)
-    d, f = config.embed_dim, config.ffn_dim
-    shapes = {
-        "text_embed.weight": (config.vocab_size, d),
-        "vision_embed.proj.weight": (d, config.in_chans, config.patch_size, config.patch_size),
-        "vision_embed.proj.bias": (d,),
-        "vision_embed.cls_token": (1, 1, d),
-        "vision_embed.mask_token": (1, 1, d),
-        "encoder.embed_positions.A.weight": (config.num_vision + 2, d),
-        "encoder.embed_positions.B.weight": (config.text_positions, d),
-    }
-    for e in "AB":
-        shapes[f"encoder.layer_norm.{e}.weight"] = (d,)
-        shapes[f"encoder.layer_norm.{e}.bias"] = (d,)
-        for i in range(config.depth):
-            pre = f"encoder.layers.{i}."
-            for proj in ("q", "k", "v", "out"):
-                shapes[f"{pre}self_attn.{proj}_proj.{e}.weight"] = (d, d)
-                shapes[f"{pre}self_attn.{proj}_proj.{e}.bias"] = (d,)
-            for ln, dim in (("self_attn.inner_attn_ln", d), ("self_attn_layer_norm", d),
-                            ("final_layer_norm", d), (f"ffn.{e}.ffn_layernorm", f)):
-                name = f"{pre}{ln}.{e}" if not ln.startswith("ffn") else f"{pre}{ln}"
-                shapes[f"{name}.weight"] = (dim,)
-                shapes[f"{name}.bias"] = (dim,)
-            shapes[f"{pre}ffn.{e}.fc1.weight"] = (f, d)
-            shapes[f"{pre}ffn.{e}.fc1.bias"] = (f,)
-            shapes[f"{pre}ffn.{e}.fc2.weight"] = (d, f)
-            shapes[f"{pre}ffn.{e}.fc2.bias"] = (d,)
-    return {prefix + k: torch.randn(s, generator=gen) for k, s in shapes.items()}
 
 
 def _outputs(model, seed=0):
@@ -177,12 +146,71 @@ def test_official_checkpoint_errors(tmp_path):
     assert "beit3.encoder.layers.0.self_attn.q_proj.A.weight" in report.unexpected_keys
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_official(model, tmp_path / "missing.pth")
-    torch.save({"model": state, "args": argparse.Namespace(lr=1e-4)}, tmp_path / "pickled.pth")
-    with pytest.raises(ValueError, match="allow_pickle=True"):
-        load_official(model, tmp_path / "pickled.pth")
-    assert load_official(model, tmp_path / "pickled.pth", allow_pickle=True).unexpected_keys == []
     with pytest.raises(ValueError, match="not tensors"):
         load_official(model, {"model": {"text_embed.weight": [1, 2]}})
+
+
+CALLS = []
+
+
+def _record(value):
+    CALLS.append(value)
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a hostile checkpoint does."""
+
+    def __reduce__(self):
+        return (_record, ("ran",))
+
+
+def test_official_files_load_safely(tmp_path):
+    """Training arguments and numpy scalars load without unpickling code; anything else is
+    refused unless trusted; legacy and torn files give errors naming the file."""
+    model = OneRef.from_config("tiny")
+    state = official_state(model.config)
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-4, imsize=384),
+                "val_accu": np.float64(0.8), "epoch": 3}, tmp_path / "official.pth")
+    assert load_official(model, tmp_path / "official.pth").unexpected_keys == []
+    torch.save({"model": state, "args": _RunsCode()}, tmp_path / "hostile.pth")
+    with pytest.raises(ValueError, match=r"hostile.pth.*pickles .*_record.*--trust-checkpoint"):
+        load_official(model, tmp_path / "hostile.pth")
+    assert CALLS == []
+    load_official(model, tmp_path / "hostile.pth", allow_pickle=True)
+    assert CALLS == ["ran"]
+    torch.save({"model": state}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert load_official(model, tmp_path / "legacy.pth") == load_official(
+        model, tmp_path / "official.pth")  # not memory-mappable: read whole
+    data = (tmp_path / "official.pth").read_bytes()
+    (tmp_path / "torn.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="torn.pth.*truncated"):
+        load_official(model, tmp_path / "torn.pth")
+
+
+def test_load_pth_memory_maps(tmp_path, monkeypatch):
+    from oneref import checkpoints
+
+    torch.save({"model": {"w": torch.ones(3)}}, tmp_path / "a.pth")
+    seen = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k) or real_load(*a, **k))
+    checkpoints.load_pth(tmp_path / "a.pth")
+    assert seen[0]["mmap"] is True and seen[0]["weights_only"] is True
+
+
+def test_infer_model_config_from_shapes():
+    from oneref.checkpoints import convert_official_state_dict, infer_model_config
+    from oneref.config import get_config
+
+    tiny = get_config("tiny")
+    converted = convert_official_state_dict(official_state(tiny.replace(img_size=32)))[0]
+    assert infer_model_config(converted) == tiny  # the preset with this width and depth
+    assert infer_model_config(converted, "tiny") == tiny
+    with pytest.raises(ValueError, match=r"does not fit preset 'base': embed_dim 64 \(preset 768\)"):
+        infer_model_config(converted, "base")
+    odd = convert_official_state_dict(official_state(tiny.replace(depth=3)))[0]
+    with pytest.raises(ValueError, match="depth 3.*no preset.*--model"):
+        infer_model_config(odd)
 
 
 def test_full_size_official_base_224_maps_onto_base_384_on_meta():

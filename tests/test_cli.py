@@ -123,7 +123,11 @@ def test_eval_and_info(run_dir, capsys):
     assert main(["eval", "--checkpoint", str(run_dir), "--split", "test", "--size", "8",
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "test (8 samples" in out and "acc@0.5" in out and "colour-guess baseline" in out
+    assert "| split | samples | Acc@0.5 | colour-guess | samples/s |" in out
+    assert out.count("| test | 8 |") == 1 and "paper" not in out
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert [r["split"] for r in saved["rows"]] == ["test"] and saved["rows"][0]["n"] == 8
+    assert (run_dir / "eval.md").read_text().count("| test | 8 |") == 1
     assert main(["info", "--model", "tiny"]) == 0
     out = capsys.readouterr().out
     from oneref.model import OneRef

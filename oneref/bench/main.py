@@ -4,8 +4,9 @@ Rows (PERF.md): ``C1`` (CPU: tiny/small training step, engines (a), (c), (d)), `
 attention, ``G2`` memory-bound ops, ``G3`` linear cross-entropy, ``G4`` OneRef-B REC
 fine-tune step, ``G5`` OneRef-B inference (batch 1, batch 256, the 5,657-sample split end to
 end), ``G6`` MIM and MLM pre-training steps, ``G7`` OneRef-L REC fine-tune step, and
-``cost`` (the full paper-style table, REC and RES, base and large). Without a GPU the default
-is ``C1`` plus the tiny CPU forms of G1-G3.
+``cost`` (the full paper-style table, REC and RES, base and large), and ``loader`` (samples/s
+of the real-data input pipeline per DataLoader worker; only when asked for). Without a GPU
+the default is ``C1`` plus the tiny CPU forms of G1-G3.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ import torch
 
 from oneref.bench.cost import CostSettings, add_ratios, iter_cost_rows
 from oneref.bench.kernels import iter_kernel_rows
-from oneref.bench.report import (cost_markdown, environment, kernel_markdown, plot_attention,
-                                 plot_throughput, profile_markdown, write_json)
+from oneref.bench.loader import iter_loader_rows
+from oneref.bench.report import (cost_markdown, environment, kernel_markdown, loader_markdown,
+                                 plot_attention, plot_throughput, profile_markdown, write_json)
 from oneref.bench.timing import copy_bandwidth, matmul_peak
 
 __all__ = ["add_arguments", "run_bench", "main", "plan_cost_rows", "ROWS"]
 
 log = logging.getLogger(__name__)
-ROWS = ("C1", "G1", "G2", "G3", "G4", "G5", "G6", "G7", "cost")
+ROWS = ("C1", "G1", "G2", "G3", "G4", "G5", "G6", "G7", "cost", "loader")
 KERNEL_ROWS = ("G1", "G2", "G3")
 
 
@@ -55,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="also profile one training step per model row: the top ops by "
                              "device time, and busy vs wall time (in summary.md and the JSON)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny preset only, 1 repeat: a smoke run of every code path")
+                        help="tiny preset only, 1 repeat (loader: 8 images, one pass): a smoke "
+                             "run of every code path")
     parser.add_argument("--out", default=None, help="results folder (default runs/bench-<date>)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="merge results.json files of earlier runs into --out instead of "
@@ -151,6 +154,8 @@ def _summary(results: dict, short: bool = False) -> str:
     if results.get("kernel_rows"):
         kernel_rows = results["kernel_rows"]
         lines += ["", kernel_markdown(_short_kernels(kernel_rows) if short else kernel_rows)]
+    if results.get("loader_rows"):
+        lines += ["", loader_markdown(results["loader_rows"])]
     c1 = results.get("c1")
     if c1:
         lines += ["", "C1 (training step, samples/s ratio to (a); target >= 1.2x): "
@@ -197,13 +202,15 @@ def _finish(results: dict, out: Path) -> str:
 
 
 def _merge(paths: list[str], out: Path) -> str:
-    merged: dict = {"model_rows": [], "kernel_rows": [], "rows": [], "parts": []}
+    merged: dict = {"model_rows": [], "kernel_rows": [], "loader_rows": [], "rows": [],
+                    "parts": []}
     for path in paths:
         part = json.loads(Path(path).read_text())
         merged.setdefault("environment", part["environment"])
         merged.setdefault("ceilings", part.get("ceilings", {}))
         merged["model_rows"] += part.get("model_rows", [])
         merged["kernel_rows"] += part.get("kernel_rows", [])
+        merged["loader_rows"] += part.get("loader_rows", [])
         merged["rows"] += part.get("rows", [])
         merged["parts"].append({"path": str(path), "rows": part.get("rows"),
                                 "environment": part["environment"]})
@@ -232,7 +239,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--rows: unknown {unknown}; choose from {ROWS}")
     results = {"environment": environment(device), "rows": list(rows),
                "ceilings": {"matmul": matmul_peak(device), "copy": copy_bandwidth(device)},
-               "model_rows": [], "kernel_rows": [], "convention": "FLOPs = 2 x MACs"}
+               "model_rows": [], "kernel_rows": [], "loader_rows": [],
+               "convention": "FLOPs = 2 x MACs"}
     peak = results["ceilings"]["matmul"]["tflops"]
     copy = results["ceilings"]["copy"]["gbps"]
     log.info("ceilings: %.3g TFLOP/s matmul, %.4g GB/s copy", peak, copy)
@@ -243,8 +251,13 @@ def run_bench(args: argparse.Namespace) -> int:
         for r in iter_kernel_rows(device, kernel_rows, peak, copy, quick=args.quick):
             results["kernel_rows"].append(r)
             write_json(results, out / "results.json")
+    if "loader" in rows:
+        loader = dict(num_images=8, passes=1) if args.quick else {}
+        for r in iter_loader_rows(**loader):
+            results["loader_rows"].append(r)
+            write_json(results, out / "results.json")
     for row in rows:
-        if row in KERNEL_ROWS:
+        if row in KERNEL_ROWS or row == "loader":
             continue
         settings = plan_cost_rows(row, gpu, args)
         if not gpu and row in ("G4", "G5", "G6", "G7"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 import platform
@@ -12,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from oneref import io
+
 __all__ = ["environment", "write_json", "cost_markdown", "profile_markdown", "kernel_markdown",
-           "plot_throughput", "plot_attention", "fmt"]
+           "loader_markdown", "plot_throughput", "plot_attention", "fmt"]
 
 log = logging.getLogger(__name__)
 TRAIN_KEYS = ("rec_train_sps", "res_train_sps", "mim_train_sps", "mlm_train_sps")
@@ -78,11 +79,7 @@ def environment(device: torch.device) -> dict:
 def write_json(results: dict, path: Path) -> Path:
     """Write ``results`` to ``path`` atomically (a run killed mid-write leaves the last
     complete file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str, sort_keys=False))
-    tmp.replace(path)
-    return path
+    return io.write_json(path, results, indent=1, sort_keys=False)
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -173,6 +170,29 @@ def kernel_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['op']} | {r.get('shape', '')} | {impl} | {fmt(r['ms'])} | "
                      f"{fmt(rate)} {unit} | {fmt(None if pct is None else pct)} | "
                      f"{fmt(r.get('speedup'))} |")
+    return "\n".join(lines)
+
+
+def loader_markdown(rows: list[dict]) -> str:
+    """Loader table: samples/s per worker per transform, ms/sample and its split by stage,
+    and the workers needed to feed each target rate."""
+    targets = {name: t for r in rows for name, t in r["targets"].items()}
+    first = rows[0]
+    lines = [f"loader: one process (a DataLoader worker, 1 torch thread), {first['num_images']} "
+             f"JPEG images of COCO sizes (mean {fmt(first.get('mean_jpeg_kb'))} KB), "
+             f"S={first['img_size']}, T={first['max_text_len']}; targets from "
+             + "; ".join(t["source"] for t in targets.values()),
+             "",
+             "| transform | samples/s per worker (spread) | ms/sample | decode / mask / transform "
+             "/ tokenise ms | " + " | ".join(f"workers for {name} ({fmt(t['samples_per_s'])}/s)"
+                                            for name, t in targets.items()) + " |",
+             "|" + "---|" * (4 + len(targets))]
+    for r in rows:
+        stages = " / ".join(fmt(ms) for ms in r["stage_ms"].values())
+        workers = " | ".join(fmt(r["workers_needed_for"].get(name)) for name in targets)
+        lines.append(f"| {r['transform']} (S={r['img_size']}) | "
+                     f"{fmt(r['samples_per_s_per_worker'])} ({fmt(100 * r['spread'])}%) | "
+                     f"{fmt(r['ms_per_sample'])} | {stages} | {workers} |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,10 @@
-"""Single-image inference: load a trained model, ground one expression, draw the result.
+"""Inference on user images: load a model, ground expressions, draw the results.
 
-``load_predictor(path)`` accepts a run folder (``<run>/model`` + ``<run>/train_config.json``)
-or a model folder written by ``OneRef.save_pretrained``. The tokenizer is RefShapes' own
-vocabulary unless the run's config names a sentencepiece model.
+``load_predictor(path)`` accepts a run folder, a ``save_pretrained`` folder or an official
+``.pth`` (:class:`oneref.sources.ModelSource`). The tokenizer is the one given, else the
+run's (its sentencepiece model, or RefShapes' own vocabulary for a RefShapes run).
+:func:`predict_file` runs a JSON-lines file of ``{"image": path, "text": str}`` pairs in
+batches and writes ``predictions.jsonl`` and one drawn PNG per line.
 """
 
 from __future__ import annotations
@@ -15,8 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
+from tqdm.auto import tqdm
 
-__all__ = ["Predictor", "load_predictor", "load_image", "Prediction"]
+from oneref.data.synthetic import refshapes_tokenizer
+from oneref.data.tokenizer import Tokenizer
+from oneref.data.transforms import Example, TestTransform
+from oneref.io import write_text
+from oneref.sources import ModelSource
+
+__all__ = ["Predictor", "Prediction", "load_predictor", "load_image", "draw_prediction",
+           "predict_file"]
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +34,19 @@ log = logging.getLogger(__name__)
 @dataclass
 class Prediction:
     """box_xyxy: (4,) pixels in the input image; box_cxcywh: (4,) normalised on the padded
-    canvas; mask: (H, W) bool in input-image pixels (RES only)."""
+    canvas; score: the highest patch probability sigmoid(M_sim) (how strongly some patch
+    matches the expression); mask: (H, W) bool in input-image pixels (RES only)."""
 
     box_xyxy: tuple[float, float, float, float]
     box_cxcywh: tuple[float, float, float, float]
+    score: float
     mask: np.ndarray | None = None
+
+    def to_json(self) -> dict:
+        out = {"box_xyxy": [round(v, 2) for v in self.box_xyxy], "score": round(self.score, 4)}
+        if self.mask is not None:
+            out["mask_area"] = int(self.mask.sum())
+        return out
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -44,94 +62,109 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"image file {path} is not a readable image ({exc})") from exc
 
 
-def _find_model_dir(path: Path) -> tuple[Path, dict]:
-    """(model folder, training config dict or {}) for a run or model folder."""
-    if not path.exists():
-        raise ValueError(f"checkpoint folder {path} does not exist (train a model first with "
-                         f"`oneref train`, or pass --checkpoint)")
-    if (path / "model" / "config.json").is_file():
-        model_dir, run_dir = path / "model", path
-    elif (path / "config.json").is_file():
-        model_dir, run_dir = path, path.parent
-    else:
-        raise ValueError(f"checkpoint folder {path} holds neither model/config.json nor "
-                         f"config.json (a run folder or a save_pretrained folder is expected)")
-    train_cfg = {}
-    if (run_dir / "train_config.json").is_file():
-        train_cfg = json.loads((run_dir / "train_config.json").read_text())
-    return model_dir, train_cfg
-
-
 class Predictor:
     """A model, its tokenizer and the test transform, ready for :meth:`predict`."""
 
     def __init__(self, model, tokenizer, task: str = "rec", device: str | torch.device = "cpu"):
+        if task not in ("rec", "res"):
+            raise ValueError(f"task must be rec or res, got {task!r}")
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.task = task
         self.device = torch.device(device)
+        self.transform = TestTransform(model.config.img_size)
+        #: The LoadReport when the model came from an official .pth (see load_predictor).
+        self.report = None
 
-    @torch.no_grad()
     def predict(self, image: Image.Image, text: str) -> Prediction:
         """Ground ``text`` in ``image`` (PIL RGB of any size)."""
-        from oneref.data.transforms import Example, TestTransform
+        return self.predict_batch([image], [text])[0]
 
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("text must be a non-empty expression")
+    @torch.no_grad()
+    def predict_batch(self, images: list[Image.Image], texts: list[str]) -> list[Prediction]:
+        """One forward for a list of (image, expression) pairs."""
+        if len(images) != len(texts) or not images:
+            raise ValueError(f"need as many texts as images (at least one), got {len(images)} "
+                             f"images and {len(texts)} texts")
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError("text must be a non-empty expression")
+        max_len = self.model.config.max_text_len
+        canvases, ids, lengths = [], [], []
+        for image, text in zip(images, texts):
+            whole = np.array([0.0, 0.0, float(image.width), float(image.height)])
+            out = self.transform(Example(image, whole, None, text.strip()))
+            token_ids, length = self.tokenizer.encode_padded(out.text, max_len)
+            canvases.append(out.image)
+            ids.append(token_ids)
+            lengths.append(length)
+        batch = (torch.stack(canvases).to(self.device), torch.stack(ids).to(self.device),
+                 torch.tensor(lengths, device=self.device))
+        if self.task == "res":
+            out = self.model.forward_res(*batch)
+            masks = (out.mask_logits > 0).cpu().numpy()
+        else:
+            out = self.model.forward_rec(*batch)
+            masks = None
+        scores = torch.sigmoid(out.sim_logits.float().flatten(1)).amax(1).tolist()
+        return [self._to_image(image, out, k, scores[k], None if masks is None else masks[k])
+                for k, image in enumerate(images)]
+
+    def _to_image(self, image: Image.Image, out, k: int, score: float,
+                  canvas_mask: np.ndarray | None) -> Prediction:
+        """Canvas -> input pixels: the test transform scales the long side to the canvas
+        size and centres the image."""
         size = self.model.config.img_size
         width, height = image.size
-        dummy_box = np.array([0.0, 0.0, float(width), float(height)])
-        out = TestTransform(size)(Example(image, dummy_box, None, text.strip()))
-        ids, length = self.tokenizer.encode_padded(out.text, self.model.config.max_text_len)
-        images = out.image[None].to(self.device)
-        ids = ids[None].to(self.device)
-        lengths = torch.tensor([length], device=self.device)
-        # Canvas -> input pixels: the test transform scales the long side to `size` and
-        # centres the image on the canvas.
         scale = size / max(width, height)
-        off_x = (size - round(width * scale)) // 2
-        off_y = (size - round(height * scale)) // 2
+        inner_w, inner_h = round(width * scale), round(height * scale)
+        off_x, off_y = (size - inner_w) // 2, (size - inner_h) // 2
         mask = None
-        if self.task == "res":
-            res = self.model.forward_res(images, ids, lengths)
-            canvas = (res.mask_logits[0] > 0).float().cpu().numpy()
-            ys, xs = np.nonzero(canvas)
+        if canvas_mask is not None:
+            ys, xs = np.nonzero(canvas_mask)
             box = (np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64) / size
                    if xs.size else np.zeros(4))
             cxcywh = [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0],
                       box[3] - box[1]]
-            sub = canvas[off_y:off_y + round(height * scale), off_x:off_x + round(width * scale)]
-            mask = np.asarray(Image.fromarray((sub * 255).astype(np.uint8)).resize(
+            inner = canvas_mask[off_y:off_y + inner_h, off_x:off_x + inner_w]
+            mask = np.asarray(Image.fromarray(inner.astype(np.uint8) * 255).resize(
                 (width, height), Image.NEAREST)) > 127
         else:
-            cxcywh = self.model.forward_rec(images, ids, lengths).boxes[0].float().cpu().tolist()
+            cxcywh = out.boxes[k].float().cpu().tolist()
         cx, cy, w, h = cxcywh
         corners = np.clip(np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]), 0, 1) * size
         corners = (corners - np.array([off_x, off_y, off_x, off_y])) / scale
         corners = np.clip(corners, 0, [width, height, width, height])
-        return Prediction(tuple(float(v) for v in corners), tuple(float(v) for v in cxcywh), mask)
+        return Prediction(tuple(float(v) for v in corners), tuple(float(v) for v in cxcywh),
+                          float(score), mask)
+
+
+def _tokenizer(source: ModelSource, path: str | None) -> Tokenizer:
+    if path:
+        return Tokenizer(path)
+    data = source.train_config.get("data", {})
+    if data.get("tokenizer"):
+        return Tokenizer(data["tokenizer"])
+    if source.train_config and data.get("dataset", "refshapes") == "refshapes":
+        return refshapes_tokenizer()
+    raise ValueError(f"{source.path}: no tokenizer is recorded with this model; pass "
+                     f"--tokenizer (the sentencepiece model it was trained with, e.g. beit3.spm)")
 
 
 def load_predictor(path: str | Path, device: str | torch.device = "cpu",
-                   task: str | None = None) -> Predictor:
-    """Predictor from a run folder or a ``save_pretrained`` folder."""
-    from oneref.model import OneRef
-
-    model_dir, train_cfg = _find_model_dir(Path(path))
-    model = OneRef.from_pretrained(model_dir)
-    data_cfg = train_cfg.get("data", {})
-    if data_cfg.get("tokenizer"):
-        from oneref.data.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer(data_cfg["tokenizer"])
-    else:
-        from oneref.data.synthetic import refshapes_tokenizer
-
-        tokenizer = refshapes_tokenizer()
-    task = task or train_cfg.get("task", "rec")
-    if task not in ("rec", "res"):
-        task = "rec"
-    return Predictor(model, tokenizer, task, device)
+                   task: str | None = None, tokenizer: str | None = None,
+                   preset: str | None = None, trust: bool = False) -> Predictor:
+    """Predictor from a run folder, a ``save_pretrained`` folder or an official ``.pth``."""
+    source = ModelSource(path, preset=preset, trust=trust)
+    tok = _tokenizer(source, tokenizer)
+    model = source.build()
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tok.model_path} produces ids up to {tok.vocab_size - 1}; "
+                         f"the model's vocabulary has {model.config.vocab_size} entries")
+    task = task or source.train_config.get("task", "rec")
+    predictor = Predictor(model, tok, task if task in ("rec", "res") else "rec", device)
+    predictor.report = source.report
+    return predictor
 
 
 def draw_prediction(image: Image.Image, pred: Prediction, text: str = "") -> Image.Image:
@@ -149,4 +182,84 @@ def draw_prediction(image: Image.Image, pred: Prediction, text: str = "") -> Ima
     return canvas.convert("RGB")
 
 
-__all__.append("draw_prediction")
+def _read_pairs(path: Path) -> list[tuple[int, dict | str]]:
+    """(line number, {"image", "text"} or the problem) for every non-blank line."""
+    if not path.is_file():
+        raise ValueError(f"--input {path} does not exist")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            pairs.append((number, f"not JSON ({err.msg})"))
+            continue
+        if (not isinstance(item, dict) or not isinstance(item.get("image"), str)
+                or not isinstance(item.get("text"), str)):
+            pairs.append((number, 'expected {"image": path, "text": str}'))
+        elif not item["text"].strip():
+            pairs.append((number, "empty expression"))
+        else:
+            pairs.append((number, item))
+    return pairs
+
+
+def predict_file(predictor: Predictor, input_path: str | Path, out_dir: str | Path,
+                 batch_size: int = 16, on_error: str = "skip", progress: bool = True) -> dict:
+    """Predict every line of a JSON-lines file; write ``predictions.jsonl`` (one object per
+    good line: line, image, text, box in input pixels, score, mask_area for RES) and
+    ``<line>_<image stem>.png`` drawings into ``out_dir``.
+
+    A bad line (not JSON, missing keys, empty text) or a bad image is logged with its line
+    number and skipped, or raises ValueError with ``on_error="raise"``. Image paths are
+    relative to the input file's folder unless absolute. Returns counts and the output path.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be raise or skip, got {on_error!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skipped: list[str] = []
+
+    def fail(number: int, problem: str) -> None:
+        message = f"{input_path}:{number}: {problem}"
+        if on_error == "raise":
+            raise ValueError(message)
+        log.warning("skipped %s", message)
+        skipped.append(message)
+
+    pairs = _read_pairs(input_path)
+    records: list[str] = []
+    batch: list[tuple[int, dict, Image.Image]] = []
+
+    def flush() -> None:
+        preds = predictor.predict_batch([b[2] for b in batch], [b[1]["text"] for b in batch])
+        for (number, item, image), pred in zip(batch, preds):
+            records.append(json.dumps({"line": number, "image": item["image"],
+                                       "text": item["text"], **pred.to_json()}))
+            name = f"{number:06d}_{Path(item['image']).stem}.png"
+            draw_prediction(image, pred, item["text"]).save(out_dir / name, format="PNG")
+        batch.clear()
+
+    for number, item in tqdm(pairs, desc="predict", unit="pair", disable=not progress):
+        if isinstance(item, str):
+            fail(number, item)
+            continue
+        image_path = Path(item["image"])
+        if not image_path.is_absolute():
+            image_path = input_path.parent / image_path
+        try:
+            image = load_image(image_path)
+        except ValueError as err:
+            fail(number, str(err))
+            continue
+        batch.append((number, item, image))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    out = write_text(out_dir / "predictions.jsonl", "".join(r + "\n" for r in records))
+    return {"predicted": len(records), "skipped": len(skipped), "predictions": str(out),
+            "problems": skipped}

@@ -9,16 +9,16 @@ folder and moved into place with ``os.replace``, so a kill mid-write never leave
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["rng_state", "set_rng_state", "atomic_save", "save_checkpoint", "find_latest",
+from oneref.io import atomic_write
+
+__all__ = ["rng_state", "set_rng_state", "save_checkpoint", "find_latest",
            "load_checkpoint", "list_checkpoints"]
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,12 @@ _PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 
 
 def rng_state() -> dict:
-    """Every global RNG: python, numpy, torch CPU and CUDA (all devices)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every global RNG: python, numpy, torch CPU and CUDA (all devices). Plain containers
+    and tensors only (numpy's key array as a tensor), so a checkpoint loads with
+    ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -36,27 +40,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -72,7 +60,7 @@ def save_checkpoint(folder: str | Path, step: int, payload: dict, keep_last: int
     """Write ``payload`` as ``folder/step_{step:08d}.pt``; delete all but the newest
     ``keep_last`` (0 keeps all)."""
     path = Path(folder) / f"step_{step:08d}.pt"
-    atomic_save(payload, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     if keep_last > 0:
         for old in list_checkpoints(folder)[:-keep_last]:
             old.unlink(missing_ok=True)
@@ -99,7 +87,6 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     try:
-        # Our own files: they hold RNG states (numpy tuples) besides tensors.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
         raise ValueError(f"checkpoint {path} could not be read: {exc}") from exc

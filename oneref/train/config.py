@@ -1,15 +1,17 @@
 """Training configuration: nested dataclasses, every field documented, features as switches.
 
-Two recipes ship:
+Recipes:
 
 * :func:`refshapes_recipe` (the default of ``oneref train``): REC from scratch on the
   built-in RefShapes data with the ``small`` model on a 2-core CPU. Training from random
   weights on synthetic data needs a higher learning rate, a short warm-up and a single full
   stage (nothing to protect in a frozen pre-trained backbone).
-* :func:`reference_recipe`: the paper's fine-tuning values (SPEC sec. 5) for real data from a
-  pre-trained checkpoint: stage 1 frozen backbone, 10 epochs, batch 64, lr 2.5e-4; stage 2
-  full, 20 epochs, batch 24 (base) / 8 (large), lr 3e-5; AdamW wd 1e-4, cosine per epoch, no
-  warm-up.
+* :func:`reference_recipe` (the default of ``oneref train`` on real data): the paper's
+  fine-tuning values (docs/method.md) from a pre-trained checkpoint: stage 1 frozen
+  backbone, 10 epochs, batch 64, lr 2.5e-4; stage 2 full, 20 epochs, batch 24 (base) / 8
+  (large), lr 3e-5; AdamW wd 1e-4, cosine per epoch, no warm-up.
+* :func:`pretrain_recipe` (``oneref pretrain`` on RefShapes) and
+  :func:`reference_pretrain_recipe` (``oneref pretrain`` on real data): MRefM.
 
 A config round-trips through JSON/YAML (:meth:`TrainConfig.to_dict`,
 :meth:`TrainConfig.from_dict`) and takes dotted overrides (``optim.weight_decay=0.05``).
@@ -35,6 +37,7 @@ __all__ = [
     "refshapes_recipe",
     "reference_recipe",
     "pretrain_recipe",
+    "reference_pretrain_recipe",
     "load_config_file",
     "apply_overrides",
 ]
@@ -90,15 +93,29 @@ class ScheduleConfig:
 
 @dataclass
 class DataConfig:
-    """Where samples come from and how they are loaded."""
+    """Where samples come from and how they are loaded (real-data layout: docs/data.md)."""
 
     #: ``refshapes`` (built in, generated from a seed) or a real dataset name (``unc``,
-    #: ``unc+``, ``gref``, ``gref_umd``, ``referit``, ``flickr``, ``mixup``).
+    #: ``unc+``, ``gref``, ``gref_umd``, ``referit``, ``flickr``, ``mixup``; with
+    #: ``refer_root`` also ``refcoco``, ``refcoco+``, ``refcocog``).
     dataset: str = "refshapes"
-    #: Root of split files / images for real datasets (unused for RefShapes).
+    #: Image root of real data (``--data-root``): ``other/images/mscoco/images/train2014``,
+    #: ``referit/images`` and ``Flickr30k/flickr30k-images`` below it.
     root: str = ""
+    #: Folder of split files ``{dataset}/{dataset}_{split}.pth`` (``--split-root``).
+    split_root: str = ""
+    #: Refer-toolkit root (``refcoco/instances.json`` + ``refs(unc).p``, ...), instead of
+    #: ``split_root``.
+    refer_root: str = ""
+    #: Refer-toolkit split scheme (``unc``, ``google``, ``umd``); empty: the dataset's usual.
+    split_by: str = ""
     #: sentencepiece model for real data (``beit3.spm``); RefShapes has its own vocabulary.
     tokenizer: str = ""
+    #: REC's box-mask constraint against the segmentation mask instead of the rasterised box
+    #: (the reference code's ``--enable_seg_mask``).
+    seg_mask: bool = False
+    #: Malformed records of real data: ``raise`` (default) or ``skip`` (counted and logged).
+    on_error: str = "raise"
     train_split: str = "train"
     eval_split: str = "val"
     test_split: str = "test"
@@ -107,12 +124,25 @@ class DataConfig:
     eval_size: int = 500
     test_size: int = 1000
     seed: int = 0
-    #: DataLoader worker processes (0 loads in the main process). Workers are persistent.
-    num_workers: int = 0
+    #: DataLoader worker processes (0 loads in the main process; -1: the usable cores of
+    #: this process on a GPU run, 0 on a CPU run). Workers are persistent.
+    num_workers: int = -1
     #: Batches each worker keeps ready ahead of the step.
     prefetch_factor: int = 2
     #: Evaluation batch size (per rank).
     eval_batch_size: int = 128
+
+    @property
+    def real(self) -> bool:
+        """True for a dataset read from files (not the built-in RefShapes)."""
+        return self.dataset != "refshapes"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when a value is out of range."""
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be raise or skip, got {self.on_error!r}")
+        if self.num_workers < -1:
+            raise ValueError(f"data.num_workers must be >= 0 or -1 (auto), got {self.num_workers}")
 
 
 @dataclass
@@ -145,8 +175,12 @@ class CheckpointConfig:
     keep_last: int = 2
     #: Continue from the newest checkpoint in ``output_dir`` (or this path when it is one).
     resume: str = ""
-    #: Start weights (``OneRef.from_pretrained`` directory) for fine-tuning; empty: random.
+    #: Start weights: a run folder, a ``save_pretrained`` folder or an official ``.pth``
+    #: (BEiT-3 / OneRef, preset inferred from its shapes); empty: ``TrainConfig.init``.
     init_from: str = ""
+    #: Unpickle any object in an official ``.pth`` (runs code from the file). Off: only
+    #: tensors, plain containers and the training-argument classes load.
+    trust: bool = False
 
 
 @dataclass
@@ -240,6 +274,7 @@ class TrainConfig:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        self.data.validate()
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -383,9 +418,30 @@ def reference_recipe(model: str = "base", **changes) -> TrainConfig:
         ],
         schedule=ScheduleConfig(kind="cosine", interval="epoch", min_lr_ratio=0.0),
         optim=OptimConfig(weight_decay=1e-4, grad_clip=0.0),
-        data=DataConfig(dataset="unc", num_workers=8, eval_batch_size=64),
+        data=DataConfig(dataset="unc", eval_batch_size=64),
         dist=DistConfig(strategy="fsdp" if model == "large" else "ddp"),
         output_dir=f"runs/{model}_rec",
+        final_test=False,  # `oneref eval` reports every test split of the dataset
+    )
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def reference_pretrain_recipe(model: str = "base", **changes) -> TrainConfig:
+    """MRefM on real data from a BEiT-3 start point (``--init-from``). The paper states the
+    compute (base: 15 h on 32 A100) but no schedule; these are the engine's defaults: one
+    cosine stage of 20 epochs at lr 5e-5 after 500 warm-up steps, batch 64 (base) / 24
+    (large) per rank, the fine-tuning recipe's AdamW."""
+    config = TrainConfig(
+        task="pretrain",
+        model=model,
+        stages=[StageConfig(name="mrefm", epochs=20, lr=5e-5,
+                            batch_size=24 if model == "large" else 64, warmup_steps=500)],
+        schedule=ScheduleConfig(kind="cosine", interval="step"),
+        optim=OptimConfig(weight_decay=1e-4, grad_clip=3.0),
+        data=DataConfig(dataset="unc"),
+        dist=DistConfig(strategy="fsdp" if model == "large" else "ddp"),
+        output_dir=f"runs/{model}_mrefm",
+        final_test=False,
     )
     return dataclasses.replace(config, **changes) if changes else config
 

@@ -1,63 +1,100 @@
 """Datasets and loaders for training and evaluation.
 
 RefShapes comes from :mod:`oneref.data.synthetic`; real RefCOCO-family splits from the
-readers of :mod:`oneref.data` (``build_dataset`` when the data package provides it). Loaders
-keep shapes fixed (text padded to ``max_text_len`` by the datasets, ``drop_last`` on train),
-pin memory on CUDA and keep worker processes alive between epochs.
+files named by the data config (:mod:`oneref.data.layout`, docs/data.md). Loaders keep
+shapes fixed (text padded to ``max_text_len`` by the datasets, ``drop_last`` on train), pin
+memory on CUDA and keep worker processes alive between epochs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from oneref.config import ModelConfig
+from oneref.data import collate, layout
+from oneref.data.synthetic import RefShapes
+from oneref.data.tokenizer import Tokenizer
 from oneref.train.config import DataConfig
 from oneref.train.sampler import ResumableSampler, ShardSampler
 
-__all__ = ["build_dataset", "train_loader", "eval_loader", "collate_fn"]
+__all__ = ["build_dataset", "check_data", "train_loader", "eval_loader", "loader_workers",
+           "load_tokenizer"]
 
 log = logging.getLogger(__name__)
 
 
-def collate_fn(samples):
-    from oneref.data import collate
+def load_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
+    """The sentencepiece tokenizer of a real dataset, checked against the model's vocabulary."""
+    if not data.tokenizer:
+        raise ValueError(f"dataset {data.dataset!r} needs a sentencepiece model: pass "
+                         f"--tokenizer beit3.spm (data.tokenizer)")
+    tokenizer = Tokenizer(data.tokenizer)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ValueError(f"--tokenizer {data.tokenizer} produces ids up to "
+                         f"{tokenizer.vocab_size - 1} but the model's vocabulary has "
+                         f"{model.vocab_size} entries")
+    return tokenizer
 
-    return collate(samples)
+
+def _source(data: DataConfig, split: str) -> layout.SplitSource:
+    return layout.resolve(data.dataset, split, data.root, data.split_root, data.refer_root,
+                          data.split_by)
 
 
-def build_dataset(data: DataConfig, model: ModelConfig, split: str) -> Dataset:
-    """The dataset of ``split`` (``train``/``val``/``test`` or a real split name)."""
-    if data.dataset == "refshapes":
-        from oneref.data.synthetic import RefShapes
+def check_data(data: DataConfig, splits) -> None:
+    """Resolve every split's files now (roots, dataset, split names, split files), so a
+    wrong path stops a run before any model is built."""
+    if data.real:
+        for split in splits:
+            _source(data, split)
 
+
+def build_dataset(data: DataConfig, model: ModelConfig, split: str, task: str = "rec",
+                  tokenizer: Tokenizer | None = None) -> Dataset:
+    """The dataset of ``split`` (``train``/``val``/``test`` or a real split name). Real data
+    decodes segmentations for RES and for REC with ``data.seg_mask``."""
+    if not data.real:
         sizes = {"train": data.train_size, "val": data.eval_size, "test": data.test_size}
         if split not in sizes:
             raise ValueError(f"RefShapes split must be train, val or test, got {split!r}")
         return RefShapes(split=split, size=sizes[split], img_size=model.img_size,
                          max_text_len=model.max_text_len, seed=data.seed)
-    try:
-        from oneref.data import build_dataset as build_real
-    except ImportError as exc:
-        raise ValueError(f"dataset {data.dataset!r}: real-data readers are not available in "
-                         f"oneref.data ({exc}); use dataset 'refshapes'") from exc
-    if not data.root:
-        raise ValueError(f"dataset {data.dataset!r} needs data.root (split files and images)")
-    return build_real(data.dataset, root=data.root, split=split, img_size=model.img_size,
-                      max_text_len=model.max_text_len, tokenizer=data.tokenizer or None,
-                      train=split == data.train_split)
+    use_masks = task == "res" or data.seg_mask
+    info = layout.dataset_info(data.dataset, refer=bool(data.refer_root), split_by=data.split_by)
+    if use_masks and not info.masks:
+        raise ValueError(f"dataset {data.dataset!r} has no segmentation masks; --task res and "
+                         f"--seg-mask need unc, unc+, gref, gref_umd, mixup or --refer-root")
+    return layout.build_split(_source(data, split), tokenizer or load_tokenizer(data, model),
+                              model.img_size, model.max_text_len,
+                              train=split == data.train_split, use_masks=use_masks,
+                              on_error=data.on_error, seed=data.seed)
+
+
+def loader_workers(data: DataConfig, device: torch.device, local_world_size: int = 1) -> int:
+    """``data.num_workers``, or for -1 (auto) this process's share of the usable cores on a
+    GPU run and 0 (the main process) on a CPU run, where workers would take the cores the
+    step computes on."""
+    if data.num_workers >= 0:
+        return data.num_workers
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size) - 1)
 
 
 def _loader(dataset: Dataset, sampler, batch_size: int, data: DataConfig, device: torch.device,
             drop_last: bool, generator: torch.Generator | None = None) -> DataLoader:
-    workers = data.num_workers
+    workers = loader_workers(data, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     kwargs = {}
     if workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=data.prefetch_factor)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_fn, pin_memory=device.type == "cuda",
+                      collate_fn=collate, pin_memory=device.type == "cuda",
                       drop_last=drop_last, generator=generator, **kwargs)
 
 

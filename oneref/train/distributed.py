@@ -147,9 +147,16 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                                                          set_optimizer_state_dict)
 
     set_model_state_dict(model, model_state, options=_state_options())
-    # Parameters that never had a gradient (REC leaves the mask token unused) have no AdamW
-    # state yet: a missing entry is legitimate, so the optimizer load is not strict.
+    # Parameters that never had a gradient (REC leaves the mask token unused, a frozen stage
+    # the backbone) have no AdamW state yet: a missing entry is legitimate, so the load is
+    # not strict. The loader first creates state for every parameter with a zero-gradient
+    # step; drop it again where the checkpoint had none, or such a parameter's first real
+    # step would see a step count of 2 and a different bias correction.
     set_optimizer_state_dict(model, optimizer, optim_state, options=_state_options(strict=False))
+    saved = set(optim_state.get("state", {}))
+    for name, param in model.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(param, None)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

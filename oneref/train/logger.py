@@ -1,4 +1,4 @@
-"""Run logging on rank 0: CSV rows, TensorBoard scalars, the training-curve PNG, metrics JSON.
+"""Run logging on rank 0: CSV rows, TensorBoard scalars, the training-curve PNG.
 
 ``metrics.csv`` has one row per logged step (``step, lr, loss, <loss parts>, samples_per_s,
 elapsed_s``) plus rows for evaluations (``split`` column). On resume, rows past the resumed
@@ -8,22 +8,14 @@ step are dropped so the file reads as one uninterrupted curve.
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import os
 from pathlib import Path
 
-__all__ = ["RunLogger", "plot_curve", "write_json"]
+from oneref.io import atomic_write
+
+__all__ = ["RunLogger", "plot_curve"]
 
 log = logging.getLogger(__name__)
-
-
-def write_json(path: str | Path, values: dict) -> None:
-    """Write JSON atomically (tmp + os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 class RunLogger:
@@ -66,12 +58,13 @@ class RunLogger:
         return fields
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(".metrics.csv.tmp")
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self._fields(), restval="")
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self._fields(), restval="")
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        atomic_write(self.path, write)
 
     def log(self, step: int, values: dict, split: str = "train") -> None:
         """Record ``values`` (name -> float) at ``step`` for ``split``."""

@@ -73,20 +73,23 @@ class TaskModule(nn.Module):
         model: a ``OneRef``.
         task: ``rec``, ``res`` or ``pretrain``.
         pretrain: VTS / STS switches for MRefM.
+        seg_mask: REC's box-mask constraint against ``batch["masks"]`` (the segmentation
+            where the sample has one, else its rasterised box) instead of the box.
     """
 
-    def __init__(self, model: nn.Module, task: str, pretrain: PretrainConfig | None = None):
+    def __init__(self, model: nn.Module, task: str, pretrain: PretrainConfig | None = None,
+                 seg_mask: bool = False):
         super().__init__()
         self.model = model
         self.task = task
         self.pretrain = pretrain or PretrainConfig()
+        self.seg_mask = seg_mask
 
     def forward(self, batch: dict, mode: str = "", drop_worst: float = 0.0) -> dict:
         m = self.model
         if self.task == "rec":
             out = m.forward_rec(batch["images"], batch["text_ids"], batch["text_lengths"])
-            masks = batch.get("masks") if batch.get("use_masks", False) else None
-            return m.rec_loss(out, batch["boxes"], masks)
+            return m.rec_loss(out, batch["boxes"], batch["masks"] if self.seg_mask else None)
         if self.task == "res":
             out = m.forward_res(batch["images"], batch["text_ids"], batch["text_lengths"])
             return m.res_loss(out, batch["masks"])

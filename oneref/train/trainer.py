@@ -1,7 +1,7 @@
 """The training loop: REC / RES fine-tuning and MRefM pre-training, staged, resumable.
 
-Order of set-up (logged): process group -> threads -> seed -> model -> datasets -> task
-module (grad checkpointing, device) -> FSDP sharding -> optimizer -> resume -> per-stage
+Order of set-up (logged): process group -> threads -> data paths and start weights checked
+-> datasets -> seed -> model -> task module (grad checkpointing, device) -> FSDP sharding -> optimizer -> resume -> per-stage
 freeze + DDP wrap -> torch.compile. Each step: lr from the plan, batch to device (MRefM:
 draw masks, tokenizer targets), autocast forward, backward, clip, AdamW; every
 ``log_interval`` steps the loss parts are averaged over ranks and written to CSV /
@@ -17,15 +17,20 @@ from pathlib import Path
 
 import torch
 
+from oneref.config import get_config
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
+from oneref.io import write_json
+from oneref.model import OneRef
+from oneref.sources import ModelSource
 from oneref.train import checkpoint as ckpt
 from oneref.train.config import TrainConfig
-from oneref.train.data import build_dataset, eval_loader, train_loader
+from oneref.train.data import (build_dataset, check_data, eval_loader, load_tokenizer,
+                               train_loader)
 from oneref.train.distributed import (all_reduce_mean, barrier, full_state, gathered,
                                       init_distributed, load_full_state, seed_everything,
                                       shard_model, unwrap, wrap_model)
 from oneref.train.init import initialise
-from oneref.train.logger import RunLogger, plot_curve, write_json
+from oneref.train.logger import RunLogger, plot_curve
 from oneref.train.optim import StagePlan, build_optimizer, set_lr
 from oneref.train.steps import TaskModule, mrefm_mode, prepare_mim, prepare_mlm
 
@@ -84,21 +89,31 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        # Same initial weights on every rank (DDP also broadcasts), then per-rank streams.
-        seed_everything(config.seed)
-        self.model = self._build_model()
-        seed_everything(config.seed + self.info.rank)
-
+            write_json(self.run_dir / "train_config.json", config.to_dict())
+        # Data paths and start weights are checked before any model is built.
+        data = config.data
+        check_data(data, [data.train_split] + ([data.eval_split] if config.task != "pretrain"
+                                               else []))
+        self.source = (ModelSource(config.checkpoint.init_from, preset=config.model,
+                                   trust=config.checkpoint.trust)
+                       if config.checkpoint.init_from else None)
+        model_config = (self.source.config if self.source else
+                        get_config(config.model, **config.model_overrides))
         t0 = time.perf_counter()
-        self.train_set = build_dataset(config.data, self.model.config, config.data.train_split)
+        self.text_tokenizer = load_tokenizer(data, model_config) if data.real else None
+        self.train_set = self._dataset(model_config, data.train_split)
         needs_eval = config.task != "pretrain"
-        self.eval_set = (build_dataset(config.data, self.model.config, config.data.eval_split)
-                         if needs_eval else None)
+        self.eval_set = self._dataset(model_config, data.eval_split) if needs_eval else None
         self.data_seconds = time.perf_counter() - t0
         log.info("datasets ready in %.1f s (train %d samples)", self.data_seconds,
                  len(self.train_set))
+        # Same initial weights on every rank (DDP also broadcasts), then per-rank streams.
+        seed_everything(config.seed)
+        self.model = self._build_model(model_config)
+        seed_everything(config.seed + self.info.rank)
 
-        self.task_module = TaskModule(self.model, config.task, config.pretrain).to(self.device)
+        self.task_module = TaskModule(self.model, config.task, config.pretrain,
+                                      seg_mask=data.seg_mask).to(self.device)
         if config.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.fsdp = config.dist.strategy == "fsdp" and self.info.enabled
@@ -108,7 +123,7 @@ class Trainer:
         self.plan = StagePlan(config.stages, len(self.train_set), self.info.world_size,
                               config.schedule)
         self.mask_generator = torch.Generator().manual_seed(config.seed + 1000 + self.info.rank)
-        self.tokenizer = self._build_vqkd() if config.task == "pretrain" else None
+        self.vqkd = self._build_vqkd() if config.task == "pretrain" else None
         self.step = 0
         self.elapsed_before = 0.0
         self.resumed_from: Path | None = None
@@ -118,17 +133,23 @@ class Trainer:
         self._stage_index = -1
 
     # ------------------------------------------------------------------ construction
-    def _build_model(self):
-        from oneref.model import OneRef
+    def _dataset(self, model_config, split: str):
+        return build_dataset(self.config.data, model_config, split, self.config.task,
+                             self.text_tokenizer)
 
-        cfg = self.config
-        if cfg.checkpoint.init_from:
-            model = OneRef.from_pretrained(cfg.checkpoint.init_from)
-            log.info("initial weights from %s", cfg.checkpoint.init_from)
-        else:
-            model = OneRef.from_config(cfg.model, **cfg.model_overrides)
-            initialise(model, cfg.init)
+    def _build_model(self, model_config):
+        if self.source is None:
+            model = OneRef(model_config)
+            initialise(model, self.config.init)
+            return model
+        model = self.source.build()
+        log.info("initial weights from %s", self.source.path)
         return model
+
+    @property
+    def load_report(self):
+        """The :class:`~oneref.checkpoints.LoadReport` of an official ``init_from`` file."""
+        return self.source.report if self.source else None
 
     def _build_vqkd(self):
         path = self.config.pretrain.vqkd_checkpoint
@@ -236,7 +257,7 @@ class Trainer:
             mode = mrefm_mode(self.step)
             if mode == "mim":
                 prepare_mim(batch, self.model.config.grid, self.mask_generator, cfg.pretrain,
-                            self.tokenizer)
+                            self.vqkd)
             else:
                 tok = getattr(self.train_set, "tokenizer", None)
                 mask_id = getattr(tok, "mask_id", self.model.config.vocab_size - 1)
@@ -259,7 +280,7 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, float]:
         """Task metrics on ``split`` (reduced over ranks)."""
         dataset = self.eval_set if split == self.config.data.eval_split else \
-            build_dataset(self.config.data, self.model.config, split)
+            self._dataset(self.model.config, split)
         loader = eval_loader(dataset, self.config.data, self.device, self.info.rank,
                              self.info.world_size)
         if not self.fsdp:

@@ -1,0 +1,214 @@
+"""Where the files of a real dataset live, and the datasets built from them (docs/data.md).
+
+Three roots, named as in the reference code:
+
+* ``data_root``: the image tree; each image collection sits in a fixed sub-folder
+  (:data:`IMAGE_DIRS`), so one root serves every dataset and a mixup file finds each tuple's
+  images by its source.
+* ``split_root``: split files ``{split_root}/{dataset}/{dataset}_{split}.pth``.
+* ``refer_root``: the refer-toolkit layout ``{refer_root}/{refcoco,refcoco+,refcocog}/``
+  (``instances.json`` + ``refs(split_by).p``), the other way RefCOCO is held.
+
+:func:`resolve` checks the roots, the dataset, the split and the split file's presence and
+returns a :class:`SplitSource`; :func:`build_split` reads its records, checks that every
+image they name is there (one error naming the folder and what is missing) and returns a
+:class:`~oneref.data.refer.ReferringDataset`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from oneref.data.records import RefRecord
+from oneref.data.refer import ReferringDataset
+from oneref.data.refer_toolkit import DEFAULT_SPLIT_BY, load_refer
+from oneref.data.splitfiles import load_split_file
+from oneref.data.tokenizer import Tokenizer
+from oneref.data.transforms import TestTransform, TrainTransform
+
+__all__ = ["IMAGE_DIRS", "DATASETS", "REFER_DATASETS", "DatasetInfo", "SplitSource",
+           "dataset_info", "resolve", "build_split"]
+
+log = logging.getLogger(__name__)
+
+#: Image collection -> folder under ``data_root`` (the reference code's layout).
+IMAGE_DIRS = {
+    "coco": "other/images/mscoco/images/train2014",
+    "referit": "referit/images",
+    "flickr": "Flickr30k/flickr30k-images",
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset: its splits, the image collections its records use, whether its records
+    carry segmentations, and the splits evaluated by default (all but train)."""
+
+    name: str
+    splits: tuple[str, ...]
+    sources: tuple[str, ...]
+    masks: bool
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        return tuple(s for s in self.splits if s != "train")
+
+
+_COCO_SPLITS = ("train", "val", "testA", "testB")
+_THREE_SPLITS = ("train", "val", "test")
+#: Split-file datasets. Mixup files mix COCO entries (with polygons) and ReferIt / Flickr
+#: entries (without).
+DATASETS = {info.name: info for info in (
+    DatasetInfo("unc", _COCO_SPLITS, ("coco",), True),
+    DatasetInfo("unc+", _COCO_SPLITS, ("coco",), True),
+    DatasetInfo("gref", ("train", "val"), ("coco",), True),
+    DatasetInfo("gref_umd", _THREE_SPLITS, ("coco",), True),
+    DatasetInfo("referit", _THREE_SPLITS, ("referit",), False),
+    DatasetInfo("flickr", _THREE_SPLITS, ("flickr",), False),
+    DatasetInfo("mixup", _THREE_SPLITS, ("coco", "referit", "flickr"), True),
+)}
+#: Refer-toolkit (dataset, split_by) -> the split-file dataset with the same splits. A
+#: split-file name given with ``refer_root`` means the same pair (``unc`` = refcoco, unc).
+REFER_DATASETS = {("refcoco", "unc"): "unc", ("refcoco+", "unc"): "unc+",
+                  ("refcocog", "google"): "gref", ("refcocog", "umd"): "gref_umd"}
+_REFER_BY_NAME = {name: pair for pair, name in REFER_DATASETS.items()}
+
+
+def dataset_info(dataset: str, refer: bool = False, split_by: str = "") -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``dataset`` (a refer-toolkit name when ``refer``)."""
+    if refer:
+        name, split_by = _refer_pair(dataset, split_by)
+        known = REFER_DATASETS.get((name, split_by))
+        if known is None:
+            return DatasetInfo(name, (), ("coco",), True)  # splits read from the refs file
+        return DATASETS[known]
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; split files exist for "
+                         f"{', '.join(DATASETS)} (or use the refer-toolkit layout with "
+                         f"--refer-root and --dataset {'|'.join(DEFAULT_SPLIT_BY)})")
+    return DATASETS[dataset]
+
+
+def _refer_pair(dataset: str, split_by: str) -> tuple[str, str]:
+    if dataset in _REFER_BY_NAME:
+        name, default_by = _REFER_BY_NAME[dataset]
+        if split_by and split_by != default_by:
+            raise ValueError(f"--dataset {dataset} means {name} split by {default_by}, not "
+                             f"--split-by {split_by}; pass --dataset {name} --split-by "
+                             f"{split_by}")
+        return name, default_by
+    if dataset not in DEFAULT_SPLIT_BY:
+        raise ValueError(f"unknown refer-toolkit dataset {dataset!r}; choose from "
+                         f"{', '.join(DEFAULT_SPLIT_BY)} (or {', '.join(_REFER_BY_NAME)})")
+    return dataset, split_by or DEFAULT_SPLIT_BY[dataset]
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """One split of one dataset, resolved to files: a split file, or a refer-toolkit
+    folder and ``split_by``; and the image folder of each collection."""
+
+    dataset: str
+    split: str
+    image_dirs: dict[str, str]
+    split_file: str = ""
+    refer_root: str = ""
+    refer_dataset: str = ""
+    split_by: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.split_file or f"{self.refer_root}/{self.refer_dataset}/refs({self.split_by}).p"
+
+    def records(self, on_error: str = "raise") -> list[RefRecord]:
+        if self.split_file:
+            return load_split_file(self.split_file, dataset=self.dataset, on_error=on_error)
+        return load_refer(self.refer_root, self.refer_dataset, self.split,
+                          split_by=self.split_by, on_error=on_error)
+
+
+def _existing_dir(path: str, flag: str) -> str:
+    if not path:
+        raise ValueError(f"{flag} is required for real data")
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is not a folder")
+    return path
+
+
+def resolve(dataset: str, split: str, data_root: str, split_root: str = "",
+            refer_root: str = "", split_by: str = "") -> SplitSource:
+    """Check the roots and find the files of ``dataset``/``split``; ValueError naming the
+    flag, the path and what was expected."""
+    if bool(split_root) == bool(refer_root):
+        raise ValueError("real data needs exactly one of --split-root (split files "
+                         "{dataset}/{dataset}_{split}.pth) and --refer-root (refer-toolkit "
+                         "layout)")
+    data_root = _existing_dir(data_root, "--data-root")
+    info = dataset_info(dataset, refer=bool(refer_root), split_by=split_by)
+    if info.splits and split not in info.splits:
+        raise ValueError(f"dataset {dataset!r} has no split {split!r}; its splits are "
+                         f"{', '.join(info.splits)}")
+    image_dirs = {source: os.path.join(data_root, IMAGE_DIRS[source]) for source in info.sources}
+    if refer_root:
+        root = _existing_dir(refer_root, "--refer-root")
+        name, by = _refer_pair(dataset, split_by)
+        folder = os.path.join(root, name)
+        for file in ("instances.json", f"refs({by}).p"):
+            if not os.path.isfile(os.path.join(folder, file)):
+                raise ValueError(f"--refer-root {root}: {os.path.join(folder, file)} does not "
+                                 f"exist (expected {name}/instances.json and {name}/refs({by}).p)")
+        return SplitSource(dataset, split, image_dirs, refer_root=root, refer_dataset=name,
+                           split_by=by)
+    root = _existing_dir(split_root, "--split-root")
+    path = os.path.join(root, dataset, f"{dataset}_{split}.pth")
+    if not os.path.isfile(path):
+        raise ValueError(f"--split-root {root}: split file {path} does not exist (expected "
+                         f"{{split_root}}/{dataset}/{dataset}_{split}.pth)")
+    return SplitSource(dataset, split, image_dirs, split_file=path)
+
+
+def _check_images(source: SplitSource, records: list[RefRecord]) -> None:
+    """One ValueError per image folder that is missing or lacks files the records name."""
+    by_source: dict[str, set[str]] = {}
+    for record in records:
+        by_source.setdefault(record.source, set()).add(record.image_file)
+    for collection, files in sorted(by_source.items()):
+        folder = source.image_dirs.get(collection)
+        if folder is None:
+            raise ValueError(f"{source.name}: records from {collection!r} images, which "
+                             f"dataset {source.dataset!r} does not use")
+        if not os.path.isdir(folder):
+            raise ValueError(f"--data-root: image folder {folder} does not exist; "
+                             f"{source.name} names {len(files)} {collection} images "
+                             f"(expected {{data_root}}/{IMAGE_DIRS[collection]})")
+        missing = sorted(f for f in files if not os.path.isfile(os.path.join(folder, f)))
+        if missing:
+            raise ValueError(f"image folder {folder} lacks {len(missing)} of the {len(files)} "
+                             f"images {source.name} names (first: {missing[0]})")
+
+
+def build_split(source: SplitSource, tokenizer: Tokenizer, img_size: int, max_text_len: int,
+                train: bool, use_masks: bool, on_error: str = "raise",
+                seed: int = 0) -> ReferringDataset:
+    """The dataset of one resolved split: the paper's train transform when ``train``, else
+    the test transform; segmentations decoded when ``use_masks`` (RES, or REC's mask
+    constraint from masks)."""
+    records = source.records(on_error)
+    if not records:
+        raise ValueError(f"{source.name}: no records in split {source.split!r}")
+    _check_images(source, records)
+    if use_masks:
+        with_masks = sum(r.polygons is not None or r.rle is not None for r in records)
+        if with_masks == 0:
+            raise ValueError(f"{source.name}: no record carries a segmentation, but masks were "
+                             f"asked for (--task res or --seg-mask)")
+        if with_masks < len(records):
+            log.warning("%s: %d of %d records have no segmentation; their rasterised box "
+                        "stands in", source.name, len(records) - with_masks, len(records))
+    transform = TrainTransform(img_size) if train else TestTransform(img_size)
+    return ReferringDataset(records, source.image_dirs, tokenizer, img_size=img_size,
+                            max_text_len=max_text_len, transform=transform, use_masks=use_masks,
+                            on_error=on_error, seed=seed, name=source.name)

@@ -1,0 +1,104 @@
+"""Evaluation of one model over several splits, reported in the paper's layout.
+
+:func:`evaluate_splits` runs each split in this process (or this rank's shard under
+``torchrun``; the metric sums are reduced over ranks), :func:`eval_table` prints the rows
+as a markdown table with the published number beside each measured one, and
+:func:`write_eval` writes ``eval.json`` and ``eval.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from oneref.data import layout
+from oneref.data.synthetic import colour_guess_accuracy
+from oneref.eval.evaluate import evaluate
+from oneref.eval.metrics import PREC_THRESHOLDS
+from oneref.eval.published import published
+from oneref.io import write_json, write_text
+from oneref.train.config import DataConfig
+from oneref.train.data import build_dataset, check_data, eval_loader, load_tokenizer
+
+__all__ = ["default_splits", "evaluate_splits", "eval_table", "write_eval"]
+
+
+def default_splits(data: DataConfig) -> tuple[str, ...]:
+    """Every split of the dataset but train (RefShapes: val, test)."""
+    if not data.real:
+        return ("val", "test")
+    splits = layout.dataset_info(data.dataset, refer=bool(data.refer_root),
+                                 split_by=data.split_by).eval_splits
+    if not splits:
+        raise ValueError(f"dataset {data.dataset!r} split by {data.split_by!r}: no known "
+                         f"splits; name them with --split")
+    return splits
+
+
+def evaluate_splits(model, data: DataConfig, task: str, splits, device: torch.device,
+                    amp: str = "auto", rank: int = 0, world_size: int = 1) -> list[dict]:
+    """One row per split: the task's metrics (``n`` samples) and ``samples_per_s``."""
+    check_data(data, splits)
+    tokenizer = load_tokenizer(data, model.config) if data.real else None
+    rows = []
+    for split in splits:
+        dataset = build_dataset(data, model.config, split, task, tokenizer)
+        loader = eval_loader(dataset, data, device, rank, world_size)
+        start = time.perf_counter()
+        metrics = evaluate(model, loader, task, device, amp)
+        seconds = time.perf_counter() - start
+        row = {"split": split, **metrics, "seconds": seconds,
+               "samples_per_s": metrics["n"] / max(seconds, 1e-9)}
+        if not data.real and task == "rec":
+            row["colour_guess"] = colour_guess_accuracy(dataset, seed=0)
+        rows.append(row)
+    return rows
+
+
+def _paper_dataset(data: DataConfig) -> str:
+    if not data.real:
+        return data.dataset
+    return layout.dataset_info(data.dataset, refer=bool(data.refer_root),
+                               split_by=data.split_by).name
+
+
+def eval_table(rows: list[dict], task: str, data: DataConfig, preset: str) -> str:
+    """Markdown table: metrics in percent, the paper's (single / mixed) beside them."""
+    dataset = _paper_dataset(data)
+    paper = {"base": "paper OneRef-B", "large": "paper OneRef-L"}.get(preset, "paper")
+    if task == "rec":
+        extra = ["colour-guess"] if any("colour_guess" in r for r in rows) else []
+        head = ["split", "samples", "Acc@0.5", f"{paper} (single / mixed)", *extra,
+                "samples/s"]
+        body = [[r["split"], f"{r['n']:,}", f"{100 * r['acc@0.5']:.2f}",
+                 published("acc@0.5", dataset, preset, r["split"]),
+                 *([f"{100 * r['colour_guess']:.2f}"] if extra else []),
+                 f"{r['samples_per_s']:.1f}"] for r in rows]
+    else:
+        precs = [f"prec@{t:g}" for t in PREC_THRESHOLDS]
+        head = ["split", "samples", "mIoU", "oIoU", *(p.capitalize() for p in precs),
+                f"{paper} mIoU", f"{paper} oIoU", "samples/s"]
+        body = [[r["split"], f"{r['n']:,}", f"{100 * r['miou']:.2f}", f"{100 * r['oiou']:.2f}",
+                 *(f"{100 * r[p]:.2f}" for p in precs),
+                 published("miou", dataset, preset, r["split"]),
+                 published("oiou", dataset, preset, r["split"]),
+                 f"{r['samples_per_s']:.1f}"] for r in rows]
+    # Paper columns only where the paper published something for these rows.
+    keep = [i for i, name in enumerate(head)
+            if not name.startswith("paper") or any(row[i] != "-" for row in body)]
+    head, body = [head[i] for i in keep], [[row[i] for i in keep] for row in body]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def write_eval(out_dir: str | Path, rows: list[dict], meta: dict, table: str) -> list[Path]:
+    """``eval.json`` (``meta`` + rows) and ``eval.md`` (a header line + the table) in
+    ``out_dir``, each written atomically."""
+    out_dir = Path(out_dir)
+    header = (f"# oneref eval: {meta['checkpoint']} ({meta['model']}, {meta['task']}) on "
+              f"{meta['dataset']}, {meta['device']}, {meta['date_utc']}\n\n")
+    return [write_json(out_dir / "eval.json", {**meta, "rows": rows}, sort_keys=False),
+            write_text(out_dir / "eval.md", header + table + "\n")]

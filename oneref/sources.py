@@ -1,0 +1,98 @@
+"""A model from whatever a user points a command at (docs/data.md, "Weights").
+
+* a run folder: ``<run>/model`` (``save_pretrained``) and ``<run>/train_config.json``;
+* a ``save_pretrained`` folder: ``config.json`` + ``model.safetensors``;
+* an official ``.pth``: a BEiT-3 start point or a OneRef fine-tuned / MRefM checkpoint. Its
+  preset is inferred from the tensor shapes (``preset`` names another size and is checked),
+  it is read safely and memory-mapped (:func:`oneref.checkpoints.load_pth`), and building
+  converts its names and resizes its position table (:func:`oneref.checkpoints.load_official`).
+
+    source = ModelSource("best_checkpoint.pth")
+    source.config                    # ModelConfig, before any weights are built
+    model = source.build()
+    print(source.report.summary())   # official files: loaded / resized / missing / unused
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from oneref.checkpoints import (CONFIG_NAME, LoadReport, convert_official_state_dict,
+                                infer_model_config, load_official, read_checkpoint)
+from oneref.config import ModelConfig
+from oneref.model import OneRef
+
+__all__ = ["ModelSource", "official_preset"]
+
+log = logging.getLogger(__name__)
+
+
+def official_preset(path: str | Path, trust: bool = False) -> str:
+    """The preset name whose shape an official ``.pth`` has (ValueError when none)."""
+    return ModelSource(path, trust=trust).config.name
+
+
+class ModelSource:
+    """Where a model comes from; :attr:`config` is known before :meth:`build` loads weights.
+
+    Attributes:
+        kind: ``run``, ``pretrained`` or ``official``.
+        config: the :class:`ModelConfig`.
+        train_config: the run's training config as a dict (``{}`` unless a run folder).
+        report: the :class:`LoadReport` of an official file after :meth:`build`, else None.
+    """
+
+    def __init__(self, path: str | Path, preset: str | None = None, trust: bool = False):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ValueError(f"checkpoint {self.path} does not exist (a run folder, a "
+                             f"save_pretrained folder or an official .pth is expected)")
+        self.train_config: dict = {}
+        self.report: LoadReport | None = None
+        self._state = None
+        if self.path.is_file():
+            self.kind = "official"
+            self._state = read_checkpoint(self.path, allow_pickle=trust)
+            converted, _, _ = convert_official_state_dict(self._state)
+            self.config = infer_model_config(converted, preset)
+            return
+        self.model_dir, run_dir = self._model_dir(self.path)
+        self.kind = "run" if run_dir == self.path else "pretrained"
+        self.config = _read_config(self.model_dir / CONFIG_NAME)
+        if (run_dir / "train_config.json").is_file():
+            self.train_config = json.loads((run_dir / "train_config.json").read_text())
+        if preset and preset != self.config.name:
+            log.info("%s holds a %r model; --model %s is not used", self.path, self.config.name,
+                     preset)
+
+    @staticmethod
+    def _model_dir(path: Path) -> tuple[Path, Path]:
+        if (path / "model" / CONFIG_NAME).is_file():
+            return path / "model", path
+        if (path / CONFIG_NAME).is_file():
+            return path, path.parent
+        raise ValueError(f"checkpoint folder {path} holds neither model/{CONFIG_NAME} nor "
+                         f"{CONFIG_NAME} (a run folder or a save_pretrained folder is expected)")
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder this model belongs to, or None."""
+        return self.model_dir.parent if self.train_config else None
+
+    def build(self) -> OneRef:
+        """The model with its weights (an official file: all heads, converted names)."""
+        if self._state is None:
+            return OneRef.from_pretrained(self.model_dir)
+        model = OneRef(self.config)
+        self.report = load_official(model, self._state)
+        self._state = None  # the tensors now live in the model
+        return model
+
+
+def _read_config(path: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid model config: {err}") from err
