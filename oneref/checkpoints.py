@@ -15,27 +15,24 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from oneref.config import PRESETS, ModelConfig, get_config
-from oneref.io import atomic_write, write_json
+from oneref.io import atomic_write, load_pth, write_json
 
 __all__ = ["RENAME_RULES", "QKV_RULE", "LoadReport", "convert_official_state_dict",
-           "resize_vision_positions", "load_official", "load_pth", "read_checkpoint",
+           "resize_vision_positions", "load_official", "read_checkpoint",
            "infer_model_config", "save_pretrained",
            "load_pretrained", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -83,8 +80,6 @@ RENAME_RULES: list[tuple[str, str]] = [
 # q/k/v of each expert are stacked (in this order) into one packed (3D, D) weight / (3D,) bias.
 QKV_RULE = (_LAYER + r"self_attn\.([qkv])_proj\.([AB])\.(weight|bias)$", _BLOCK + r"attn.qkv.\3.\4")
 _QKV_ORDER = {"q": 0, "k": 1, "v": 2}
-# numpy's scalar constructor, which pickles numpy floats and ints (e.g. a logged accuracy).
-_NUMPY_SCALAR = np.float64(0).__reduce__()[0]
 
 
 @dataclass
@@ -191,61 +186,15 @@ def resize_vision_positions(table: torch.Tensor, num_patches: int) -> torch.Tens
     return torch.cat([table[:KEPT_POSITION_ROWS], grid], dim=0)
 
 
-def _safe_globals() -> list:
-    """What official OneRef / BEiT-3 files pickle beside their tensors: the training
-    arguments (``argparse.Namespace``) and numpy scalars of logged metrics. Allowed by the
-    ``weights_only`` loader; nothing else is."""
-    return [argparse.Namespace, np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64)),
-            type(np.dtype(np.float32)), _NUMPY_SCALAR]
-
-
-def load_pth(path, trust: bool = False):
-    """``torch.load`` a ``.pth`` file safely: ``weights_only`` with :func:`_safe_globals`
-    allowed, memory-mapped (an 8 GB file with optimizer state is not read into RAM twice).
-    ``trust=True`` unpickles anything (runs code from the file: only for files you trust)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
-    with torch.serialization.safe_globals(_safe_globals()):
-        try:
-            return _torch_load(path, trust, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise ValueError(f"cannot read checkpoint {str(path)!r}: {err}") from err
-        return _torch_load(path, trust, mmap=False)  # legacy (non-zip) files cannot be mapped
-
-
-def _torch_load(path: Path, trust: bool, mmap: bool):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001 - only used to word the message
-            unsafe = []
-        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
-        names = [n for n in unsafe if n not in allowed] or ["objects"]
-        raise ValueError(f"checkpoint {str(path)!r} pickles {', '.join(names[:5])} besides "
-                         f"its tensors; loading those would run code from the file. If you "
-                         f"trust it, pass --trust-checkpoint (Python: allow_pickle=True)") from err
-    except RuntimeError as err:
-        if mmap and "mmap" in str(err):
-            raise
-        raise ValueError(f"cannot read checkpoint {str(path)!r} (truncated or not a torch "
-                         f"file?): {err}") from err
-    except Exception as err:  # noqa: BLE001 - a torn or foreign file fails in many ways
-        raise ValueError(f"cannot read checkpoint {str(path)!r} (truncated or not a torch "
-                         f"file?): {type(err).__name__}: {err}") from err
-
-
 def read_checkpoint(source, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Load an official ``.pth`` (or take a dict) and return its flat state dict.
 
     Accepts ``{"model": state}``, ``{"module": state}``, ``{"state_dict": state}`` or a
-    state dict. Files are read by :func:`load_pth` (safe by default); ``allow_pickle=True``
-    unpickles any object, for trusted files only.
+    state dict. Files are read by :func:`oneref.io.load_pth` (safe by default);
+    ``allow_pickle=True`` unpickles any object, for trusted files only.
     """
-    obj = source if isinstance(source, Mapping) else load_pth(source, trust=allow_pickle)
+    obj = source if isinstance(source, Mapping) else load_pth(source, trust=allow_pickle,
+                                                                      what="checkpoint")
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint holds a {type(obj).__name__}, expected a state dict or "
                          f"a dict with key 'model'")

@@ -21,35 +21,53 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 # flag -> DataConfig field; path flags are stored absolute so a run folder can be evaluated
-# from anywhere.
+# and resumed from anywhere.
 _DATA_FLAGS = {"dataset": "dataset", "data_root": "root", "split_root": "split_root",
                "refer_root": "refer_root", "split_by": "split_by", "tokenizer": "tokenizer",
-               "seg_mask": "seg_mask", "num_workers": "num_workers"}
-_PATH_FLAGS = ("data_root", "split_root", "refer_root", "tokenizer")
+               "seg_mask": "seg_mask", "num_workers": "num_workers", "trust_data": "trust"}
+_PATH_FLAGS = ("data_root", "split_root", "refer_root", "tokenizer", "init_from", "output_dir",
+               "vqkd", "resume")
+
+
+def _absolute(flag: str, value):
+    """A path flag's value made absolute (``--resume`` without a path stays ``auto``)."""
+    if flag not in _PATH_FLAGS or not isinstance(value, str) or value == "auto":
+        return value
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    # The reference code's spellings (--data_root, --enable_seg_mask, ...) work too.
     g = p.add_argument_group("data (real-data layout: docs/data.md)")
     g.add_argument("--dataset", help="refshapes (built in), unc, unc+, gref, gref_umd, referit, "
                                      "flickr, mixup; with --refer-root: refcoco, refcoco+, refcocog")
-    g.add_argument("--data-root", metavar="IMAGE_DATA",
+    g.add_argument("--data-root", "--data_root", dest="data_root", metavar="IMAGE_DATA",
                    help="image root: other/images/mscoco/images/train2014, referit/images, "
                         "Flickr30k/flickr30k-images below it")
-    g.add_argument("--split-root", metavar="SPLITS",
+    g.add_argument("--split-root", "--split_root", dest="split_root", metavar="SPLITS",
                    help="folder of split files {dataset}/{dataset}_{split}.pth")
-    g.add_argument("--refer-root", metavar="DIR",
+    g.add_argument("--refer-root", "--refer_root", dest="refer_root", metavar="DIR",
                    help="refer-toolkit layout (refcoco/instances.json + refs(unc).p), "
                         "instead of --split-root")
-    g.add_argument("--split-by", help="refer-toolkit split scheme: unc, google, umd")
-    g.add_argument("--tokenizer", metavar="SPM", help="sentencepiece model (beit3.spm)")
-    g.add_argument("--seg-mask", "--enable-seg-mask", dest="seg_mask", action="store_true",
-                   default=None, help="REC box-mask constraint from the segmentation mask")
-    g.add_argument("--num-workers", type=int,
-                   help="DataLoader workers (default: the usable cores on a GPU, 0 on a CPU)")
+    g.add_argument("--split-by", "--split_by", dest="split_by",
+                   help="refer-toolkit split scheme: unc, google, umd")
+    g.add_argument("--tokenizer", "--sentencepiece_model", dest="tokenizer", metavar="SPM",
+                   help="sentencepiece model (beit3.spm)")
+    g.add_argument("--seg-mask", "--enable-seg-mask", "--enable_seg_mask", dest="seg_mask",
+                   action="store_true", default=None,
+                   help="REC box-mask constraint from the segmentation mask")
+    g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int,
+                   help="DataLoader workers (default on a GPU: this process's share of the "
+                        "usable cores, less one; 0 on a CPU)")
+    g.add_argument("--trust-data", dest="trust_data", action="store_true", default=None,
+                   help="unpickle any object in split files and refs pickles (runs code from "
+                        "them; only for files you trust)")
 
 
-def _add_weights_flags(p: argparse.ArgumentParser, flag: str, default: str | None) -> None:
-    p.add_argument(flag, default=default, metavar="PATH",
+def _add_weights_flags(p: argparse.ArgumentParser, flag: str, alias: str,
+                       default: str | None) -> None:
+    """The weights flag (``alias``: the reference code's name for it) and its trust switch."""
+    p.add_argument(flag, alias, dest=flag[2:].replace("-", "_"), default=default, metavar="PATH",
                    help="run folder, save_pretrained folder or official .pth (BEiT-3 / OneRef)"
                         + (f" (default: {default})" if default else ""))
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -79,7 +97,7 @@ def _add_train_flags(p: argparse.ArgumentParser, pretrain: bool) -> None:
     p.add_argument("--output-dir", "-o", help="run folder")
     p.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                    help="continue from the newest checkpoint of the run folder (or PATH)")
-    _add_weights_flags(p, "--init-from", None)
+    _add_weights_flags(p, "--init-from", "--finetune", None)
     p.add_argument("--checkpoint-interval", type=int, help="save every N steps")
     p.add_argument("--threads", type=int, help="CPU threads (0: torch default)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
@@ -109,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="metrics of a trained model on one or more splits",
                        description="REC Acc@0.5 or RES mIoU/oIoU/Prec@X per split, beside the "
                                    "paper's numbers; writes eval.json and eval.md.")
-    _add_weights_flags(p, "--checkpoint", "runs/refshapes_rec")
-    p.add_argument("--split", help="comma list, e.g. val,testA,testB (default: every split of "
-                                   "the dataset but train)")
+    _add_weights_flags(p, "--checkpoint", "--eval_model", "runs/refshapes_rec")
+    p.add_argument("--split", "--eval_set", dest="split",
+                   help="comma list, e.g. val,testA,testB (default: every split of the "
+                        "dataset but the training ones)")
     p.add_argument("--task", choices=("rec", "res"), help="default: the run's task")
     p.add_argument("--model", help="preset of an official .pth (default: from its shapes)")
     _add_data_flags(p)
@@ -123,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="ground expressions in images",
                        description="One image and expression (--image, --text), or a JSON-lines "
                                    "file of pairs (--input); prints / writes boxes and drawings.")
-    _add_weights_flags(p, "--checkpoint", "runs/refshapes_rec")
+    _add_weights_flags(p, "--checkpoint", "--eval_model", "runs/refshapes_rec")
     p.add_argument("--tokenizer", metavar="SPM",
                    help="sentencepiece model (default: the one the run recorded)")
     p.add_argument("--model", help="preset of an official .pth (default: from its shapes)")
@@ -162,25 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
 # --- train / pretrain ---------------------------------------------------------------------
 
 def _data_values(args) -> dict:
-    """DataConfig fields of the data flags given (paths made absolute)."""
+    """DataConfig fields of the data flags given (paths made absolute). Naming one kind of
+    annotation root clears the other one a run may have recorded."""
     values = {}
     for flag, name in _DATA_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
-            values[name] = (os.path.abspath(os.path.expanduser(value)) if flag in _PATH_FLAGS
-                            else value)
+            values[name] = _absolute(flag, value)
+    if "split_root" in values and "refer_root" not in values:
+        values["refer_root"] = ""
+    elif "refer_root" in values and "split_root" not in values:
+        values["split_root"] = ""
     return values
 
 
 def _recipe(args, pretrain: bool, real: bool):
-    from oneref.sources import official_preset
+    from oneref.sources import ModelSource
     from oneref.train import config as tc
 
     if args.config:
         return tc.load_config_file(args.config)
     model = args.model
-    if model is None and args.init_from and Path(args.init_from).is_file():
-        model = official_preset(args.init_from, trust=args.trust_checkpoint)
+    if model is None and args.init_from:  # the recipe of the start weights' size
+        model = ModelSource(args.init_from, trust=args.trust_checkpoint).config.name
     if (args.recipe or ("reference" if real else "refshapes")) == "reference":
         return (tc.reference_pretrain_recipe(model or "base") if pretrain
                 else tc.reference_recipe(model or "base"))
@@ -206,7 +229,7 @@ def _train_config(args, pretrain: bool):
     for attr, key in simple.items():
         value = getattr(args, attr, None)
         if value is not None:
-            flags.append(f"{key}={json.dumps(value)}")
+            flags.append(f"{key}={json.dumps(_absolute(attr, value))}")
     if args.epochs is not None:
         flags += [f"stages.{last}.epochs={args.epochs}", f"stages.{last}.steps=0"]
     if args.batch_size is not None:
@@ -271,19 +294,29 @@ def _cmd_eval(args) -> int:
     from oneref.eval.splits import default_splits, eval_table, evaluate_splits, write_eval
     from oneref.sources import ModelSource
     from oneref.train.config import DataConfig, TrainConfig
+    from oneref.train.data import check_data, load_tokenizer
     from oneref.train.distributed import init_distributed, shutdown
 
     source = ModelSource(args.checkpoint, preset=args.model, trust=args.trust_checkpoint)
     run = TrainConfig.from_dict(source.train_config) if source.train_config else None
+    if run is None and args.dataset is None:
+        raise ValueError(f"--checkpoint {args.checkpoint} records no data: name it with "
+                         f"--dataset (and --data-root, --split-root, --tokenizer for real data)")
     data = dataclasses.replace(run.data if run else DataConfig(), **_data_values(args),
                                eval_batch_size=args.batch_size)
     if args.size is not None:
         data = dataclasses.replace(data, eval_size=args.size, test_size=args.size)
     task = args.task or (run.task if run and run.task in ("rec", "res") else "rec")
+    if run and run.task in ("rec", "res") and task != run.task:
+        print(f"oneref eval: note: {args.checkpoint} was trained for {run.task}; its {task} "
+              f"head is scored as it is", file=sys.stderr)
     splits = ([s.strip() for s in args.split.split(",") if s.strip()] if args.split
               else list(default_splits(data)))
     if not splits:
         raise ValueError(f"--split {args.split!r} names no split")
+    check_data(data, splits)  # the files, before the weights are built
+    if data.real:
+        load_tokenizer(data, source.config)
     info = init_distributed(args.device)
     try:
         model = source.build().to(info.device)

@@ -2,9 +2,10 @@
 
 * a run folder: ``<run>/model`` (``save_pretrained``) and ``<run>/train_config.json``;
 * a ``save_pretrained`` folder: ``config.json`` + ``model.safetensors``;
+* one of our training checkpoints (``<run>/checkpoints/step_*.pt``);
 * an official ``.pth``: a BEiT-3 start point or a OneRef fine-tuned / MRefM checkpoint. Its
   preset is inferred from the tensor shapes (``preset`` names another size and is checked),
-  it is read safely and memory-mapped (:func:`oneref.checkpoints.load_pth`), and building
+  it is read safely and memory-mapped (:func:`oneref.io.load_pth`), and building
   converts its names and resizes its position table (:func:`oneref.checkpoints.load_official`).
 
     source = ModelSource("best_checkpoint.pth")
@@ -22,6 +23,7 @@ from pathlib import Path
 from oneref.checkpoints import (CONFIG_NAME, LoadReport, convert_official_state_dict,
                                 infer_model_config, load_official, read_checkpoint)
 from oneref.config import ModelConfig
+from oneref.io import load_pth
 from oneref.model import OneRef
 
 __all__ = ["ModelSource", "official_preset"]
@@ -38,7 +40,7 @@ class ModelSource:
     """Where a model comes from; :attr:`config` is known before :meth:`build` loads weights.
 
     Attributes:
-        kind: ``run``, ``pretrained`` or ``official``.
+        kind: ``run``, ``pretrained``, ``step`` (a training checkpoint) or ``official``.
         config: the :class:`ModelConfig`.
         train_config: the run's training config as a dict (``{}`` unless a run folder).
         report: the :class:`LoadReport` of an official file after :meth:`build`, else None.
@@ -53,8 +55,14 @@ class ModelSource:
         self.report: LoadReport | None = None
         self._state = None
         if self.path.is_file():
+            loaded = load_pth(self.path, trust=trust)
+            if isinstance(loaded, dict) and "model_config" in loaded and "model" in loaded:
+                self.kind, self._state = "step", loaded["model"]
+                self.config = ModelConfig.from_dict(loaded["model_config"])
+                self.train_config = loaded.get("config", {})
+                return
             self.kind = "official"
-            self._state = read_checkpoint(self.path, allow_pickle=trust)
+            self._state = read_checkpoint(loaded)
             converted, _, _ = convert_official_state_dict(self._state)
             self.config = infer_model_config(converted, preset)
             return
@@ -79,6 +87,8 @@ class ModelSource:
     @property
     def run_dir(self) -> Path | None:
         """The run folder this model belongs to, or None."""
+        if self.kind == "step":
+            return self.path.parent.parent
         return self.model_dir.parent if self.train_config else None
 
     def build(self) -> OneRef:
@@ -86,8 +96,10 @@ class ModelSource:
         if self._state is None:
             return OneRef.from_pretrained(self.model_dir)
         model = OneRef(self.config)
+        if self.kind == "step":
+            model.load_state_dict(self._state)
+            return model
         self.report = load_official(model, self._state)
-        self._state = None  # the tensors now live in the model
         return model
 
 

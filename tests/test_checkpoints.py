@@ -188,13 +188,13 @@ def test_official_files_load_safely(tmp_path):
 
 
 def test_load_pth_memory_maps(tmp_path, monkeypatch):
-    from oneref import checkpoints
+    from oneref import io
 
     torch.save({"model": {"w": torch.ones(3)}}, tmp_path / "a.pth")
     seen = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k) or real_load(*a, **k))
-    checkpoints.load_pth(tmp_path / "a.pth")
+    io.load_pth(tmp_path / "a.pth")
     assert seen[0]["mmap"] is True and seen[0]["weights_only"] is True
 
 

@@ -25,6 +25,7 @@ from oneref.bench.loader import iter_loader_rows
 from oneref.bench.report import (cost_markdown, environment, kernel_markdown, loader_markdown,
                                  plot_attention, plot_throughput, profile_markdown, write_json)
 from oneref.bench.timing import copy_bandwidth, matmul_peak
+from oneref.ops.policy import write_policy
 
 __all__ = ["add_arguments", "run_bench", "main", "plan_cost_rows", "ROWS"]
 
@@ -60,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="tiny preset only, 1 repeat (loader: 8 images, one pass): a smoke "
                              "run of every code path")
     parser.add_argument("--out", default=None, help="results folder (default runs/bench-<date>)")
+    parser.add_argument("--write-policy", nargs="+", default=None, metavar="JSON",
+                        help="write the per-op backend policy of auto (oneref/ops/policy.json) "
+                             "from the kernel rows of these results.json files, and exit")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="merge results.json files of earlier runs into --out instead of "
                              "measuring (tables and plots redone from them)")
@@ -219,6 +223,9 @@ def _merge(paths: list[str], out: Path) -> str:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run ``oneref bench`` with parsed arguments; prints the summary table last."""
+    if args.write_policy:
+        print(f"wrote {write_policy(args.write_policy)}")
+        return 0
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["collate", "make_sample", "SAMPLE_KEYS"]
+__all__ = ["collate", "make_sample", "unpack_index", "SAMPLE_KEYS"]
 
 # sample key -> batch key
 SAMPLE_KEYS = {
@@ -12,6 +12,15 @@ SAMPLE_KEYS = {
     "mask": "masks", "has_mask": "has_mask", "word_positions": "word_positions",
     "expression": "expressions", "index": "indices",
 }
+
+
+def unpack_index(item, epoch: int) -> tuple[int, int]:
+    """A dataset key: an index, or the ``(index, epoch)`` pair a training sampler yields
+    (``epoch`` is the dataset's own for a bare index)."""
+    if isinstance(item, tuple):
+        index, epoch = item
+        return int(index), int(epoch)
+    return item, epoch
 
 
 def make_sample(out, tokenizer, max_text_len: int, word_indices, index: int) -> dict:

@@ -44,7 +44,7 @@ IMAGE_DIRS = {
 @dataclass(frozen=True)
 class DatasetInfo:
     """A dataset: its splits, the image collections its records use, whether its records
-    carry segmentations, and the splits evaluated by default (all but train)."""
+    carry segmentations, and the splits evaluated by default (all but the training ones)."""
 
     name: str
     splits: tuple[str, ...]
@@ -53,10 +53,10 @@ class DatasetInfo:
 
     @property
     def eval_splits(self) -> tuple[str, ...]:
-        return tuple(s for s in self.splits if s != "train")
+        return tuple(s for s in self.splits if s not in ("train", "trainval"))
 
 
-_COCO_SPLITS = ("train", "val", "testA", "testB")
+_COCO_SPLITS = ("train", "val", "trainval", "testA", "testB")
 _THREE_SPLITS = ("train", "val", "test")
 #: Split-file datasets. Mixup files mix COCO entries (with polygons) and ReferIt / Flickr
 #: entries (without).
@@ -65,7 +65,7 @@ DATASETS = {info.name: info for info in (
     DatasetInfo("unc+", _COCO_SPLITS, ("coco",), True),
     DatasetInfo("gref", ("train", "val"), ("coco",), True),
     DatasetInfo("gref_umd", _THREE_SPLITS, ("coco",), True),
-    DatasetInfo("referit", _THREE_SPLITS, ("referit",), False),
+    DatasetInfo("referit", ("train", "val", "trainval", "test"), ("referit",), False),
     DatasetInfo("flickr", _THREE_SPLITS, ("flickr",), False),
     DatasetInfo("mixup", _THREE_SPLITS, ("coco", "referit", "flickr"), True),
 )}
@@ -122,11 +122,13 @@ class SplitSource:
     def name(self) -> str:
         return self.split_file or f"{self.refer_root}/{self.refer_dataset}/refs({self.split_by}).p"
 
-    def records(self, on_error: str = "raise") -> list[RefRecord]:
+    def records(self, on_error: str = "raise", trust: bool = False) -> list[RefRecord]:
+        """The split's records (``trust``: unpickle any object in the files)."""
         if self.split_file:
-            return load_split_file(self.split_file, dataset=self.dataset, on_error=on_error)
+            return load_split_file(self.split_file, dataset=self.dataset, on_error=on_error,
+                                   trust=trust)
         return load_refer(self.refer_root, self.refer_dataset, self.split,
-                          split_by=self.split_by, on_error=on_error)
+                          split_by=self.split_by, on_error=on_error, trust=trust)
 
 
 def _existing_dir(path: str, flag: str) -> str:
@@ -154,7 +156,7 @@ def resolve(dataset: str, split: str, data_root: str, split_root: str = "",
     image_dirs = {source: os.path.join(data_root, IMAGE_DIRS[source]) for source in info.sources}
     if refer_root:
         root = _existing_dir(refer_root, "--refer-root")
-        name, by = _refer_pair(dataset, split_by)
+        name, by = _refer_pair(dataset, split_by)  # checked by dataset_info above
         folder = os.path.join(root, name)
         for file in ("instances.json", f"refs({by}).p"):
             if not os.path.isfile(os.path.join(folder, file)):
@@ -191,12 +193,12 @@ def _check_images(source: SplitSource, records: list[RefRecord]) -> None:
 
 
 def build_split(source: SplitSource, tokenizer: Tokenizer, img_size: int, max_text_len: int,
-                train: bool, use_masks: bool, on_error: str = "raise",
-                seed: int = 0) -> ReferringDataset:
+                train: bool, use_masks: bool, on_error: str = "raise", seed: int = 0,
+                trust: bool = False) -> ReferringDataset:
     """The dataset of one resolved split: the paper's train transform when ``train``, else
     the test transform; segmentations decoded when ``use_masks`` (RES, or REC's mask
-    constraint from masks)."""
-    records = source.records(on_error)
+    constraint from masks); ``trust`` unpickles any object in the annotation files."""
+    records = source.records(on_error, trust)
     if not records:
         raise ValueError(f"{source.name}: no records in split {source.split!r}")
     _check_images(source, records)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from oneref.data.collate import make_sample
+from oneref.data.collate import make_sample, unpack_index
 from oneref.data.parsing import subject_object_words
 from oneref.data.records import ErrorPolicy, RefRecord, check_box_inside
 from oneref.data.refer_toolkit import load_refer
@@ -200,13 +200,15 @@ class ReferringDataset(Dataset):
                              f"{mask.shape[0]}, image is {width}x{height}")
         return mask
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item) -> dict:
+        """Sample ``item``: an index, or an ``(index, epoch)`` pair (the augmentation epoch)."""
+        index, epoch = unpack_index(item, self.epoch)
         size = len(self.records)
         if not -size <= index < size:
             raise IndexError(f"index {index} out of range for a ReferringDataset of size {size}")
         index %= size  # a negative index would be an invalid seed for the random draws
         record = self.records[index]
-        rng = np.random.default_rng([self.seed, index, self.epoch])
+        rng = np.random.default_rng([self.seed, index, epoch])
         out = self.transform(self._load(record), rng)
         words = subject_object_words(out.text) if self.parse_words else (-1, -1)
         return make_sample(out, self.tokenizer, self.max_text_len, words, index)

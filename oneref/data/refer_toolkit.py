@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 
 from oneref.data.records import (ErrorPolicy, RefRecord, check_box_inside, check_phrase,
                                  check_polygons, parse_box)
+from oneref.io import load_pickle
 
 __all__ = ["DEFAULT_SPLIT_BY", "load_refer"]
 
@@ -37,14 +37,8 @@ def _read_json(path: str) -> dict:
     return data
 
 
-def _read_refs(path: str) -> list:
-    if not os.path.isfile(path):
-        raise ValueError(f"refs file {path!r} does not exist")
-    try:
-        with open(path, "rb") as handle:
-            refs = pickle.load(handle)
-    except Exception as err:  # unpickling raises many types for a bad file
-        raise ValueError(f"cannot read refs file {path!r}: {type(err).__name__}: {err}") from err
+def _read_refs(path: str, trust: bool) -> list:
+    refs = load_pickle(path, trust=trust, what="refs file")
     if not isinstance(refs, list):
         raise ValueError(f"refs file {path!r} holds a {type(refs).__name__}, expected a list")
     return refs
@@ -61,10 +55,11 @@ def _segmentation(seg):
 
 def load_refer(root: str | os.PathLike, dataset: str = "refcoco", split: str = "val",
                split_by: str | None = None, on_error: str = "raise",
-               sentence_key: str = "sent") -> list[RefRecord]:
+               sentence_key: str = "sent", trust: bool = False) -> list[RefRecord]:
     """Records of one split (``"train"``, ``"val"``, ``"testA"``, ...) of a refer-toolkit
     dataset; ``split_by`` defaults to unc (refcoco, refcoco+) / umd (refcocog).
-    ``sentence_key`` picks "sent" (normalised) or "raw"."""
+    ``sentence_key`` picks "sent" (normalised) or "raw". The refs pickle is read as plain
+    data (``trust=True`` unpickles anything: :func:`oneref.io.load_pickle`)."""
     root = os.fspath(root)
     if split_by is None:
         if dataset not in DEFAULT_SPLIT_BY:
@@ -73,7 +68,7 @@ def load_refer(root: str | os.PathLike, dataset: str = "refcoco", split: str = "
     folder = os.path.join(root, dataset)
     refs_path = os.path.join(folder, f"refs({split_by}).p")
     instances = _read_json(os.path.join(folder, "instances.json"))
-    refs = _read_refs(refs_path)
+    refs = _read_refs(refs_path, trust)
     images = {img.get("id"): img for img in instances["images"] if isinstance(img, dict)}
     anns = {ann.get("id"): ann for ann in instances["annotations"] if isinstance(ann, dict)}
     policy = ErrorPolicy(on_error, refs_path)

@@ -22,10 +22,9 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
-
 from oneref.data.records import (ErrorPolicy, RefRecord, check_box_inside, check_phrase,
                                  check_polygons, parse_box)
+from oneref.io import load_pth
 
 __all__ = ["BOX_FORMATS", "load_split_file", "parse_split_name"]
 
@@ -47,13 +46,10 @@ def parse_split_name(path: str) -> tuple[str, str]:
     return dataset, split
 
 
-def _load_list(path: str) -> list:
+def _load_list(path: str, trust: bool) -> list:
     if not os.path.isfile(path):
         raise ValueError(f"split file {path!r} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch.load raises many types for a bad file
-        raise ValueError(f"cannot read split file {path!r}: {type(err).__name__}: {err}") from err
+    data = load_pth(path, trust=trust, what="split file", hint="--trust-data")
     if not isinstance(data, (list, tuple)):
         raise ValueError(f"split file {path!r} holds a {type(data).__name__}, expected a list "
                          f"of tuples")
@@ -105,7 +101,8 @@ def _parse_record(item, index: int, dataset: str, box_format: str, where: str) -
 
 
 def load_split_file(path: str | os.PathLike, dataset: str | None = None,
-                    box_format: str | None = None, on_error: str = "raise") -> list[RefRecord]:
+                    box_format: str | None = None, on_error: str = "raise",
+                    trust: bool = False) -> list[RefRecord]:
     """Records of one split file.
 
     Args:
@@ -113,6 +110,8 @@ def load_split_file(path: str | os.PathLike, dataset: str | None = None,
         dataset: overrides the name taken from the file name (decides the box format).
         box_format: "xywh" or "xyxy"; default from the dataset (see :data:`BOX_FORMATS`).
         on_error: "raise" (ValueError naming file, index and problem) or "skip" (count, log).
+        trust: unpickle any object in the file (it is read with ``weights_only`` and an
+            allowlist of numpy types otherwise; see :func:`oneref.io.load_pth`).
     """
     path = os.fspath(path)
     if dataset is None:
@@ -126,7 +125,7 @@ def load_split_file(path: str | os.PathLike, dataset: str | None = None,
         raise ValueError(f"box_format must be 'xywh' or 'xyxy', got {box_format!r}")
     policy = ErrorPolicy(on_error, path)
     records = []
-    for index, item in enumerate(_load_list(path)):
+    for index, item in enumerate(_load_list(path, trust)):
         where = f"record {index}"
         try:
             records.append(_parse_record(item, index, dataset, box_format,

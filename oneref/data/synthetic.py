@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from oneref.data.build_refshapes_spm import ASSET_PATH
-from oneref.data.collate import make_sample
+from oneref.data.collate import make_sample, unpack_index
 from oneref.data.grammar import CATEGORIES, Expression, make_expression
 from oneref.data.shapes import Shape, render_mask, render_scene, sample_scene
 from oneref.data.tokenizer import Tokenizer
@@ -160,14 +160,16 @@ class RefShapes(Dataset):
                 return Scene(tuple(shapes), found[0], found[1], (grey, grey, grey))
         raise RuntimeError(f"no {category} expression found for RefShapes sample {index}")
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item) -> dict:
+        """Sample ``item``: an index, or an ``(index, epoch)`` pair (the augmentation epoch)."""
+        index, epoch = unpack_index(item, self.epoch)
         index = self._check_index(index)
         scene = self.scene(index)
         image = render_scene(list(scene.shapes), self.img_size, scene.background)
         mask = render_mask(scene.shapes[scene.target], self.img_size)
         cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
         box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float64)
-        rng = np.random.default_rng([self.seed, SPLITS[self.split], index, self.epoch, 1])
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], index, epoch, 1])
         out = self.transform(Example(image, box, mask, scene.text), rng)
         expr = scene.expression
         return make_sample(out, self.tokenizer, self.max_text_len,

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from oneref.data.synthetic import refshapes_tokenizer
 from oneref.data.tokenizer import Tokenizer
 from oneref.data.transforms import Example, TestTransform
-from oneref.io import write_text
 from oneref.sources import ModelSource
 
 __all__ = ["Predictor", "Prediction", "load_predictor", "load_image", "draw_prediction",
@@ -43,7 +42,10 @@ class Prediction:
     mask: np.ndarray | None = None
 
     def to_json(self) -> dict:
-        out = {"box_xyxy": [round(v, 2) for v in self.box_xyxy], "score": round(self.score, 4)}
+        """The box (None for an empty RES mask), score and mask area (RES)."""
+        empty = self.mask is not None and not self.mask.any()
+        out = {"box_xyxy": None if empty else [round(v, 2) for v in self.box_xyxy],
+               "score": round(self.score, 4)}
         if self.mask is not None:
             out["mask_area"] = int(self.mask.sum())
         return out
@@ -52,6 +54,8 @@ class Prediction:
 def load_image(path: str | Path) -> Image.Image:
     """Open an image as RGB; ValueError naming the file when missing or not an image."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"image {path} is a folder, not an image file")
     if not path.is_file():
         raise ValueError(f"image file {path} does not exist")
     try:
@@ -208,8 +212,9 @@ def _read_pairs(path: Path) -> list[tuple[int, dict | str]]:
 def predict_file(predictor: Predictor, input_path: str | Path, out_dir: str | Path,
                  batch_size: int = 16, on_error: str = "skip", progress: bool = True) -> dict:
     """Predict every line of a JSON-lines file; write ``predictions.jsonl`` (one object per
-    good line: line, image, text, box in input pixels, score, mask_area for RES) and
-    ``<line>_<image stem>.png`` drawings into ``out_dir``.
+    good line: line, image, text, box in input pixels or None for an empty RES mask, score,
+    mask_area for RES; appended batch by batch) and ``<line>_<image stem>.png`` drawings
+    into ``out_dir``.
 
     A bad line (not JSON, missing keys, empty text) or a bad image is logged with its line
     number and skipped, or raises ValueError with ``on_error="raise"``. Image paths are
@@ -220,8 +225,11 @@ def predict_file(predictor: Predictor, input_path: str | Path, out_dir: str | Pa
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     input_path, out_dir = Path(input_path), Path(out_dir)
+    pairs = _read_pairs(input_path)
     out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / "predictions.jsonl"
     skipped: list[str] = []
+    written = 0
 
     def fail(number: int, problem: str) -> None:
         message = f"{input_path}:{number}: {problem}"
@@ -229,37 +237,41 @@ def predict_file(predictor: Predictor, input_path: str | Path, out_dir: str | Pa
             raise ValueError(message)
         log.warning("skipped %s", message)
         skipped.append(message)
+        bar.update(1)
 
-    pairs = _read_pairs(input_path)
-    records: list[str] = []
     batch: list[tuple[int, dict, Image.Image]] = []
 
-    def flush() -> None:
+    def flush(handle) -> None:
+        nonlocal written
         preds = predictor.predict_batch([b[2] for b in batch], [b[1]["text"] for b in batch])
         for (number, item, image), pred in zip(batch, preds):
-            records.append(json.dumps({"line": number, "image": item["image"],
-                                       "text": item["text"], **pred.to_json()}))
+            handle.write(json.dumps({"line": number, "image": item["image"],
+                                     "text": item["text"], **pred.to_json()}) + "\n")
             name = f"{number:06d}_{Path(item['image']).stem}.png"
             draw_prediction(image, pred, item["text"]).save(out_dir / name, format="PNG")
+        handle.flush()
+        written += len(batch)
+        bar.update(len(batch))
         batch.clear()
 
-    for number, item in tqdm(pairs, desc="predict", unit="pair", disable=not progress):
-        if isinstance(item, str):
-            fail(number, item)
-            continue
-        image_path = Path(item["image"])
-        if not image_path.is_absolute():
-            image_path = input_path.parent / image_path
-        try:
-            image = load_image(image_path)
-        except ValueError as err:
-            fail(number, str(err))
-            continue
-        batch.append((number, item, image))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    out = write_text(out_dir / "predictions.jsonl", "".join(r + "\n" for r in records))
-    return {"predicted": len(records), "skipped": len(skipped), "predictions": str(out),
+    with tqdm(total=len(pairs), desc="predict", unit="pair", disable=not progress) as bar, \
+            out_path.open("w", encoding="utf-8") as handle:
+        for number, item in pairs:
+            if isinstance(item, str):
+                fail(number, item)
+                continue
+            image_path = Path(item["image"])
+            if not image_path.is_absolute():
+                image_path = input_path.parent / image_path
+            try:
+                image = load_image(image_path)
+            except ValueError as err:
+                fail(number, str(err))
+                continue
+            batch.append((number, item, image))
+            if len(batch) == batch_size:
+                flush(handle)
+        if batch:
+            flush(handle)
+    return {"predicted": written, "skipped": len(skipped), "predictions": str(out_path),
             "problems": skipped}

@@ -47,16 +47,16 @@ This module's own ``state_dict()`` uses exactly the names above.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
-import pickle
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from oneref.io import load_pth
 
 __all__ = ["VQKDTokenizer", "load_vqkd_state_dict"]
 
@@ -443,16 +443,8 @@ def load_vqkd_state_dict(path: str | os.PathLike, weights_only: bool = True) -> 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"VQ-KD checkpoint {path!r} does not exist or is not a file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"VQ-KD checkpoint {path!r} holds objects other than tensors and cannot be read "
-            f"with weights_only=True; pass weights_only=False if the file is trusted ({err})"
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"VQ-KD checkpoint {path!r} is not a readable torch file ({err})") from err
+    obj = load_pth(path, trust=not weights_only, what="VQ-KD checkpoint",
+                   hint="weights_only=False")
     if not isinstance(obj, Mapping):
         raise ValueError(f"VQ-KD checkpoint {path!r} must hold a dict, got {type(obj).__name__}")
     for entry in ("model", "state_dict"):

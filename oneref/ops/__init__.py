@@ -11,34 +11,19 @@ import torch
 
 from oneref.ops.checks import (autocast_inputs, check_boxes, check_bool_mask, check_row_split,
                                check_shape, check_tensor)
-from oneref.ops.dispatch import BACKENDS, backend_status, current_backend, resolve, use_backend
+from oneref.ops.dispatch import (BACKENDS, backend_status, current_backend, prepare, resolve,
+                                 use_backend)
 from oneref.ops.flops import register_cpu_attention_flops
 from oneref.ops.layout import is_sequence_major, sequence_major
-from oneref.ops import torch_backend  # torch only (registers the torch backend)
+from oneref.ops.registry import OPS
+from oneref.ops import torch_backend
 
 register_cpu_attention_flops()
 
-__all__ = [
-    "BACKENDS",
-    "backend_status",
-    "current_backend",
-    "use_backend",
-    "sequence_major",
-    "is_sequence_major",
-    "multiway_attention",
-    "multiway_linear",
-    "multiway_layer_norm",
-    "referring_mask",
-    "draw_mask_noise",
-    "apply_mask_token",
-    "masked_gather",
-    "masked_scatter",
-    "vts_loss",
-    "box_mask_loss",
-    "focal_dice_loss",
-    "linear_cross_entropy",
-    "sts_kl",
-]
+# The dispatched ops are the registry's; the rest are helpers around them.
+__all__ = ["BACKENDS", "backend_status", "current_backend", "use_backend", "prepare",
+           "sequence_major", "is_sequence_major", "multiway_layer_norm", "draw_mask_noise",
+           *OPS]
 
 
 def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | None = None,
@@ -64,8 +49,8 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
     check_shape("text_lengths", text_lengths, (batch,))
     if not 0 < num_vision < seq:
         raise ValueError(f"num_vision must be in [1, S) = [1, {seq}), got {num_vision}")
-    return resolve("multiway_attention", q.device, backend)(q, k, v, text_lengths, num_vision,
-                                                            scale)
+    return resolve("multiway_attention", q.device, backend, q.dtype, head_dim)(
+        q, k, v, text_lengths, num_vision, scale)
 
 
 def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
@@ -94,8 +79,8 @@ def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
     check_row_split(num_vision, x.shape[1])
     if activation not in ("none", "gelu"):
         raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
-    return resolve("multiway_linear", x.device, backend)(x, num_vision, weight_a, bias_a,
-                                                         weight_b, bias_b, activation)
+    return resolve("multiway_linear", x.device, backend, x.dtype)(
+        x, num_vision, weight_a, bias_a, weight_b, bias_b, activation)
 
 
 def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
@@ -158,8 +143,8 @@ def referring_mask(boxes, noise, grid: int, outside_ratio: float = 0.35,
     for name, ratio in (("outside_ratio", outside_ratio), ("inside_ratio", inside_ratio)):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {ratio}")
-    return resolve("referring_mask", boxes.device, backend)(boxes, noise, grid, outside_ratio,
-                                                            inside_ratio)
+    return resolve("referring_mask", boxes.device, backend, noise.dtype)(
+        boxes, noise, grid, outside_ratio, inside_ratio)
 
 
 def apply_mask_token(x, mask, token, *, backend: str | None = None):
@@ -167,21 +152,21 @@ def apply_mask_token(x, mask, token, *, backend: str | None = None):
     check_tensor("x", x, ndim=3, floating=True)
     check_bool_mask("mask", mask, x.shape[:2], x.device)
     check_shape("token", token, (x.shape[-1],), like=x)
-    return resolve("apply_mask_token", x.device, backend)(x, mask, token)
+    return resolve("apply_mask_token", x.device, backend, x.dtype)(x, mask, token)
 
 
 def masked_gather(x, mask, *, backend: str | None = None):
     """Rows of x at the True positions of mask, row-major. x: (B, L, D) -> (N, D)."""
     check_tensor("x", x, ndim=3)
     check_bool_mask("mask", mask, x.shape[:2], x.device)
-    return resolve("masked_gather", x.device, backend)(x, mask)
+    return resolve("masked_gather", x.device, backend, x.dtype)(x, mask)
 
 
 def masked_scatter(rows, mask, *, backend: str | None = None):
     """Inverse of :func:`masked_gather`: rows (N, D) into zeros (B, L, D) at mask."""
     check_tensor("rows", rows, ndim=2)
     check_bool_mask("mask", mask, mask.shape, rows.device)
-    return resolve("masked_scatter", rows.device, backend)(rows, mask)
+    return resolve("masked_scatter", rows.device, backend, rows.dtype)(rows, mask)
 
 
 def vts_loss(pred, boxes, grid: int, *, backend: str | None = None):
@@ -191,7 +176,7 @@ def vts_loss(pred, boxes, grid: int, *, backend: str | None = None):
     check_tensor("pred", pred, ndim=3, floating=True)
     check_shape("pred", pred, (pred.shape[0], grid * grid, 4))
     check_boxes("boxes", boxes, batch=pred.shape[0], device=pred.device)
-    return resolve("vts_loss", pred.device, backend)(pred, boxes, grid)
+    return resolve("vts_loss", pred.device, backend, pred.dtype)(pred, boxes, grid)
 
 
 def box_mask_loss(logits, boxes, focal_weight: float = 20.0, dice_weight: float = 2.0, *,
@@ -203,8 +188,8 @@ def box_mask_loss(logits, boxes, focal_weight: float = 20.0, dice_weight: float 
     if logits.shape[1] != logits.shape[2]:
         raise ValueError(f"logits must be (B, G, G), got {tuple(logits.shape)}")
     check_boxes("boxes", boxes, batch=logits.shape[0], device=logits.device)
-    return resolve("box_mask_loss", logits.device, backend)(logits, boxes, focal_weight,
-                                                            dice_weight)
+    return resolve("box_mask_loss", logits.device, backend, logits.dtype)(
+        logits, boxes, focal_weight, dice_weight)
 
 
 def focal_dice_loss(logits, target, focal_weight: float = 20.0, dice_weight: float = 2.0, *,
@@ -213,8 +198,8 @@ def focal_dice_loss(logits, target, focal_weight: float = 20.0, dice_weight: flo
     (B, ...), each term averaged over the batch (RES masks, mask-target constraint)."""
     check_tensor("logits", logits, floating=True)
     check_shape("target", target, tuple(logits.shape))
-    return resolve("focal_dice_loss", logits.device, backend)(logits, target, focal_weight,
-                                                              dice_weight)
+    return resolve("focal_dice_loss", logits.device, backend, logits.dtype)(
+        logits, target, focal_weight, dice_weight)
 
 
 def linear_cross_entropy(x, weight, target, bias=None, ignore_index: int = -100,
@@ -243,7 +228,7 @@ def linear_cross_entropy(x, weight, target, bias=None, ignore_index: int = -100,
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    return resolve("linear_cross_entropy", x.device, backend)(
+    return resolve("linear_cross_entropy", x.device, backend, x.dtype)(
         x, weight, target, bias, ignore_index, label_smoothing, reduction)
 
 
@@ -253,4 +238,4 @@ def sts_kl(pred, target, valid, *, backend: str | None = None):
     check_tensor("pred", pred, ndim=2, floating=True)
     check_shape("target", target, tuple(pred.shape))
     check_bool_mask("valid", valid, pred.shape, pred.device)
-    return resolve("sts_kl", pred.device, backend)(pred, target, valid)
+    return resolve("sts_kl", pred.device, backend, pred.dtype)(pred, target, valid)

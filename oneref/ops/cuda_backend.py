@@ -2,8 +2,8 @@
 
 The extension registers ``torch.ops.oneref.<op>`` with a CUDA kernel and a C++ CPU kernel
 each (``csrc/``). This module adds what the dispatcher and ``torch.compile`` need on top:
-fake (meta) implementations, autograd formulas, and one thin wrapper per op registered with
-:mod:`oneref.ops.dispatch`, so ``oneref.ops.<op>(..., backend="cuda")`` runs the CUDA kernels
+fake (meta) implementations, autograd formulas, and one thin wrapper per op (named in
+:mod:`oneref.ops.registry`), so ``oneref.ops.<op>(..., backend="cuda")`` runs the CUDA kernels
 on GPU tensors and the C++ kernels on CPU tensors.
 
 Ops: referring_mask, apply_mask_token, masked_gather, masked_scatter, vts_loss,
@@ -15,12 +15,8 @@ from __future__ import annotations
 import torch
 
 from oneref import _native
-from oneref.ops.dispatch import register
 
-__all__ = ["unavailable_reasons", "OPS"]
-
-OPS = ("referring_mask", "apply_mask_token", "masked_gather", "masked_scatter", "vts_loss",
-       "box_mask_loss")
+__all__ = ["unavailable_reasons"]
 
 _C = _native.load()
 
@@ -168,23 +164,20 @@ if _C is not None:
     _register_autograd()
 
 
-# ------------------------------------------------------------------ dispatcher entries
+# ------------------------------------------------------------------ registry entries
 # Same signatures as oneref.ops.reference; the public functions in oneref.ops have already
 # checked the arguments. Inputs are made contiguous here (the kernels require it).
-@register("referring_mask", "cuda")
 def referring_mask(boxes, noise, grid: int, outside_ratio: float = 0.35,
                    inside_ratio: float = 0.75):
     return torch.ops.oneref.referring_mask(boxes.contiguous(), noise.contiguous(), int(grid),
                                            float(outside_ratio), float(inside_ratio))
 
 
-@register("apply_mask_token", "cuda")
 def apply_mask_token(x, mask, token):
     return torch.ops.oneref.apply_mask_token(x.contiguous(), mask.contiguous(),
                                              token.contiguous())
 
 
-@register("masked_gather", "cuda")
 def masked_gather(x, mask):
     # The output row count is data dependent: it is counted here, once (one host sync on a
     # GPU); the kernel itself never synchronises. Callers that know the count (a fixed
@@ -193,17 +186,14 @@ def masked_gather(x, mask):
     return torch.ops.oneref.masked_gather(x.contiguous(), mask.contiguous(), num_rows)
 
 
-@register("masked_scatter", "cuda")
 def masked_scatter(rows, mask):
     return torch.ops.oneref.masked_scatter(rows.contiguous(), mask.contiguous())
 
 
-@register("vts_loss", "cuda")
 def vts_loss(pred, boxes, grid: int):
     return torch.ops.oneref.vts_loss(pred.contiguous(), boxes.contiguous(), int(grid))
 
 
-@register("box_mask_loss", "cuda")
 def box_mask_loss(logits, boxes, focal_weight: float = 20.0, dice_weight: float = 2.0):
     return torch.ops.oneref.box_mask_loss(logits.contiguous(), boxes.contiguous(),
                                           float(focal_weight), float(dice_weight))

@@ -1,18 +1,26 @@
-"""Backend registry and dispatch for the fused ops.
+"""Dispatch of the fused ops to a backend (docs/ops.md).
 
-Three backends implement the ops of :mod:`oneref.ops` with one signature:
+Three backends implement the ops of :mod:`oneref.ops` with one signature (the table is
+:mod:`oneref.ops.registry`):
 
 * ``cuda``   - the compiled extension ``oneref._C`` (CUDA kernels on GPU tensors, its C++
   kernels on CPU tensors);
 * ``triton`` - the Triton kernels of :mod:`oneref.kernels` (GPU tensors, or CPU tensors when
   ``TRITON_INTERPRET=1`` was set before triton was imported);
-* ``torch``  - :mod:`oneref.ops.reference`, always available.
+* ``torch``  - PyTorch composites and :mod:`oneref.ops.reference`, always available.
 
-``auto`` walks cuda -> triton -> torch and takes the first backend that implements the op
-and supports the inputs; on CPU tensors it always takes ``torch`` (the compiled and
-interpreted kernels are for checking, not for speed there). The choice is overridable per
-call (``backend=``), by the :func:`use_backend` context manager and by ``ONEREF_BACKEND``.
-An explicit backend that cannot run raises with its reasons; nothing falls back silently.
+``auto`` on CUDA tensors runs, per op and per pass (training when autograd is recording,
+else inference), the backend that the committed policy (:mod:`oneref.ops.policy`) measured
+fastest on this GPU generation, and the torch composite where nothing was measured; on CPU
+tensors it runs ``torch``. Inputs the chosen backend does not support (a dtype, a head dim)
+go to ``torch``. The setting is overridable per call (``backend=``), by the
+:func:`use_backend` context manager and by ``ONEREF_BACKEND``; an explicit backend that
+cannot run raises with its reasons, nothing falls back silently.
+
+Resolution is cached per (op, device type, setting, pass): inside a step it is a dict
+lookup and metadata checks, which ``torch.compile`` folds into the graph. The first
+resolution imports the backend; :func:`prepare` does all of them up front (the trainer and
+the benchmarks call it before compiling).
 """
 
 from __future__ import annotations
@@ -20,47 +28,33 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import logging
 import os
 from typing import Callable, Iterator
 
 import torch
 
-__all__ = [
-    "BACKENDS",
-    "register",
-    "use_backend",
-    "current_backend",
-    "resolve",
-    "backend_status",
-    "unavailable_reasons",
-]
+from oneref.ops import policy
+from oneref.ops.registry import BACKENDS, OPS, Impl
 
-BACKENDS = ("cuda", "triton", "torch")
+__all__ = ["BACKENDS", "use_backend", "current_backend", "resolve", "prepare", "choices",
+           "backend_status", "unavailable_reasons"]
+
+log = logging.getLogger(__name__)
+
 _CHOICES = ("auto",) + BACKENDS
-# Modules that register each backend's implementations when imported (lazily, so that
-# `import oneref` never imports triton or loads the extension).
+# Each backend's module: its availability check, and (cuda) the op registrations it makes
+# with torch.library when imported.
 _BACKEND_MODULES = {
     "torch": "oneref.ops.torch_backend",
     "triton": "oneref.ops.triton_backend",
     "cuda": "oneref.ops.cuda_backend",
 }
-
-_registry: dict[str, dict[str, Callable]] = {}
 _load_errors: dict[str, str] = {}
 _backend_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("oneref_backend",
                                                                           default=None)
-
-
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: record ``fn`` as ``backend``'s implementation of ``op``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-
-    def decorator(fn: Callable) -> Callable:
-        _registry.setdefault(op, {})[backend] = fn
-        return fn
-
-    return decorator
+# (op, device type, setting, training) -> candidates [(backend, impl, function)], in order.
+_candidates: dict[tuple[str, str, str, bool], tuple[tuple[str, Impl, Callable], ...]] = {}
 
 
 def _validate(name: str, source: str) -> str:
@@ -108,26 +102,77 @@ def unavailable_reasons(backend: str, op: str | None = None,
         return [f"{backend} backend failed to load ({_load_errors[backend]})"]
     module = importlib.import_module(_BACKEND_MODULES[backend])
     reasons = list(module.unavailable_reasons(torch.device(device) if device else None))
-    if op is not None and backend not in _registry.get(op, {}):
+    if op is not None and backend not in OPS[op].impls:
         reasons.append(f"{backend} backend does not implement {op}")
     return reasons
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None) -> Callable:
-    """The implementation of ``op`` to run on ``device``."""
-    name = _validate(backend, "backend=") if backend is not None else current_backend()
-    if name != "auto":
-        reasons = unavailable_reasons(name, op, device)
+def _entry(op: str, backend: str) -> tuple[str, Impl, Callable]:
+    impl = OPS[op].impls[backend]
+    return backend, impl, impl.load()
+
+
+def choices(op: str, device: torch.device, training: bool) -> list[tuple[str, str]]:
+    """``auto``'s candidates for ``op`` on ``device`` as (backend, why), in order."""
+    if device.type != "cuda":
+        return [("torch", f"{device.type} tensors: the torch composite")]
+    gen = policy.generation(torch.cuda.get_device_capability(device))
+    backend, why = policy.choice(op, gen, training)
+    if backend != "torch":
+        reasons = unavailable_reasons(backend, op, device)
         if reasons:
-            raise RuntimeError(f"oneref.ops.{op}: backend {name!r} cannot run here: "
+            log.warning("oneref.ops.%s: the policy picks %s on %s, which cannot run here (%s); "
+                        "using the torch composite", op, backend, gen, "; ".join(reasons))
+            return [("torch", f"{backend} unavailable: {'; '.join(reasons)}")]
+        return [(backend, why), ("torch", "inputs the policy's backend does not support")]
+    return [("torch", why)]
+
+
+def _resolve_candidates(op: str, device: torch.device, setting: str, training: bool):
+    if torch.compiler.is_compiling():
+        log.warning("oneref.ops.%s resolved while compiling (a graph break): call "
+                    "oneref.ops.prepare(device) before torch.compile", op)
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    if setting != "auto":
+        reasons = unavailable_reasons(setting, op, device)
+        if reasons:
+            raise RuntimeError(f"oneref.ops.{op}: backend {setting!r} cannot run here: "
                                + "; ".join(reasons))
-        return _registry[op][name]
-    candidates = ("cuda", "triton") if device.type == "cuda" else ()
-    for candidate in candidates:
-        if not unavailable_reasons(candidate, op, device):
-            return _registry[op][candidate]
+        return (_entry(op, setting),)
     _load("torch")
-    return _registry[op]["torch"]
+    return tuple(_entry(op, backend) for backend, _ in choices(op, device, training))
+
+
+def resolve(op: str, device: torch.device, backend: str | None = None,
+            dtype: torch.dtype | None = None, head_dim: int | None = None) -> Callable:
+    """The implementation of ``op`` to run on ``device`` for inputs of ``dtype`` (and
+    ``head_dim`` for attention)."""
+    setting = _validate(backend, "backend=") if backend is not None else current_backend()
+    key = (op, device.type, setting, torch.is_grad_enabled())
+    found = _candidates.get(key)
+    if found is None:
+        found = _candidates[key] = _resolve_candidates(op, device, *key[2:])
+    for name, impl, function in found:
+        reasons = impl.reasons(device.type, dtype, head_dim)
+        if not reasons:
+            return function
+        if setting != "auto":
+            raise RuntimeError(f"oneref.ops.{op}: backend {name!r} cannot take these inputs: "
+                               + "; ".join(reasons))
+    raise RuntimeError(f"oneref.ops.{op}: no backend takes {device.type} {dtype} inputs")
+
+
+def prepare(device: torch.device | str) -> None:
+    """Resolve every op for ``device`` under the current setting, for training and
+    inference, so no resolution happens inside a compiled step."""
+    device = torch.device(device)
+    setting = current_backend()
+    for op in OPS:
+        for training in (True, False):
+            key = (op, device.type, setting, training)
+            if key not in _candidates:
+                _candidates[key] = _resolve_candidates(op, device, setting, training)
 
 
 def backend_status(device: torch.device | str | None = None) -> dict[str, list[str]]:

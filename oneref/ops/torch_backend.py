@@ -1,7 +1,7 @@
 """The ``torch`` backend: PyTorch on any device.
 
-Most ops run their readable definition from :mod:`oneref.ops.reference`. Three hot paths use a
-faster PyTorch composite with the same contract (tested against the reference):
+Most ops run their readable definition from :mod:`oneref.ops.reference` (the registry,
+:mod:`oneref.ops.registry`, points at it). Three hot paths use a faster PyTorch composite with the same contract (tested against the reference):
 
 * ``multiway_attention`` runs :func:`torch.nn.functional.scaled_dot_product_attention` with a
   bool key-padding mask (fused CPU flash kernel; memory-efficient or cuDNN kernel on GPU)
@@ -26,25 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from oneref.ops import reference
-from oneref.ops.dispatch import register
 
-REFERENCE_OPS = (
-    "referring_mask",
-    "apply_mask_token",
-    "masked_gather",
-    "masked_scatter",
-    "vts_loss",
-    "box_mask_loss",
-    "focal_dice_loss",
-    "linear_cross_entropy",
-    "sts_kl",
-)
-
-for _op in REFERENCE_OPS:
-    register(_op, "torch")(getattr(reference, _op))
-
-
-@register("multiway_attention", "torch")
 def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | None = None):
     """SDPA over (B, H, S, Dh) views with a (B, 1, 1, S) bool mask (True = attend)."""
     valid = reference.key_padding_mask(text_lengths, num_vision, q.shape[1])
@@ -117,7 +99,6 @@ class _MultiwayLinear(torch.autograd.Function):
         return (grad_x, None, *grads)
 
 
-@register("multiway_linear", "torch")
 def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
                     activation: str = "none"):
     y = _MultiwayLinear.apply(x, num_vision, weight_a, bias_a, weight_b, bias_b)

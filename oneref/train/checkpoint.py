@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oneref.io import atomic_write
+from oneref.io import atomic_write, load_pth
 
 __all__ = ["rng_state", "set_rng_state", "save_checkpoint", "find_latest",
            "load_checkpoint", "list_checkpoints"]
@@ -81,12 +81,13 @@ def find_latest(path: str | Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint; ValueError naming the file when it is missing or unreadable."""
+def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    """Read a checkpoint (tensors and plain containers only, unless ``trust``: checkpoints of
+    older versions pickle numpy RNG state); ValueError naming the file when it is missing or
+    unreadable."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"checkpoint {path} could not be read: {exc}") from exc
+    return load_pth(path, trust=trust, what="training checkpoint",
+                    hint="--trust-checkpoint (a checkpoint of an older oneref pickles numpy "
+                         "RNG state)")

@@ -116,6 +116,9 @@ class DataConfig:
     seg_mask: bool = False
     #: Malformed records of real data: ``raise`` (default) or ``skip`` (counted and logged).
     on_error: str = "raise"
+    #: Unpickle any object in split files and refs pickles (``--trust-data``). Off: they
+    #: load as plain data (tensors, containers, numpy arrays) and nothing in them runs.
+    trust: bool = False
     train_split: str = "train"
     eval_split: str = "val"
     test_split: str = "test"
@@ -143,6 +146,12 @@ class DataConfig:
             raise ValueError(f"data.on_error must be raise or skip, got {self.on_error!r}")
         if self.num_workers < -1:
             raise ValueError(f"data.num_workers must be >= 0 or -1 (auto), got {self.num_workers}")
+        given = [flag for flag, value in (("--data-root", self.root),
+                                          ("--split-root", self.split_root),
+                                          ("--refer-root", self.refer_root)) if value]
+        if given and not self.real:
+            raise ValueError(f"{', '.join(given)} given, but the dataset is refshapes (built "
+                             f"in, the default): name the real dataset, e.g. --dataset unc")
 
 
 @dataclass
@@ -427,10 +436,10 @@ def reference_recipe(model: str = "base", **changes) -> TrainConfig:
 
 
 def reference_pretrain_recipe(model: str = "base", **changes) -> TrainConfig:
-    """MRefM on real data from a BEiT-3 start point (``--init-from``). The paper states the
-    compute (base: 15 h on 32 A100) but no schedule; these are the engine's defaults: one
-    cosine stage of 20 epochs at lr 5e-5 after 500 warm-up steps, batch 64 (base) / 24
-    (large) per rank, the fine-tuning recipe's AdamW."""
+    """MRefM on real data from a BEiT-3 start point (``--init-from``), with the engine's
+    defaults: one cosine stage of 20 epochs at lr 5e-5 after 500 warm-up steps, batch 64
+    (base) / 24 (large) per rank, the fine-tuning recipe's AdamW. Change them with the
+    flags or ``--set`` (``--epochs``, ``--lr``, ``--batch-size``, ``stages.0.warmup_steps``)."""
     config = TrainConfig(
         task="pretrain",
         model=model,

@@ -21,7 +21,7 @@ from oneref.data.tokenizer import Tokenizer
 from oneref.train.config import DataConfig
 from oneref.train.sampler import ResumableSampler, ShardSampler
 
-__all__ = ["build_dataset", "check_data", "train_loader", "eval_loader", "loader_workers",
+__all__ = ["build_dataset", "dataset_info", "check_data", "train_loader", "eval_loader", "loader_workers",
            "load_tokenizer"]
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,17 @@ def check_data(data: DataConfig, splits) -> None:
             _source(data, split)
 
 
+def dataset_info(data: DataConfig) -> layout.DatasetInfo:
+    """The splits, image collections and masks of the real dataset ``data`` names."""
+    return layout.dataset_info(data.dataset, refer=bool(data.refer_root), split_by=data.split_by)
+
+
 def build_dataset(data: DataConfig, model: ModelConfig, split: str, task: str = "rec",
-                  tokenizer: Tokenizer | None = None) -> Dataset:
+                  tokenizer: Tokenizer | None = None, train: bool = False) -> Dataset:
     """The dataset of ``split`` (``train``/``val``/``test`` or a real split name). Real data
-    decodes segmentations for RES and for REC with ``data.seg_mask``."""
+    takes the paper's training augmentation when ``train`` (RefShapes none: its 200,000
+    scenes are each seen about once) and decodes segmentations for RES and for REC with
+    ``data.seg_mask``."""
     if not data.real:
         sizes = {"train": data.train_size, "val": data.eval_size, "test": data.test_size}
         if split not in sizes:
@@ -64,14 +71,13 @@ def build_dataset(data: DataConfig, model: ModelConfig, split: str, task: str = 
         return RefShapes(split=split, size=sizes[split], img_size=model.img_size,
                          max_text_len=model.max_text_len, seed=data.seed)
     use_masks = task == "res" or data.seg_mask
-    info = layout.dataset_info(data.dataset, refer=bool(data.refer_root), split_by=data.split_by)
-    if use_masks and not info.masks:
+    if use_masks and not dataset_info(data).masks:
         raise ValueError(f"dataset {data.dataset!r} has no segmentation masks; --task res and "
                          f"--seg-mask need unc, unc+, gref, gref_umd, mixup or --refer-root")
     return layout.build_split(_source(data, split), tokenizer or load_tokenizer(data, model),
-                              model.img_size, model.max_text_len,
-                              train=split == data.train_split, use_masks=use_masks,
-                              on_error=data.on_error, seed=data.seed)
+                              model.img_size, model.max_text_len, train=train,
+                              use_masks=use_masks, on_error=data.on_error, seed=data.seed,
+                              trust=data.trust)
 
 
 def loader_workers(data: DataConfig, device: torch.device, local_world_size: int = 1) -> int:

@@ -5,6 +5,10 @@ from ``seed + epoch``, rank ``r`` takes every ``world``-th index starting at ``r
 start in the middle of an epoch, so ``--resume`` continues with exactly the batches an
 uninterrupted run would have seen. With ``world_size = 1`` and a batch ``world`` times larger,
 one process sees the same samples per step as a ``world``-rank run.
+
+Training samplers yield ``(index, epoch)`` pairs: the datasets draw their augmentation from
+both, so every epoch augments anew, also inside persistent workers, whose dataset copies
+never see a ``set_epoch`` of the main process.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch.utils.data import Sampler
 __all__ = ["ResumableSampler", "ShardSampler"]
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(Sampler[tuple[int, int]]):
     """Shuffled, sharded, drop-last order with a start offset.
 
     Args:
@@ -61,9 +65,9 @@ class ResumableSampler(Sampler[int]):
             order = list(range(self.num_samples))
         return order[: self.batches_per_epoch * self.batch_size * self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         mine = self.global_order()[self.rank::self.world_size]
-        return iter(mine[self.start_batch * self.batch_size:])
+        return iter([(index, self.epoch) for index in mine[self.start_batch * self.batch_size:]])
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size

@@ -86,22 +86,24 @@ class Trainer:
             threads = config.threads if config.threads > 0 else auto_threads()
             torch.set_num_threads(max(1, threads // self.info.world_size))
             log.info("CPU threads: %d", torch.get_num_threads())
+        # Data paths and start weights are checked before any model is built.
+        data = config.data
+        splits = [data.train_split]
+        if config.task != "pretrain":
+            splits += [data.eval_split] + ([data.test_split] if config.final_test else [])
+        check_data(data, splits)
+        self.source = (ModelSource(config.checkpoint.init_from, preset=config.model,
+                                   trust=config.checkpoint.trust)
+                       if config.checkpoint.init_from else None)
         self.run_dir = Path(config.output_dir)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "train_config.json", config.to_dict())
-        # Data paths and start weights are checked before any model is built.
-        data = config.data
-        check_data(data, [data.train_split] + ([data.eval_split] if config.task != "pretrain"
-                                               else []))
-        self.source = (ModelSource(config.checkpoint.init_from, preset=config.model,
-                                   trust=config.checkpoint.trust)
-                       if config.checkpoint.init_from else None)
         model_config = (self.source.config if self.source else
                         get_config(config.model, **config.model_overrides))
         t0 = time.perf_counter()
         self.text_tokenizer = load_tokenizer(data, model_config) if data.real else None
-        self.train_set = self._dataset(model_config, data.train_split)
+        self.train_set = self._dataset(model_config, data.train_split, train=True)
         needs_eval = config.task != "pretrain"
         self.eval_set = self._dataset(model_config, data.eval_split) if needs_eval else None
         self.data_seconds = time.perf_counter() - t0
@@ -133,9 +135,9 @@ class Trainer:
         self._stage_index = -1
 
     # ------------------------------------------------------------------ construction
-    def _dataset(self, model_config, split: str):
+    def _dataset(self, model_config, split: str, train: bool = False):
         return build_dataset(self.config.data, model_config, split, self.config.task,
-                             self.text_tokenizer)
+                             self.text_tokenizer, train=train)
 
     def _build_model(self, model_config):
         if self.source is None:
@@ -216,7 +218,7 @@ class Trainer:
         if path is None:
             raise ValueError(f"--resume: no checkpoint found in {target} (looked for "
                              f"checkpoints/step_*.pt)")
-        state = ckpt.load_checkpoint(path)
+        state = ckpt.load_checkpoint(path, trust=self.config.checkpoint.trust)
         if state.get("world_size", 1) != self.info.world_size:
             raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks; "
                              f"resume with the same number (now {self.info.world_size})")
@@ -370,18 +372,22 @@ class Trainer:
         logger.close()
         return results
 
+    def _samples_until(self, step: int) -> int:
+        """Samples of all ranks in the first ``step`` steps (each stage has its batch)."""
+        return sum(min(max(step - s.start, 0), s.steps) * s.stage.batch_size
+                   for s in self.plan.spans) * self.info.world_size
+
     def _finish(self, logger: RunLogger, epoch: int, train_seconds: float, steps: int,
                 elapsed: float) -> dict:
         cfg = self.config
         if cfg.checkpoint.interval == 0 or self.step % cfg.checkpoint.interval:
             if cfg.checkpoint.interval or cfg.checkpoint.keep_last:
                 self.save(epoch, elapsed)
-        samples = sum(min(max(self.step - s.start, 0), s.steps) * s.stage.batch_size
-                      for s in self.plan.spans) * self.info.world_size
+        samples = self._samples_until(self.step)
+        trained = samples - self._samples_until(self.step - steps)  # by this process's run
         results = {"task": cfg.task, "steps": self.step, "train_seconds": train_seconds,
                    "data_seconds": self.data_seconds, "world_size": self.info.world_size,
-                   "samples_per_s": (steps * cfg.stages[-1].batch_size * self.info.world_size
-                                     / train_seconds) if steps and train_seconds > 0
+                   "samples_per_s": trained / train_seconds if steps and train_seconds > 0
                    else float("nan"),
                    "samples_seen": samples}
         if self.losses:

@@ -29,13 +29,13 @@ def triton_where_implemented(monkeypatch):
     used: set[str] = set()
     real_resolve = dispatch.resolve
 
-    def resolve(op, device, backend=None):
+    def resolve(op, device, backend=None, *args):
         name = backend if backend is not None else dispatch.current_backend()
         if name == "triton":
             if dispatch.unavailable_reasons("triton", op, device):
-                return real_resolve(op, device, "torch")
+                return real_resolve(op, device, "torch", *args)
             used.add(op)
-        return real_resolve(op, device, backend)
+        return real_resolve(op, device, backend, *args)
 
     monkeypatch.setattr(dispatch, "resolve", resolve)
     monkeypatch.setattr(ops, "resolve", resolve)

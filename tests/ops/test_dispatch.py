@@ -40,6 +40,7 @@ def test_unknown_backend_names_the_choices(monkeypatch):
 
 
 def test_explicit_backend_that_cannot_run_raises_with_reasons(monkeypatch):
+    monkeypatch.setattr(dispatch, "_candidates", {})  # resolved afresh
     monkeypatch.setattr(dispatch, "unavailable_reasons",
                         lambda backend, op=None, device=None: ["no kernels here"])
     q, k, v, lengths = _attention_inputs()
@@ -115,3 +116,11 @@ def test_matmul_ops_follow_autocast():
     assert normed.dtype == torch.float32  # autocast's layer_norm policy
     with pytest.raises(TypeError, match="weight_a has dtype"):
         ops.multiway_linear(x.half(), 1, wa, None, wb, None)
+
+
+def test_explicit_backend_refuses_inputs_it_does_not_support():
+    q, k, v, lengths = _attention_inputs(dim=8)
+    if dispatch.unavailable_reasons("triton", "multiway_attention", "cpu"):
+        pytest.skip("triton cannot run here")
+    with pytest.raises(RuntimeError, match="cannot take these inputs: head dim 8"):
+        ops.multiway_attention(q, k, v, lengths, 6, backend="triton")

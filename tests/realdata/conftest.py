@@ -8,6 +8,7 @@ import argparse
 import io
 import json
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +124,21 @@ def _write_checkpoints(weights: Path) -> tuple[Path, Path]:
     torch.save({"model": state, "args": args, "epoch": 19, "val_accu": np.float64(0.81),
                 "optimizer": {"state": {}, "param_groups": [{"lr": 3e-5, "params": [0]}]},
                 "lr_scheduler": {"last_epoch": 19}}, oneref)
+    _as_numpy1_pickle(oneref)
     return beit3, oneref
+
+
+def _as_numpy1_pickle(path: Path) -> None:
+    """Rename numpy 2's ``numpy._core`` module to numpy 1's ``numpy.core`` in the file's
+    pickle, as in checkpoints written under numpy 1 (the released ones)."""
+    with zipfile.ZipFile(path) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(info, data)
 
 
 @pytest.fixture(scope="session")

@@ -152,8 +152,12 @@ def _train(realdata, tmp_path, *flags):
       "{splits}"], "'flickr' has no segmentation masks"),
     (["--dataset", "refcoco", "--split-by", "google", "--data-root", "{images}",
       "--refer-root", "{root}/refer"], "{root}/refer/refcoco/refs(google).p does not exist"),
+    (["--data-root", "{images}", "--split-root", "{splits}"],
+     "--data-root, --split-root given, but the dataset is refshapes"),
+    (["--dataset", "unc", "--recipe", "refshapes", "--data-root", "{images}", "--split-root",
+      "{splits}"], "dataset 'unc' has no split 'test'"),  # the final test split
 ], ids=["data-root", "split-root", "dataset", "split-file", "image-folder", "two-roots",
-        "res-no-masks", "refer-split-by"])
+        "res-no-masks", "refer-split-by", "no-dataset", "test-split"])
 def test_data_errors_name_the_path(realdata, tmp_path, capsys, flags, message):
     paths = {"root": realdata.root, "images": realdata.images, "splits": realdata.splits}
     flags = [f.format(**paths) for f in flags]
@@ -163,7 +167,7 @@ def test_data_errors_name_the_path(realdata, tmp_path, capsys, flags, message):
 
 
 def test_missing_images_and_unknown_split(realdata, tmp_path, capsys):
-    image = realdata.images / "other/images/mscoco/images/train2014/COCO_train2014_000000000002.jpg"
+    image = realdata.images / COCO_IMAGE.replace("000000000001", "000000000002")
     moved = tmp_path / "moved.jpg"
     image.rename(moved)
     try:
@@ -174,7 +178,8 @@ def test_missing_images_and_unknown_split(realdata, tmp_path, capsys):
     assert "lacks 1 of the 4 images" in err and "COCO_train2014_000000000002.jpg" in err
     assert main(["eval", "--checkpoint", str(realdata.oneref), *realdata.flags("unc"),
                  "--split", "val,bogus", "--device", "cpu"]) == 2
-    assert "no split 'bogus'; its splits are train, val, testA, testB" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no split 'bogus'; its splits are train, val, trainval, testA, testB" in err
 
 
 def test_unsafe_checkpoint_needs_trust(realdata, tmp_path, capsys):
@@ -231,3 +236,60 @@ def test_real_dataset_selects_the_reference_recipe(realdata):
     assert cfg.data.num_workers == -1  # auto: the usable cores on a GPU run, 0 on a CPU
     args = build_parser().parse_args(["train"])
     assert _train_config(args, pretrain=False).data.dataset == "refshapes"
+
+
+def test_eval_checks_data_before_loading_weights(realdata, capsys):
+    assert main(["eval", "--checkpoint", str(realdata.oneref), "--device", "cpu"]) == 2
+    assert "records no data: name it with --dataset" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(realdata.oneref), "--dataset", "unc",
+                 "--data-root", str(realdata.root / "nope"), "--split-root",
+                 str(realdata.splits), "--tokenizer", str(realdata.spm)]) == 2
+    out = capsys.readouterr()
+    assert "is not a folder" in out.err and "loaded" not in out.out  # no weights read
+
+
+def test_training_checkpoint_as_checkpoint(trained, realdata, capsys):
+    work, run, _ = trained
+    assert main(["predict", "--checkpoint", str(run / "checkpoints/step_00000003.pt"),
+                 "--image", str(realdata.images / COCO_IMAGE), "--text", "a man",
+                 "--out", str(work / "c.png"), "--device", "cpu"]) == 0
+    assert "box (x1, y1, x2, y2)" in capsys.readouterr().out
+
+
+def test_annotation_files_never_run_code(realdata, tmp_path, capsys):
+    import pickle
+    import shutil
+
+    splits, refer = tmp_path / "splits", tmp_path / "refer"
+    shutil.copytree(realdata.splits, splits)
+    shutil.copytree(realdata.refer, refer)
+    items = torch.load(splits / "unc" / "unc_train.pth", weights_only=True)
+    torch.save(items + [print], splits / "unc" / "unc_train.pth")
+    assert _train(realdata, tmp_path, "--dataset", "unc", "--data-root", str(realdata.images),
+                  "--split-root", str(splits)) == 2
+    err = capsys.readouterr().err
+    assert "unc_train.pth' pickles builtins.print" in err and "--trust-data" in err
+    with open(refer / "refcoco" / "refs(unc).p", "rb") as handle:
+        refs = pickle.load(handle)
+    with open(refer / "refcoco" / "refs(unc).p", "wb") as handle:
+        pickle.dump(refs + [print], handle)
+    assert _train(realdata, tmp_path, "--dataset", "refcoco", "--data-root",
+                  str(realdata.images), "--refer-root", str(refer)) == 2
+    assert "pickles builtins.print besides plain data" in capsys.readouterr().err
+
+
+def test_each_epoch_augments_anew(realdata):
+    from oneref.train.config import DataConfig
+    from oneref.train.data import build_dataset, train_loader
+
+    data = DataConfig(dataset="unc", root=str(realdata.images), split_root=str(realdata.splits),
+                      tokenizer=str(realdata.spm), num_workers=1)
+    ds = build_dataset(data, get_config("tiny"), "train", train=True)
+    loader, sampler = train_loader(ds, 4, data, torch.device("cpu"), 0, 1, seed=0)
+    seen = []
+    for epoch in range(2):  # one persistent worker serves both epochs
+        sampler.set_epoch(epoch)
+        batch = next(iter(loader))
+        seen.append(dict(zip(batch["indices"].tolist(), batch["images"])))
+    common = sorted(set(seen[0]) & set(seen[1]))
+    assert common and all(not torch.equal(seen[0][i], seen[1][i]) for i in common)

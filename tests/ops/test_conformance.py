@@ -1,0 +1,117 @@
+"""One conformance test per (op, backend) of the registry: the backend's implementation
+against the reference on a fresh case (outputs and input gradients, fp32), skipped with the
+backend's reasons where it cannot run here. Plus: the registry is the source of
+``oneref.ops.__all__`` and of the extension's op list, and ``auto`` follows the policy."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import oneref.ops as ops
+from oneref.ops import dispatch, policy
+from oneref.ops.cases import CASES
+from oneref.ops.registry import OPS, not_supported_reasons
+
+PAIRS = [(op, backend) for op, spec in OPS.items() for backend in spec.impls]
+CPU = torch.device("cpu")
+
+
+def _float_leaves(args):
+    return [a.clone().requires_grad_(True)
+            if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def _run(fn, args, grad_of):
+    out = fn(*args)
+    if not out.is_floating_point():
+        return out, []
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out.float() * weights).sum().backward()
+    return out.detach(), [a.grad for a in grad_of]
+
+
+@pytest.mark.parametrize("op,backend", PAIRS, ids=[f"{o}-{b}" for o, b in PAIRS])
+def test_backend_matches_reference(op, backend):
+    reasons = dispatch.unavailable_reasons(backend, op, CPU)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    args = CASES[op](seed=3, device=CPU, dtype=torch.float32)
+    ours_args, ref_args = _float_leaves(args), _float_leaves(args)
+    grads_ours = [a for a in ours_args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads_ref = [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad]
+    if op == "referring_mask":  # noise and boxes take no gradient
+        grads_ours = grads_ref = []
+        ours_args, ref_args = args, args
+    out, grads = _run(OPS[op].impls[backend].load(), ours_args, grads_ours)
+    expected, expected_grads = _run(OPS[op].reference, ref_args, grads_ref)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    # Boxes and targets are labels: kernels give them no gradient. The first input always
+    # gets one.
+    assert not grads or grads[0] is not None
+    for got, want in zip(grads, expected_grads):
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_public_ops_are_the_registry():
+    dispatched = [name for name in ops.__all__ if name in OPS]
+    assert dispatched == list(OPS)
+    for name in OPS:
+        assert callable(getattr(ops, name))
+
+
+def test_extension_registers_the_cuda_ops_of_the_registry():
+    if dispatch.unavailable_reasons("cuda", device=CPU):
+        pytest.skip("the extension is not built")
+    table = sorted(op for op, spec in OPS.items() if "cuda" in spec.impls)
+    for op in table:
+        assert hasattr(torch.ops.oneref, op), op
+
+
+def test_not_supported_reasons_name_the_limit():
+    assert not_supported_reasons("multiway_attention", "triton", "cuda", torch.float16, 64) == []
+    assert "head dim 80" in not_supported_reasons("multiway_attention", "triton", "cuda",
+                                                  torch.float16, 80)[0]
+    assert "float64" in not_supported_reasons("masked_gather", "triton", "cuda",
+                                              torch.float64)[0]
+    assert not_supported_reasons("sts_kl", "cuda", "cuda") == ["cuda backend does not implement "
+                                                               "sts_kl"]
+
+
+def test_auto_follows_the_policy_and_falls_back_to_torch(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(dispatch, "unavailable_reasons", lambda backend, op=None, device=None: [])
+    assert dispatch.choices("box_mask_loss", cuda, training=True)[0][0] == "cuda"
+    assert dispatch.choices("multiway_attention", cuda, training=False)[0][0] == "triton"
+    assert dispatch.choices("multiway_attention", cuda, training=True) == [
+        ("torch", policy.choice("multiway_attention", "sm90", True)[1])]
+    assert dispatch.choices("multiway_linear", cuda, training=True)[0] == (
+        "torch", "not measured on sm90: the torch composite")
+    assert dispatch.choices("box_mask_loss", cuda.__class__("cpu"), True)[0][0] == "torch"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert dispatch.choices("box_mask_loss", cuda, training=True)[0][0] == "torch"  # sm80
+
+
+def test_policy_is_built_from_kernel_rows():
+    env = {"device_type": "cuda", "capability": "9.0", "device_name": "H",
+           "date_utc": "2026-01-02"}
+    rows = [{"op": "vts_loss", "impl": "ours[cuda]", "shape": "fwd+bwd", "speedup": 3.0},
+            {"op": "vts_loss", "impl": "ours[triton]", "shape": "fwd+bwd", "speedup": 1.5},
+            {"op": "masked_gather", "impl": "ours[triton]", "shape": "x", "speedup": 1.2},
+            {"op": "masked_gather", "impl": "ours[triton]", "shape": "y", "speedup": 0.9},
+            {"op": "multiway_attention", "impl": "ours[auto]", "pass": "fwd", "speedup": 9.0}]
+    table = policy.build_policy([{"environment": env, "kernel_rows": rows}])["sm90"]["ops"]
+    assert table["vts_loss"]["train"]["backend"] == "cuda"
+    assert "infer" not in table["vts_loss"]  # measured with a backward only
+    assert table["masked_gather"]["infer"]["backend"] == "torch"  # slower in one case
+    assert "multiway_attention" not in table  # ours[auto] is not a backend
+
+
+def test_committed_policy_matches_the_committed_results():
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    files = sorted(results.glob("*/results.json")) + sorted(results.glob("*/*/results.json"))
+    built = policy.build_policy([json.loads(f.read_text()) for f in files])
+    assert built == policy.load_policy()
