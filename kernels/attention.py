@@ -39,8 +39,8 @@ against :func:`oneref.ops.reference.multiway_attention`. Expected speed: the for
 reach FA2-class throughput for head dim 64 (the PERF.md anchor ~280-340 TFLOP/s at seq 512 is
 an upper bound; with the 641 tail about 70-80% of that); against SDPA with a bool key mask
 (memory-efficient / cuDNN backend) at 577 + 8..64 keys the key-length early exit is the main
-gain. Autotuning runs on the GPU only (``ONEREF_AUTOTUNE=0``: the first config of each list);
-the interpreter uses one fixed 128 x 128 config.
+gain. On the GPU each kernel launches with the first config of its list; autotuning runs on
+request only (``ONEREF_AUTOTUNE=1``). The interpreter uses one fixed 128 x 128 config.
 
 Registered as ``torch.ops.oneref_triton.multiway_attention`` (returns (o, lse)) and
 ``...multiway_attention_backward`` with fake implementations, autograd and FLOP formulas

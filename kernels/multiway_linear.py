@@ -32,8 +32,9 @@ efficiency for these shapes (the autotuner picks 128x128x64-class tiles), and be
 eager split + two F.linear + cat + (bias, GELU) sequence by removing the copies and the
 separate epilogue passes. The weight gradient is the weakest part (gathered rows along the
 reduction dimension and fp32 partials); predicted ~60-75% of the dx GEMM's throughput.
-Autotuning runs on the GPU only (``ONEREF_AUTOTUNE=0``: first config); the interpreter uses
-one fixed config (64 x 64 tiles: its cost is per program and loop step, not per element).
+On the GPU the kernels launch with their first config; autotuning runs on request only
+(``ONEREF_AUTOTUNE=1``). The interpreter uses one fixed config (64 x 64 tiles: its cost is
+per program and loop step, not per element).
 
 Registered as ``torch.ops.oneref_triton.multiway_linear`` (returns (y, z); z is empty without
 GELU) and ``...multiway_linear_backward``, with fake implementations, autograd and FLOP

@@ -19,6 +19,7 @@ import triton.language as tl
 
 __all__ = [
     "interpreter_active",
+    "autotune_requested",
     "tuned",
     "TunedKernel",
     "dot_precision",
@@ -37,13 +38,19 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotune_requested() -> bool:
+    """``ONEREF_AUTOTUNE=1``: tune every kernel over its configs (off by default)."""
+    return os.environ.get("ONEREF_AUTOTUNE", "0") == "1"
+
+
 class TunedKernel:
     """A ``@triton.jit`` kernel plus how to launch it here.
 
-    On a GPU the kernel is wrapped in ``triton.autotune(configs, key)`` and launched without
-    meta-parameters (with ``ONEREF_AUTOTUNE=0``: the first config, untuned); in the
-    interpreter it is launched with the single ``interpret`` config (its kwargs are passed as
-    constexprs, ``num_warps``/``num_stages`` are dropped).
+    On a GPU the kernel launches with its first config, a fixed launch setting (no tuning:
+    a first step compiles one kernel per shape, not every config). ``ONEREF_AUTOTUNE=1``
+    wraps it in ``triton.autotune(configs, key)`` instead, on request. In the interpreter it
+    is launched with the single ``interpret`` config (its kwargs are passed as constexprs,
+    ``num_warps``/``num_stages`` are dropped).
     Launch with ``kernel[grid](*args, **kwargs)``; ``grid`` may be a callable of the meta dict.
     """
 
@@ -59,7 +66,7 @@ class TunedKernel:
     def _kernel(self):
         if interpreter_active():
             return None
-        if os.environ.get("ONEREF_AUTOTUNE", "1") == "0":
+        if not autotune_requested():
             return self._fixed()
         if self._tuned is None:
             self._tuned = triton.autotune(configs=self.configs, key=self.key,
@@ -67,8 +74,8 @@ class TunedKernel:
         return self._tuned
 
     def _fixed(self):
-        """The first config without tuning (``ONEREF_AUTOTUNE=0``: quick GPU test runs that
-        would otherwise compile every config for every new shape)."""
+        """The first config without tuning (the default: autotuning compiles and times
+        every config for every new shape, minutes on a first step)."""
         config = self.configs[0]
         fn = self.fn
 

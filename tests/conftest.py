@@ -10,8 +10,8 @@ import torch
 # happen before any test module imports oneref.kernels.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-# GPU test runs launch each kernel with its first config instead of autotuning every config
-# for every test shape (minutes of compilation); the benchmarks autotune and check results.
+# GPU test runs launch each kernel with its first config (the default) instead of autotuning
+# every config for every test shape (minutes of compilation).
 os.environ.setdefault("ONEREF_AUTOTUNE", "0")
 
 from oneref.testing import seed_everything, skip_gpu_items  # noqa: E402 - after the env

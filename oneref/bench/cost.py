@@ -22,6 +22,7 @@ import torch
 from oneref.bench.engines import (ENGINES, TASK_FNS, build_engine, encoder_agreement,
                                   infer_step, make_batch, train_step)
 from oneref.bench.flops import analytic_encoder_flops, count_flops
+from oneref.ops import use_backend
 from oneref.bench.split import SPLIT_SIZE, split_test_time
 from oneref.bench.timing import Measurement, measure, peak_memory, profile_ops
 from oneref.config import get_config
@@ -75,7 +76,8 @@ def _check_finite(value, what: str) -> None:
 
 def _count(engine, config, task: str, train: bool) -> dict:
     """FLOPs per sample of ``task`` at batch 1: forward (inference) or forward + backward.
-    Counted on the eager function (FLOPs are the model's, whatever compiles it)."""
+    Counted on the eager function with the torch backend (FLOPs are the model's, whatever
+    runs or compiles it; no Triton kernel is compiled for the batch-1 shapes)."""
     batch = make_batch(config, 1, engine.device, seed=123, task=task)
     model = engine.model
     fn_eager = TASK_FNS[task]
@@ -83,7 +85,7 @@ def _count(engine, config, task: str, train: bool) -> dict:
         model.train()
 
         def fn():
-            with engine.context():
+            with engine.context(), use_backend("torch"):
                 loss = fn_eager(model, batch)
             loss.backward()
             model.zero_grad(set_to_none=True)
@@ -91,7 +93,7 @@ def _count(engine, config, task: str, train: bool) -> dict:
         model.eval()
 
         def fn():
-            with torch.no_grad(), engine.context():
+            with torch.no_grad(), engine.context(), use_backend("torch"):
                 fn_eager(model, batch)
     return count_flops(fn)
 
@@ -231,10 +233,11 @@ def _sweep(engine, config, batches, settings, row):
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Add ``<key>_vs_a`` / ``<key>_vs_b`` to every row: its figure over the same preset's
-    row (a) / (b) figure, for each key of :data:`SPEED_KEYS` (speeds: > 1 = faster)."""
+    """Add ``<key>_vs_a`` / ``<key>_vs_b`` / ``<key>_vs_b+`` to every row: its figure over the
+    same preset's row (a) / (b) / (b+) figure, for each key of :data:`SPEED_KEYS` (speeds:
+    > 1 = faster)."""
     for row in rows:
-        for ref in ("a", "b"):
+        for ref in ("a", "b", "b+"):
             base = next((r for r in rows if r["preset"] == row["preset"] and r["engine"] == ref
                          and r.get("row") == row.get("row") and "skipped" not in r), None)
             if base is None:

@@ -4,13 +4,15 @@
 |---|---|
 | a | official-style: torchscale BEiT-3 + plain OneRef heads, fp32 eager |
 | b | (a) + bf16 autocast + SDPA attention (GPU only: on a CPU it is the same model as (a)) |
+| b+ | (b) + ``torch.compile``: what a user would pick instead of this engine |
 | c | ours (``oneref.model.OneRef``), ``torch`` backend (bf16 autocast on GPU, fp32 on CPU) |
-| d | ours, ``auto`` backend (CUDA extension -> Triton kernels -> torch) |
-| e | (d) + ``torch.compile`` of the loss / forward function |
+| d | ours, ``auto`` backend (the measured per-op policy, :mod:`oneref.ops.policy`) |
+| e | (d) + ``torch.compile`` of the loss / forward function (one graph per step) |
 
 Every engine runs the same tasks on the same synthetic batches: ``rec`` / ``res`` fine-tune
-steps (forward, loss, backward, AdamW step), ``mim`` / ``mlm`` pre-training steps, and
-inference (``rec_infer`` / ``res_infer``: forward under ``torch.inference_mode``).
+steps (forward, loss, backward, gradient clipping to norm 1, fused AdamW step: the same
+optimizer for every row, so a ratio measures the model), ``mim`` / ``mlm`` pre-training
+steps, and inference (``rec_infer`` / ``res_infer``: forward under ``torch.inference_mode``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from oneref.compile import compile_step
 from oneref.config import ModelConfig
 
 __all__ = ["ENGINES", "Engine", "build_engine", "make_batch", "train_step", "infer_step",
@@ -33,11 +36,13 @@ log = logging.getLogger(__name__)
 ENGINES = {
     "a": "official-style fp32 eager (torchscale BEiT-3 + plain heads)",
     "b": "(a) + bf16 autocast + SDPA",
+    "b+": "(b) + torch.compile",
     "c": "ours, torch backend",
     "d": "ours, auto backend (kernels)",
     "e": "(d) + torch.compile",
 }
 TRAIN_TASKS = ("rec", "res", "mim", "mlm")
+GRAD_CLIP = 1.0  # every engine clips to this norm, as the trainer does by default
 INFER_TASKS = ("rec_infer", "res_infer")
 PAD_ID = 1
 
@@ -71,13 +76,10 @@ class Engine:
         return stack
 
     def optimizer(self) -> torch.optim.Optimizer:
+        """Fused AdamW for every engine (the trainer's optimizer)."""
         if self._optimizer is None:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            # The official-style rows use the reference recipe's plain AdamW; ours the fused
-            # one on every device, as the trainer does (an engine feature).
-            fused = self.key in ("c", "d", "e")
-            self._optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4,
-                                                fused=True if fused else None)
+            self._optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4, fused=True)
         return self._optimizer
 
     def function(self, task: str) -> Callable[[dict], object]:
@@ -85,7 +87,8 @@ class Engine:
         if task not in self._compiled:
             fn = functools.partial(TASK_FNS[task], self.model)
             if self.compile:
-                fn = torch.compile(fn, dynamic=False)
+                fn = (compile_step(fn, self.device, dynamic=False) if self.backend is not None
+                      else torch.compile(fn, dynamic=False))
             self._compiled[task] = fn
         return self._compiled[task]
 
@@ -106,18 +109,18 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
     gpu = device.type == "cuda"
     torch.manual_seed(seed)
     notes = []
-    if key in ("a", "b"):
+    if key in ("a", "b", "b+"):
         try:
             from oneref.bench.baseline import BaselineOneRef, use_sdpa
             model = BaselineOneRef(config)
         except ImportError as exc:
             raise _unavailable(key, str(exc)) from exc
-        if key == "b":
+        if key != "a":
             if gpu:
                 use_sdpa(model)
             else:
-                notes.append("on CPU (b) is the same model as (a): fp32, no SDPA swap")
-        autocast = torch.bfloat16 if key == "b" and gpu else None
+                notes.append(f"on CPU ({key}) runs the model of (a): fp32, no SDPA swap")
+        autocast = torch.bfloat16 if key != "a" and gpu else None
         backend = None
     else:
         try:
@@ -131,7 +134,7 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
             notes.append("on CPU the auto backend resolves every op to torch")
     model = model.to(device).train()
     return Engine(key=key, model=model, device=device, autocast=autocast, backend=backend,
-                  compile=key == "e", notes=notes)
+                  compile=key in ("b+", "e"), notes=notes)
 
 
 def field_of(out, name: str):
@@ -175,14 +178,15 @@ TASK_FNS = {"rec": _rec, "res": _res, "mim": _mim, "mlm": _mlm,
 
 
 def train_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
-    """One optimisation step of ``task``: forward + loss, backward, AdamW. Returns the loss
-    (detached)."""
+    """One optimisation step of ``task``: forward + loss, backward, clipping, fused AdamW.
+    Returns the loss (detached)."""
     model, opt = engine.model, engine.optimizer()
     model.train()
     opt.zero_grad(set_to_none=True)
     with engine.context():
         loss = engine.function(task)(batch)
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
     opt.step()
     return loss.detach()
 

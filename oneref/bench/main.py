@@ -84,10 +84,11 @@ def plan_cost_rows(row: str, gpu: bool, args) -> CostSettings:
                          sweep_batch={"tiny": (1, 8, 32), "small": (1, 4, 16)},
                          split_samples=32, warmup=2, repeats=5, passes=2)
     elif row == "G4":
-        s = CostSettings(presets=("base",), engines=("a", "b", "c", "d", "e"),
+        s = CostSettings(presets=("base",), engines=("a", "b", "b+", "c", "d", "e"),
                          train_tasks=("rec",), infer_tasks=(), warmup=2, repeats=4)
     elif row == "G5":
-        s = CostSettings(presets=("base",), engines=("a", "b", "c", "d", "e"), train_tasks=(),
+        s = CostSettings(presets=("base",), engines=("a", "b", "b+", "c", "d", "e"),
+                         train_tasks=(),
                          infer_tasks=("rec_infer",), sweep_batch={"base": (1, 16, 64, 256)},
                          split_samples=None, split_workers=8, warmup=2, repeats=4)
     elif row == "G6":
@@ -146,7 +147,7 @@ def _summary(results: dict, short: bool = False) -> str:
              f"{env['torch']}, triton {env.get('triton')}, xformers {env.get('xformers')}, "
              f"{env['date_utc']}, load {env.get('load_avg_1_5_15')}"
              + ("" if env.get("triton_autotune", True)
-                else ", Triton kernels untuned (ONEREF_AUTOTUNE=0: first config)"),
+                else ", Triton kernels untuned (first config; ONEREF_AUTOTUNE=1 tunes)"),
              f"matmul peak {ceil.get('matmul', {}).get('tflops', 0):.3g} TFLOP/s "
              f"({ceil.get('matmul', {}).get('dtype')}), copy "
              f"{ceil.get('copy', {}).get('gbps', 0):.4g} GB/s; FLOPs = 2 x MACs; speeds are "

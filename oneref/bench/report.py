@@ -63,8 +63,8 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        # ONEREF_AUTOTUNE=0: every Triton kernel runs its first config (no tuning).
-        "triton_autotune": os.environ.get("ONEREF_AUTOTUNE", "1") != "0",
+        # Without ONEREF_AUTOTUNE=1 every Triton kernel runs its first config (no tuning).
+        "triton_autotune": os.environ.get("ONEREF_AUTOTUNE", "0") == "1",
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -97,7 +97,7 @@ def fmt(value, digits: int = 3) -> str:
 
 def _with_ratio(row: dict, key: str) -> str:
     text = fmt(row.get(key))
-    ratios = [f"{row[f'{key}_vs_{ref}']:.2f}x{ref}" for ref in ("a", "b")
+    ratios = [f"{row[f'{key}_vs_{ref}']:.2f}x{ref}" for ref in ("a", "b", "b+")
               if f"{key}_vs_{ref}" in row and row["engine"] != ref]
     return f"{text} ({', '.join(ratios)})" if ratios else text
 

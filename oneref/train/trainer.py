@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
+from oneref.compile import compile_step
 from oneref.config import get_config
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
 from oneref.io import write_json
 from oneref.model import OneRef
+from oneref.model.validation import check_text
 from oneref.sources import ModelSource
 from oneref.train import checkpoint as ckpt
 from oneref.train.config import TrainConfig
@@ -112,6 +114,7 @@ class Trainer:
         # Same initial weights on every rank (DDP also broadcasts), then per-rank streams.
         seed_everything(config.seed)
         self.model = self._build_model(model_config)
+        self.model.validate_inputs = False  # each batch is checked on the host (_train_step)
         seed_everything(config.seed + self.info.rank)
 
         self.task_module = TaskModule(self.model, config.task, config.pretrain,
@@ -176,7 +179,7 @@ class Trainer:
         module = (self.task_module if self.fsdp else
                   wrap_model(self.task_module, self.info, find_unused=True))
         if self.config.compile:
-            module = torch.compile(module)
+            module = compile_step(module, self.device)
         self.wrapped = module
         self._stage_index = index
         log.info("stage %d (%s): %d steps, lr %.3g, batch %d/rank, backbone %s",
@@ -253,6 +256,10 @@ class Trainer:
 
     def _train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         cfg = self.config
+        # Value checks on the host copy of the batch: no device sync inside the step (the
+        # model's own checks are off, see __init__).
+        check_text(batch["text_ids"], batch["text_lengths"], self.model.config,
+                   len(batch["text_ids"]), batch["text_ids"].device)
         batch = move_batch(batch, self.device)
         mode, drop_worst = "", 0.0
         if cfg.task == "pretrain":
