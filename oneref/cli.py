@@ -106,6 +106,8 @@ def _add_train_flags(p: argparse.ArgumentParser, pretrain: bool) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", default=None)
     p.add_argument("--fsdp", action="store_true", help="FSDP instead of DDP (torchrun)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--on-nan", choices=("raise", "skip"),
+                   help="a non-finite loss or gradient: stop (default) or skip the step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     if pretrain:
         p.add_argument("--vts", action="store_true", default=None, help="VTS loss on MIM steps")
@@ -224,7 +226,8 @@ def _train_config(args, pretrain: bool):
               "checkpoint_interval": "checkpoint.interval", "device": "device", "amp": "amp",
               "compile": "compile", "grad_checkpointing": "grad_checkpointing", "seed": "seed",
               "time_budget": "time_budget_s", "vts": "pretrain.vts", "sts": "pretrain.sts",
-              "vqkd": "pretrain.vqkd_checkpoint", "steps": f"stages.{last}.steps",
+              "vqkd": "pretrain.vqkd_checkpoint", "on_nan": "on_nan",
+              "steps": f"stages.{last}.steps",
               "lr": f"stages.{last}.lr"}
     for attr, key in simple.items():
         value = getattr(args, attr, None)

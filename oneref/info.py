@@ -1,8 +1,9 @@
 """``oneref.info()``: which op backends can run here, and why the others cannot.
 
 Modelled on ``python -m xformers.info``: one line per backend (available, or the reasons it
-is not), then the versions that matter (torch, CUDA, triton) and how the native extension
-``oneref._C`` was built.
+is not), then the versions that matter (torch, CUDA, triton), how the native extension
+``oneref._C`` was built, and the backend ``auto`` runs each op on per GPU generation, with
+the measurement behind it (docs/ops.md).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any, TextIO
 import torch
 
 from oneref import _native
+from oneref.ops import policy
 from oneref.ops.dispatch import BACKENDS, backend_status
+from oneref.ops.registry import OPS
 
 __all__ = ["collect", "format_report", "info"]
 
@@ -41,6 +44,10 @@ def collect(devices: tuple[str, ...] = ("cuda", "cpu")) -> dict[str, Any]:
         "extension_with_cuda": native.with_cuda,
         "extension_cuda_version": native.cuda_version,
         "extension_error": native.error,
+        "gpu_generation": (policy.generation(torch.cuda.get_device_capability())
+                           if torch.cuda.is_available() else None),
+        "policy": {gen: {op: {p: policy.choice(op, gen, p == "train") for p in policy.PASSES}
+                         for op in OPS} for gen in sorted(policy.load_policy())},
     }
 
 
@@ -63,6 +70,17 @@ def format_report(data: dict[str, Any]) -> str:
         lines.append(f"oneref._C: built with {kernels}")
     else:
         lines.append(f"oneref._C: not built ({data['extension_error']})")
+    for gen, choices in data["policy"].items():
+        here = " (this GPU)" if gen == data["gpu_generation"] else ""
+        lines.append(f"auto on CUDA {gen}{here}, per op: training | inference backend (why)")
+        for op, passes in choices.items():
+            (train, why_train), (infer, why_infer) = passes["train"], passes["infer"]
+            lines.append(f"  {op:<21} {train:<6} | {infer:<6} ({why_train}; {why_infer})"
+                         if why_train != why_infer else
+                         f"  {op:<21} {train:<6} | {infer:<6} ({why_train})")
+    if data["gpu_generation"] and data["gpu_generation"] not in data["policy"]:
+        lines.append(f"auto on CUDA {data['gpu_generation']} (this GPU): nothing measured, "
+                     f"every op on the torch composite")
     return "\n".join(lines)
 
 

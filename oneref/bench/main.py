@@ -22,6 +22,7 @@ import torch
 from oneref.bench.cost import CostSettings, add_ratios, iter_cost_rows
 from oneref.bench.kernels import iter_kernel_rows
 from oneref.bench.loader import iter_loader_rows
+from oneref.bench.roofline import roofline_markdown, roofline_rows
 from oneref.bench.report import (cost_markdown, environment, kernel_markdown, loader_markdown,
                                  plot_attention, plot_throughput, profile_markdown, write_json)
 from oneref.bench.timing import copy_bandwidth, matmul_peak
@@ -61,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="tiny preset only, 1 repeat (loader: 8 images, one pass): a smoke "
                              "run of every code path")
     parser.add_argument("--out", default=None, help="results folder (default runs/bench-<date>)")
+    parser.add_argument("--cost", action="store_true",
+                        help="speed-of-light report instead of timings: per-op FLOPs, bytes and "
+                             "launches of one REC training step (counted on CPU tensors) and "
+                             "the predicted H100/H200 step time and MFU of engines b, c, d "
+                             "(--presets: default base; --engines; --batch: default 64)")
+    parser.add_argument("--batch", type=int, default=64, help="batch of the --cost prediction")
     parser.add_argument("--write-policy", nargs="+", default=None, metavar="JSON",
                         help="write the per-op backend policy of auto (oneref/ops/policy.json) "
                              "from the kernel rows of these results.json files, and exit")
@@ -222,11 +229,30 @@ def _merge(paths: list[str], out: Path) -> str:
     return _finish(merged, out)
 
 
+def _run_cost(args: argparse.Namespace) -> int:
+    """``--cost``: the speed-of-light rows, written as roofline.json and roofline.md."""
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    out = Path(args.out or f"runs/cost-{time.strftime('%Y%m%d-%H%M%S')}")
+    presets = _split(args.presets) or ("base",)
+    engines = _split(args.engines) or ("b", "c", "d")
+    rows = [r for preset in presets for r in roofline_rows(preset, args.batch, engines)]
+    table = roofline_markdown(rows)
+    write_json({"environment": environment(torch.device("cpu")), "rows": rows},
+               out / "roofline.json")
+    (out / "roofline.md").write_text(table + "\n")
+    print(table)
+    print(f"\nresults: {out / 'roofline.json'}")
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run ``oneref bench`` with parsed arguments; prints the summary table last."""
     if args.write_policy:
         print(f"wrote {write_policy(args.write_policy)}")
         return 0
+    if args.cost:
+        return _run_cost(args)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:

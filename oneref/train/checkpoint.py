@@ -18,7 +18,7 @@ import torch
 
 from oneref.io import atomic_write, load_pth
 
-__all__ = ["rng_state", "set_rng_state", "save_checkpoint", "find_latest",
+__all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_latest",
            "load_checkpoint", "list_checkpoints"]
 
 log = logging.getLogger(__name__)
@@ -68,17 +68,28 @@ def save_checkpoint(folder: str | Path, step: int, payload: dict, keep_last: int
     return path
 
 
-def find_latest(path: str | Path) -> Path | None:
-    """``path`` itself when it is a checkpoint file, else the newest checkpoint under
-    ``path`` or ``path/checkpoints``."""
+def load_latest(path: str | Path, trust: bool = False) -> tuple[Path, dict]:
+    """The newest readable checkpoint at ``path`` (a checkpoint file, or a run folder) and
+    its contents. Newer files that cannot be read (torn by a crash, say) are skipped with a
+    warning naming each and why; ValueError when none is readable."""
     path = Path(path)
-    if path.is_file():
-        return path
-    for folder in (path / "checkpoints", path):
-        found = list_checkpoints(folder)
-        if found:
-            return found[-1]
-    return None
+    candidates = [path] if path.is_file() else (list_checkpoints(path / "checkpoints")
+                                               or list_checkpoints(path))[::-1]
+    if not candidates:
+        raise ValueError(f"--resume: no checkpoint found in {path} (looked for "
+                         f"checkpoints/step_*.pt)")
+    problems = []
+    for candidate in candidates:
+        try:
+            state = load_checkpoint(candidate, trust=trust)
+        except ValueError as err:
+            problems.append(f"{candidate.name}: {err}")
+            log.warning("skipping unreadable checkpoint %s: %s", candidate, err)
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest readable checkpoint", candidate)
+        return candidate, state
+    raise ValueError(f"--resume: no readable checkpoint in {path}: " + "; ".join(problems))
 
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> dict:

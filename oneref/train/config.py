@@ -254,6 +254,10 @@ class TrainConfig:
     time_budget_s: float = 0.0
     #: Evaluate on ``data.test_split`` at the end (and print the colour-guess baseline).
     final_test: bool = True
+    #: A step whose loss or gradient norm is not finite: ``raise`` (stop, naming the step
+    #: and the loss parts) or ``skip`` (no update; counted, up to ``max_skipped_steps``).
+    on_nan: str = "raise"
+    max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
         self.validate()
@@ -283,6 +287,8 @@ class TrainConfig:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.on_nan not in ("raise", "skip"):
+            raise ValueError(f"on_nan must be raise or skip, got {self.on_nan!r}")
         self.data.validate()
 
     # --- serialisation -------------------------------------------------------------------

@@ -130,6 +130,7 @@ class Trainer:
         self.mask_generator = torch.Generator().manual_seed(config.seed + 1000 + self.info.rank)
         self.vqkd = self._build_vqkd() if config.task == "pretrain" else None
         self.step = 0
+        self.skipped_steps = 0
         self.elapsed_before = 0.0
         self.resumed_from: Path | None = None
         if config.checkpoint.resume:
@@ -217,11 +218,7 @@ class Trainer:
 
     def _resume(self, where: str) -> None:
         target = self.run_dir if where in ("auto", "latest") else Path(where)
-        path = ckpt.find_latest(target)
-        if path is None:
-            raise ValueError(f"--resume: no checkpoint found in {target} (looked for "
-                             f"checkpoints/step_*.pt)")
-        state = ckpt.load_checkpoint(path, trust=self.config.checkpoint.trust)
+        path, state = ckpt.load_latest(target, trust=self.config.checkpoint.trust)
         if state.get("world_size", 1) != self.info.world_size:
             raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks; "
                              f"resume with the same number (now {self.info.world_size})")
@@ -277,14 +274,36 @@ class Trainer:
         with autocast_context(self.device, cfg.amp):
             losses = self.wrapped(batch, mode, drop_worst) if mode else self.wrapped(batch)
         losses["loss"].backward()
-        if cfg.optim.grad_clip > 0:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            # Under FSDP the norm is a DTensor (reduced over shards): take its value.
-            losses["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        # The norm with clipping, else measured alone (non-finite gradients must be seen).
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+        # Under FSDP the norm is a DTensor (reduced over shards): take its value.
+        losses["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        losses = {k: v.detach().float() for k, v in losses.items()}
+        if not self._finite(losses):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {k: v.detach().float() for k, v in losses.items()}
+        return losses
+
+    def _finite(self, losses: dict[str, torch.Tensor]) -> bool:
+        """Whether the loss and gradient norm are finite (one host sync per step: a
+        non-finite step must never reach the weights). Otherwise raise naming the step and
+        every loss part, or with ``on_nan="skip"`` count the step, within the limit."""
+        if bool(torch.isfinite(losses["loss"] + losses["grad_norm"])):
+            return True
+        parts = ", ".join(f"{k} {v.item():.4g}" for k, v in sorted(losses.items()))
+        message = f"step {self.step + 1}: non-finite loss or gradient ({parts})"
+        self.skipped_steps += 1
+        if self.config.on_nan == "raise":
+            raise ValueError(f"{message}; lower the learning rate, clip the gradients, or "
+                             f"skip such steps with --on-nan skip")
+        if self.skipped_steps > self.config.max_skipped_steps:
+            raise ValueError(f"{message}: {self.skipped_steps} steps skipped, more than "
+                             f"max_skipped_steps = {self.config.max_skipped_steps}")
+        log.warning("%s: skipped (%d so far)", message, self.skipped_steps)
+        return False
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Task metrics on ``split`` (reduced over ranks)."""
@@ -344,13 +363,14 @@ class Trainer:
                 break
             set_lr(self.optimizer, self.plan.lr_at(self.step, frac))
             losses = self._train_step(batch)
-            self.step += 1
-            for k, v in losses.items():
+            self.step += 1  # a skipped step still consumed its batch
+            for k, v in (losses or {}).items():
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
             window_steps += 1
             window_samples += span.stage.batch_size * self.info.world_size
-            if self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps:
+            log_now = self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps
+            if log_now and sums:  # (every step of the window may have been skipped)
                 names = sorted(sums)
                 means = all_reduce_mean(torch.stack([sums[k] / counts[k] for k in names]))
                 row = dict(zip(names, means.tolist()))
@@ -396,7 +416,7 @@ class Trainer:
                    "data_seconds": self.data_seconds, "world_size": self.info.world_size,
                    "samples_per_s": trained / train_seconds if steps and train_seconds > 0
                    else float("nan"),
-                   "samples_seen": samples}
+                   "samples_seen": samples, "skipped_steps": self.skipped_steps}
         if self.losses:
             results["final_loss"] = self.losses[-1][1]
         if cfg.task != "pretrain":

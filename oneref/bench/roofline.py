@@ -1,0 +1,243 @@
+"""``oneref bench --cost``: a speed-of-light report of one training step, on any machine
+(docs/perf.md, "Speed of light").
+
+The REC training step of an engine (forward, loss, backward, clipping, fused AdamW) runs on
+CPU tensors at batches 2 and 3 under a dispatch mode that records, per aten op: FLOPs
+(``torch.utils.flop_counter``'s formulas), bytes read and written (tensor arguments read,
+outputs and in-place arguments written; views and allocations are free) and kernel
+launches (one per recorded op). Each figure is linear in the batch (weights, their casts
+and the optimizer are per step, activations per sample; launches do not grow with it), so
+two batches give it at any batch. Batch 1 is not one of them: some ops take other paths
+for a single row. Saved-activation bytes per sample come from ``saved_tensors_hooks``.
+
+The prediction at ``batch`` on a card: each op takes ``max(FLOPs / peak, bytes /
+bandwidth)`` plus a fixed gap per launch, the ceilings of :data:`CARDS`; MFU = counted
+FLOPs / (predicted time x peak). What it assumes: every kernel runs at the roofline (GEMMs
+at the measured matmul peak, everything else at copy bandwidth), kernels do not overlap,
+the CPU dispatcher's eager op sequence is the GPU's (the same aten ops; CPU autocast casts
+the same ops to bf16), and one launch gap of :data:`LAUNCH_GAP_US`. Engine (e)
+(torch.compile) fuses what eager runs op by op, so it is not predicted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from oneref.bench.baseline import use_sdpa
+from oneref.bench.engines import ENGINES, build_engine, make_batch, train_step
+from oneref.config import get_config
+
+__all__ = ["CARDS", "LAUNCH_GAP_US", "OpCounter", "count_step", "predict", "roofline_rows",
+           "roofline_markdown"]
+
+log = logging.getLogger(__name__)
+
+#: Ceilings measured on the cards (docs/perf.md): bf16 dense matmul TFLOP/s, device copy
+#: GB/s (bytes read + written).
+CARDS = {"H100": {"tflops": 798.0, "gbps": 3000.0}, "H200": {"tflops": 790.0, "gbps": 4300.0}}
+#: GPU time between two back-to-back eager kernels (launch latency hidden by the queue).
+LAUNCH_GAP_US = 2.0
+_FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
+         "alias", "lift_fresh", "device", "set_", "resize_", "is_same_size", "_local_scalar_dense",
+         "_unsafe_view", "_reshape_alias", "view", "as_strided"}
+
+
+def op_class(name: str) -> str:
+    """``gemm`` (matmuls, convolutions), ``attention`` (fused SDPA kernels), ``optimizer``
+    (AdamW and clipping's norm and scale), or ``memory`` (everything else)."""
+    if any(k in name for k in ("attention", "_flash_", "_efficient_")):
+        return "attention"
+    if any(k in name for k in ("mm", "convolution", "linear")):
+        return "gemm"
+    if "adam" in name or "foreach" in name or "norm" == name.split(".")[-1]:
+        return "optimizer"
+    return "memory"
+
+
+def _nbytes(values) -> int:
+    return sum(t.untyped_storage().nbytes() if t.is_sparse else t.numel() * t.element_size()
+               for t in values if isinstance(t, torch.Tensor))
+
+
+class OpCounter(TorchDispatchMode):
+    """Per aten op name: calls (launches), FLOPs, bytes read, bytes written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, dict[str, float]] = defaultdict(
+            lambda: {"calls": 0, "flops": 0.0, "read": 0.0, "written": 0.0})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if func.is_view or name in _FREE or func.namespace == "prim":
+            return out
+        record = self.ops[f"{func.namespace}.{name}"]
+        record["calls"] += 1
+        inputs = tree_flatten((args, kwargs))[0]
+        record["read"] += _nbytes(inputs)
+        written = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+                   and not any(t is i for i in inputs)]
+        mutated = [args[i] for i, a in enumerate(func._schema.arguments)
+                   if i < len(args) and a.alias_info is not None and a.alias_info.is_write]
+        record["written"] += _nbytes(written) + _nbytes(tree_flatten(mutated)[0])
+        counter = flop_registry.get(func.overloadpacket)
+        if counter is not None:
+            record["flops"] += counter(*args, **kwargs, out_val=out)
+        return out
+
+
+@contextlib.contextmanager
+def _saved_bytes(total: list[int]):
+    """Sum the bytes of the tensors autograd saves for backward (each storage once)."""
+    seen: set[int] = set()
+
+    def pack(tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total[0] += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def count_step(engine_key: str, preset: str, batch: int, seed: int = 0) -> dict:
+    """Per-op counts of one REC training step of engine ``engine_key`` on the CPU, bf16
+    autocast for the engines that use it on a GPU, and the saved-activation bytes."""
+    config = get_config(preset)
+    engine = build_engine(engine_key, config, "cpu", seed=seed)
+    if engine_key != "a":  # what the engine runs on a GPU: bf16 autocast (and (b) SDPA)
+        engine.autocast = torch.bfloat16
+    if engine_key == "b":
+        use_sdpa(engine.model)
+    if engine_key in ("d", "e"):
+        engine.backend = None  # resolved per op below
+    inputs = make_batch(config, batch, "cpu", seed=seed, task="rec")
+    train_step(engine, "rec", inputs)  # optimizer state exists from the second step on
+    counter, saved = OpCounter(), [0]
+    with _policy_on_cpu() if engine_key == "d" else contextlib.nullcontext():
+        with counter, _saved_bytes(saved):
+            train_step(engine, "rec", inputs)
+    return {"ops": dict(counter.ops), "saved_bytes": saved[0], "batch": batch}
+
+
+@contextlib.contextmanager
+def _policy_on_cpu(gen: str = "sm90"):
+    """Engine (d) on CPU tensors: each op on the backend the ``gen`` policy picks for
+    training when that backend has CPU kernels (the extension's C++ ones), else torch."""
+    from oneref.ops import dispatch, policy
+
+    real = dispatch.resolve
+
+    def resolve(op, device, backend=None, *args):
+        choice = policy.choice(op, gen, torch.is_grad_enabled())[0]
+        usable = choice != "triton" and not dispatch.unavailable_reasons(choice, op, device)
+        return real(op, device, choice if usable else "torch", *args)
+
+    import oneref.ops as ops
+
+    saved = ops.resolve
+    ops.resolve = resolve
+    try:
+        yield
+    finally:
+        ops.resolve = saved
+
+
+FIT_BATCHES = (2, 3)
+
+
+def _at(counts_a: dict, counts_b: dict, batch: int,
+        batches: tuple[int, int] = FIT_BATCHES) -> dict[str, dict[str, float]]:
+    """Each op's figures at ``batch``, on the line through its figures at ``batches``
+    (launches are per step: the second count's)."""
+    low, high = batches
+    out = {}
+    for name in set(counts_a) | set(counts_b):
+        a = counts_a.get(name, {"calls": 0, "flops": 0.0, "read": 0.0, "written": 0.0})
+        b = counts_b.get(name, a)
+        out[name] = {k: max(0.0, a[k] + (b[k] - a[k]) * (batch - low) / (high - low))
+                     for k in a}
+        out[name]["calls"] = b["calls"]
+    return out
+
+
+def predict(counts: dict[str, dict[str, float]], card: str) -> dict:
+    """Roofline time per op class and in all, and the MFU, of per-op counts on ``card``."""
+    peak, bandwidth = CARDS[card]["tflops"] * 1e12, CARDS[card]["gbps"] * 1e9
+    classes: dict[str, dict[str, float]] = defaultdict(
+        lambda: {"ms": 0.0, "flops": 0.0, "gb": 0.0, "launches": 0.0})
+    for name, c in counts.items():
+        moved = c["read"] + c["written"]
+        seconds = max(c["flops"] / peak, moved / bandwidth) + c["calls"] * LAUNCH_GAP_US * 1e-6
+        entry = classes[op_class(name)]
+        entry["ms"] += 1e3 * seconds
+        entry["flops"] += c["flops"]
+        entry["gb"] += moved / 1e9
+        entry["launches"] += c["calls"]
+    total_ms = sum(e["ms"] for e in classes.values())
+    flops = sum(e["flops"] for e in classes.values())
+    return {"card": card, "classes": dict(classes), "step_ms": total_ms,
+            "mfu": flops / (total_ms * 1e-3 * peak) if total_ms else 0.0,
+            "tflop": flops / 1e12, "gb": sum(e["gb"] for e in classes.values()),
+            "launches": sum(e["launches"] for e in classes.values())}
+
+
+def roofline_rows(preset: str = "base", batch: int = 64, engines=("b", "c", "d"),
+                  cards=("H100", "H200")) -> list[dict]:
+    """One row per (engine, card): the prediction at ``batch`` and the top ops by time."""
+    rows = []
+    for key in engines:
+        if key not in ENGINES or key in ("b+", "e"):
+            raise ValueError(f"--cost predicts eager engines b, c, d (and a), got {key!r}")
+        low, high = (count_step(key, preset, b) for b in FIT_BATCHES)
+        counts = _at(low["ops"], high["ops"], batch)
+        saved = (high["saved_bytes"] - low["saved_bytes"]) / (FIT_BATCHES[1] - FIT_BATCHES[0])
+        for card in cards:
+            row = {"engine": key, "engine_name": ENGINES[key], "preset": preset, "batch": batch,
+                   "saved_mb_per_sample": saved / 2 ** 20, **predict(counts, card)}
+            peak = CARDS[card]["tflops"] * 1e12
+            bandwidth = CARDS[card]["gbps"] * 1e9
+            row["top_ops"] = sorted(
+                ({"op": n, "class": op_class(n), "calls": c["calls"],
+                  "ms": 1e3 * (max(c["flops"] / peak, (c["read"] + c["written"]) / bandwidth)
+                               + c["calls"] * LAUNCH_GAP_US * 1e-6),
+                  "gb": (c["read"] + c["written"]) / 1e9} for n, c in counts.items()),
+                key=lambda o: -o["ms"])[:12]
+            rows.append(row)
+            log.info("cost %s (%s) %s: %.1f ms, MFU %.1f%%", preset, key, card, row["step_ms"],
+                     100 * row["mfu"])
+    return rows
+
+
+def roofline_markdown(rows: list[dict]) -> str:
+    """The prediction table (one line per engine and card) and each engine's top ops."""
+    classes = ("gemm", "attention", "memory", "optimizer")
+    head = ("| preset, batch | engine | card | " + " | ".join(f"{c} ms" for c in classes)
+            + " | step ms | MFU | TFLOP | GB moved | launches | saved MB/sample |")
+    lines = ["Speed of light of one REC training step (counted on CPU tensors, roofline on "
+             f"the card; {LAUNCH_GAP_US:g} us per launch; see oneref/bench/roofline.py)", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        per = " | ".join(f"{r['classes'].get(c, {}).get('ms', 0.0):.1f}" for c in classes)
+        lines.append(f"| {r['preset']}, {r['batch']} | ({r['engine']}) | {r['card']} | {per} | "
+                     f"{r['step_ms']:.1f} | {100 * r['mfu']:.1f}% | {r['tflop']:.1f} | "
+                     f"{r['gb']:.0f} | {r['launches']:.0f} | {r['saved_mb_per_sample']:.0f} |")
+    for r in rows:
+        if r["card"] != rows[0]["card"]:
+            continue
+        lines += ["", f"({r['engine']}) top ops on {r['card']}:", "",
+                  "| op | class | launches | GB | ms |", "|---|---|---|---|---|"]
+        lines += [f"| {o['op']} | {o['class']} | {o['calls']:.0f} | {o['gb']:.2f} | "
+                  f"{o['ms']:.2f} |" for o in r["top_ops"]]
+    return "\n".join(lines)

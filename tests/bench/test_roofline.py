@@ -1,0 +1,61 @@
+"""The speed-of-light report: op counting, batch extrapolation, the roofline prediction and
+``oneref bench --cost`` end to end on the tiny preset."""
+
+import json
+
+import pytest
+import torch
+
+from oneref.bench.roofline import (CARDS, LAUNCH_GAP_US, OpCounter, _at, count_step, op_class,
+                                   predict, roofline_markdown)
+from oneref.cli import main
+
+
+def test_counter_records_flops_bytes_and_launches():
+    a, b, bias = torch.randn(8, 16), torch.randn(16, 4), torch.randn(4)
+    counter = OpCounter()
+    with counter:
+        y = torch.addmm(bias, a, b)
+        y.t().contiguous()  # a view (free) and a copy (one launch)
+        y.add_(1.0)  # in place: read and written
+    mm = counter.ops["aten.addmm"]
+    assert mm["calls"] == 1 and mm["flops"] == 2 * 8 * 16 * 4
+    assert mm["read"] == 4 * (4 + 8 * 16 + 16 * 4) and mm["written"] == 4 * 8 * 4
+    assert "aten.t" not in counter.ops and counter.ops["aten.clone"]["calls"] == 1
+    assert counter.ops["aten.add_"]["written"] == 4 * 8 * 4
+
+
+def test_extrapolation_and_prediction():
+    two = {"aten.mm": {"calls": 2, "flops": 2e12, "read": 1.5e9, "written": 1e9}}
+    three = {"aten.mm": {"calls": 3, "flops": 3e12, "read": 2e9, "written": 1e9}}
+    at = _at(two, three, 5, batches=(2, 3))["aten.mm"]
+    assert at == {"calls": 3, "flops": 5e12, "read": 3e9, "written": 1e9}
+    out = predict({"aten.mm": at}, "H100")
+    seconds = max(5e12 / (CARDS["H100"]["tflops"] * 1e12), 4e9 / (CARDS["H100"]["gbps"] * 1e9))
+    assert out["step_ms"] == pytest.approx(1e3 * seconds + 3 * LAUNCH_GAP_US * 1e-3)
+    assert out["mfu"] == pytest.approx(5e12 / (out["step_ms"] * 1e-3 * 798e12))
+    assert [op_class(n) for n in ("aten.mm", "aten.convolution_backward",
+                                  "aten._scaled_dot_product_flash_attention_for_cpu",
+                                  "aten._fused_adamw_", "aten.native_layer_norm")] == [
+        "gemm", "gemm", "attention", "optimizer", "memory"]
+
+
+def test_count_step_grows_with_the_batch():
+    one, two = count_step("c", "tiny", 1), count_step("c", "tiny", 2)
+    assert one["ops"]["aten.mm"]["flops"] < two["ops"]["aten.mm"]["flops"]
+    assert one["ops"]["aten._fused_adamw_"]["calls"] == 1  # the optimizer step is counted
+    assert 0 < one["saved_bytes"] < two["saved_bytes"]
+
+
+def test_bench_cost_writes_the_report(tmp_path, capsys):
+    assert main(["bench", "--cost", "--presets", "tiny", "--engines", "c,d", "--batch", "8",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "roofline.json").read_text())["rows"]
+    assert [(r["engine"], r["card"]) for r in rows] == [
+        ("c", "H100"), ("c", "H200"), ("d", "H100"), ("d", "H200")]
+    assert all(r["step_ms"] > 0 and 0 < r["mfu"] < 1 and r["top_ops"] for r in rows)
+    table = (tmp_path / "roofline.md").read_text()
+    assert table == roofline_markdown(rows) + "\n" and "| tiny, 8 | (d) | H200 |" in table
+    assert main(["bench", "--cost", "--engines", "e", "--presets", "tiny",
+                 "--out", str(tmp_path)]) == 2
+    assert "predicts eager engines" in capsys.readouterr().err
