@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from oneref.data import layout
 from oneref.data.synthetic import colour_guess_accuracy
 from oneref.eval.evaluate import evaluate
 from oneref.eval.metrics import PREC_THRESHOLDS
 from oneref.eval.published import published
 from oneref.io import write_json, write_text
 from oneref.train.config import DataConfig
-from oneref.train.data import build_dataset, check_data, eval_loader, load_tokenizer
+from oneref.train.data import (build_dataset, check_data, dataset_info, eval_loader,
+                               load_tokenizer)
 
 __all__ = ["default_splits", "evaluate_splits", "eval_table", "write_eval"]
 
@@ -29,8 +29,7 @@ def default_splits(data: DataConfig) -> tuple[str, ...]:
     """Every split of the dataset but train (RefShapes: val, test)."""
     if not data.real:
         return ("val", "test")
-    splits = layout.dataset_info(data.dataset, refer=bool(data.refer_root),
-                                 split_by=data.split_by).eval_splits
+    splits = dataset_info(data).eval_splits
     if not splits:
         raise ValueError(f"dataset {data.dataset!r} split by {data.split_by!r}: no known "
                          f"splits; name them with --split")
@@ -58,10 +57,7 @@ def evaluate_splits(model, data: DataConfig, task: str, splits, device: torch.de
 
 
 def _paper_dataset(data: DataConfig) -> str:
-    if not data.real:
-        return data.dataset
-    return layout.dataset_info(data.dataset, refer=bool(data.refer_root),
-                               split_by=data.split_by).name
+    return dataset_info(data).name if data.real else data.dataset
 
 
 def eval_table(rows: list[dict], task: str, data: DataConfig, preset: str) -> str:
