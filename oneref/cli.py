@@ -4,8 +4,8 @@
 ``small`` preset (the CPU demo: a few minutes on 2 cores), then prints Acc@0.5 on the test
 split beside a colour-guess baseline. Real data (docs/data.md) takes the reference code's
 flags: ``--dataset unc --data-root IMAGES --split-root SPLITS --tokenizer beit3.spm``.
-Settings come from the recipe, then ``--config FILE`` (JSON or YAML), then the flags, then
-``--set key=value`` overrides (dotted keys).
+Settings come from the recipe, then ``--config FILE`` (JSON or YAML, merged onto the recipe),
+then the flags, then ``--set key=value`` overrides (dotted keys).
 """
 
 from __future__ import annotations
@@ -198,19 +198,21 @@ def _data_values(args) -> dict:
 
 
 def _recipe(args, pretrain: bool, real: bool):
+    """The recipe the flags choose, with ``--config FILE`` merged onto it."""
     from oneref.sources import ModelSource
     from oneref.train import config as tc
 
-    if args.config:
-        return tc.load_config_file(args.config)
     model = args.model
     if model is None and args.init_from:  # the recipe of the start weights' size
         model = ModelSource(args.init_from, trust=args.trust_checkpoint).config.name
     if (args.recipe or ("reference" if real else "refshapes")) == "reference":
-        return (tc.reference_pretrain_recipe(model or "base") if pretrain
-                else tc.reference_recipe(model or "base"))
-    cfg = tc.pretrain_recipe() if pretrain else tc.refshapes_recipe()
-    return cfg if model is None else tc.apply_overrides(cfg, [f"model={json.dumps(model)}"])
+        cfg = (tc.reference_pretrain_recipe(model or "base") if pretrain
+               else tc.reference_recipe(model or "base"))
+    else:
+        cfg = tc.pretrain_recipe() if pretrain else tc.refshapes_recipe()
+        if model is not None:
+            cfg = tc.apply_overrides(cfg, [f"model={json.dumps(model)}"])
+    return tc.load_config_file(args.config, base=cfg) if args.config else cfg
 
 
 def _train_config(args, pretrain: bool):

@@ -135,3 +135,21 @@ def test_eval_and_info(run_dir, capsys):
     total = sum(p.numel() for p in OneRef.from_config("tiny").parameters())
     assert f"total {total:,}" in out and "model tiny" in out
     assert "torch" in out and "available" in out
+
+
+def test_config_file_merges_onto_the_recipe_and_flags_apply_on_top(tmp_path):
+    from oneref.cli import _train_config
+    from oneref.train.config import refshapes_recipe
+
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps({"optim": {"weight_decay": 0.05}, "seed": 7}))
+    args = build_parser().parse_args(["train", "--config", str(path), "--seed", "9",
+                                      "--set", "optim.betas=[0.9, 0.95]"])
+    cfg = _train_config(args, pretrain=False)
+    recipe = refshapes_recipe()
+    assert cfg.optim.weight_decay == 0.05  # from the file
+    assert cfg.time_budget_s == recipe.time_budget_s and cfg.stages == recipe.stages  # kept
+    assert cfg.seed == 9 and cfg.optim.betas == (0.9, 0.95)  # flags, then --set, win
+    path.write_text(json.dumps({"optim": {"decay": 1}}))
+    with pytest.raises(ValueError, match=r"partial.json: unknown config field 'optim.decay'"):
+        _train_config(args, pretrain=False)

@@ -362,8 +362,24 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def load_config_file(path: str | Path) -> TrainConfig:
-    """Read a TrainConfig from ``.json`` or ``.yaml``/``.yml`` (needs PyYAML)."""
+def _merge(base: dict, changes: dict, where: str = "") -> dict:
+    """``changes`` onto ``base``: mappings merge key by key, anything else (lists such as
+    ``stages``, scalars) replaces; an unknown key is an error naming it."""
+    out = dict(base)
+    for key, value in changes.items():
+        if key not in base and not where.startswith("model_overrides"):
+            raise ValueError(f"unknown config field {where + key!r}; known: {sorted(base)}")
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def load_config_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Read ``.json`` or ``.yaml``/``.yml`` (needs PyYAML) and merge it onto ``base`` (the
+    chosen recipe; default the TrainConfig defaults): a partial file changes only what it
+    names."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
@@ -382,7 +398,12 @@ def load_config_file(path: str | Path) -> TrainConfig:
             raise ValueError(f"config file {path} is not valid JSON: {exc}") from exc
     else:
         raise ValueError(f"config file {path}: use .json, .yaml or .yml")
-    return TrainConfig.from_dict(values)
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(values).__name__}")
+    try:
+        return TrainConfig.from_dict(_merge((base or TrainConfig()).to_dict(), values))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config file {path}: {exc}") from exc
 
 
 # --- recipes ------------------------------------------------------------------------------
