@@ -9,6 +9,11 @@ sequence::
 
 The q/k/v projections of each expert are packed into one (3D, D) weight; the attention reads
 (B, S, H, Dh) views of the packed output (no copies).
+
+Precision under bf16 autocast: the GEMMs and attention run in bf16, the LayerNorms in fp32,
+and the residual stream ``x`` stays in the embedding's dtype (fp32 parameters: fp32), since
+each residual add promotes the bf16 branch output to it. ``tests/model/test_precision.py``
+checks this at every block boundary.
 """
 
 from __future__ import annotations
