@@ -88,6 +88,12 @@ def _cuda(name: str) -> Impl:
     return Impl(f"oneref.ops.cuda_backend:{name}", devices=("cuda", "cpu"), dtypes=_CUDA_DTYPES)
 
 
+def _extension_op(name: str, triton_module: str) -> OpSpec:
+    """An op with all three backends: the extension's kernels, Triton's, the reference."""
+    return OpSpec(name, {"cuda": _cuda(name), "triton": _triton(triton_module, name),
+                         "torch": _torch(name)})
+
+
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("multiway_attention", {
         "triton": _triton("attention", "multiway_attention", head_dims=(16, 32, 64, 128)),
@@ -95,24 +101,10 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("multiway_linear", {
         "triton": _triton("multiway_linear", "multiway_linear"),
         "torch": _torch("multiway_linear", composite=True)}),
-    OpSpec("referring_mask", {
-        "cuda": _cuda("referring_mask"), "triton": _triton("masking", "referring_mask"),
-        "torch": _torch("referring_mask")}),
-    OpSpec("apply_mask_token", {
-        "cuda": _cuda("apply_mask_token"), "triton": _triton("gather", "apply_mask_token"),
-        "torch": _torch("apply_mask_token")}),
-    OpSpec("masked_gather", {
-        "cuda": _cuda("masked_gather"), "triton": _triton("gather", "masked_gather"),
-        "torch": _torch("masked_gather")}),
-    OpSpec("masked_scatter", {
-        "cuda": _cuda("masked_scatter"), "triton": _triton("gather", "masked_scatter"),
-        "torch": _torch("masked_scatter")}),
-    OpSpec("vts_loss", {
-        "cuda": _cuda("vts_loss"), "triton": _triton("losses", "vts_loss"),
-        "torch": _torch("vts_loss")}),
-    OpSpec("box_mask_loss", {
-        "cuda": _cuda("box_mask_loss"), "triton": _triton("losses", "box_mask_loss"),
-        "torch": _torch("box_mask_loss")}),
+    *(_extension_op(name, module) for name, module in (
+        ("referring_mask", "masking"), ("apply_mask_token", "gather"),
+        ("masked_gather", "gather"), ("masked_scatter", "gather"), ("vts_loss", "losses"),
+        ("box_mask_loss", "losses"))),
     OpSpec("focal_dice_loss", {
         "triton": _triton("losses", "focal_dice_loss"), "torch": _torch("focal_dice_loss")}),
     OpSpec("linear_cross_entropy", {
