@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from oneref.ops import policy
+from oneref.ops.policy import choice as policy_choice, generation
 from oneref.ops.registry import BACKENDS, OPS, Impl
 
 __all__ = ["BACKENDS", "use_backend", "current_backend", "resolve", "prepare", "choices",
@@ -116,8 +116,8 @@ def choices(op: str, device: torch.device, training: bool) -> list[tuple[str, st
     """``auto``'s candidates for ``op`` on ``device`` as (backend, why), in order."""
     if device.type != "cuda":
         return [("torch", f"{device.type} tensors: the torch composite")]
-    gen = policy.generation(torch.cuda.get_device_capability(device))
-    backend, why = policy.choice(op, gen, training)
+    gen = generation(torch.cuda.get_device_capability(device))
+    backend, why = policy_choice(op, gen, training)
     if backend != "torch":
         reasons = unavailable_reasons(backend, op, device)
         if reasons:
