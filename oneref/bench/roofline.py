@@ -13,10 +13,12 @@ for a single row. Saved-activation bytes per sample come from ``saved_tensors_ho
 The prediction at ``batch`` on a card: each op takes ``max(FLOPs / peak, bytes /
 bandwidth)`` plus a fixed gap per launch, the ceilings of :data:`CARDS`; MFU = counted
 FLOPs / (predicted time x peak). What it assumes: every kernel runs at the roofline (GEMMs
-at the measured matmul peak, everything else at copy bandwidth), kernels do not overlap,
-the CPU dispatcher's eager op sequence is the GPU's (the same aten ops; CPU autocast casts
-the same ops to bf16), and one launch gap of :data:`LAUNCH_GAP_US`. Engine (e)
-(torch.compile) fuses what eager runs op by op, so it is not predicted.
+at the matmul peak, everything else at copy bandwidth), kernels do not overlap, the host
+never starves the GPU, one launch gap of :data:`LAUNCH_GAP_US`, and the CPU dispatcher's
+eager op sequence is the GPU's. It is not exactly: the attention kernel differs, and CPU
+autocast keeps softmax, layer_norm, sums and norms in bf16 where CUDA autocast runs them in
+fp32 (the multiway LayerNorm casts to fp32 itself). Engine (e) (torch.compile) fuses what
+eager runs op by op, so it is not predicted.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ __all__ = ["CARDS", "LAUNCH_GAP_US", "OpCounter", "count_step", "predict", "roof
 
 log = logging.getLogger(__name__)
 
-#: Ceilings measured on the cards (docs/perf.md): bf16 dense matmul TFLOP/s, device copy
-#: GB/s (bytes read + written).
-CARDS = {"H100": {"tflops": 798.0, "gbps": 3000.0}, "H200": {"tflops": 790.0, "gbps": 4300.0}}
+#: Ceilings: bf16 dense matmul TFLOP/s and device copy GB/s (bytes read + written). H100:
+#: the best of this project's measurements (benchmarks/results/h100-2026-11-27: 715-787
+#: TFLOP/s, 3.0 TB/s). H200: not measured by this project; the figures of docs/perf.md.
+CARDS = {"H100": {"tflops": 787.0, "gbps": 3000.0}, "H200": {"tflops": 790.0, "gbps": 4300.0}}
 #: GPU time between two back-to-back eager kernels (launch latency hidden by the queue).
 LAUNCH_GAP_US = 2.0
 _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
@@ -49,21 +52,37 @@ _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided
          "_unsafe_view", "_reshape_alias", "view", "as_strided"}
 
 
+# Arguments the schema marks as written that the kernel only reads.
+_READ_ONLY = {("_fused_adamw_", "grads"), ("_fused_adam_", "grads")}
+_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution",
+          "_convolution", "convolution_backward", "_slow_conv2d_forward",
+          "_slow_conv2d_backward"}
+
+
 def op_class(name: str) -> str:
     """``gemm`` (matmuls, convolutions), ``attention`` (fused SDPA kernels), ``optimizer``
-    (AdamW and clipping's norm and scale), or ``memory`` (everything else)."""
-    if any(k in name for k in ("attention", "_flash_", "_efficient_")):
+    (AdamW and clipping's foreach norm and scale), or ``memory`` (everything else)."""
+    base = name.split(".")[-1]
+    if "attention" in base or base.startswith(("_flash_", "_efficient_")):
         return "attention"
-    if any(k in name for k in ("mm", "convolution", "linear")):
+    if base in _GEMMS:
         return "gemm"
-    if "adam" in name or "foreach" in name or "norm" == name.split(".")[-1]:
+    if "adam" in base or base.startswith("_foreach"):
         return "optimizer"
     return "memory"
 
 
 def _nbytes(values) -> int:
-    return sum(t.untyped_storage().nbytes() if t.is_sparse else t.numel() * t.element_size()
-               for t in values if isinstance(t, torch.Tensor))
+    """Bytes a kernel touches: each tensor's elements over its non-broadcast dims (a
+    stride-0 expanded dim is read once)."""
+    total = 0
+    for t in values:
+        if isinstance(t, torch.Tensor):
+            elements = 1
+            for size, stride in zip(t.shape, t.stride()):
+                elements *= size if stride != 0 else 1
+            total += elements * t.element_size()
+    return total
 
 
 class OpCounter(TorchDispatchMode):
@@ -78,17 +97,30 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if func.is_view or name in _FREE or func.namespace == "prim":
+        if func.is_view or name in _FREE or func.namespace not in ("aten", "oneref"):
             return out
         record = self.ops[f"{func.namespace}.{name}"]
         record["calls"] += 1
+        # Arguments the kernel writes (in place or out=) count as written; the destinations
+        # of copy_/fill_/zero_ are not read.
+        written_args, read_args = [], []
+        values = dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
+        for arg in func._schema.arguments:
+            if arg.name not in values:
+                continue
+            value = values[arg.name]
+            if arg.alias_info is None or not arg.alias_info.is_write \
+                    or (name, arg.name) in _READ_ONLY:
+                read_args.append(value)
+                continue
+            written_args.append(value)
+            if not arg.kwarg_only and name not in ("copy_", "fill_", "zero_"):
+                read_args.append(value)  # in place: read, then written
+        record["read"] += _nbytes(tree_flatten(read_args)[0])
         inputs = tree_flatten((args, kwargs))[0]
-        record["read"] += _nbytes(inputs)
-        written = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
-                   and not any(t is i for i in inputs)]
-        mutated = [args[i] for i, a in enumerate(func._schema.arguments)
-                   if i < len(args) and a.alias_info is not None and a.alias_info.is_write]
-        record["written"] += _nbytes(written) + _nbytes(tree_flatten(mutated)[0])
+        fresh = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+                 and not any(t is i for i in inputs)]
+        record["written"] += _nbytes(fresh) + _nbytes(tree_flatten(written_args)[0])
         counter = flop_registry.get(func.overloadpacket)
         if counter is not None:
             record["flops"] += counter(*args, **kwargs, out_val=out)
@@ -136,13 +168,15 @@ def _policy_on_cpu(gen: str = "sm90"):
     """Engine (d) on CPU tensors: each op on the backend the ``gen`` policy picks for
     training when that backend has CPU kernels (the extension's C++ ones), else torch."""
     from oneref.ops import dispatch, policy
+    from oneref.ops.registry import not_supported_reasons
 
     real = dispatch.resolve
 
-    def resolve(op, device, backend=None, *args):
+    def resolve(op, device, backend=None, dtype=None, head_dim=None):
         choice = policy.choice(op, gen, torch.is_grad_enabled())[0]
-        usable = choice != "triton" and not dispatch.unavailable_reasons(choice, op, device)
-        return real(op, device, choice if usable else "torch", *args)
+        usable = (choice != "triton" and not dispatch.unavailable_reasons(choice, op, device)
+                  and not not_supported_reasons(op, choice, device.type, dtype, head_dim))
+        return real(op, device, choice if usable else "torch", dtype, head_dim)
 
     import oneref.ops as ops
 

@@ -26,7 +26,6 @@ the benchmarks call it before compiling).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import logging
 import os
@@ -51,8 +50,9 @@ _BACKEND_MODULES = {
     "cuda": "oneref.ops.cuda_backend",
 }
 _load_errors: dict[str, str] = {}
-_backend_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("oneref_backend",
-                                                                          default=None)
+# The settings of the open use_backend blocks, innermost last. A plain list, not a
+# ContextVar: Dynamo traces a module global on every torch version this package supports.
+_settings: list[str] = []
 # (op, device type, setting, training) -> candidates [(backend, impl, function)], in order.
 _candidates: dict[tuple[str, str, str, bool], tuple[tuple[str, Impl, Callable], ...]] = {}
 
@@ -66,20 +66,19 @@ def _validate(name: str, source: str) -> str:
 def current_backend() -> str:
     """The backend in force: the innermost :func:`use_backend`, else ``ONEREF_BACKEND``,
     else ``auto``."""
-    name = _backend_var.get()
-    if name is not None:
-        return name
+    if _settings:
+        return _settings[-1]
     return _validate(os.environ.get("ONEREF_BACKEND", "auto"), "ONEREF_BACKEND")
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the ops inside the block on backend ``name`` (``auto``, cuda, triton, torch)."""
-    token = _backend_var.set(_validate(name, "use_backend"))
+    _settings.append(_validate(name, "use_backend"))
     try:
         yield
     finally:
-        _backend_var.reset(token)
+        _settings.pop()
 
 
 def _load(backend: str) -> None:

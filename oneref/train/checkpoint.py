@@ -83,6 +83,8 @@ def load_latest(path: str | Path, trust: bool = False) -> tuple[Path, dict]:
         try:
             state = load_checkpoint(candidate, trust=trust)
         except ValueError as err:
+            if "pickles" in str(err):  # readable, but only if trusted: the user decides
+                raise
             problems.append(f"{candidate.name}: {err}")
             log.warning("skipping unreadable checkpoint %s: %s", candidate, err)
             continue

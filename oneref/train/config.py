@@ -289,6 +289,8 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.on_nan not in ("raise", "skip"):
             raise ValueError(f"on_nan must be raise or skip, got {self.on_nan!r}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         self.data.validate()
 
     # --- serialisation -------------------------------------------------------------------

@@ -200,6 +200,7 @@ class Trainer:
             "epoch": epoch,
             "rng": ckpt.rng_state(),
             "mask_generator": self.mask_generator.get_state(),
+            "skipped_steps": self.skipped_steps,
             "sampler": {"seed": self.config.seed, "position": list(self.plan.locate(
                 min(self.step, self.plan.total_steps - 1))[1:])},
             "config": self.config.to_dict(),
@@ -224,6 +225,7 @@ class Trainer:
                              f"resume with the same number (now {self.info.world_size})")
         load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         ckpt.set_rng_state(state["rng"])
         self.mask_generator.set_state(state["mask_generator"])
@@ -276,7 +278,9 @@ class Trainer:
         losses["loss"].backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         # The norm with clipping, else measured alone (non-finite gradients must be seen).
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+        norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                if cfg.optim.grad_clip > 0 else
+                torch.nn.utils.get_total_norm([p.grad for p in params]))
         # Under FSDP the norm is a DTensor (reduced over shards): take its value.
         losses["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         losses = {k: v.detach().float() for k, v in losses.items()}
@@ -288,10 +292,17 @@ class Trainer:
         return losses
 
     def _finite(self, losses: dict[str, torch.Tensor]) -> bool:
-        """Whether the loss and gradient norm are finite (one host sync per step: a
-        non-finite step must never reach the weights). Otherwise raise naming the step and
-        every loss part, or with ``on_nan="skip"`` count the step, within the limit."""
-        if bool(torch.isfinite(losses["loss"] + losses["grad_norm"])):
+        """Whether the loss and gradient norm are finite on every rank (one host sync per
+        step: a non-finite step must never reach the weights). Otherwise raise naming the
+        step and every loss part, or with ``on_nan="skip"`` count the step, within the
+        limit. A skipped step consumes its batch and its learning rate (the schedule and the
+        data order do not move back) but makes no AdamW update."""
+        bad = (~torch.isfinite(losses["loss"] + losses["grad_norm"])).float().reshape(1)
+        if self.info.enabled:  # every rank decides the same
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bool(bad):
             return True
         parts = ", ".join(f"{k} {v.item():.4g}" for k, v in sorted(losses.items()))
         message = f"step {self.step + 1}: non-finite loss or gradient ({parts})"
