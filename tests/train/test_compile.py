@@ -66,3 +66,21 @@ def test_inference_forward_is_one_graph(model_and_batch, entry):
         compiled = compile_step(forward, "cpu", fullgraph=True, backend="eager")
         for got, want in zip(compiled(*args), forward(*args)):
             torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task,mode", STEPS, ids=["rec", "res", "mim", "mlm"])
+def test_training_step_is_one_graph_on_the_gpu(model_and_batch, task, mode):
+    """The same on CUDA tensors under bf16 autocast, with the policy's backends (the GPU
+    machines run another torch than CI)."""
+    model, batch = model_and_batch
+    device = torch.device("cuda")
+    model = model.to(device)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    step = TaskModule(model, task, PretrainConfig(vts=True, sts=True))
+    compiled = compile_step(step, device, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = compiled(batch, mode) if mode else compiled(batch)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    model.to("cpu")
