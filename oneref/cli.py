@@ -39,8 +39,9 @@ def _absolute(flag: str, value):
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     # The reference code's spellings (--data_root, --enable_seg_mask, ...) work too.
     g = p.add_argument_group("data (real-data layout: docs/data.md)")
-    g.add_argument("--dataset", help="refshapes (built in), unc, unc+, gref, gref_umd, referit, "
-                                     "flickr, mixup; with --refer-root: refcoco, refcoco+, refcocog")
+    g.add_argument("--dataset",
+                   help="refshapes (built in), unc, unc+, gref, gref_umd, referit, flickr, "
+                        "mixup; with --refer-root: refcoco, refcoco+, refcocog")
     g.add_argument("--data-root", "--data_root", dest="data_root", metavar="IMAGE_DATA",
                    help="image root: other/images/mscoco/images/train2014, referit/images, "
                         "Flickr30k/flickr30k-images below it")

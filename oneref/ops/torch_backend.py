@@ -1,7 +1,8 @@
 """The ``torch`` backend: PyTorch on any device.
 
 Most ops run their readable definition from :mod:`oneref.ops.reference` (the registry,
-:mod:`oneref.ops.registry`, points at it). Three hot paths use a faster PyTorch composite with the same contract (tested against the reference):
+:mod:`oneref.ops.registry`, points at it). Three hot paths use a faster PyTorch composite
+with the same contract (tested against the reference):
 
 * ``multiway_attention`` runs :func:`torch.nn.functional.scaled_dot_product_attention` with a
   bool key-padding mask (fused CPU flash kernel; memory-efficient or cuDNN kernel on GPU)

@@ -21,8 +21,8 @@ from oneref.data.tokenizer import Tokenizer
 from oneref.train.config import DataConfig
 from oneref.train.sampler import ResumableSampler, ShardSampler
 
-__all__ = ["build_dataset", "dataset_info", "check_data", "train_loader", "eval_loader", "loader_workers",
-           "load_tokenizer"]
+__all__ = ["build_dataset", "dataset_info", "check_data", "train_loader", "eval_loader",
+           "loader_workers", "load_tokenizer"]
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """The training loop: REC / RES fine-tuning and MRefM pre-training, staged, resumable.
 
 Order of set-up (logged): process group -> threads -> data paths and start weights checked
--> datasets -> seed -> model -> task module (grad checkpointing, device) -> FSDP sharding -> optimizer -> resume -> per-stage
-freeze + DDP wrap -> torch.compile. Each step: lr from the plan, batch to device (MRefM:
-draw masks, tokenizer targets), autocast forward, backward, clip, AdamW; every
+-> datasets -> seed -> model -> task module (grad checkpointing, device) -> FSDP sharding
+-> optimizer -> resume -> per-stage freeze + DDP wrap -> torch.compile. Each step: the
+batch checked on the host, lr from the plan, batch to device (MRefM: draw masks, tokenizer
+targets), autocast forward, backward, clip, a finite check, AdamW; every
 ``log_interval`` steps the loss parts are averaged over ranks and written to CSV /
 TensorBoard / the progress bar.
 """
