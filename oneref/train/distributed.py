@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "shutdown", "seed_everything", "wrap_model",
            "shard_model", "gathered", "full_state", "load_full_state", "unwrap", "is_main",
-           "barrier", "all_reduce_mean", "resolve_device"]
+           "barrier", "all_reduce_mean", "all_reduce_max", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,18 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of a tensor over ranks (a copy on the tensor's device; unchanged
+    without a process group). NCCL reduces a CPU tensor through the current CUDA device."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    reduced = values.clone()
+    if dist.get_backend() == "nccl" and reduced.device.type != "cuda":
+        reduced = reduced.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return reduced.to(values.device)
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,9 @@ from oneref.train import checkpoint as ckpt
 from oneref.train.config import TrainConfig
 from oneref.train.data import (build_dataset, check_data, eval_loader, load_tokenizer,
                                train_loader)
-from oneref.train.distributed import (all_reduce_mean, barrier, full_state, gathered,
-                                      init_distributed, load_full_state, seed_everything,
-                                      shard_model, unwrap, wrap_model)
+from oneref.train.distributed import (all_reduce_max, all_reduce_mean, barrier, full_state,
+                                      gathered, init_distributed, load_full_state,
+                                      seed_everything, shard_model, unwrap, wrap_model)
 from oneref.train.init import initialise
 from oneref.train.logger import RunLogger, plot_curve
 from oneref.train.optim import StagePlan, build_optimizer, set_lr
@@ -285,12 +285,11 @@ class Trainer:
         # Under FSDP the norm is a DTensor (reduced over shards): take its value.
         losses["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         losses = {k: v.detach().float() for k, v in losses.items()}
-        if not self._finite(losses):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.optimizer.step()
+        finite = self._finite(losses)
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return losses
+        return losses if finite else None
 
     def _finite(self, losses: dict[str, torch.Tensor]) -> bool:
         """Whether the loss and gradient norm are finite on every rank (one host sync per
@@ -299,11 +298,7 @@ class Trainer:
         limit. A skipped step consumes its batch and its learning rate (the schedule and the
         data order do not move back) but makes no AdamW update."""
         bad = (~torch.isfinite(losses["loss"] + losses["grad_norm"])).float().reshape(1)
-        if self.info.enabled:  # every rank decides the same
-            import torch.distributed as dist
-
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if not bool(bad):
+        if not bool(all_reduce_max(bad)):  # every rank decides the same
             return True
         parts = ", ".join(f"{k} {v.item():.4g}" for k, v in sorted(losses.items()))
         message = f"step {self.step + 1}: non-finite loss or gradient ({parts})"
@@ -336,11 +331,7 @@ class Trainer:
         if self.config.time_budget_s <= 0:
             return None
         used = torch.tensor([(time.perf_counter() - t_start) / self.config.time_budget_s])
-        if self.info.enabled:
-            import torch.distributed as dist
-
-            dist.all_reduce(used, op=dist.ReduceOp.MAX)
-        return float(used)
+        return float(all_reduce_max(used))
 
     def fit(self) -> dict:
         """Train to the end of the plan; returns the final metrics (also in metrics.json)."""
