@@ -55,6 +55,15 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
 
+    def check_fits(self, vocab_size: int) -> "Tokenizer":
+        """This tokenizer, or ValueError when it produces ids a ``vocab_size``-entry text
+        embedding cannot look up."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"tokenizer {self.model_path} produces ids up to "
+                             f"{self.vocab_size - 1} but the model's vocabulary has "
+                             f"{vocab_size} entries")
+        return self
+
     def _piece_ids(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")

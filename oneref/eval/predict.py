@@ -160,11 +160,8 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu",
                    preset: str | None = None, trust: bool = False) -> Predictor:
     """Predictor from a run folder, a ``save_pretrained`` folder or an official ``.pth``."""
     source = ModelSource(path, preset=preset, trust=trust)
-    tok = _tokenizer(source, tokenizer)
+    tok = _tokenizer(source, tokenizer).check_fits(source.config.vocab_size)
     model = source.build()
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tok.model_path} produces ids up to {tok.vocab_size - 1}; "
-                         f"the model's vocabulary has {model.config.vocab_size} entries")
     task = task or source.train_config.get("task", "rec")
     predictor = Predictor(model, tok, task if task in ("rec", "res") else "rec", device)
     predictor.report = source.report

@@ -32,12 +32,7 @@ def load_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
     if not data.tokenizer:
         raise ValueError(f"dataset {data.dataset!r} needs a sentencepiece model: pass "
                          f"--tokenizer beit3.spm (data.tokenizer)")
-    tokenizer = Tokenizer(data.tokenizer)
-    if tokenizer.vocab_size > model.vocab_size:
-        raise ValueError(f"--tokenizer {data.tokenizer} produces ids up to "
-                         f"{tokenizer.vocab_size - 1} but the model's vocabulary has "
-                         f"{model.vocab_size} entries")
-    return tokenizer
+    return Tokenizer(data.tokenizer).check_fits(model.vocab_size)
 
 
 def _source(data: DataConfig, split: str) -> layout.SplitSource:

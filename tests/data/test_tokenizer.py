@@ -93,3 +93,11 @@ def test_shipped_refshapes_model_matches_grammar():
         [tok.sp.id_to_piece(i) for i in range(tok.num_pieces)]
     with open(ASSET_PATH, "rb") as handle:
         assert handle.read() == build_refshapes_spm()
+
+
+def test_check_fits_the_model_vocabulary(spm_path):
+    tok = Tokenizer(spm_path)
+    assert tok.check_fits(tok.vocab_size) is tok
+    with pytest.raises(ValueError, match=rf"produces ids up to {tok.vocab_size - 1} but the "
+                                         rf"model's vocabulary has 8 entries"):
+        tok.check_fits(8)
