@@ -321,15 +321,14 @@ def _cmd_eval(args) -> int:
     if not splits:
         raise ValueError(f"--split {args.split!r} names no split")
     check_data(data, splits)  # the files, before the weights are built
-    if data.real:
-        load_tokenizer(data, source.config)
+    tokenizer = load_tokenizer(data, source.config) if data.real else None
     info = init_distributed(args.device)
     try:
         model = source.build().to(info.device)
         if source.report is not None and info.rank == 0:
             print(source.report.summary(args.checkpoint))
         rows = evaluate_splits(model, data, task, splits, info.device, rank=info.rank,
-                               world_size=info.world_size)
+                               world_size=info.world_size, tokenizer=tokenizer)
     finally:
         shutdown()
     if info.rank != 0:

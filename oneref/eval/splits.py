@@ -37,10 +37,13 @@ def default_splits(data: DataConfig) -> tuple[str, ...]:
 
 
 def evaluate_splits(model, data: DataConfig, task: str, splits, device: torch.device,
-                    amp: str = "auto", rank: int = 0, world_size: int = 1) -> list[dict]:
-    """One row per split: the task's metrics (``n`` samples) and ``samples_per_s``."""
+                    amp: str = "auto", rank: int = 0, world_size: int = 1,
+                    tokenizer=None) -> list[dict]:
+    """One row per split: the task's metrics (``n`` samples) and ``samples_per_s``.
+    ``tokenizer``: real data's, when the caller loaded it already."""
     check_data(data, splits)
-    tokenizer = load_tokenizer(data, model.config) if data.real else None
+    if data.real and tokenizer is None:
+        tokenizer = load_tokenizer(data, model.config)
     rows = []
     for split in splits:
         dataset = build_dataset(data, model.config, split, task, tokenizer)
