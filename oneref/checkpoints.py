@@ -32,9 +32,9 @@ from oneref.config import PRESETS, ModelConfig, get_config
 from oneref.io import atomic_write, load_pth, write_json
 
 __all__ = ["RENAME_RULES", "QKV_RULE", "LoadReport", "convert_official_state_dict",
-           "resize_vision_positions", "load_official", "read_checkpoint",
-           "infer_model_config", "save_pretrained",
-           "load_pretrained", "WEIGHTS_NAME", "CONFIG_NAME"]
+           "renamed_tensors", "resize_vision_positions", "load_official", "read_checkpoint",
+           "infer_model_config", "save_pretrained", "load_pretrained", "WEIGHTS_NAME",
+           "CONFIG_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,29 @@ def _strip(key: str) -> str:
     return key
 
 
+_RULES = [(re.compile(p), r) for p, r in RENAME_RULES]
+_QKV_PATTERN = re.compile(QKV_RULE[0])
+
+
+def _renamed(name: str) -> str | None:
+    """Our name for a stripped official name by :data:`RENAME_RULES` (None: no rule)."""
+    for pattern, replacement in _RULES:
+        if pattern.match(name):
+            return pattern.sub(replacement, name)
+    return None
+
+
+def renamed_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors :data:`RENAME_RULES` map, under our names, uncopied: enough to read a
+    checkpoint's shapes (:func:`infer_model_config`) without packing q/k/v."""
+    out = {}
+    for key, tensor in state.items():
+        target = _renamed(_strip(key))
+        if target is not None:
+            out[target] = tensor
+    return out
+
+
 def convert_official_state_dict(state: Mapping[str, torch.Tensor]
                                 ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
     """Official names -> ours.
@@ -135,23 +158,19 @@ def convert_official_state_dict(state: Mapping[str, torch.Tensor]
     sources: dict[str, str] = {}
     unexpected: list[str] = []
     qkv_parts: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
-    rules = [(re.compile(p), r) for p, r in RENAME_RULES]
-    qkv_pattern = re.compile(QKV_RULE[0])
     for key, tensor in state.items():
         name = _strip(key)
-        match = qkv_pattern.match(name)
+        match = _QKV_PATTERN.match(name)
         if match:
-            target = qkv_pattern.sub(QKV_RULE[1], name)
+            target = _QKV_PATTERN.sub(QKV_RULE[1], name)
             qkv_parts.setdefault(target, {})[_QKV_ORDER[match.group(2)]] = (key, tensor)
             continue
-        for pattern, replacement in rules:
-            if pattern.match(name):
-                target = pattern.sub(replacement, name)
-                converted[target] = tensor
-                sources[target] = key
-                break
-        else:
+        target = _renamed(name)
+        if target is None:
             unexpected.append(key)
+        else:
+            converted[target] = tensor
+            sources[target] = key
     for target, parts in qkv_parts.items():
         if len(parts) != 3:
             unexpected.extend(k for k, _ in parts.values())
@@ -211,7 +230,7 @@ def read_checkpoint(source, allow_pickle: bool = False) -> dict[str, torch.Tenso
 
 def infer_model_config(state: Mapping[str, torch.Tensor],
                        preset: str | ModelConfig | None = None) -> ModelConfig:
-    """The model config of converted (our-named) official tensors.
+    """The model config of official tensors under our names (:func:`renamed_tensors`).
 
     The preset is the one whose width and depth the tensors have (``base``, ``large``), or
     ``preset`` when given (checked against them); the vocabulary, text-position and

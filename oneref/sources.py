@@ -20,8 +20,8 @@ import json
 import logging
 from pathlib import Path
 
-from oneref.checkpoints import (CONFIG_NAME, LoadReport, convert_official_state_dict,
-                                infer_model_config, load_official, read_checkpoint)
+from oneref.checkpoints import (CONFIG_NAME, LoadReport, infer_model_config, load_official,
+                                read_checkpoint, renamed_tensors)
 from oneref.config import ModelConfig
 from oneref.io import load_pth
 from oneref.model import OneRef
@@ -63,8 +63,8 @@ class ModelSource:
                 return
             self.kind = "official"
             self._state = read_checkpoint(loaded)
-            converted, _, _ = convert_official_state_dict(self._state)
-            self.config = infer_model_config(converted, preset)
+            # Shapes only: q/k/v are packed once, when the model is built.
+            self.config = infer_model_config(renamed_tensors(self._state), preset)
             return
         self.model_dir, run_dir = self._model_dir(self.path)
         self.kind = "run" if run_dir == self.path else "pretrained"

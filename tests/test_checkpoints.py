@@ -199,16 +199,16 @@ def test_load_pth_memory_maps(tmp_path, monkeypatch):
 
 
 def test_infer_model_config_from_shapes():
-    from oneref.checkpoints import convert_official_state_dict, infer_model_config
+    from oneref.checkpoints import infer_model_config, renamed_tensors
     from oneref.config import get_config
 
     tiny = get_config("tiny")
-    converted = convert_official_state_dict(official_state(tiny.replace(img_size=32)))[0]
+    converted = renamed_tensors(official_state(tiny.replace(img_size=32)))
     assert infer_model_config(converted) == tiny  # the preset with this width and depth
     assert infer_model_config(converted, "tiny") == tiny
     with pytest.raises(ValueError, match=r"does not fit preset 'base': embed_dim 64 \(preset 768\)"):
         infer_model_config(converted, "base")
-    odd = convert_official_state_dict(official_state(tiny.replace(depth=3)))[0]
+    odd = renamed_tensors(official_state(tiny.replace(depth=3)))
     with pytest.raises(ValueError, match="depth 3.*no preset.*--model"):
         infer_model_config(odd)
 
