@@ -206,25 +206,31 @@ def _at(counts_a: dict, counts_b: dict, batch: int,
     return out
 
 
-def predict(counts: dict[str, dict[str, float]], card: str) -> dict:
-    """Roofline time per op class and in all, and the MFU, of per-op counts on ``card``."""
+def predict(counts: dict[str, dict[str, float]], card: str, top: int = 12) -> dict:
+    """Roofline time per op class and in all, the MFU, and the ``top`` ops by time, of
+    per-op counts on ``card``."""
     peak, bandwidth = CARDS[card]["tflops"] * 1e12, CARDS[card]["gbps"] * 1e9
-    classes: dict[str, dict[str, float]] = defaultdict(
-        lambda: {"ms": 0.0, "flops": 0.0, "gb": 0.0, "launches": 0.0})
+    ops = []
     for name, c in counts.items():
         moved = c["read"] + c["written"]
         seconds = max(c["flops"] / peak, moved / bandwidth) + c["calls"] * LAUNCH_GAP_US * 1e-6
-        entry = classes[op_class(name)]
-        entry["ms"] += 1e3 * seconds
-        entry["flops"] += c["flops"]
-        entry["gb"] += moved / 1e9
-        entry["launches"] += c["calls"]
+        ops.append({"op": name, "class": op_class(name), "calls": c["calls"],
+                    "ms": 1e3 * seconds, "gb": moved / 1e9, "flops": c["flops"]})
+    classes: dict[str, dict[str, float]] = defaultdict(
+        lambda: {"ms": 0.0, "flops": 0.0, "gb": 0.0, "launches": 0.0})
+    for op in ops:
+        entry = classes[op["class"]]
+        entry["ms"] += op["ms"]
+        entry["flops"] += op["flops"]
+        entry["gb"] += op["gb"]
+        entry["launches"] += op["calls"]
     total_ms = sum(e["ms"] for e in classes.values())
     flops = sum(e["flops"] for e in classes.values())
     return {"card": card, "classes": dict(classes), "step_ms": total_ms,
             "mfu": flops / (total_ms * 1e-3 * peak) if total_ms else 0.0,
             "tflop": flops / 1e12, "gb": sum(e["gb"] for e in classes.values()),
-            "launches": sum(e["launches"] for e in classes.values())}
+            "launches": sum(e["launches"] for e in classes.values()),
+            "top_ops": sorted(ops, key=lambda o: -o["ms"])[:top]}
 
 
 def roofline_rows(preset: str = "base", batch: int = 64, engines=("b", "c", "d"),
@@ -240,14 +246,6 @@ def roofline_rows(preset: str = "base", batch: int = 64, engines=("b", "c", "d")
         for card in cards:
             row = {"engine": key, "engine_name": ENGINES[key], "preset": preset, "batch": batch,
                    "saved_mb_per_sample": saved / 2 ** 20, **predict(counts, card)}
-            peak = CARDS[card]["tflops"] * 1e12
-            bandwidth = CARDS[card]["gbps"] * 1e9
-            row["top_ops"] = sorted(
-                ({"op": n, "class": op_class(n), "calls": c["calls"],
-                  "ms": 1e3 * (max(c["flops"] / peak, (c["read"] + c["written"]) / bandwidth)
-                               + c["calls"] * LAUNCH_GAP_US * 1e-6),
-                  "gb": (c["read"] + c["written"]) / 1e9} for n, c in counts.items()),
-                key=lambda o: -o["ms"])[:12]
             rows.append(row)
             log.info("cost %s (%s) %s: %.1f ms, MFU %.1f%%", preset, key, card, row["step_ms"],
                      100 * row["mfu"])
