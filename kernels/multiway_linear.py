@@ -48,25 +48,12 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from oneref.kernels.utils import check_supported, dot_precision, interpreter_active, tuned
+from oneref.kernels.utils import (check_supported, dot_precision, erf_gelu, erf_gelu_grad,
+                                  interpreter_active, num_sms, tuned)
 
 __all__ = ["multiway_linear", "linear_forward", "linear_backward"]
 
 _OP = "multiway_linear"
-
-
-@triton.jit
-def _gelu(z):
-    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-
-
-
-@triton.jit
-def _gelu_grad(z):
-    """d GELU / dz = Phi(z) + z * phi(z)."""
-    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    pdf = tl.math.exp(-0.5 * z * z) * 0.3989422804014327
-    return cdf + z * pdf
 
 
 @triton.jit
@@ -114,7 +101,7 @@ def _mwl_tile(X, W, BIAS, Y, PRE, local_m, pid_n, batch, rows_e, s0, seq_len,
     out_ok = m_ok[:, None] & n_ok[None, :]
     if GELU:
         tl.store(PRE + out_off, acc.to(PRE.dtype.element_ty), mask=out_ok)
-        acc = _gelu(acc)
+        acc = erf_gelu(acc)
     tl.store(Y + out_off, acc.to(Y.dtype.element_ty), mask=out_ok)
 
 
@@ -228,19 +215,13 @@ def _gelu_bwd_kernel(DY, PRE, DPRE, DZ, n_cols, stride_yr, numel,
     dy = tl.load(DY + (offs // n_cols) * stride_yr + offs % n_cols, mask=ok,
                  other=0.0).to(tl.float32)
     z = tl.load(PRE + offs, mask=ok, other=0.0).to(tl.float32)
-    dz = dy * _gelu_grad(z)
+    dz = dy * erf_gelu_grad(z)
     if HAS_DPRE:
         dz += tl.load(DPRE + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------- launchers
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
 
 def _launch_mm(x, w_a, w_b, bias_a, bias_b, y, pre, num_vision: int, w_strides_a, w_strides_b,
                gelu: bool) -> None:
@@ -301,7 +282,7 @@ def _split(rows: int, tiles: int, device: torch.device) -> int:
     D = 768 -> 3072 (fc1) with 72 tiles of 128 x 128 gives 2 chunks, 38 MB of partials."""
     if interpreter_active():
         return 2
-    want = triton.cdiv(_num_sms(device), max(tiles, 1))
+    want = triton.cdiv(num_sms(device), max(tiles, 1))
     return max(1, min(want, rows // 1024))
 
 

@@ -6,6 +6,8 @@
 * :func:`dot_precision` - the ``tl.dot`` input precision matching PyTorch for a dtype.
 * :func:`tl_dtype` - the Triton element type of a torch dtype.
 * :func:`check_supported` - uniform errors for unsupported dtypes / sizes.
+* :func:`num_sms` - streaming multiprocessors of a device (1 off the GPU).
+* :func:`erf_gelu`, :func:`erf_gelu_grad` - exact GELU and its derivative, in kernels.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ __all__ = [
     "dot_precision",
     "tl_dtype",
     "check_supported",
+    "num_sms",
+    "erf_gelu",
+    "erf_gelu_grad",
     "KERNEL_DTYPES",
 ]
 
@@ -141,3 +146,24 @@ def check_supported(op: str, name: str, tensor: torch.Tensor,
                                              and interpreter_active()):
         raise ValueError(f"{op}: {name} is on {tensor.device}; Triton kernels need CUDA "
                          "tensors (or CPU tensors with TRITON_INTERPRET=1)")
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 for CPU tensors in the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def erf_gelu(z):
+    """Exact GELU, z * Phi(z) (not the tanh approximation)."""
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def erf_gelu_grad(z):
+    """d GELU / dz = Phi(z) + z * phi(z)."""
+    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    pdf = tl.math.exp(-0.5 * z * z) * 0.3989422804014327
+    return cdf + z * pdf

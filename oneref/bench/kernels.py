@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from oneref.bench.timing import sync, time_calls
 from oneref.ops import reference
+from oneref.ops.registry import not_supported_reasons
 
 __all__ = ["bench_call", "attention_rows", "memory_rows", "lce_rows", "iter_kernel_rows",
            "run_kernel_tables"]
@@ -188,7 +189,8 @@ def attention_rows(device, batches=(32,), text_lens=(8, 16, 32, 64), heads=12, h
 
 # ----------------------------------------------------------------------- memory-bound --
 def _memory_cases(device, scale: float):
-    """(op, shape, make_inputs(seed) -> args, reference fn, our fn(backend), bytes, grad)."""
+    """(op, shape, make_inputs(seed) -> args, baseline fn, our fn(backend), bytes, grad,
+    rtol). The baseline is the reference, or for the LayerNorms the torch composite."""
     from oneref import ops
     grid, dim = 24, 768
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -221,51 +223,90 @@ def _memory_cases(device, scale: float):
         logits = torch.randn(b_loss * 16, grid, grid, generator=gen).to(device)
         return (logits.requires_grad_(True), boxes(gen, b_loss * 16).to(device))
 
+    seq, b_norm = grid * grid + 64, max(1, int(scale))
+    low = str(dtype).replace("torch.", "")
+
+    def add_norm_inputs(seed):  # a block's residual add + LN under autocast
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(seq, b_norm, dim, generator=gen).to(device).transpose(0, 1)
+        branch = torch.randn(seq, b_norm, dim, generator=gen).to(device, dtype).transpose(0, 1)
+        params = [torch.randn(dim, generator=gen).to(device) for _ in range(4)]
+        return (x.requires_grad_(True), branch.requires_grad_(True), grid * grid + 1,
+                *params, 1e-5, None, dtype)
+
+    def gelu_norm_inputs(seed):  # the FFN's sub-LN of GELU(fc1)
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(seq, b_norm, 4 * dim, generator=gen).to(device, dtype).transpose(0, 1)
+        params = [torch.randn(4 * dim, generator=gen).to(device) for _ in range(4)]
+        return (z.requires_grad_(True), grid * grid + 1, *params, 1e-5, "gelu", dtype)
+
+    def norm_op(name):
+        return lambda be: (lambda *a: getattr(ops, name)(*a, backend=be))
+
+    rows_norm = b_norm * seq
     n_rows = int(0.4 * b_gather * grid * grid)
     return [
         ("masked_gather", f"x=({b_gather},{grid * grid},{dim}) {dtype}", gather_inputs,
          reference.masked_gather, lambda be: (lambda *a: ops.masked_gather(*a, backend=be)),
-         2 * n_rows * dim * size + b_gather * grid * grid, False),
+         2 * n_rows * dim * size + b_gather * grid * grid, False, 1e-3),
         ("referring_mask", f"B={b_mask} G={grid}", refmask_inputs, reference.referring_mask,
          lambda be: (lambda *a: ops.referring_mask(*a, backend=be)),
-         b_mask * (2 * grid * grid * 4 + 16 + grid * grid), False),
+         b_mask * (2 * grid * grid * 4 + 16 + grid * grid), False, 1e-3),
         ("vts_loss", f"pred=({b_loss},{grid * grid},4) fp32 fwd+bwd", vts_inputs,
          reference.vts_loss, lambda be: (lambda *a: ops.vts_loss(*a, backend=be)),
-         2 * b_loss * grid * grid * 4 * 4 + b_loss * 16, True),
+         2 * b_loss * grid * grid * 4 * 4 + b_loss * 16, True, 1e-3),
         ("box_mask_loss", f"logits=({b_loss * 16},{grid},{grid}) fp32 fwd+bwd",
          boxmask_inputs, reference.box_mask_loss,
          lambda be: (lambda *a: ops.box_mask_loss(*a, backend=be)),
-         2 * b_loss * 16 * grid * grid * 4 + b_loss * 16 * 16, True),
+         2 * b_loss * 16 * grid * grid * 4 + b_loss * 16 * 16, True, 1e-3),
+        # fused: fwd reads x, branch, writes h, y; bwd reads dy, h, dh, writes dx, dbranch
+        ("multiway_add_layer_norm", f"x=({b_norm},{seq},{dim}) fp32 + {low} fwd+bwd",
+         add_norm_inputs, norm_op("multiway_add_layer_norm")("torch"),
+         norm_op("multiway_add_layer_norm"), rows_norm * dim * (14 + 4 * size), True, 1e-2),
+        # fused: fwd reads z, writes y; bwd reads dy, z, writes dz
+        ("multiway_layer_norm", f"z=({b_norm},{seq},{4 * dim}) {low} gelu fwd+bwd",
+         gelu_norm_inputs, norm_op("multiway_layer_norm")("torch"),
+         norm_op("multiway_layer_norm"), rows_norm * 4 * dim * 5 * size, True, 1e-2),
     ]
 
 
+def _same(got, want, rtol: float) -> bool:
+    """Outputs equal (bool / integer) or close (floating), tuple outputs element-wise."""
+    if isinstance(want, tuple):
+        return all(_same(g, w, rtol) for g, w in zip(got, want))
+    if got.dtype == torch.bool or not got.is_floating_point():
+        return torch.equal(got, want)
+    return torch.allclose(got.float(), want.float(), rtol=rtol, atol=1e-4)
+
+
 def _run_op(fn, args, grad: bool):
+    """One call; with ``grad`` also its backward (ones as the gradient of every output)."""
     out = fn(*args)
     if grad:
-        args[0].grad = None
-        out.backward()
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                a.grad = None
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
     return out
 
 
 def memory_rows(device, copy_gbps=None, scale: float = 8):
-    """G2: masked_gather, referring_mask, vts_loss, box_mask_loss: eager composite (the
-    reference) vs our triton / cuda backends, GB/s and % of the copy bandwidth."""
+    """G2: masked_gather, referring_mask, vts_loss, box_mask_loss (the reference as the
+    baseline) and the fused LayerNorms (the torch composite as the baseline) vs our triton /
+    cuda backends, GB/s and % of the copy bandwidth."""
     rows = []
     names = [b for b in _backends(device) if b != "auto"]
-    for op, shape, make, ref_fn, ours, nbytes, grad in _memory_cases(device, scale):
+    for op, shape, make, ref_fn, ours, nbytes, grad, rtol in _memory_cases(device, scale):
         inputs = [make(s) for s in range(3)]
         want = ref_fn(*inputs[0])
         impls = {"eager": ref_fn}
-        impls.update({f"ours[{b}]": ours(b) for b in names if b != "torch"})
+        impls.update({f"ours[{b}]": ours(b) for b in names if b != "torch"
+                      and not not_supported_reasons(op, b, device.type)})
         results = []
         for impl, fn in impls.items():
             try:
-                got = fn(*inputs[0])
-                if got.dtype == torch.bool or not got.is_floating_point():
-                    ok = torch.equal(got, want)
-                else:
-                    ok = torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-4)
-                if not ok:
+                if not _same(fn(*inputs[0]), want, rtol):
                     raise RuntimeError("result differs from the reference")
                 ms = bench_call(lambda a, _f=fn: _run_op(_f, a, grad), inputs, device)
             except Exception as exc:  # noqa: BLE001

@@ -235,7 +235,7 @@ def _run_cost(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     out = Path(args.out or f"runs/cost-{time.strftime('%Y%m%d-%H%M%S')}")
     presets = _split(args.presets) or ("base",)
-    engines = _split(args.engines) or ("b", "c", "d")
+    engines = _split(args.engines) or ("b", "c", "d", "d*")
     rows = [r for preset in presets for r in roofline_rows(preset, args.batch, engines)]
     table = roofline_markdown(rows)
     write_json({"environment": environment(torch.device("cpu")), "rows": rows},

@@ -19,6 +19,13 @@ eager op sequence is the GPU's. It is not exactly: the attention kernel differs,
 autocast keeps softmax, layer_norm, sums and norms in bf16 where CUDA autocast runs them in
 fp32 (the multiway LayerNorm casts to fp32 itself). Engine (e) (torch.compile) fuses what
 eager runs op by op, so it is not predicted.
+
+Engine (d) runs each op on the backend the committed policy picks for training
+(:mod:`oneref.ops.policy`), with the backends that have CPU kernels. ``d*`` is (d) with the
+Triton kernels of :data:`UNMEASURED_KERNELS` as well, which the policy cannot pick before a
+GPU measures them: each counts as one kernel per call, reading its tensor arguments and
+writing its outputs (the ops compute the same values with PyTorch on CPU tensors, see
+``oneref/kernels/layer_norm.py``).
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ from oneref.bench.baseline import use_sdpa
 from oneref.bench.engines import ENGINES, build_engine, make_batch, train_step
 from oneref.config import get_config
 
-__all__ = ["CARDS", "LAUNCH_GAP_US", "OpCounter", "count_step", "predict", "roofline_rows",
-           "roofline_markdown"]
+__all__ = ["CARDS", "LAUNCH_GAP_US", "UNMEASURED_KERNELS", "OpCounter", "count_step", "predict",
+           "roofline_rows", "roofline_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,9 @@ log = logging.getLogger(__name__)
 CARDS = {"H100": {"tflops": 787.0, "gbps": 3000.0}, "H200": {"tflops": 790.0, "gbps": 4300.0}}
 #: GPU time between two back-to-back eager kernels (launch latency hidden by the queue).
 LAUNCH_GAP_US = 2.0
+#: Triton kernels with no measured policy row yet, run by the ``d*`` prediction.
+UNMEASURED_KERNELS = ("multiway_layer_norm", "multiway_add_layer_norm")
+_NAMESPACES = ("aten", "oneref", "oneref_triton")
 _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
          "alias", "lift_fresh", "device", "set_", "resize_", "is_same_size", "_local_scalar_dense",
          "_unsafe_view", "_reshape_alias", "view", "as_strided"}
@@ -85,8 +95,45 @@ def _nbytes(values) -> int:
     return total
 
 
+def _in_fp32(func, args, kwargs):
+    """``func`` computed with its bf16 tensors upcast to fp32, each output cast to the dtype
+    the bf16 call returns (read off the op's meta kernel), ``out=`` / in-place arguments
+    written back: the same result to rounding."""
+    def convert(fn, values):
+        flat, spec = tree_flatten(values)
+        return spec.unflatten([fn(v) if isinstance(v, torch.Tensor) else v for v in flat])
+
+    written = [a.name for a in func._schema.arguments
+               if a.alias_info is not None and a.alias_info.is_write]
+    fp32_args, fp32_kwargs = convert(
+        lambda t: t.float() if t.dtype == torch.bfloat16 else t, (args, kwargs))
+    out = func(*fp32_args, **fp32_kwargs)
+    if written:
+        names = [a.name for a in func._schema.arguments]
+        given, computed = dict(zip(names, args)) | kwargs, dict(zip(names, fp32_args)) | fp32_kwargs
+        for name in written:
+            if given[name] is not computed[name]:
+                given[name].copy_(computed[name])
+        return given[written[0]] if len(written) == 1 else tuple(given[n] for n in written)
+    meta_args, meta_kwargs = convert(lambda t: t.to("meta"), (args, kwargs))
+    dtypes = iter(m.dtype for m in tree_flatten(func(*meta_args, **meta_kwargs))[0]
+                  if isinstance(m, torch.Tensor))
+    out_flat, spec = tree_flatten(out)
+    return spec.unflatten([o.to(next(dtypes)) if isinstance(o, torch.Tensor) else o
+                           for o in out_flat])
+
+
+def _has_bf16(args, kwargs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
+               for t in tree_flatten((args, kwargs))[0])
+
+
 class OpCounter(TorchDispatchMode):
-    """Per aten op name: calls (launches), FLOPs, bytes read, bytes written."""
+    """Per aten op name: calls (launches), FLOPs, bytes read, bytes written.
+
+    bf16 GEMMs, convolutions and attention are computed in fp32 and rounded back (what
+    they accumulate in anyway): CPUs without bf16 matrix instructions run them through a
+    scalar path about 80x slower than fp32. The counts are those of the bf16 call."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -95,9 +142,13 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        if op_class(func.overloadpacket.__name__) in ("gemm", "attention") \
+                and _has_bf16(args, kwargs):
+            out = _in_fp32(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if func.is_view or name in _FREE or func.namespace not in ("aten", "oneref"):
+        if func.is_view or name in _FREE or func.namespace not in _NAMESPACES:
             return out
         record = self.ops[f"{func.namespace}.{name}"]
         record["calls"] += 1
@@ -144,9 +195,12 @@ def _saved_bytes(total: list[int]):
 
 
 def count_step(engine_key: str, preset: str, batch: int, seed: int = 0) -> dict:
-    """Per-op counts of one REC training step of engine ``engine_key`` on the CPU, bf16
-    autocast for the engines that use it on a GPU, and the saved-activation bytes."""
+    """Per-op counts of one REC training step of engine ``engine_key`` (or ``d*``) on the
+    CPU, bf16 autocast for the engines that use it on a GPU, and the saved-activation
+    bytes."""
     config = get_config(preset)
+    assume = UNMEASURED_KERNELS if engine_key == "d*" else ()
+    engine_key = "d" if assume else engine_key
     engine = build_engine(engine_key, config, "cpu", seed=seed)
     if engine_key != "a":  # what the engine runs on a GPU: bf16 autocast (and (b) SDPA)
         engine.autocast = torch.bfloat16
@@ -155,24 +209,28 @@ def count_step(engine_key: str, preset: str, batch: int, seed: int = 0) -> dict:
     if engine_key in ("d", "e"):
         engine.backend = None  # resolved per op below
     inputs = make_batch(config, batch, "cpu", seed=seed, task="rec")
-    train_step(engine, "rec", inputs)  # optimizer state exists from the second step on
+    with OpCounter():  # uncounted; the optimizer state exists from the second step on
+        train_step(engine, "rec", inputs)
     counter, saved = OpCounter(), [0]
-    with _policy_on_cpu() if engine_key == "d" else contextlib.nullcontext():
+    with _policy_on_cpu(assume) if engine_key == "d" else contextlib.nullcontext():
         with counter, _saved_bytes(saved):
             train_step(engine, "rec", inputs)
     return {"ops": dict(counter.ops), "saved_bytes": saved[0], "batch": batch}
 
 
 @contextlib.contextmanager
-def _policy_on_cpu(gen: str = "sm90"):
+def _policy_on_cpu(assume: tuple[str, ...] = (), gen: str = "sm90"):
     """Engine (d) on CPU tensors: each op on the backend the ``gen`` policy picks for
-    training when that backend has CPU kernels (the extension's C++ ones), else torch."""
+    training when that backend has CPU kernels (the extension's C++ ones), else torch; the
+    ops of ``assume`` on their Triton kernels."""
     from oneref.ops import dispatch, policy
-    from oneref.ops.registry import not_supported_reasons
+    from oneref.ops.registry import OPS, not_supported_reasons
 
     real = dispatch.resolve
 
     def resolve(op, device, backend=None, dtype=None, head_dim=None):
+        if op in assume:
+            return OPS[op].impls["triton"].load()
         choice = policy.choice(op, gen, torch.is_grad_enabled())[0]
         usable = (choice != "triton" and not dispatch.unavailable_reasons(choice, op, device)
                   and not not_supported_reasons(op, choice, device.type, dtype, head_dim))
@@ -233,18 +291,20 @@ def predict(counts: dict[str, dict[str, float]], card: str, top: int = 12) -> di
             "top_ops": sorted(ops, key=lambda o: -o["ms"])[:top]}
 
 
-def roofline_rows(preset: str = "base", batch: int = 64, engines=("b", "c", "d"),
+def roofline_rows(preset: str = "base", batch: int = 64, engines=("b", "c", "d", "d*"),
                   cards=("H100", "H200")) -> list[dict]:
     """One row per (engine, card): the prediction at ``batch`` and the top ops by time."""
     rows = []
     for key in engines:
-        if key not in ENGINES or key in ("b+", "e"):
-            raise ValueError(f"--cost predicts eager engines b, c, d (and a), got {key!r}")
+        if key != "d*" and (key not in ENGINES or key in ("b+", "e")):
+            raise ValueError(f"--cost predicts eager engines b, c, d, d* (and a), got {key!r}")
         low, high = (count_step(key, preset, b) for b in FIT_BATCHES)
         counts = _at(low["ops"], high["ops"], batch)
         saved = (high["saved_bytes"] - low["saved_bytes"]) / (FIT_BATCHES[1] - FIT_BATCHES[0])
         for card in cards:
-            row = {"engine": key, "engine_name": ENGINES[key], "preset": preset, "batch": batch,
+            name = ENGINES[key] if key in ENGINES else (
+                f"{ENGINES['d']} + Triton {', '.join(UNMEASURED_KERNELS)} (unmeasured)")
+            row = {"engine": key, "engine_name": name, "preset": preset, "batch": batch,
                    "saved_mb_per_sample": saved / 2 ** 20, **predict(counts, card)}
             rows.append(row)
             log.info("cost %s (%s) %s: %.1f ms, MFU %.1f%%", preset, key, card, row["step_ms"],

@@ -7,12 +7,18 @@ sequence::
     x = x + DropPath(proj(subLN(Attn(LN1(x)))))
     x = x + DropPath(fc2(subLN(GELU(fc1(LN2(x))))))
 
+Each residual add runs inside the LayerNorm that follows it
+(:func:`oneref.ops.multiway_add_layer_norm`), and the GELU inside the FFN's sub-LN: a block
+takes the previous block's FFN branch still to be added, and returns its own. The last one
+is added by the final norm. Same function, fewer passes over memory (docs/perf.md).
+
 The q/k/v projections of each expert are packed into one (3D, D) weight; the attention reads
 (B, S, H, Dh) views of the packed output (no copies).
 
-Precision under bf16 autocast: the GEMMs and attention run in bf16, the LayerNorms in fp32,
-and the residual stream ``x`` stays in the embedding's dtype (fp32 parameters: fp32), since
-each residual add promotes the bf16 branch output to it. ``tests/model/test_precision.py``
+Precision under bf16 autocast: the GEMMs and attention run in bf16; the LayerNorms compute
+fp32 statistics and return bf16 (what the next GEMM reads; the final norm returns the
+residual stream's dtype); the residual stream ``x`` stays in the embedding's dtype (fp32
+parameters: fp32), the bf16 branch added to it in fp32. ``tests/model/test_precision.py``
 checks this at every block boundary.
 """
 
@@ -51,12 +57,12 @@ class MultiwayAttention(nn.Module):
 
 
 class MultiwayFFN(nn.Module):
-    """fc1 + GELU (fused) -> multiway sub-LN over the FFN width -> fc2."""
+    """fc1 -> multiway sub-LN of GELU (fused) over the FFN width -> fc2."""
 
     def __init__(self, dim: int, hidden: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.fc1 = MultiwayLinear(dim, hidden, activation="gelu")
-        self.sub_norm = MultiwayLayerNorm(hidden, eps)
+        self.fc1 = MultiwayLinear(dim, hidden)
+        self.sub_norm = MultiwayLayerNorm(hidden, eps, activation="gelu")
         self.fc2 = MultiwayLinear(hidden, dim)
 
     def forward(self, x: torch.Tensor, num_vision: int) -> torch.Tensor:
@@ -76,10 +82,21 @@ class Block(nn.Module):
         self.mlp = MultiwayFFN(dim, ffn_dim, eps)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, text_lengths: torch.Tensor, num_vision: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x, num_vision), text_lengths, num_vision))
-        x = x + self.drop_path(self.mlp(self.norm2(x, num_vision), num_vision))
-        return x
+    def forward(self, x: torch.Tensor, text_lengths: torch.Tensor, num_vision: int,
+                branch: torch.Tensor | None = None, branch_scale: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x: (B, S, D) residual stream; branch, branch_scale: the previous block's FFN
+        branch and drop-path factors, added here (None: x is the block's input).
+        Returns (the stream after the attention branch, this block's FFN branch, its
+        drop-path factors): the next block, or the final norm, adds them."""
+        if branch is None:
+            y = self.norm1(x, num_vision)
+        else:
+            x, y = self.norm1.add(x, branch, num_vision, branch_scale)
+        attn = self.attn(y, text_lengths, num_vision)
+        x, y = self.norm2.add(x, attn, num_vision, self.drop_path.scale(attn))
+        ffn = self.mlp(y, num_vision)
+        return x, ffn, self.drop_path.scale(ffn)
 
 
 class MultiwayEncoder(nn.Module):
@@ -102,9 +119,13 @@ class MultiwayEncoder(nn.Module):
         """x: (B, S, D) embeddings; text_lengths: (B,). Returns (B, S, D), stored
         sequence-major (see :mod:`oneref.ops.layout`)."""
         x = ops.sequence_major(x)
+        branch = scale = None
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, text_lengths, num_vision, use_reentrant=False)
+                x, branch, scale = checkpoint(block, x, text_lengths, num_vision, branch, scale,
+                                              use_reentrant=False)
             else:
-                x = block(x, text_lengths, num_vision)
-        return self.norm(x, num_vision)
+                x, branch, scale = block(x, text_lengths, num_vision, branch, scale)
+        if branch is None:  # depth 0
+            return self.norm(x, num_vision, out_dtype=x.dtype)
+        return self.norm.add(x, branch, num_vision, scale, out_dtype=x.dtype)[1]

@@ -49,34 +49,55 @@ class MultiwayLinear(nn.Module):
 
 class MultiwayLayerNorm(nn.Module):
     """LayerNorm with expert ``A``'s affine parameters on the first ``num_vision`` rows and
-    ``B``'s on the rest, in one call of :func:`oneref.ops.multiway_layer_norm`."""
+    ``B``'s on the rest, in one call of :func:`oneref.ops.multiway_layer_norm`.
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    ``activation="gelu"`` normalises GELU(x) (the FFN's sub-LN with the activation before it
+    fused in); :meth:`add` also performs the residual add before the norm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, activation: str = "none") -> None:
         super().__init__()
         self.A = nn.LayerNorm(dim, eps=eps)
         self.B = nn.LayerNorm(dim, eps=eps)
+        self.activation = activation
 
-    def forward(self, x: torch.Tensor, num_vision: int) -> torch.Tensor:
-        """x: (B, S, D) -> (B, S, D)."""
-        return ops.multiway_layer_norm(x, num_vision, self.A.weight, self.A.bias, self.B.weight,
-                                       self.B.bias, self.A.eps)
+    def _params(self):
+        return self.A.weight, self.A.bias, self.B.weight, self.B.bias, self.A.eps
+
+    def forward(self, x: torch.Tensor, num_vision: int, out_dtype=None) -> torch.Tensor:
+        """x: (B, S, D) -> (B, S, D) in ``out_dtype`` (default: the autocast dtype under
+        autocast, else x's)."""
+        return ops.multiway_layer_norm(x, num_vision, *self._params(), self.activation,
+                                       out_dtype)
+
+    def add(self, x: torch.Tensor, branch: torch.Tensor, num_vision: int,
+            branch_scale: torch.Tensor | None = None, out_dtype=None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = x + branch_scale * branch`` and this norm of h: returns (h, LN(h))."""
+        return ops.multiway_add_layer_norm(x, branch, num_vision, *self._params(),
+                                           branch_scale, out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}" if self.activation != "none" else ""
 
 
 class DropPath(nn.Module):
     """Stochastic depth: zero a whole residual branch per sample with probability ``p`` during
-    training, scaling kept branches by ``1 / (1 - p)``. Identity in eval mode or when p = 0."""
+    training, scaling kept branches by ``1 / (1 - p)``. Identity in eval mode or when p = 0.
+
+    The factors are drawn by :meth:`scale` and applied inside the fused residual add
+    (:meth:`MultiwayLayerNorm.add`), so the module has no forward of its own."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = float(p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(B,) fp32 factors (0 or 1 / (1 - p)) for the branch ``x`` (B, ...), or None when
+        the branch is kept whole."""
         if self.p == 0.0 or not self.training:
-            return x
+            return None
         keep = 1.0 - self.p
-        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        mask = x.new_empty(shape).bernoulli_(keep)
-        return x * mask / keep
+        return x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep) / keep
 
     def extra_repr(self) -> str:
         return f"p={self.p:.4f}"

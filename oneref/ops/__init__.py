@@ -16,13 +16,12 @@ from oneref.ops.dispatch import (BACKENDS, backend_status, current_backend, prep
 from oneref.ops.flops import register_cpu_attention_flops
 from oneref.ops.layout import is_sequence_major, sequence_major
 from oneref.ops.registry import OPS
-from oneref.ops import torch_backend
 
 register_cpu_attention_flops()
 
 # The dispatched ops are the registry's; the rest are helpers around them.
 __all__ = ["BACKENDS", "backend_status", "current_backend", "use_backend", "prepare",
-           "sequence_major", "is_sequence_major", "multiway_layer_norm", "draw_mask_noise",
+           "sequence_major", "is_sequence_major", "draw_mask_noise",
            *OPS]
 
 
@@ -83,38 +82,80 @@ def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
         x, num_vision, weight_a, bias_a, weight_b, bias_b, activation)
 
 
-def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
-                        eps: float = 1e-5):
-    """LayerNorm over the last dim: expert A's weight/bias on rows ``s < num_vision``,
-    expert B's on the remaining rows.
-
-    Not dispatched: every backend setting runs PyTorch's native LayerNorm kernels, one call
-    per expert, with a backward that writes each row range of the input gradient once.
-
-    Args:
-        x: (B, S, D).
-        num_vision: rows of each sample that belong to the vision expert (0..S).
-        weight_a, weight_b, bias_a, bias_b: (D,) or None.
-        eps: added to the variance.
-
-    Returns:
-        (B, S, D) in the dtype of x; under autocast the op computes and returns fp32, as
-        autocast runs ``layer_norm``.
-    """
-    check_tensor("x", x, ndim=3, floating=True)
-    if torch.is_autocast_enabled(x.device.type):
-        x, weight_a, bias_a, weight_b, bias_b = (
-            None if t is None else t.float() for t in (x, weight_a, bias_a, weight_b, bias_b))
+def _norm_args(x, num_vision: int, params, eps: float, out_dtype):
+    """Checks shared by the two LayerNorm ops; returns the output dtype (the autocast dtype
+    under autocast, else x's: the dtype the next GEMM reads)."""
     width = x.shape[-1]
-    for name, param in (("weight_a", weight_a), ("bias_a", bias_a), ("weight_b", weight_b),
-                        ("bias_b", bias_b)):
+    for name, param in zip(("weight_a", "bias_a", "weight_b", "bias_b"), params):
         if param is not None:
-            check_shape(name, param, (width,), like=x)
+            check_tensor(name, param, ndim=1, floating=True, device=x.device)
+            check_shape(name, param, (width,))
     check_row_split(num_vision, x.shape[1])
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    return torch_backend.multiway_layer_norm(x, num_vision, weight_a, bias_a, weight_b, bias_b,
-                                             eps)
+    if out_dtype is not None:
+        return out_dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
+                        eps: float = 1e-5, activation: str = "none", out_dtype=None, *,
+                        backend: str | None = None):
+    """LayerNorm over the last dim: expert A's weight/bias on rows ``s < num_vision``,
+    expert B's on the remaining rows, statistics in fp32.
+
+    Args:
+        x: (B, S, D), any strides with a contiguous last dim for the kernels.
+        num_vision: rows of each sample that belong to the vision expert (0..S).
+        weight_a, weight_b, bias_a, bias_b: (D,) or None (fp32 master parameters under
+            autocast: they are not cast).
+        eps: added to the variance.
+        activation: ``"none"`` or ``"gelu"``: normalise GELU(x) (exact erf), the FFN's
+            sub-LN fused with the activation before it (recomputed in the backward).
+        out_dtype: dtype of the result; default the autocast dtype under autocast, else
+            x's dtype.
+
+    Returns:
+        (B, S, D) stored sequence-major (:mod:`oneref.ops.layout`).
+    """
+    check_tensor("x", x, ndim=3, floating=True)
+    if activation not in ("none", "gelu"):
+        raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
+    params = (weight_a, bias_a, weight_b, bias_b)
+    out_dtype = _norm_args(x, num_vision, params, eps, out_dtype)
+    return resolve("multiway_layer_norm", x.device, backend, x.dtype)(
+        x, num_vision, *params, eps, activation, out_dtype)
+
+
+def multiway_add_layer_norm(x, branch, num_vision: int, weight_a, bias_a, weight_b, bias_b,
+                            eps: float = 1e-5, branch_scale=None, out_dtype=None, *,
+                            backend: str | None = None):
+    """A pre-LN block's residual add and the multiway LayerNorm after it, in one op.
+
+    ``h = x + branch_scale[b] * branch`` (added in fp32, stored in the promoted dtype of x
+    and branch), ``y = multiway_layer_norm(h)``.
+
+    Args:
+        x: (B, S, D) residual stream; branch: (B, S, D) the residual branch's output.
+        branch_scale: (B,) per-sample drop-path scale (0 or 1 / keep), or None for 1.
+        Others as :func:`multiway_layer_norm`.
+
+    Returns:
+        (h, y), both (B, S, D) stored sequence-major; h in the promoted dtype, y in
+        ``out_dtype``.
+    """
+    check_tensor("x", x, ndim=3, floating=True)
+    check_tensor("branch", branch, floating=True, device=x.device)
+    check_shape("branch", branch, tuple(x.shape))
+    if branch_scale is not None:
+        check_tensor("branch_scale", branch_scale, ndim=1, floating=True, device=x.device)
+        check_shape("branch_scale", branch_scale, (x.shape[0],))
+    params = (weight_a, bias_a, weight_b, bias_b)
+    out_dtype = _norm_args(x, num_vision, params, eps, out_dtype)
+    return resolve("multiway_add_layer_norm", x.device, backend, x.dtype)(
+        x, branch, num_vision, *params, eps, branch_scale, out_dtype)
 
 
 def draw_mask_noise(batch: int, grid: int, generator: torch.Generator | None = None,

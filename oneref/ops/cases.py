@@ -3,7 +3,7 @@ tests run each backend on against the reference (``tests/ops/test_conformance.py
 
 ``CASES[op](seed, device, dtype)`` returns the positional arguments of the op (the
 reference's signature); odd sizes on purpose (9 tokens with 6 vision rows, 7-row linear
-inputs, a 5-row cross-entropy with an ignored row).
+inputs, 12-wide LayerNorm rows, a 5-row cross-entropy with an ignored row).
 """
 
 from __future__ import annotations
@@ -48,6 +48,24 @@ def _linear(seed, device, dtype):
     wa, wb = (_randn(gen, 8, 16, device=device, dtype=dtype) * 0.25 for _ in range(2))
     ba, bb = (_randn(gen, 8, device=device, dtype=dtype) for _ in range(2))
     return x, 4, wa, ba, wb, bb, "gelu"
+
+
+def _norm_params(gen, width, device, dtype):
+    return [_randn(gen, width, device=device, dtype=dtype) * 0.5 + offset
+            for offset in (1.0, 0.0, 1.0, 0.0)]
+
+
+def _layer_norm(seed, device, dtype):
+    gen = _gen(seed)
+    x = _randn(gen, 3, 9, 12, device=device, dtype=dtype) * 2 + 0.5
+    return x, 6, *_norm_params(gen, 12, device, dtype), 1e-5, "gelu", dtype
+
+
+def _add_layer_norm(seed, device, dtype):
+    gen = _gen(seed)
+    x, branch = (_randn(gen, 3, 9, 12, device=device, dtype=dtype) for _ in range(2))
+    scale = torch.tensor([0.0, 1.25, 1.25], device=device, dtype=dtype)
+    return x, branch, 6, *_norm_params(gen, 12, device, dtype), 1e-5, scale, dtype
 
 
 def _referring_mask(seed, device, dtype):
@@ -108,6 +126,7 @@ def _sts(seed, device, dtype):
 
 CASES: dict[str, Callable] = {
     "multiway_attention": _attention, "multiway_linear": _linear,
+    "multiway_layer_norm": _layer_norm, "multiway_add_layer_norm": _add_layer_norm,
     "referring_mask": _referring_mask, "apply_mask_token": _apply_mask_token,
     "masked_gather": _masked_gather, "masked_scatter": _masked_scatter, "vts_loss": _vts,
     "box_mask_loss": _box_mask, "focal_dice_loss": _focal_dice,

@@ -20,6 +20,8 @@ __all__ = [
     "key_padding_mask",
     "multiway_attention",
     "multiway_linear",
+    "multiway_layer_norm",
+    "multiway_add_layer_norm",
     "referring_mask",
     "grown_box_region",
     "apply_mask_token",
@@ -80,12 +82,36 @@ def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
 
 
 def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
-                        eps: float = 1e-5):
+                        eps: float = 1e-5, activation: str = "none", out_dtype=None):
     """LayerNorm over the last dim with expert A's affine parameters on rows
-    ``s < num_vision`` and expert B's on the rest. x: (B, S, D); weights/biases (D,) or None."""
+    ``s < num_vision`` and expert B's on the rest; statistics in fp32 (fp64 for fp64 x).
+    ``activation="gelu"`` normalises GELU(x) instead (exact erf GELU).
+
+    x: (B, S, D); weights/biases (D,) or None. Returns (B, S, D) in ``out_dtype`` (default
+    x's dtype)."""
+    a = _acc(x)
+    if activation == "gelu":
+        a = F.gelu(a)
     shape = (x.shape[-1],)
-    return torch.cat([F.layer_norm(x[:, :num_vision], shape, weight_a, bias_a, eps),
-                      F.layer_norm(x[:, num_vision:], shape, weight_b, bias_b, eps)], dim=1)
+    params = [None if p is None else p.to(a.dtype) for p in (weight_a, bias_a, weight_b, bias_b)]
+    y = torch.cat([F.layer_norm(a[:, :num_vision], shape, params[0], params[1], eps),
+                   F.layer_norm(a[:, num_vision:], shape, params[2], params[3], eps)], dim=1)
+    return y.to(out_dtype or x.dtype)
+
+
+def multiway_add_layer_norm(x, branch, num_vision: int, weight_a, bias_a, weight_b, bias_b,
+                            eps: float = 1e-5, branch_scale=None, out_dtype=None):
+    """The residual add of a pre-LN block and the LayerNorm after it.
+
+    ``h = x + branch_scale[b] * branch`` (the drop-path scale per sample, 1 when None),
+    computed in fp32 and kept in the promoted dtype of x and branch; ``y`` =
+    :func:`multiway_layer_norm` of h. Returns (h, y); y in ``out_dtype`` (default h's dtype).
+    """
+    dtype = torch.promote_types(x.dtype, branch.dtype)
+    scaled = _acc(branch) if branch_scale is None else _acc(branch) * branch_scale[:, None, None]
+    h = (_acc(x) + scaled).to(dtype)
+    return h, multiway_layer_norm(h, num_vision, weight_a, bias_a, weight_b, bias_b, eps,
+                                  out_dtype=out_dtype or dtype)
 
 
 def grown_box_region(boxes: torch.Tensor, grid: int) -> torch.Tensor:

@@ -101,6 +101,8 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("multiway_linear", {
         "triton": _triton("multiway_linear", "multiway_linear"),
         "torch": _torch("multiway_linear", composite=True)}),
+    *(OpSpec(name, {"triton": _triton("layer_norm", name), "torch": _torch(name, composite=True)})
+      for name in ("multiway_layer_norm", "multiway_add_layer_norm")),
     *(_extension_op(name, module) for name, module in (
         ("referring_mask", "masking"), ("apply_mask_token", "gather"),
         ("masked_gather", "gather"), ("masked_scatter", "gather"), ("vts_loss", "losses"),

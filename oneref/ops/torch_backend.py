@@ -10,8 +10,7 @@ with the same contract (tested against the reference):
 * ``multiway_linear`` runs each expert once over the rows of its range (one ``addmm``)
   and writes each range of the output and of the input gradient once. Autograd's slice +
   cat composite instead zero-fills a full-size input gradient per expert and adds the two.
-  :func:`multiway_layer_norm` (what :func:`oneref.ops.multiway_layer_norm` runs on every
-  backend setting) does the same around the native LayerNorm kernels. Together they took
+  :func:`multiway_layer_norm` does the same around the native LayerNorm kernels. Together they took
   about 7% off the CPU training step of the ``small`` model.
 * The outputs of these three ops, and the input gradients of the multiway linear and
   LayerNorm, are sequence-major (:mod:`oneref.ops.layout`), the layout the encoder keeps
@@ -145,8 +144,25 @@ class _MultiwayLayerNorm(torch.autograd.Function):
 
 
 def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
-                        eps: float = 1e-5):
-    return _MultiwayLayerNorm.apply(x, num_vision, weight_a, bias_a, weight_b, bias_b, eps)
+                        eps: float = 1e-5, activation: str = "none", out_dtype=None):
+    """Native LayerNorm per expert on the fp32 (fp64 stays) input, or on its exact GELU
+    (taken in x's dtype: a bf16 GELU output saved for the backward, not an fp32 one)."""
+    a = F.gelu(x) if activation == "gelu" else x
+    a = a.to(torch.promote_types(a.dtype, torch.float32))
+    params = [None if p is None else p.to(a.dtype) for p in (weight_a, bias_a, weight_b, bias_b)]
+    y = _MultiwayLayerNorm.apply(a, num_vision, *params, eps)
+    return y.to(out_dtype or x.dtype)
+
+
+def multiway_add_layer_norm(x, branch, num_vision: int, weight_a, bias_a, weight_b, bias_b,
+                            eps: float = 1e-5, branch_scale=None, out_dtype=None):
+    """One add (``addcmul`` with the drop-path scale) into the promoted dtype, then
+    :func:`multiway_layer_norm`; h keeps x's layout (sequence-major in the encoder)."""
+    dtype = torch.promote_types(x.dtype, branch.dtype)
+    h = (x.to(dtype) + branch if branch_scale is None
+         else torch.addcmul(x.to(dtype), branch, branch_scale[:, None, None]))
+    return h, multiway_layer_norm(h, num_vision, weight_a, bias_a, weight_b, bias_b, eps,
+                                  out_dtype=out_dtype or dtype)
 
 
 def unavailable_reasons(device: torch.device | None) -> list[str]:

@@ -7,18 +7,12 @@ was first imported (the interpreter; slow, used by the tests).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton  # noqa: F401 - an ImportError here marks the backend unavailable with its reason
 
+from oneref.kernels.utils import interpreter_active
 
-__all__ = ["unavailable_reasons", "interpreter_active"]
-
-
-def interpreter_active() -> bool:
-    """True when Triton kernels run in the CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["unavailable_reasons"]
 
 
 def unavailable_reasons(device: torch.device | None) -> list[str]:

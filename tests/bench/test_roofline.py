@@ -73,3 +73,32 @@ def test_bench_cost_writes_the_report(tmp_path, capsys):
     assert main(["bench", "--cost", "--engines", "e", "--presets", "tiny",
                  "--out", str(tmp_path)]) == 2
     assert "predicts eager engines" in capsys.readouterr().err
+
+
+def test_unmeasured_kernels_count_as_one_kernel_each():
+    """``d*``: each fused LayerNorm call is one launch of the Triton op (forward and
+    backward), and the step moves fewer bytes in fewer launches than (d)."""
+    plain, fused = count_step("d", "tiny", 2), count_step("d*", "tiny", 2)
+    ops = fused["ops"]
+    depth = 2  # tiny: 2 blocks x (norm1, sub-LN, norm2, FFN sub-LN) + the final norm
+    assert ops["oneref_triton.multiway_norm"]["calls"] == 4 * depth + 1
+    assert ops["oneref_triton.multiway_norm_backward"]["calls"] == 4 * depth + 1
+    assert "aten.native_layer_norm" not in ops
+    total = lambda counts, key: sum(c[key] for c in counts.values())  # noqa: E731
+    assert total(ops, "calls") < total(plain["ops"], "calls")
+    moved = lambda counts: total(counts, "read") + total(counts, "written")  # noqa: E731
+    assert moved(ops) < moved(plain["ops"])
+
+
+def test_bf16_matmuls_are_computed_in_fp32_and_counted_as_bf16():
+    a, b, bias = (torch.randn(*s).bfloat16() for s in ((8, 16), (16, 4), (4,)))
+    out = torch.empty(8, 4, dtype=torch.bfloat16)
+    counter = OpCounter()
+    with counter:
+        y = torch.mm(a, b)
+        torch.addmm(bias, a, b, out=out)  # out= is written back
+    want = (a.float() @ b.float()).bfloat16()
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    torch.testing.assert_close(out, (bias.float() + a.float() @ b.float()).bfloat16())
+    assert counter.ops["aten.mm"]["read"] == 2 * (8 * 16 + 16 * 4)  # bf16 bytes
+    assert counter.ops["aten.addmm"]["written"] == 2 * 8 * 4

@@ -27,13 +27,27 @@ def test_drop_path_train_and_eval():
     drop = DropPath(0.5)
     x = torch.ones(1000, 3)
     drop.train()
-    y = drop(x)
-    kept = (y[:, 0] != 0)
-    assert torch.all((y[kept] == 2.0)) and torch.all(y[~kept] == 0)
+    scale = drop.scale(x)
+    assert scale.shape == (1000,) and scale.dtype == torch.float32
+    kept = scale != 0
+    assert torch.all(scale[kept] == 2.0)
     assert 400 < int(kept.sum()) < 600  # per-sample Bernoulli(0.5)
-    assert torch.all(y == y[:, :1])  # whole rows are dropped together
     drop.eval()
-    assert torch.equal(drop(x), x)
+    assert drop.scale(x) is None
+    assert DropPath(0.0).train().scale(x) is None
+
+
+def test_multiway_layer_norm_fuses_gelu_and_the_residual_add():
+    norm = MultiwayLayerNorm(8, activation="gelu")
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_()
+    x, branch = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    expected = torch.cat([norm.A(F.gelu(x[:, :3])), norm.B(F.gelu(x[:, 3:]))], dim=1)
+    torch.testing.assert_close(norm(x, 3), expected)
+    scale = torch.tensor([0.0, 2.0])
+    h, y = MultiwayLayerNorm(8).add(x, branch, 3, scale)
+    torch.testing.assert_close(h, x + branch * scale[:, None, None])
 
 
 def test_mlp_relu_between_layers():

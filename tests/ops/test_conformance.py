@@ -24,12 +24,14 @@ def _float_leaves(args):
 
 
 def _run(fn, args, grad_of):
-    out = fn(*args)
-    if not out.is_floating_point():
-        return out, []
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    (out.float() * weights).sum().backward()
-    return out.detach(), [a.grad for a in grad_of]
+    outs = fn(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    if not outs[0].is_floating_point():
+        return outs, []
+    gen = torch.Generator().manual_seed(1)
+    sum(((out.float() * torch.randn(out.shape, generator=gen)).sum() for out in outs)
+        ).backward()
+    return tuple(out.detach() for out in outs), [a.grad for a in grad_of]
 
 
 @pytest.mark.parametrize("op,backend", PAIRS, ids=[f"{o}-{b}" for o, b in PAIRS])

@@ -113,7 +113,11 @@ def test_matmul_ops_follow_autocast():
     assert loss.shape == (3,)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         normed = ops.multiway_layer_norm(y, 1, torch.ones(2), None, torch.ones(2), None)
-    assert normed.dtype == torch.float32  # autocast's layer_norm policy
+        kept = ops.multiway_layer_norm(y, 1, torch.ones(2), None, torch.ones(2), None,
+                                       out_dtype=torch.float32)
+    # fp32 statistics, the result in the dtype the next GEMM reads (or as asked)
+    assert normed.dtype == torch.bfloat16 and kept.dtype == torch.float32
+    torch.testing.assert_close(normed, kept.bfloat16(), rtol=0, atol=0)
     with pytest.raises(TypeError, match="weight_a has dtype"):
         ops.multiway_linear(x.half(), 1, wa, None, wb, None)
 
