@@ -172,6 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print presets with parameter counts and the op backend "
                                    "in use on each device.")
     p.add_argument("--model", default="small", help="preset to count (default: small)")
+    p = sub.add_parser("ablate", help="the MRefM ablation on RefShapes (resumable)",
+                       description="Pre-training variants (scratch, random, referring, "
+                                   "referring+vts) x seeds at equal wall-clock budget, then "
+                                   "REC fine-tuning; writes results.json, summary.md and a "
+                                   "PNG. Rerun the same command to continue a killed one.")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="results.json, summary.md, the PNG (and the run folders)")
+    p.add_argument("--runs", metavar="DIR", help="run folders (default: OUT/runs)")
+    p.add_argument("--budget", type=float, default=240.0,
+                   help="seconds per variant and seed, pre-training included (default 240)")
+    p.add_argument("--pretrain-share", type=float, default=0.4,
+                   help="share of the budget spent pre-training (default 0.4)")
+    p.add_argument("--seeds", default="0,1,2", help="comma list (default 0,1,2)")
+    p.add_argument("--variants", help="comma list (default: every variant: scratch, random, "
+                                      "referring, referring+vts)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run, e.g. --set data.train_size=2000")
     from oneref.bench import add_arguments as add_bench_arguments
 
     p = sub.add_parser("bench", help="cost table, engine comparison, kernel tables, plots",
@@ -210,7 +227,8 @@ def _recipe(args, pretrain: bool, real: bool):
         cfg = (tc.reference_pretrain_recipe(model or "base") if pretrain
                else tc.reference_recipe(model or "base"))
     else:
-        cfg = tc.pretrain_recipe() if pretrain else tc.refshapes_recipe()
+        cfg = (tc.pretrain_recipe() if pretrain else tc.refshapes_res_recipe()
+               if getattr(args, "task", None) == "res" else tc.refshapes_recipe())
         if model is not None:
             cfg = tc.apply_overrides(cfg, [f"model={json.dumps(model)}"])
     return tc.load_config_file(args.config, base=cfg) if args.config else cfg
@@ -272,19 +290,12 @@ def _cmd_train(args, pretrain: bool = False) -> int:
         if split in results:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in results[split].items() if k != "n")
             print(f"{split} ({results[split]['n']} samples): {metrics}")
-    if not cfg.data.real and cfg.task == "rec" and cfg.final_test:
-        from oneref.data.synthetic import colour_guess_accuracy
-        from oneref.io import write_json
-        from oneref.train.data import build_dataset
-
-        test = build_dataset(cfg.data, trainer.model.config, cfg.data.test_split)
-        baseline = colour_guess_accuracy(test, seed=0)
-        acc = results[cfg.data.test_split]["acc@0.5"]
-        print(f"RefShapes {cfg.data.test_split} Acc@0.5: model {acc:.4f} | colour-guess "
-              f"baseline {baseline:.4f}")
-        results["colour_guess_baseline"] = baseline
-        results["wall_seconds"] = wall
-        write_json(Path(cfg.output_dir) / "metrics.json", results)
+    if "colour_guess" in results:
+        headline = ("miou", "oiou", "prec@0.5") if cfg.task == "res" else ("acc@0.5",)
+        model = results[cfg.data.test_split]
+        print(f"RefShapes {cfg.data.test_split}: " + ", ".join(
+            f"{k} model {model[k]:.4f} | colour-guess {results['colour_guess'][k]:.4f}"
+            for k in headline))
     if cfg.data.real:
         print(f"evaluate every split: oneref eval --checkpoint {cfg.output_dir}")
     return 0
@@ -418,6 +429,26 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_ablate(args) -> int:
+    from oneref.ablation import VARIANTS, AblationSettings, run_ablation, summary_markdown
+
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
+    settings = AblationSettings(
+        out=str(Path(args.out).absolute()),
+        runs=str(Path(args.runs).absolute()) if args.runs else "", budget_s=args.budget,
+        pretrain_share=args.pretrain_share, seeds=seeds,
+        variants=(tuple(v.strip() for v in args.variants.split(",") if v.strip())
+                  if args.variants else tuple(VARIANTS)),
+        overrides=tuple(args.overrides))
+    results = run_ablation(settings)
+    print(summary_markdown(results))
+    print(f"\nresults: {Path(args.out) / 'results.json'}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from oneref.bench import run_bench
 
@@ -434,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["train"] + (argv if argv is not None else sys.argv[1:]))
     handlers = {"train": lambda a: _cmd_train(a), "pretrain": lambda a: _cmd_train(a, True),
                 "eval": _cmd_eval, "predict": _cmd_predict, "convert": _cmd_convert,
-                "info": _cmd_info, "bench": _cmd_bench}
+                "info": _cmd_info, "bench": _cmd_bench, "ablate": _cmd_ablate}
     try:
         return handlers[command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from oneref.cli import build_parser, main
 
-SUBCOMMANDS = ("train", "pretrain", "eval", "predict", "info", "bench")
+SUBCOMMANDS = ("train", "pretrain", "eval", "predict", "info", "bench", "ablate", "convert")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

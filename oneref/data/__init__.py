@@ -24,6 +24,7 @@ _LAZY = {
     "refshapes_tokenizer": "oneref.data.synthetic",
     "refshapes_train_transform": "oneref.data.synthetic",
     "colour_guess_accuracy": "oneref.data.synthetic",
+    "colour_guess_masks": "oneref.data.synthetic",
     "ReferringDataset": "oneref.data.refer",
     "load_split_file": "oneref.data.splitfiles",
     "load_refer": "oneref.data.refer_toolkit",

@@ -8,6 +8,8 @@ random id in ``[3, V - 1]`` (10%). All draws come from the given ``torch.Generat
 
 Image: :func:`mask_image` draws noise with ``oneref.ops.draw_mask_noise`` and masks through
 ``oneref.ops.referring_mask`` (beta 0.35 over the grid, gamma 0.75 inside the grown box).
+:func:`random_mask_like` is vanilla masked image modelling's control: as many patches per
+sample, chosen uniformly.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from oneref import ops
 
-__all__ = ["mask_count", "mask_text", "mask_image"]
+__all__ = ["mask_count", "mask_text", "mask_image", "random_mask_like"]
 
 
 def mask_count(length: int, ratio: float = 0.4) -> int:
@@ -105,3 +107,13 @@ def mask_image(boxes: torch.Tensor, grid: int, generator: torch.Generator | None
     Returns (B, grid * grid) bool, True = masked. Noise is drawn from ``generator``."""
     noise = ops.draw_mask_noise(boxes.shape[0], grid, generator, device=boxes.device)
     return ops.referring_mask(boxes, noise.to(boxes.dtype), grid, outside_ratio, inside_ratio)
+
+
+def random_mask_like(mask: torch.Tensor, generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+    """(B, L) bool: per sample as many masked patches as ``mask`` has, chosen uniformly at
+    random (drawn from ``generator``): random masking at the referring mask's ratio."""
+    scores = torch.rand(mask.shape, generator=generator,
+                        device=generator.device if generator is not None else "cpu")
+    rank = scores.to(mask.device).argsort(dim=1).argsort(dim=1)
+    return rank < mask.sum(dim=1, keepdim=True)

@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from oneref.data.build_refshapes_spm import ASSET_PATH
@@ -26,6 +27,7 @@ from oneref.data.grammar import CATEGORIES, Expression, make_expression
 from oneref.data.shapes import Shape, render_mask, render_scene, sample_scene
 from oneref.data.tokenizer import Tokenizer
 from oneref.data.transforms import Example, TestTransform, TrainTransform
+from oneref.eval.metrics import RESAccumulator
 
 __all__ = ["RefShapes", "Scene", "refshapes_tokenizer", "refshapes_train_transform",
            "colour_guess_accuracy", "DEFAULT_MIX", "DEFAULT_SIZES"]
@@ -184,6 +186,20 @@ def _iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def _colour_guesses(dataset: RefShapes, seed: int):
+    """Per sample: (scene, the candidate shapes of the expression's first mentioned colour
+    (all shapes when none is mentioned), the index of the one a seeded random pick takes)."""
+    if not isinstance(dataset, RefShapes):
+        raise TypeError(f"dataset must be a RefShapes, got {type(dataset).__name__}")
+    rng = np.random.default_rng(seed)
+    for index in range(len(dataset)):
+        scene = dataset.scene(index)
+        colours = scene.expression.colour_mentions()
+        pool = ([s for s in scene.shapes if s.colour == colours[0]] if colours
+                else list(scene.shapes))
+        yield scene, pool, int(rng.integers(len(pool)))
+
+
 def colour_guess_accuracy(dataset: RefShapes, seed: int = 0, expected: bool = False) -> float:
     """Acc@0.5 of a baseline that picks a random shape of the expression's first mentioned
     colour (any shape when no colour is mentioned), on the same samples as ``dataset``.
@@ -191,19 +207,20 @@ def colour_guess_accuracy(dataset: RefShapes, seed: int = 0, expected: bool = Fa
     With ``expected=True`` the exact expectation over the random pick is returned instead of
     one seeded draw.
     """
-    if not isinstance(dataset, RefShapes):
-        raise TypeError(f"dataset must be a RefShapes, got {type(dataset).__name__}")
-    rng = np.random.default_rng(seed)
     total = 0.0
-    for index in range(len(dataset)):
-        scene = dataset.scene(index)
-        colours = scene.expression.colour_mentions()
-        shapes = scene.shapes
-        pool = [s for s in shapes if s.colour == colours[0]] if colours else list(shapes)
-        target_box = shapes[scene.target].box
+    for scene, pool, pick in _colour_guesses(dataset, seed):
+        target_box = scene.shapes[scene.target].box
         hits = [_iou(s.box, target_box) >= 0.5 for s in pool]
-        if expected:
-            total += sum(hits) / len(hits)
-        else:
-            total += float(hits[int(rng.integers(len(pool)))])
+        total += sum(hits) / len(hits) if expected else float(hits[pick])
     return total / len(dataset)
+
+
+def colour_guess_masks(dataset: RefShapes, seed: int = 0) -> dict[str, float]:
+    """RES metrics (mIoU, oIoU, Prec@0.5..0.9) of the colour-guess baseline: the mask of the
+    shape :func:`colour_guess_accuracy` picks against the referent's mask."""
+    metrics = RESAccumulator()
+    for scene, pool, pick in _colour_guesses(dataset, seed):
+        guess = render_mask(pool[pick], dataset.img_size)
+        target = render_mask(scene.shapes[scene.target], dataset.img_size)
+        metrics.update(torch.tensor(guess)[None], torch.tensor(target)[None])
+    return metrics.compute()

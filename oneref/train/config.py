@@ -6,6 +6,7 @@ Recipes:
   built-in RefShapes data with the ``small`` model on a 2-core CPU. Training from random
   weights on synthetic data needs a higher learning rate, a short warm-up and a single full
   stage (nothing to protect in a frozen pre-trained backbone).
+* :func:`refshapes_res_recipe` (``oneref train --task res``): the same for RES masks.
 * :func:`reference_recipe` (the default of ``oneref train`` on real data): the paper's
   fine-tuning values (docs/method.md) from a pre-trained checkpoint: stage 1 frozen
   backbone, 10 epochs, batch 64, lr 2.5e-4; stage 2 full, 20 epochs, batch 24 (base) / 8
@@ -35,6 +36,7 @@ __all__ = [
     "DistConfig",
     "TrainConfig",
     "refshapes_recipe",
+    "refshapes_res_recipe",
     "reference_recipe",
     "pretrain_recipe",
     "reference_pretrain_recipe",
@@ -165,6 +167,10 @@ class PretrainConfig:
     #: Referring-aware masking ratios: beta (whole grid) and gamma (inside the grown box).
     outside_ratio: float = 0.35
     inside_ratio: float = 0.75
+    #: ``referring`` (MRefM) or ``random``: vanilla masked modelling, the control of the
+    #: ablation: as many image patches per sample as referring masking takes, chosen
+    #: uniformly, and MLM positions drawn uniformly (no subject / object first).
+    masking: str = "referring"
     #: MLM masking ratio of the (n - 1) maskable positions.
     text_mask_ratio: float = 0.4
     #: Drop the worst ``drop_worst`` share of MLM token losses once ``step >= drop_worst_after``.
@@ -289,6 +295,9 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.on_nan not in ("raise", "skip"):
             raise ValueError(f"on_nan must be raise or skip, got {self.on_nan!r}")
+        if self.pretrain.masking not in ("referring", "random"):
+            raise ValueError(f"pretrain.masking must be referring or random, got "
+                             f"{self.pretrain.masking!r}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         self.data.validate()
@@ -444,6 +453,14 @@ def refshapes_recipe(**changes) -> TrainConfig:
     return dataclasses.replace(config, **changes) if changes else config
 
 
+def refshapes_res_recipe(**changes) -> TrainConfig:
+    """Default of ``oneref train --task res``: RES from scratch on RefShapes, ``small``
+    model, 2-core CPU, in the REC recipe's 575 s budget (measured runs: README)."""
+    config = dataclasses.replace(refshapes_recipe(), task="res",
+                                 output_dir="runs/refshapes_res")
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def reference_recipe(model: str = "base", **changes) -> TrainConfig:
     """The paper's two-stage fine-tuning recipe (SPEC sec. 5) for real RefCOCO-family data."""
     stage2_batch = 8 if model == "large" else 24
@@ -485,16 +502,27 @@ def reference_pretrain_recipe(model: str = "base", **changes) -> TrainConfig:
 
 
 def pretrain_recipe(**changes) -> TrainConfig:
-    """MRefM pre-training on RefShapes (``oneref pretrain`` default): a short CPU-sized run."""
+    """MRefM pre-training on RefShapes (``oneref pretrain`` default), ``small`` model, 2-core
+    CPU: referring-aware masking, subject/object-first MLM and VTS on the REC recipe's
+    200,000 train scenes, from the ``scratch`` init, batch 16 (the REC recipe's), lr 5e-4
+    after 100 warm-up steps, cosine over a 230 s budget: 40% of the main job's 575 s, the
+    share the ablation (``oneref ablate``) gives pre-training. ``oneref train --init-from
+    runs/refshapes_mrefm`` fine-tunes from it. MIM targets: the VQ-KD tokenizer of
+    ``--vqkd`` when given, else the pixel fallback."""
     config = TrainConfig(
         task="pretrain",
         model="small",
-        stages=[StageConfig(name="mrefm", epochs=0, steps=200, lr=5e-4, batch_size=32,
-                            warmup_steps=20)],
-        schedule=ScheduleConfig(kind="cosine", interval="step"),
-        data=DataConfig(dataset="refshapes", train_size=3000, eval_size=200, test_size=200),
+        stages=[StageConfig(name="mrefm", epochs=0, steps=40000, lr=5e-4, batch_size=16,
+                            warmup_steps=100)],
+        schedule=ScheduleConfig(kind="cosine", interval="step", min_lr_ratio=0.02),
+        optim=OptimConfig(weight_decay=1e-4, betas=(0.9, 0.98), grad_clip=1.0),
+        data=DataConfig(dataset="refshapes", train_size=200000, eval_size=500, test_size=1000,
+                        num_workers=0),
+        pretrain=PretrainConfig(vts=True),
+        time_budget_s=230.0,
         init="scratch",
         output_dir="runs/refshapes_mrefm",
+        log_interval=10,
         final_test=False,
     )
     return dataclasses.replace(config, **changes) if changes else config

@@ -13,9 +13,18 @@ from pathlib import Path
 
 from oneref.io import atomic_write
 
-__all__ = ["RunLogger", "plot_curve"]
+__all__ = ["RunLogger", "plot_curve", "read_rows"]
 
 log = logging.getLogger(__name__)
+
+
+def read_rows(run_dir: str | Path) -> list[dict]:
+    """The rows of ``<run_dir>/metrics.csv`` (string values), [] when there is none."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 class RunLogger:
@@ -38,8 +47,7 @@ class RunLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            with self.path.open(newline="") as handle:
-                self.rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+            self.rows = [r for r in read_rows(run_dir) if int(r["step"]) <= resume_step]
             self._rewrite()
         elif self.path.exists():
             self.path.unlink()

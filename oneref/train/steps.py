@@ -40,12 +40,13 @@ def unnormalise(images: torch.Tensor) -> torch.Tensor:
 
 def prepare_mim(batch: dict, grid: int, generator: torch.Generator, cfg: PretrainConfig,
                 tokenizer: nn.Module | None) -> dict:
-    """Add ``image_mask`` (B, G*G) bool (referring-aware masking, noise from ``generator``)
-    and ``mim_targets`` (B, G*G) long from the VQ-KD tokenizer, or None (pixel target)."""
-    from oneref.data.masking import mask_image
+    """Add ``image_mask`` (B, G*G) bool (referring-aware masking, or random at its ratio
+    with ``cfg.masking == "random"``; noise from ``generator``) and ``mim_targets`` (B, G*G)
+    long from the VQ-KD tokenizer, or None (pixel target)."""
+    from oneref.data.masking import mask_image, random_mask_like
 
-    batch["image_mask"] = mask_image(batch["boxes"], grid, generator, cfg.outside_ratio,
-                                     cfg.inside_ratio)
+    mask = mask_image(batch["boxes"], grid, generator, cfg.outside_ratio, cfg.inside_ratio)
+    batch["image_mask"] = random_mask_like(mask, generator) if cfg.masking == "random" else mask
     batch["mim_targets"] = (tokenizer(unnormalise(batch["images"])) if tokenizer is not None
                             else None)
     return batch
@@ -54,13 +55,16 @@ def prepare_mim(batch: dict, grid: int, generator: torch.Generator, cfg: Pretrai
 def prepare_mlm(batch: dict, generator: torch.Generator, cfg: PretrainConfig, mask_id: int,
                 vocab_size: int) -> dict:
     """Add ``masked_text_ids`` (B, T) and ``mlm_labels`` (B, T) (-100 = not masked): subject
-    word, then object word, then random positions (SPEC sec. 4)."""
+    word, then object word, then random positions (SPEC sec. 4); uniform positions only
+    with ``cfg.masking == "random"``."""
     from oneref.data.masking import mask_text
 
     ids = batch["text_ids"]
-    masked, labels = mask_text(ids.cpu(), batch["text_lengths"].cpu(),
-                               batch["word_positions"].cpu(), mask_id, vocab_size, generator,
-                               ratio=cfg.text_mask_ratio)
+    positions = batch["word_positions"].cpu()
+    if cfg.masking == "random":
+        positions = torch.full_like(positions, -1)
+    masked, labels = mask_text(ids.cpu(), batch["text_lengths"].cpu(), positions, mask_id,
+                               vocab_size, generator, ratio=cfg.text_mask_ratio)
     batch["masked_text_ids"] = masked.to(ids.device)
     batch["mlm_labels"] = labels.to(ids.device)
     return batch

@@ -20,6 +20,7 @@ import torch
 
 from oneref.compile import compile_step
 from oneref.config import get_config
+from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
 from oneref.io import write_json
 from oneref.model import OneRef
@@ -326,6 +327,14 @@ class Trainer:
             return evaluate(self.model, loader, self.config.task, self.device, self.config.amp,
                             min_batches=-(-per_rank // self.config.data.eval_batch_size))
 
+    def _colour_guess(self, split: str) -> dict[str, float]:
+        """The RefShapes baseline on ``split``: a random shape of the mentioned colour,
+        scored by the task's metrics (Acc@0.5, or the mask metrics)."""
+        dataset = self._dataset(self.model.config, split)
+        if self.config.task == "res":
+            return colour_guess_masks(dataset, seed=0)
+        return {"acc@0.5": colour_guess_accuracy(dataset, seed=0)}
+
     def _budget_fraction(self, t_start: float) -> float | None:
         """Share of ``time_budget_s`` used (the maximum over ranks), or None without one."""
         if self.config.time_budget_s <= 0:
@@ -428,6 +437,8 @@ class Trainer:
             if cfg.final_test:
                 results[cfg.data.test_split] = self.evaluate(cfg.data.test_split)
                 logger.log(self.step, results[cfg.data.test_split], split="test")
+                if not cfg.data.real:
+                    results["colour_guess"] = self._colour_guess(cfg.data.test_split)
         weights = full_state(self.model)[0] if self.fsdp else None
         if self.main:
             unwrap(self.model).save_pretrained(self.run_dir / "model", weights)
