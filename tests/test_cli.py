@@ -153,3 +153,32 @@ def test_config_file_merges_onto_the_recipe_and_flags_apply_on_top(tmp_path):
     path.write_text(json.dumps({"optim": {"decay": 1}}))
     with pytest.raises(ValueError, match=r"partial.json: unknown config field 'optim.decay'"):
         _train_config(args, pretrain=False)
+
+
+@pytest.mark.parametrize("task,headline", [("res", ("miou", "oiou", "prec@0.5")),
+                                           ("rec", ("acc@0.5",))])
+def test_refshapes_train_reports_the_colour_guess_baseline(task, headline, tmp_path, capsys):
+    """``oneref train --task res`` picks the RES recipe; both tasks print the model beside
+    the colour-guess baseline in the task's metrics, and metrics.json holds both."""
+    run = tmp_path / task
+    assert main(["train", "--task", task, "--model", "tiny", "--steps", "3", "--no-progress",
+                 "-o", str(run), "--set", "data.train_size=16", "--set", "data.eval_size=8",
+                 "--set", "data.test_size=8", "--set", "time_budget_s=0"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == task and metrics["steps"] == 3
+    for key in headline:
+        assert f"{key} model {metrics['test'][key]:.4f} | colour-guess " \
+               f"{metrics['colour_guess'][key]:.4f}" in out
+    assert (run / "curve.png").exists()
+    config = json.loads((run / "train_config.json").read_text())
+    assert config["output_dir"] == str(run) and config["task"] == task
+
+
+def test_pretrain_recipe_is_a_budgeted_mrefm_run():
+    from oneref.train.config import pretrain_recipe, refshapes_recipe
+
+    cfg = pretrain_recipe()
+    assert cfg.task == "pretrain" and cfg.time_budget_s > 0 and cfg.pretrain.vts
+    assert cfg.pretrain.masking == "referring"
+    assert cfg.data.train_size == refshapes_recipe().data.train_size
