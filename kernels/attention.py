@@ -36,7 +36,7 @@ Kernels and design choices (predicted behaviour on H100, bf16, Dh = 64, S = 641)
 
 Padded queries (positions >= n_b) compute normally: their outputs and all gradients are exact
 against :func:`oneref.ops.reference.multiway_attention`. Expected speed: the forward should
-reach FA2-class throughput for head dim 64 (the PERF.md anchor ~280-340 TFLOP/s at seq 512 is
+reach FA2-class throughput for head dim 64 (the docs/perf.md anchor ~280-340 TFLOP/s at seq 512 is
 an upper bound; with the 641 tail about 70-80% of that); against SDPA with a bool key mask
 (memory-efficient / cuDNN backend) at 577 + 8..64 keys the key-length early exit is the main
 gain. On the GPU each kernel launches with the first config of its list; autotuning runs on

@@ -5,7 +5,7 @@ Semantics: :func:`oneref.ops.reference.linear_cross_entropy`, i.e. PyTorch's
 reduction)``: per row ``loss = (1 - eps) * (lse - z_t) + eps * (lse - mean_c z_c)``, 0 at
 ignored rows; ``"mean"`` divides the sum by the number of rows that are not ignored.
 
-Design (Liger-style, PERF.md G3):
+Design (Liger-style, benchmarks/README.md, G3):
 * Rows are processed in chunks. For each chunk the logits ``x_c @ W^T + b`` are one cuBLAS
   GEMM in the input dtype (fp32 accumulation inside the GEMM, the rounding the reference
   has too); a Triton kernel then makes two passes over each row (online max / sum-exp /

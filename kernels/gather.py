@@ -13,7 +13,7 @@ computed on the device (``torch.cumsum``, one scan of B*L bytes); the kernels th
 the total N, needed to allocate the (N, D) output of the gather; pass ``num_rows`` (e.g. a
 count known from the masking ratios) to skip it. Scatter and the gradient of the gather need
 no host read at all. All three are pure copies, so they should run near copy bandwidth
-(PERF.md G2): gather moves ~2 N D elements, scatter and apply_mask_token ~2 B L D.
+(benchmarks/README.md, G2): gather moves ~2 N D elements, scatter and apply_mask_token ~2 B L D.
 """
 
 from __future__ import annotations

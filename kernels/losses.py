@@ -4,7 +4,7 @@ Semantics are those of :mod:`oneref.ops.reference` (``vts_loss``, ``box_mask_los
 ``focal_dice_loss``, ``sts_kl``); every loss is a scalar fp32 tensor and every kernel computes
 in fp32 whatever the input dtype.
 
-Design (all memory-bound, PERF.md G2):
+Design (all memory-bound, benchmarks/README.md, G2):
 * ``vts_loss``: targets ``[(i - cx)/G, (j - cy)/G, 1/w, 1/h]`` come from the box and the cell
   index inside the kernel; the forward reads pred once and writes one partial sum per
   program (summed deterministically); it saves only its inputs. Backward writes
@@ -13,7 +13,8 @@ Design (all memory-bound, PERF.md G2):
   (576 for the 24 x 24 similarity map) accumulating the focal sum and the three dice sums;
   the box variant rasterises the target on the fly (``x1 * G <= c < x2 * G`` in fp32, as the
   reference). The forward keeps (B, 4) statistics; the backward, a (B, pixel-block) grid,
-  recomputes the sigmoid from the logits. Focal uses alpha 0.25, gamma 2 (SPEC sec. 2).
+  recomputes the sigmoid from the logits. Focal uses alpha 0.25, gamma 2 (docs/method.md, "REC
+  head").
 * ``sts_kl``: one program per row with the whole row in registers (T <= a few hundred);
   the forward keeps the (B,) row KLs, the backward recomputes both softmaxes.
 """

@@ -1,4 +1,5 @@
-"""Referring-aware dynamic image masking (MRefM, SPEC sec. 4) as one Triton kernel.
+"""Referring-aware dynamic image masking (MRefM, docs/method.md, "MRefM pre-training") as one
+Triton kernel.
 
 Semantics are those of :func:`oneref.ops.reference.referring_mask`: the whole grid keeps the
 ``floor(L * (1 - outside_ratio))`` patches of smallest ``noise[:, 0]``; inside the box grown by

@@ -35,9 +35,10 @@ class ModelConfig:
     ln_eps: float = 1e-5
     # Visual-token vocabulary of the MIM target (BEiT v2 VQ-KD codebook size).
     mim_vocab: int = 8192
-    # Multiplies the REC similarity map M_sim (cosines in [-1, 1]) before it is used as the
-    # pooling softmax and as box-mask logits. OneRef uses none (1.0), which pretrained
-    # BEiT-3 features do not need; trained from scratch, a +-1 range keeps both signals weak.
+    # Multiplies the cosine logits: the REC similarity map M_sim before it is used as the
+    # pooling softmax and as box-mask logits, and the RES mask logits before the loss.
+    # OneRef uses none (1.0), which pretrained BEiT-3 features do not need; trained from
+    # scratch, a +-1 range keeps these signals weak (sigmoid(1) = 0.73: no confident mask).
     sim_scale: float = 1.0
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 Backbone: BEiT-3 as the ``torchscale`` package (0.3.0) builds it, configured from a
 :class:`~oneref.config.ModelConfig`. Heads and losses: OneRef's REC / RES / MIM / MLM heads
-(SPEC sec. 2-4) written the way research code writes them -- separate ``nn.Linear`` layers,
+(docs/method.md) written the way research code writes them -- separate ``nn.Linear`` layers,
 an explicit similarity map, softmax pooling, an MLP, L1 + GIoU and focal + dice losses in
 straightforward torch. Nothing here uses :mod:`oneref.ops`: the point is an independent,
 plain implementation to measure the engine against.

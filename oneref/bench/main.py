@@ -1,6 +1,6 @@
 """``oneref bench``: plan the rows, run them, write JSON + PNG + markdown under ``--out``.
 
-Rows (PERF.md): ``C1`` (CPU: tiny/small training step, engines (a), (c), (d)), ``G1``
+Rows (docs/perf.md): ``C1`` (CPU: tiny/small training step, engines (a), (c), (d)), ``G1``
 attention, ``G2`` memory-bound ops, ``G3`` linear cross-entropy, ``G4`` OneRef-B REC
 fine-tune step, ``G5`` OneRef-B inference (batch 1, batch 256, the 5,657-sample split end to
 end), ``G6`` MIM and MLM pre-training steps, ``G7`` OneRef-L REC fine-tune step, and

@@ -1,6 +1,6 @@
 """Timing primitives shared by the cost and kernel tables.
 
-Method (PERF.md): warm up, take the median of repeats, rotate through several input sets
+Method (docs/perf.md): warm up, take the median of repeats, rotate through several input sets
 (never time one cached input, never time zeros), and repeat the whole measurement twice to
 report its spread. Device ceilings (matmul peak, copy bandwidth) are measured in the same
 process so every percentage is against this card as it runs now.

@@ -1,4 +1,4 @@
-"""Data: the built-in RefShapes dataset, RefCOCO-family readers, SPEC transforms, the
+"""Data: the built-in RefShapes dataset, RefCOCO-family readers, the reference transforms, the
 fairseq-mapped sentencepiece tokenizer, and MRefM text/image masking.
 
 A sample is a dict::

@@ -1,4 +1,5 @@
-"""MRefM masking: the referring MLM text rule and referring-aware image masking (SPEC sec. 4).
+"""MRefM masking: the referring MLM text rule and referring-aware image masking (docs/method.md,
+"MRefM pre-training").
 
 Text: ``n_mask = max(1, min(round((n - 1) * ratio), n - 1))`` positions out of the
 ``[1, n - 1]`` range (n counts ``<s>`` and ``</s>``; both ends inclusive, so ``</s>`` can be

@@ -1,4 +1,4 @@
-"""Subject / object words of an expression for referring MLM (SPEC sec. 4).
+"""Subject / object words of an expression for referring MLM (docs/method.md, "MRefM pre-training").
 
 Order of sources: positions the dataset knows by construction (RefShapes), else a spaCy
 dependency parse when spaCy and an English pipeline are installed, else unknown (-1, the

@@ -1,5 +1,5 @@
 """The refer-toolkit layout: ``{root}/{refcoco,refcoco+,refcocog}/instances.json`` (COCO) and
-``refs(unc|google|umd).p`` pickles (SPEC sec. 6).
+``refs(unc|google|umd).p`` pickles (docs/data.md).
 
 Each ref has ``ref_id, ann_id, image_id, split, sentences[{raw, sent, sent_id, tokens}]``;
 every sentence becomes one :class:`RefRecord` with the annotation's box (COCO xywh) and its

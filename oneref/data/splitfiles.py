@@ -1,4 +1,4 @@
-"""OneRef / TransVG split files ``{dataset}_{split}.pth`` (SPEC sec. 6).
+"""OneRef / TransVG split files ``{dataset}_{split}.pth`` (docs/data.md).
 
 A split file is a ``torch.save``-d list of tuples. Layouts read here:
 

@@ -1,4 +1,5 @@
-"""Sentencepiece tokenizer with the fairseq id mapping used by BEiT-3 / OneRef (SPEC sec. 1).
+"""Sentencepiece tokenizer with the fairseq id mapping used by BEiT-3 / OneRef (docs/method.md,
+"Encoder").
 
 fairseq ids: ``<s>`` = 0, ``<pad>`` = 1, ``</s>`` = 2, ``<unk>`` = 3, an ordinary piece =
 its sentencepiece id + 1, ``<mask>`` = number of sentencepiece pieces + 1 (64001 for

@@ -1,11 +1,12 @@
-"""Train and test pipelines of SPEC sec. 5, applied jointly to image, box, mask and text.
+"""Train and test pipelines of docs/method.md, "Fine-tuning recipe", applied jointly to image,
+box, mask and text.
 
 Input: an :class:`Example` (PIL RGB image, box x1y1x2y2 in pixels, optional uint8 mask,
 expression). Output: a :class:`Transformed` whose image is ImageNet-normalised and
 zero-padded to S x S, whose box is normalised (cx, cy, w, h) on that padded canvas and whose
 mask is the segmentation (or the rasterised box when none is known) on the same canvas.
 
-Sizes in the SPEC are given for S = 384 and scale with S here (long sides
+Sizes in docs/data.md are given for S = 384 and scale with S here (long sides
 {384, 352, ..., 192} -> S * {12, 11, ..., 6} / 12; short sides {400, 500, 600} and crop
 sizes 384..600 -> times S / 384).
 """
@@ -175,7 +176,7 @@ def _finish(ex: Example, size: int, offset: tuple[int, int] | None,
 
 
 class TestTransform:
-    """Resize the long side to S and pad centred (SPEC sec. 5, test)."""
+    """Resize the long side to S and pad centred (docs/method.md, "Fine-tuning recipe", test)."""
 
     __test__ = False  # not a pytest class despite the name
 
@@ -189,7 +190,7 @@ class TestTransform:
 
 
 class TrainTransform:
-    """SPEC sec. 5 train pipeline.
+    """docs/method.md, "Fine-tuning recipe" train pipeline.
 
     With probability ``crop_prob`` (0.5): resize the short side to one of ``short_sides``,
     crop a random region of side ``crop_range`` that contains the box, then resize the long

@@ -1,4 +1,5 @@
-"""Evaluation: REC Acc@0.5 and RES mIoU / oIoU / Prec@X (SPEC sec. 7), rank-reduced."""
+"""Evaluation: REC Acc@0.5 and RES mIoU / oIoU / Prec@X (docs/method.md, "Metrics"),
+rank-reduced."""
 
 from oneref.eval.metrics import (
     PREC_THRESHOLDS,

@@ -1,4 +1,4 @@
-"""Referring metrics of SPEC sec. 7: REC Acc@0.5, RES mIoU / oIoU / Prec@X.
+"""Referring metrics of docs/method.md, "Metrics": REC Acc@0.5, RES mIoU / oIoU / Prec@X.
 
 Per-sample functions are pure tensor maths; the accumulators keep running *sums* (never
 means) so that a distributed evaluation reduces exactly: ``oIoU = sum I / sum U`` over the

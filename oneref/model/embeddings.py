@@ -1,4 +1,5 @@
-"""Input embeddings of the joint sequence ``[vision CLS, patches, text]`` (SPEC sec. 1).
+"""Input embeddings of the joint sequence ``[vision CLS, patches, text]`` (docs/method.md,
+"Encoder").
 
 Vision: Conv2d patch embedding, optional MIM mask-token substitution, CLS prepended, learned
 absolute positions (table of ``num_vision + 2`` rows). Text: token embedding plus learned

@@ -1,4 +1,4 @@
-"""BEiT-3 multiway transformer encoder (SPEC sec. 1).
+"""BEiT-3 multiway transformer encoder (docs/method.md, "Encoder").
 
 Every block is pre-LN with sub-LayerNorms; each module exists twice (expert A for the vision
 rows, expert B for the text rows) while the softmax attention is shared over the joint

@@ -1,4 +1,4 @@
-"""Task heads on top of the encoder (SPEC sec. 1-4).
+"""Task heads on top of the encoder (docs/method.md).
 
 Notation (B batch, L = G * G patches, T text tokens, D features):
   ``v`` raw patch features (B, L, D); ``w`` raw text features (B, T, D);
@@ -29,7 +29,7 @@ def similarity_map(e_txt: torch.Tensor, v_hat: torch.Tensor, scale: float = 1.0)
 
 
 class RECHead(nn.Module):
-    """Box from similarity-weighted pooling (SPEC sec. 2).
+    """Box from similarity-weighted pooling (docs/method.md, "REC head").
 
     ``a = softmax(M_sim)`` over patches; ``h = sum_i a_i visu_proj(v_i)``; box =
     ``sigmoid(MLP(h))`` with MLP D -> D -> D -> 4. Because ``visu_proj`` is affine and the
@@ -50,7 +50,8 @@ class RECHead(nn.Module):
 
 
 class RESHead(nn.Module):
-    """Mask logits (SPEC sec. 3): patches (B, G, G, D) -> 3 x [ConvTranspose2d(D, D, 2, 2) + BN]
+    """Mask logits (docs/method.md, "RES head"): patches (B, G, G, D) -> 3 x [ConvTranspose2d(D,
+    D, 2, 2) + BN]
     (ReLU after the first two) -> (B, D, 8G, 8G); per-pixel L2 normalisation, dot with
     ``e_txt``; bilinear upsampling (align_corners False) to the image size."""
 
@@ -92,7 +93,7 @@ def pixel_targets(images: torch.Tensor, patch_size: int, eps: float = 1e-6) -> t
 
 
 class MIMHead(nn.Module):
-    """Referring MIM prediction (SPEC sec. 4).
+    """Referring MIM prediction (docs/method.md, "MRefM pre-training").
 
     ``proj``: Linear(D, mim_vocab) on ``normalize(e_txt * v_hat_i)`` at masked patches, CE
     against visual-token ids (VQ-KD codes). ``pixel``: Linear(D, P * P * C) on the same

@@ -1,4 +1,4 @@
-"""Losses of OneRef (SPEC sec. 2-4) that are not a single fused op.
+"""Losses of OneRef (docs/method.md) that are not a single fused op.
 
 REC: ``L1`` on normalised (cx, cy, w, h) summed over coordinates / B, plus ``(1 - GIoU) / B``
 summed over the batch, plus the box-mask constraint on the similarity map

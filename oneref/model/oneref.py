@@ -3,7 +3,7 @@
 
 Paper: "OneRef: Unified One-tower Expression Grounding and Segmentation with Mask Referring
 Modeling", NeurIPS 2024, https://arxiv.org/abs/2410.08021. Backbone: BEiT-3,
-https://arxiv.org/abs/2208.10442. Architecture details in docs SPEC.md sec. 1-4.
+https://arxiv.org/abs/2208.10442. Architecture details in docs/method.md.
 
 Entry points and the heads each one uses (a head a step does not use gets no gradient; set
 ``model.touch_unused_parameters = True`` under DDP without ``find_unused_parameters``, which
@@ -143,7 +143,8 @@ class OneRef(nn.Module):
 
     # ------------------------------------------------------------------ encoder
     @property
-    def _param(self) -> torch.Tensor:
+    def _patch_weight(self) -> torch.Tensor:
+        """The patch-embedding weight: where the model's device and compute dtype are read."""
         return self.embed.patch_embed.weight
 
     def encode(self, images: torch.Tensor, text_ids: torch.Tensor, text_lengths: torch.Tensor,
@@ -170,7 +171,7 @@ class OneRef(nn.Module):
 
     def _check_inputs(self, images, text_ids, text_lengths, image_mask=None,
                       text_name: str = "text_ids") -> None:
-        param = self._param
+        param = self._patch_weight
         check.check_images(images, self.config, param.dtype, param.device)
         batch = images.shape[0]
         check.check_text(text_ids, text_lengths, self.config, batch, param.device,
@@ -227,15 +228,19 @@ class OneRef(nn.Module):
         return box_cxcywh_to_xyxy(boxes).clamp(0, 1)
 
     def forward_res(self, images, text_ids, text_lengths) -> RESOutput:
-        """Mask logits (B, img_size, img_size) and similarity logits (B, G, G)."""
+        """Mask logits (B, img_size, img_size): the head's cosines times
+        ``config.sim_scale``; and similarity logits (B, G, G)."""
         res_head = self._require("res")
         patches, e_txt, v_hat, sim = self._project(self.encode(images, text_ids, text_lengths))
         mask_logits = res_head(patches, e_txt, self.config.img_size)
+        if self.config.sim_scale != 1.0:
+            mask_logits = mask_logits * self.config.sim_scale
         return RESOutput(mask_logits, self._grid(sim))
 
     def rec_loss(self, out: RECOutput, boxes: torch.Tensor,
                  masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``loss = l1 + giou + box_mask`` (SPEC sec. 2); ``masks`` (B, img, img) switches the
+        """``loss = l1 + giou + box_mask`` (docs/method.md, "REC head"); ``masks`` (B, img, img)
+        switches the
         similarity constraint from the rasterised box to the downsampled GT mask."""
         batch, device = out.boxes.shape[0], out.boxes.device
         check.check_boxes(boxes, batch, device)
@@ -244,7 +249,7 @@ class OneRef(nn.Module):
         return self._finish(rec_losses(out.boxes, out.sim_logits, boxes, masks))
 
     def res_loss(self, out: RESOutput, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``loss = seg`` = focal x20 + dice x2 of the mask logits (SPEC sec. 3)."""
+        """``loss = seg`` = focal x20 + dice x2 of the mask logits (docs/method.md, "RES head")."""
         check.check_masks(masks, self.config, out.mask_logits.shape[0], out.mask_logits.device)
         return self._finish(res_losses(out.mask_logits, masks))
 
@@ -269,7 +274,7 @@ class OneRef(nn.Module):
         if image_mask is None:
             raise ValueError("image_mask is required for the MIM step (B, L) bool")
         self._check_inputs(images, text_ids, text_lengths, image_mask=image_mask)
-        batch, device = images.shape[0], self._param.device
+        batch, device = images.shape[0], self._patch_weight.device
         check.check_boxes(boxes, batch, device)
         if mim_targets is not None:
             check.check_long("mim_targets", mim_targets, (batch, self.config.num_patches), device)
@@ -325,7 +330,7 @@ class OneRef(nn.Module):
         if not 0.0 <= drop_worst < 1.0:
             raise ValueError(f"drop_worst must be in [0, 1), got {drop_worst}")
         self._check_inputs(images, masked_text_ids, text_lengths, text_name="masked_text_ids")
-        batch, device = images.shape[0], self._param.device
+        batch, device = images.shape[0], self._patch_weight.device
         check.check_boxes(boxes, batch, device)
         num_text = masked_text_ids.shape[1]
         check.check_long("mlm_labels", mlm_labels, (batch, num_text), device)

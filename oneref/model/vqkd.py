@@ -1,4 +1,5 @@
-"""BEiT v2 VQ-KD visual tokenizer: the frozen target of Referring MIM (SPEC.md sec. 4).
+"""BEiT v2 VQ-KD visual tokenizer: the frozen target of Referring MIM (docs/method.md, "MRefM
+pre-training").
 
 BEiT v2 (Peng et al., arXiv 2208.06366) trains a "vector-quantised knowledge distillation"
 tokenizer; only its encoder half is needed to turn an image into visual-token ids:

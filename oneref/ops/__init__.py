@@ -168,7 +168,7 @@ def draw_mask_noise(batch: int, grid: int, generator: torch.Generator | None = N
 
 def referring_mask(boxes, noise, grid: int, outside_ratio: float = 0.35,
                    inside_ratio: float = 0.75, *, backend: str | None = None):
-    """Referring-aware dynamic image masking of MRefM (SPEC sec. 4).
+    """Referring-aware dynamic image masking of MRefM (docs/method.md, "MRefM pre-training").
 
     Args:
         boxes: (B, 4) normalised cx, cy, w, h of the referred object.
@@ -211,7 +211,8 @@ def masked_scatter(rows, mask, *, backend: str | None = None):
 
 
 def vts_loss(pred, boxes, grid: int, *, backend: str | None = None):
-    """Visual target-relation score loss (SPEC sec. 4): L1 summed over 4 values, mean over
+    """Visual target-relation score loss (docs/method.md, "MRefM pre-training"): L1 summed over
+    4 values, mean over
     B x L. pred: (B, grid * grid, 4); boxes: (B, 4) normalised cx, cy, w, h. Returns a
     scalar, fp32 (fp64 for fp64 inputs)."""
     check_tensor("pred", pred, ndim=3, floating=True)
@@ -222,7 +223,8 @@ def vts_loss(pred, boxes, grid: int, *, backend: str | None = None):
 
 def box_mask_loss(logits, boxes, focal_weight: float = 20.0, dice_weight: float = 2.0, *,
                   backend: str | None = None):
-    """Box-mask constraint (SPEC sec. 2): sigmoid focal x20 + dice x2 between similarity
+    """Box-mask constraint (docs/method.md, "REC head"): sigmoid focal x20 + dice x2 between
+    similarity
     logits (B, G, G) and the box rasterised on the G x G grid. Returns a scalar, fp32
     (fp64 for fp64 inputs)."""
     check_tensor("logits", logits, ndim=3, floating=True)

@@ -158,7 +158,8 @@ class DataConfig:
 
 @dataclass
 class PretrainConfig:
-    """MRefM (SPEC sec. 4): alternating referring MIM (even steps) / MLM (odd steps)."""
+    """MRefM (docs/method.md, "MRefM pre-training"): alternating referring MIM (even steps) /
+    MLM (odd steps)."""
 
     #: Visual target-relation score head + loss on MIM steps.
     vts: bool = False
@@ -462,7 +463,8 @@ def refshapes_res_recipe(**changes) -> TrainConfig:
 
 
 def reference_recipe(model: str = "base", **changes) -> TrainConfig:
-    """The paper's two-stage fine-tuning recipe (SPEC sec. 5) for real RefCOCO-family data."""
+    """The paper's two-stage fine-tuning recipe (docs/method.md, "Fine-tuning recipe") for real
+    RefCOCO-family data."""
     stage2_batch = 8 if model == "large" else 24
     config = TrainConfig(
         task="rec",

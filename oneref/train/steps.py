@@ -27,7 +27,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def mrefm_mode(step: int) -> str:
-    """Even steps: referring MIM; odd steps: referring MLM (SPEC sec. 4)."""
+    """Even steps: referring MIM; odd steps: referring MLM (docs/method.md, "MRefM
+    pre-training")."""
     return "mim" if step % 2 == 0 else "mlm"
 
 
@@ -55,7 +56,8 @@ def prepare_mim(batch: dict, grid: int, generator: torch.Generator, cfg: Pretrai
 def prepare_mlm(batch: dict, generator: torch.Generator, cfg: PretrainConfig, mask_id: int,
                 vocab_size: int) -> dict:
     """Add ``masked_text_ids`` (B, T) and ``mlm_labels`` (B, T) (-100 = not masked): subject
-    word, then object word, then random positions (SPEC sec. 4); uniform positions only
+    word, then object word, then random positions (docs/method.md, "MRefM pre-training");
+    uniform positions only
     with ``cfg.masking == "random"``."""
     from oneref.data.masking import mask_text
 

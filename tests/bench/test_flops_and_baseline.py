@@ -20,7 +20,7 @@ def _encoder_flops(model, config):
 def test_layer_formula_is_24sd2_plus_4s2d_for_ffn_4d():
     s, d = 641, 768
     assert encoder_layer_flops(s, d, 4 * d) == 24 * s * d * d + 4 * s * s * d
-    # OneRef-B per layer per sample (PERF.md): 9.07 GFLOP linear + 1.26 GFLOP attention
+    # OneRef-B per layer per sample (docs/perf.md): 9.07 GFLOP linear + 1.26 GFLOP attention
     assert encoder_layer_flops(s, d, 4 * d) / 1e9 == pytest.approx(9.07 + 1.26, abs=0.02)
 
 

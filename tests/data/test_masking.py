@@ -1,4 +1,5 @@
-"""Referring MLM masking rule and referring-aware image masking (SPEC sec. 4)."""
+"""Referring MLM masking rule and referring-aware image masking (docs/method.md, "MRefM
+pre-training")."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""SPEC sec. 5 pipelines keep image, box and mask aligned; flips swap left/right."""
+"""docs/method.md, "Fine-tuning recipe" pipelines keep image, box and mask aligned; flips swap
+left/right."""
 
 import numpy as np
 import pytest

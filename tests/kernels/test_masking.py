@@ -55,7 +55,7 @@ def test_referring_mask_matches_reference(device, batch, grid, outside, inside, 
     assert got.dtype == torch.bool and got.shape == (batch, grid * grid)
     mismatch = (got != want).nonzero().tolist()
     assert not mismatch, f"{len(mismatch)} mismatching patches, first {mismatch[:5]}"
-    # Exact counts per region, as SPEC sec. 4 states.
+    # Exact counts per region, as docs/method.md, "MRefM pre-training" states.
     x1, y1, x2, y2 = reference.grown_box_region(boxes, grid).unbind(-1)
     for b in range(batch):
         area = int((x2[b] - x1[b]) * (y2[b] - y1[b]))

@@ -70,7 +70,7 @@ def test_head_sizes_at_base():
     with torch.device("meta"):
         model = OneRef.from_config("base")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert count(model.rec_head) == 1_774_852  # SPEC: ~1.77M
+    assert count(model.rec_head) == 1_774_852  # docs/method.md: ~1.77M
     assert model.res_head.conv1.weight.shape == (768, 768, 2, 2)
     assert model.mim_head.proj.weight.shape == (8192, 768)
     assert model.mlm_head.proj.weight.shape == (64010, 768)
@@ -140,3 +140,15 @@ def test_sim_scale_multiplies_the_similarity_map():
 def test_sim_scale_must_be_positive(scale):
     with pytest.raises(ValueError, match="sim_scale"):
         OneRef.from_config("tiny", sim_scale=scale)
+
+
+def test_res_mask_logits_are_scaled_like_the_similarity_map():
+    """``sim_scale`` multiplies the RES mask logits too (the small preset's x10)."""
+    plain = OneRef.from_config("tiny").eval()
+    scaled = OneRef.from_config("tiny", sim_scale=10.0).eval()
+    scaled.load_state_dict(plain.state_dict())
+    images, ids, lengths, _ = make_batch(plain.config)
+    with torch.no_grad():
+        want = plain.forward_res(images, ids, lengths).mask_logits * 10.0
+        got = scaled.forward_res(images, ids, lengths).mask_logits
+    torch.testing.assert_close(got, want)

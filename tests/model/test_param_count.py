@@ -7,7 +7,7 @@ import torch
 
 from oneref import OneRef
 
-BASE_ENCODER = 221_279_232  # SPEC sec. 1: encoder incl. embeddings, both experts
+BASE_ENCODER = 221_279_232  # docs/method.md, "Encoder": encoder incl. embeddings, both experts
 LARGE_ENCODER = 673_091_584
 
 
