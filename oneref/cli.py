@@ -100,7 +100,8 @@ def _add_train_flags(p: argparse.ArgumentParser, pretrain: bool) -> None:
                    help="continue from the newest checkpoint of the run folder (or PATH)")
     _add_weights_flags(p, "--init-from", "--finetune", None)
     p.add_argument("--checkpoint-interval", type=int, help="save every N steps")
-    p.add_argument("--threads", type=int, help="CPU threads (0: torch default)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (default 0: the cores not busy with other work)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", choices=("auto", "bf16", "fp32"))
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the step")

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import random
 import re
 
-import numpy as np
 import pytest
 import torch
 
+from oneref.train.distributed import seed_everything
+
 __all__ = ["seed_everything", "skip_gpu_items", "official_beit3_state", "official_oneref_state"]
-
-
-def seed_everything(seed: int = 0) -> None:
-    """Seed python, numpy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def skip_gpu_items(items, reason: str) -> None:

@@ -242,8 +242,8 @@ class TrainConfig:
     seed: int = 13
     #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     device: str = "auto"
-    #: CPU intra-op threads per process (0: auto, the cores not busy by the 1-minute load
-    #: average; a shared machine runs much faster with fewer threads than cores).
+    #: CPU intra-op threads per process (0: auto, the cores not busy with other work, read
+    #: from /proc/stat at start; a shared machine runs much faster with fewer threads).
     threads: int = 0
     #: Evaluate on ``data.eval_split`` every N steps (0: only at the end).
     eval_interval: int = 0

@@ -359,7 +359,7 @@ class Trainer:
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
-        window_steps, window_samples = 0, 0
+        window_samples = 0
         t_window = t_start = time.perf_counter()
         t_budget = t_start - self.elapsed_before  # a resumed run continues the budget
         start_step = self.step
@@ -379,7 +379,6 @@ class Trainer:
             for k, v in (losses or {}).items():
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
-            window_steps += 1
             window_samples += span.stage.batch_size * self.info.world_size
             log_now = self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps
             if log_now and sums:  # (every step of the window may have been skipped)
@@ -397,7 +396,7 @@ class Trainer:
                                     sps=f"{row['samples_per_s']:.0f}")
                     done = min(round(now - t_budget), bar.total) if budgeted else self.step
                     bar.update(done - bar.n)
-                sums, counts, window_steps, window_samples, t_window = {}, {}, 0, 0, now
+                sums, counts, window_samples, t_window = {}, {}, 0, now
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.eval_set:
                 logger.log(self.step, self.evaluate(cfg.data.eval_split), split="val")
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
