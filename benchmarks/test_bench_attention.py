@@ -1,6 +1,6 @@
 """benchmarks/README.md, G1: multiway_attention (Triton) forward and forward+backward vs SDPA
-with a bool key
-mask (PyTorch picks its best backend that accepts the mask) and the eager reference, bf16,
+with a bool key mask (PyTorch picks its best backend that accepts the mask) and the eager
+reference, bf16,
 B = 32, H = 12, Dh = 64, S = 641 (577 vision + text lengths 8..64).
 ``extra_info["flops"]`` counts 4 * H * S * Dh * sum_b(valid keys) forward (2.5x more for the
 backward), the convention of the op's FLOP formula; a row's TFLOP/s = flops / mean time.

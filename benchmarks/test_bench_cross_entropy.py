@@ -1,8 +1,7 @@
 """benchmarks/README.md, G3: linear_cross_entropy (chunked, gradient in the forward) vs eager
-Linear + CE,
-forward + backward in bf16, for the MLM head (V = 64010, N = 64 x 64 x 0.4 masked tokens) and
-the MIM head (V = 8192, N = 64 x 576 x 0.4 masked patches), D = 768. ``extra_info`` holds
-the peak memory above the inputs (target: <= 1/4 of eager) next to the time (<= 1x)."""
+Linear + CE, forward + backward in bf16, for the MLM head (V = 64010, N = 64 x 64 x 0.4 masked
+tokens) and the MIM head (V = 8192, N = 64 x 576 x 0.4 masked patches), D = 768. ``extra_info``
+holds the peak memory above the inputs (target: <= 1/4 of eager) next to the time (<= 1x)."""
 
 import pytest
 import torch

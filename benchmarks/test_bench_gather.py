@@ -1,7 +1,7 @@
 """benchmarks/README.md, G2: masked_gather (+ its scatter gradient) and apply_mask_token
-(Triton) vs eager
-PyTorch (``x[mask]``, ``torch.where``), bf16, B = 64, L = 576 patches, D = 768, ~40% masked.
-``extra_info["bytes"]`` is the traffic of one call, for the bandwidth column."""
+(Triton) vs eager PyTorch (``x[mask]``, ``torch.where``), bf16, B = 64, L = 576 patches, D =
+768, ~40% masked. ``extra_info["bytes"]`` is the traffic of one call, for the bandwidth
+column."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """benchmarks/README.md, G2: VTS L1, box-mask focal + dice and STS KL (Triton, forward +
-backward) vs the
-eager reference composites, B = 64, 24 x 24 grid, 64 text positions, bf16 predictions."""
+backward) vs the eager reference composites, B = 64, 24 x 24 grid, 64 text positions, bf16
+predictions."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """benchmarks/README.md, G2: referring_mask (Triton) vs the eager reference (two argsorts per
-row), on the
-MRefM shapes: B = 64 boxes, 24 x 24 grid. Run: ``pytest benchmarks/test_bench_masking.py``."""
+row), on the MRefM shapes: B = 64 boxes, 24 x 24 grid. Run: ``pytest
+benchmarks/test_bench_masking.py``."""
 
 import pytest
 import torch

@@ -102,7 +102,7 @@ def _one(settings: AblationSettings, variant: str, seed: int) -> dict:
     budget = settings.budget_s
     if pretrain_flags is not None:
         share = settings.pretrain_share * settings.budget_s
-        scenes = _config(refshapes_recipe, settings, root, seed, budget, []).data.train_size
+        scenes = apply_overrides(refshapes_recipe(), list(settings.overrides)).data.train_size
         pre = _run(_config(pretrain_recipe, settings, root / "pretrain", seed, share,
                            [f"data.train_size={scenes}", *pretrain_flags]), root / "pretrain")
         pretrain_s, pretrain_steps = pre["train_seconds"], pre["steps"]

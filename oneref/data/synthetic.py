@@ -30,7 +30,7 @@ from oneref.data.transforms import Example, TestTransform, TrainTransform
 from oneref.eval.metrics import RESAccumulator
 
 __all__ = ["RefShapes", "Scene", "refshapes_tokenizer", "refshapes_train_transform",
-           "colour_guess_accuracy", "DEFAULT_MIX", "DEFAULT_SIZES"]
+           "colour_guess_accuracy", "colour_guess_masks", "DEFAULT_MIX", "DEFAULT_SIZES"]
 
 log = logging.getLogger(__name__)
 

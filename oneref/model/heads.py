@@ -51,9 +51,8 @@ class RECHead(nn.Module):
 
 class RESHead(nn.Module):
     """Mask logits (docs/method.md, "RES head"): patches (B, G, G, D) -> 3 x [ConvTranspose2d(D,
-    D, 2, 2) + BN]
-    (ReLU after the first two) -> (B, D, 8G, 8G); per-pixel L2 normalisation, dot with
-    ``e_txt``; bilinear upsampling (align_corners False) to the image size."""
+    D, 2, 2) + BN] (ReLU after the first two) -> (B, D, 8G, 8G); per-pixel L2 normalisation, dot
+    with ``e_txt``; bilinear upsampling (align_corners False) to the image size."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()

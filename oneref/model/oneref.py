@@ -240,8 +240,8 @@ class OneRef(nn.Module):
     def rec_loss(self, out: RECOutput, boxes: torch.Tensor,
                  masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``loss = l1 + giou + box_mask`` (docs/method.md, "REC head"); ``masks`` (B, img, img)
-        switches the
-        similarity constraint from the rasterised box to the downsampled GT mask."""
+        switches the similarity constraint from the rasterised box to the downsampled GT
+        mask."""
         batch, device = out.boxes.shape[0], out.boxes.device
         check.check_boxes(boxes, batch, device)
         if masks is not None:

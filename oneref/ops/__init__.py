@@ -212,9 +212,8 @@ def masked_scatter(rows, mask, *, backend: str | None = None):
 
 def vts_loss(pred, boxes, grid: int, *, backend: str | None = None):
     """Visual target-relation score loss (docs/method.md, "MRefM pre-training"): L1 summed over
-    4 values, mean over
-    B x L. pred: (B, grid * grid, 4); boxes: (B, 4) normalised cx, cy, w, h. Returns a
-    scalar, fp32 (fp64 for fp64 inputs)."""
+    4 values, mean over B x L. pred: (B, grid * grid, 4); boxes: (B, 4) normalised cx, cy, w, h.
+    Returns a scalar, fp32 (fp64 for fp64 inputs)."""
     check_tensor("pred", pred, ndim=3, floating=True)
     check_shape("pred", pred, (pred.shape[0], grid * grid, 4))
     check_boxes("boxes", boxes, batch=pred.shape[0], device=pred.device)
@@ -224,8 +223,7 @@ def vts_loss(pred, boxes, grid: int, *, backend: str | None = None):
 def box_mask_loss(logits, boxes, focal_weight: float = 20.0, dice_weight: float = 2.0, *,
                   backend: str | None = None):
     """Box-mask constraint (docs/method.md, "REC head"): sigmoid focal x20 + dice x2 between
-    similarity
-    logits (B, G, G) and the box rasterised on the G x G grid. Returns a scalar, fp32
+    similarity logits (B, G, G) and the box rasterised on the G x G grid. Returns a scalar, fp32
     (fp64 for fp64 inputs)."""
     check_tensor("logits", logits, ndim=3, floating=True)
     if logits.shape[1] != logits.shape[2]:

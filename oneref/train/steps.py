@@ -57,8 +57,7 @@ def prepare_mlm(batch: dict, generator: torch.Generator, cfg: PretrainConfig, ma
                 vocab_size: int) -> dict:
     """Add ``masked_text_ids`` (B, T) and ``mlm_labels`` (B, T) (-100 = not masked): subject
     word, then object word, then random positions (docs/method.md, "MRefM pre-training");
-    uniform positions only
-    with ``cfg.masking == "random"``."""
+    uniform positions only with ``cfg.masking == "random"``."""
     from oneref.data.masking import mask_text
 
     ids = batch["text_ids"]
