@@ -109,7 +109,6 @@ def _forward(x, weight, target, bias, ignore_index, eps, scale, scale_stride, co
     """Loss per row, and (with compute_grad) grad_x, fp32 grad_w, fp32 grad_b where the
     row gradient is multiplied by ``scale[row * scale_stride]``."""
     n, d = x.shape
-    v = weight.shape[0]
     losses = torch.empty(n, dtype=torch.float32, device=x.device)
     grad_x = grad_w = grad_b = None
     chunk = chunk_rows or _chunk_rows(n, d, x.element_size())

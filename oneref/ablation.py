@@ -7,7 +7,10 @@ Variants (docs/method.md, "Ablation"):
 * ``random``: vanilla masked modelling (random image patches at the referring mask's
   ratio, uniform MLM positions), then REC;
 * ``referring``: referring-aware image masking and subject/object-first MLM, then REC;
-* ``referring+vts``: the same with the visual target-relation score.
+* ``referring+vts``: the same with the visual target-relation score;
+* ``referring+vts+sts``: and the semantic target-relation score, its labels from the same
+  seed's ``scratch`` run as teacher (``oneref sts-labels``; labelling is not counted in the
+  budget: the paper's teacher is trained elsewhere too).
 
 Every variant gets the same wall-clock budget per seed; a pre-trained variant spends
 ``pretrain_share`` of it pre-training (``oneref pretrain``'s recipe on the fine-tuning
@@ -24,6 +27,7 @@ import dataclasses
 import json
 import logging
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -44,7 +48,11 @@ VARIANTS: dict[str, list[str] | None] = {
     "random": ['pretrain.masking="random"', "pretrain.vts=false"],
     "referring": ['pretrain.masking="referring"', "pretrain.vts=false"],
     "referring+vts": ['pretrain.masking="referring"', "pretrain.vts=true"],
+    "referring+vts+sts": ['pretrain.masking="referring"', "pretrain.vts=true",
+                          "pretrain.sts=true"],
 }
+#: the variant whose run teaches STS
+TEACHER = "scratch"
 
 
 @dataclasses.dataclass
@@ -59,6 +67,7 @@ class AblationSettings:
     variants: tuple[str, ...] = tuple(VARIANTS)
     overrides: tuple[str, ...] = ()  # applied to every run (``--set``)
     checkpoint_interval: int = 200   # steps: what a killed run resumes from
+    pretrain_scenes: int = 0         # pre-train on scenes 0..N-1 (0: all fine-tuning scenes)
 
     def validate(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -70,6 +79,16 @@ class AblationSettings:
                              f"{self.budget_s} s and {self.pretrain_share}")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
+        if self.pretrain_scenes < 0:
+            raise ValueError(f"pretrain_scenes must be >= 0, got {self.pretrain_scenes}")
+        sts = [v for v in self.variants if _uses_sts(v)]
+        if sts and TEACHER not in self.variants:
+            raise ValueError(f"{', '.join(sts)} take STS labels from the {TEACHER!r} run of "
+                             f"the same seed: add {TEACHER!r} to the variants")
+
+
+def _uses_sts(variant: str) -> bool:
+    return "pretrain.sts=true" in (VARIANTS[variant] or [])
 
 
 def _run(cfg, run_dir: Path) -> dict:
@@ -85,27 +104,61 @@ def _run(cfg, run_dir: Path) -> dict:
     return Trainer(cfg).fit()
 
 
+def _budget_used(metrics: dict) -> float:
+    """Budget seconds a run used, over every process that worked on it (runs finished
+    before ``elapsed_s`` was recorded give their last process's ``train_seconds``)."""
+    return metrics.get("elapsed_s", metrics["train_seconds"])
+
+
 def _config(recipe, settings: AblationSettings, run_dir: Path, seed: int, budget: float,
             extra: list[str]):
     resume = ['checkpoint.resume="auto"'] if list_checkpoints(run_dir / "checkpoints") else []
     flags = [f"output_dir={json.dumps(str(run_dir))}", f"seed={seed}",
              f"time_budget_s={budget}", *resume, "progress=false",
-             f"checkpoint.interval={settings.checkpoint_interval}", *extra,
-             *settings.overrides]
+             f"checkpoint.interval={settings.checkpoint_interval}", *settings.overrides,
+             *extra]  # the variant's own settings win over the shared --set overrides
     return apply_overrides(recipe(), flags)
 
 
+def _run_dir(settings: AblationSettings, variant: str, seed: int) -> Path:
+    return Path(settings.runs or Path(settings.out) / "runs") / f"{variant}-seed{seed}"
+
+
+def _sts_labels(settings: AblationSettings, cfg, seed: int, path: Path) -> float | None:
+    """Label the pre-training scenes of ``cfg`` with the seed's teacher run into ``path``
+    (kept when it exists, its time read back from ``path``.json: None when not recorded);
+    returns the seconds."""
+    timing = path.with_suffix(".json")
+    if path.exists():
+        return json.loads(timing.read_text())["seconds"] if timing.exists() else None
+    from oneref.train.sts_labels import make_sts_labels
+
+    start = time.perf_counter()
+    make_sts_labels(_run_dir(settings, TEACHER, seed) / "finetune", path, cfg.data,
+                    progress=False)
+    seconds = time.perf_counter() - start
+    write_json(timing, {"seconds": seconds})
+    return seconds
+
+
 def _one(settings: AblationSettings, variant: str, seed: int) -> dict:
-    root = Path(settings.runs or Path(settings.out) / "runs") / f"{variant}-seed{seed}"
+    root = _run_dir(settings, variant, seed)
     pretrain_flags = VARIANTS[variant]
-    pretrain_s, pretrain_steps, init = 0.0, 0, []
+    pretrain_s, pretrain_steps, label_s, init = 0.0, 0, 0.0, []
     budget = settings.budget_s
     if pretrain_flags is not None:
         share = settings.pretrain_share * settings.budget_s
-        scenes = apply_overrides(refshapes_recipe(), list(settings.overrides)).data.train_size
-        pre = _run(_config(pretrain_recipe, settings, root / "pretrain", seed, share,
-                           [f"data.train_size={scenes}", *pretrain_flags]), root / "pretrain")
-        pretrain_s, pretrain_steps = pre["train_seconds"], pre["steps"]
+        scenes = (settings.pretrain_scenes or apply_overrides(
+            refshapes_recipe(), list(settings.overrides)).data.train_size)
+        flags = [f"data.train_size={scenes}", *pretrain_flags]
+        if _uses_sts(variant):
+            labels = root / "sts_labels.safetensors"
+            flags.append(f"pretrain.sts_labels={json.dumps(str(labels))}")
+            label_s = _sts_labels(settings, _config(pretrain_recipe, settings, root, seed,
+                                                    share, flags[:1]), seed, labels)
+        pre = _run(_config(pretrain_recipe, settings, root / "pretrain", seed, share, flags),
+                   root / "pretrain")
+        pretrain_s, pretrain_steps = _budget_used(pre), pre["steps"]
         budget = settings.budget_s - share
         init = [f"checkpoint.init_from={json.dumps(str(root / 'pretrain'))}"]
     finetune = _config(refshapes_recipe, settings, root / "finetune", seed, budget, init)
@@ -113,9 +166,9 @@ def _one(settings: AblationSettings, variant: str, seed: int) -> dict:
     return {"variant": variant, "seed": seed,
             "test_acc@0.5": tuned[finetune.data.test_split]["acc@0.5"],
             "val_acc@0.5": tuned[finetune.data.eval_split]["acc@0.5"],
-            "pretrain_s": pretrain_s, "finetune_s": tuned["train_seconds"],
+            "pretrain_s": pretrain_s, "finetune_s": _budget_used(tuned),
             "steps": tuned["steps"], "pretrain_steps": pretrain_steps,
-            "run": str(root)}
+            "sts_label_s": label_s, "run": str(root)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -125,9 +178,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def summary_markdown(results: dict) -> str:
     """Mean +- std of test / val Acc@0.5 per variant, and the settings."""
     s = results["settings"]
-    lines = [f"MRefM ablation on RefShapes (small preset): {s['budget_s']:g} s per variant "
+    model = apply_overrides(refshapes_recipe(), list(s["overrides"])).model
+    scenes = f"scenes 0..{s['pretrain_scenes'] - 1}" if s["pretrain_scenes"] else "all scenes"
+    lines = [f"MRefM ablation on RefShapes ({model} preset): {s['budget_s']:g} s per variant "
              f"and seed, pre-trained variants {100 * s['pretrain_share']:.0f}% pre-training / "
-             f"{100 * (1 - s['pretrain_share']):.0f}% fine-tuning; "
+             f"{100 * (1 - s['pretrain_share']):.0f}% fine-tuning (pre-training on train "
+             f"{scenes}); "
              f"{results['environment'].get('cpu', 'CPU')}, {results['environment']['date_utc']}",
              "", "| variant | seeds | test Acc@0.5 | val Acc@0.5 | fine-tune steps |",
              "|---|---|---|---|---|"]
@@ -150,7 +206,8 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    colours = dict(zip(VARIANTS, ("tab:grey", "tab:blue", "tab:orange", "tab:green")))
+    colours = dict(zip(VARIANTS, ("tab:grey", "tab:blue", "tab:orange", "tab:green",
+                                  "tab:red")))
     for run in results["runs"]:
         rows = [r for r in read_rows(Path(run["run"]) / "finetune")
                 if r.get("split") == "train" and r.get("loss") not in (None, "")]

@@ -1,4 +1,5 @@
-"""The ``oneref`` command: train | pretrain | eval | predict | convert | info | bench.
+"""The ``oneref`` command: train | pretrain | eval | predict | convert | info | ablate |
+sts-labels | bench.
 
 ``oneref train`` with no arguments trains REC on the built-in RefShapes data with the
 ``small`` preset (the CPU demo: a few minutes on 2 cores), then prints Acc@0.5 on the test
@@ -26,7 +27,7 @@ _DATA_FLAGS = {"dataset": "dataset", "data_root": "root", "split_root": "split_r
                "refer_root": "refer_root", "split_by": "split_by", "tokenizer": "tokenizer",
                "seg_mask": "seg_mask", "num_workers": "num_workers", "trust_data": "trust"}
 _PATH_FLAGS = ("data_root", "split_root", "refer_root", "tokenizer", "init_from", "output_dir",
-               "vqkd", "resume")
+               "vqkd", "resume", "sts_labels")
 
 
 def _absolute(flag: str, value):
@@ -66,9 +67,10 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_weights_flags(p: argparse.ArgumentParser, flag: str, alias: str,
-                       default: str | None) -> None:
+                       default: str | None, required: bool = False) -> None:
     """The weights flag (``alias``: the reference code's name for it) and its trust switch."""
     p.add_argument(flag, alias, dest=flag[2:].replace("-", "_"), default=default, metavar="PATH",
+                   required=required,
                    help="run folder, save_pretrained folder or official .pth (BEiT-3 / OneRef)"
                         + (f" (default: {default})" if default else ""))
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -113,7 +115,11 @@ def _add_train_flags(p: argparse.ArgumentParser, pretrain: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     if pretrain:
         p.add_argument("--vts", action="store_true", default=None, help="VTS loss on MIM steps")
-        p.add_argument("--sts", action="store_true", default=None, help="STS loss on MLM steps")
+        p.add_argument("--sts", action="store_true", default=None,
+                       help="STS loss on MLM steps (labels: oneref sts-labels)")
+        p.add_argument("--sts-labels", metavar="FILE",
+                       help="RefShapes STS labels (oneref sts-labels --out FILE); split files "
+                            "carry theirs as the 6th tuple element")
         p.add_argument("--vqkd", metavar="FILE", help="VQ-KD tokenizer checkpoint (MIM targets)")
 
 
@@ -175,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="small", help="preset to count (default: small)")
     p = sub.add_parser("ablate", help="the MRefM ablation on RefShapes (resumable)",
                        description="Pre-training variants (scratch, random, referring, "
-                                   "referring+vts) x seeds at equal wall-clock budget, then "
+                                   "referring+vts, referring+vts+sts) x seeds at equal "
+                                   "wall-clock budget, then "
                                    "REC fine-tuning; writes results.json, summary.md and a "
                                    "PNG. Rerun the same command to continue a killed one.")
     p.add_argument("--out", required=True, metavar="DIR",
@@ -187,9 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the budget spent pre-training (default 0.4)")
     p.add_argument("--seeds", default="0,1,2", help="comma list (default 0,1,2)")
     p.add_argument("--variants", help="comma list (default: every variant: scratch, random, "
-                                      "referring, referring+vts)")
+                                      "referring, referring+vts, referring+vts+sts)")
+    p.add_argument("--pretrain-scenes", type=int, default=0,
+                   help="pre-train on train scenes 0..N-1 (default 0: all of the fine-tuning "
+                        "run's; STS labels every one of them)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. --set data.train_size=2000")
+    p = sub.add_parser("sts-labels", help="STS labels of a split from a trained teacher",
+                       description="Per-token semantic target-relation scores lambda_reg * "
+                                   "sigmoid(e_reg . w_t) + lambda_img * sigmoid(e_img . w_t) "
+                                   "from a teacher, for pre-training with --sts. RefShapes: "
+                                   "a side file (--sts-labels); split files: a labelled copy "
+                                   "under OUT/{dataset}/ (--split-root OUT).")
+    _add_weights_flags(p, "--teacher", "--teacher_model", None, required=True)
+    p.add_argument("--out", required=True,
+                   help="RefShapes: the labels file (.safetensors); real data: a split root")
+    p.add_argument("--split", default="train", help="split to label (default: train)")
+    _add_data_flags(p)
+    p.add_argument("--size", type=int,
+                   help="RefShapes: label scenes 0..SIZE-1 (default: the teacher run's "
+                        "train size)")
+    p.add_argument("--lambda-reg", type=float, default=0.5, help="region weight (default 0.5)")
+    p.add_argument("--lambda-img", type=float, default=0.5, help="image weight (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=128, help="teacher batch (default 128)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from oneref.bench import add_arguments as add_bench_arguments
 
     p = sub.add_parser("bench", help="cost table, engine comparison, kernel tables, plots",
@@ -248,6 +277,7 @@ def _train_config(args, pretrain: bool):
               "checkpoint_interval": "checkpoint.interval", "device": "device", "amp": "amp",
               "compile": "compile", "grad_checkpointing": "grad_checkpointing", "seed": "seed",
               "time_budget": "time_budget_s", "vts": "pretrain.vts", "sts": "pretrain.sts",
+              "sts_labels": "pretrain.sts_labels",
               "vqkd": "pretrain.vqkd_checkpoint", "on_nan": "on_nan",
               "steps": f"stages.{last}.steps",
               "lr": f"stages.{last}.lr"}
@@ -305,54 +335,21 @@ def _cmd_train(args, pretrain: bool = False) -> int:
 # --- eval / predict / convert / info ---------------------------------------------------------
 
 def _cmd_eval(args) -> int:
-    import dataclasses
+    from oneref.eval.splits import evaluate_checkpoint
 
-    import torch
-
-    from oneref.eval.splits import default_splits, eval_table, evaluate_splits, write_eval
-    from oneref.sources import ModelSource
-    from oneref.train.config import DataConfig, TrainConfig
-    from oneref.train.data import check_data, load_tokenizer
-    from oneref.train.distributed import init_distributed, shutdown
-
-    source = ModelSource(args.checkpoint, preset=args.model, trust=args.trust_checkpoint)
-    run = TrainConfig.from_dict(source.train_config) if source.train_config else None
-    if run is None and args.dataset is None:
-        raise ValueError(f"--checkpoint {args.checkpoint} records no data: name it with "
-                         f"--dataset (and --data-root, --split-root, --tokenizer for real data)")
-    data = dataclasses.replace(run.data if run else DataConfig(), **_data_values(args),
-                               eval_batch_size=args.batch_size)
-    if args.size is not None:
-        data = dataclasses.replace(data, eval_size=args.size, test_size=args.size)
-    task = args.task or (run.task if run and run.task in ("rec", "res") else "rec")
-    if run and run.task in ("rec", "res") and task != run.task:
-        print(f"oneref eval: note: {args.checkpoint} was trained for {run.task}; its {task} "
-              f"head is scored as it is", file=sys.stderr)
-    splits = ([s.strip() for s in args.split.split(",") if s.strip()] if args.split
-              else list(default_splits(data)))
-    if not splits:
-        raise ValueError(f"--split {args.split!r} names no split")
-    check_data(data, splits)  # the files, before the weights are built
-    tokenizer = load_tokenizer(data, source.config) if data.real else None
-    info = init_distributed(args.device)
-    try:
-        model = source.build().to(info.device)
-        if source.report is not None and info.rank == 0:
-            print(source.report.summary(args.checkpoint))
-        rows = evaluate_splits(model, data, task, splits, info.device, rank=info.rank,
-                               world_size=info.world_size, tokenizer=tokenizer)
-    finally:
-        shutdown()
-    if info.rank != 0:
+    report = evaluate_checkpoint(
+        args.checkpoint, _data_values(args),
+        splits=[s.strip() for s in args.split.split(",")] if args.split else None,
+        task=args.task, preset=args.model, size=args.size, batch_size=args.batch_size,
+        device=args.device, trust=args.trust_checkpoint, out=args.out)
+    if report is None:  # not rank 0
         return 0
-    table = eval_table(rows, task, data, model.config.name)
-    print(table)
-    meta = {"checkpoint": str(args.checkpoint), "task": task, "dataset": data.dataset,
-            "model": model.config.name, "world_size": info.world_size,
-            "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
-            else "cpu", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    out = Path(args.out) if args.out else (source.run_dir or Path("."))
-    for path in write_eval(out, rows, meta, table):
+    for line in report.notes:
+        print(f"oneref eval: {line}", file=sys.stderr)
+    if report.load_summary:
+        print(report.load_summary)
+    print(report.table)
+    for path in report.paths:
         print(f"wrote {path}")
     return 0
 
@@ -443,10 +440,26 @@ def _cmd_ablate(args) -> int:
         pretrain_share=args.pretrain_share, seeds=seeds,
         variants=(tuple(v.strip() for v in args.variants.split(",") if v.strip())
                   if args.variants else tuple(VARIANTS)),
-        overrides=tuple(args.overrides))
+        overrides=tuple(args.overrides), pretrain_scenes=args.pretrain_scenes)
     results = run_ablation(settings)
     print(summary_markdown(results))
     print(f"\nresults: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _cmd_sts_labels(args) -> int:
+    from oneref.train.distributed import resolve_device
+    from oneref.train.sts_labels import make_sts_labels
+
+    data = _data_values(args)
+    path = make_sts_labels(args.teacher, args.out, split=args.split,
+                           lambda_reg=args.lambda_reg, lambda_img=args.lambda_img,
+                           device=resolve_device(args.device), trust=args.trust_checkpoint,
+                           progress=not args.no_progress, data_changes=data, size=args.size,
+                           batch_size=args.batch_size)
+    real = path.suffix == ".pth"
+    hint = f"--split-root {args.out}" if real else f"--sts-labels {path}"
+    print(f"wrote {path}\npre-train with them: oneref pretrain --sts {hint}")
     return 0
 
 
@@ -466,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["train"] + (argv if argv is not None else sys.argv[1:]))
     handlers = {"train": lambda a: _cmd_train(a), "pretrain": lambda a: _cmd_train(a, True),
                 "eval": _cmd_eval, "predict": _cmd_predict, "convert": _cmd_convert,
-                "info": _cmd_info, "bench": _cmd_bench, "ablate": _cmd_ablate}
+                "info": _cmd_info, "bench": _cmd_bench, "ablate": _cmd_ablate,
+                "sts-labels": _cmd_sts_labels}
     try:
         return handlers[command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:

@@ -20,8 +20,8 @@ import json
 import logging
 from pathlib import Path
 
-from oneref.checkpoints import (CONFIG_NAME, LoadReport, infer_model_config, load_official,
-                                read_checkpoint, renamed_tensors)
+from oneref.checkpoints import CONFIG_NAME, LoadReport, load_official, read_checkpoint
+from oneref.conversion import infer_model_config, renamed_tensors
 from oneref.config import ModelConfig
 from oneref.io import load_pth
 from oneref.model import OneRef

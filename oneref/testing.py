@@ -56,7 +56,7 @@ def official_beit3_state(config, seed: int = 0, prefix: str = "beit3.") -> dict[
     return {prefix + k: torch.randn(s, generator=gen) for k, s in shapes.items()}
 
 # Our head names -> the official OneRef names (the inverse of the head rules of
-# oneref.checkpoints.RENAME_RULES), for writing files in the official layout.
+# oneref.conversion.RENAME_RULES), for writing files in the official layout.
 _OFFICIAL_HEADS = [(r"^rec_head\.visu_proj\.", "visu_proj."),
                    (r"^rec_head\.bbox_mlp\.layers\.", "bbox_embed.layers."),
                    (r"^res_head\.conv(\d)\.", r"seg_conv\1."), (r"^res_head\.bn(\d)\.", r"bn\1."),

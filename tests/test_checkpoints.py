@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from oneref import OneRef
-from oneref.checkpoints import load_official, load_pretrained, resize_vision_positions
+from oneref.checkpoints import load_official
+from oneref.conversion import resize_vision_positions
 from oneref.testing import official_beit3_state as official_state
 
 
@@ -38,7 +39,7 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     subset = OneRef.from_config("tiny", heads=("rec",))
     subset.save_pretrained(tmp_path / "rec_only")  # overwrite-safe second write too
     subset.save_pretrained(tmp_path / "rec_only")
-    assert load_pretrained(tmp_path / "rec_only").heads == ("rec",)
+    assert OneRef.from_pretrained(tmp_path / "rec_only").heads == ("rec",)
     assert sorted(os.listdir(tmp_path / "rec_only")) == ["config.json", "model.safetensors"]
 
 
@@ -199,7 +200,7 @@ def test_load_pth_memory_maps(tmp_path, monkeypatch):
 
 
 def test_infer_model_config_from_shapes():
-    from oneref.checkpoints import infer_model_config, renamed_tensors
+    from oneref.conversion import infer_model_config, renamed_tensors
     from oneref.config import get_config
 
     tiny = get_config("tiny")
@@ -232,3 +233,20 @@ def test_full_size_official_base_224_maps_onto_base_384_on_meta():
     assert report.missing_keys == sorted(["language_head.weight", "vision_head.weight"] +
                                          [n for n, _ in model.rec_head.named_parameters(
                                              prefix="rec_head")])
+
+
+def test_atomic_writes_leave_no_temp_and_respect_the_umask(tmp_path):
+    from oneref import io
+
+    old = os.umask(0o022)
+    try:
+        path = io.write_json(tmp_path / "sub" / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert (path.stat().st_mode & 0o777) == 0o644  # as open() would make it, not mkstemp's 0600
+    assert [p.name for p in path.parent.iterdir()] == ["m.json"]
+    with pytest.raises(RuntimeError):
+        io.atomic_write(path, lambda tmp: (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert json.loads(path.read_text()) == {"a": 1}  # the previous file is intact
+    assert [p.name for p in path.parent.iterdir()] == ["m.json"]

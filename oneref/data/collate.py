@@ -50,7 +50,8 @@ def collate(samples: list[dict]) -> dict:
 
     Returns a dict: images (B, 3, S, S) float, text_ids (B, T) long, text_lengths (B,) long,
     boxes (B, 4) float cx, cy, w, h, masks (B, S, S) float, has_mask (B,) bool,
-    word_positions (B, 2) long, expressions list[str], indices (B,) long.
+    word_positions (B, 2) long, expressions list[str], indices (B,) long; and sts_targets
+    (B, T) float when the samples carry STS labels.
     """
     if not samples:
         raise ValueError("collate needs at least one sample, got an empty list")
@@ -69,4 +70,10 @@ def collate(samples: list[dict]) -> dict:
         "expressions": [s["expression"] for s in samples],
         "indices": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
     }
+    with_sts = ["sts_targets" in s for s in samples]
+    if any(with_sts):
+        if not all(with_sts):
+            raise ValueError(f"sample {samples[with_sts.index(False)]['index']} has no "
+                             f"'sts_targets' while others in its batch do")
+        batch["sts_targets"] = torch.stack([s["sts_targets"] for s in samples]).float()
     return batch

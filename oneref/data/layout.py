@@ -194,10 +194,15 @@ def _check_images(source: SplitSource, records: list[RefRecord]) -> None:
 
 def build_split(source: SplitSource, tokenizer: Tokenizer, img_size: int, max_text_len: int,
                 train: bool, use_masks: bool, on_error: str = "raise", seed: int = 0,
-                trust: bool = False) -> ReferringDataset:
+                trust: bool = False, sts_labels: bool = False) -> ReferringDataset:
     """The dataset of one resolved split: the paper's train transform when ``train``, else
     the test transform; segmentations decoded when ``use_masks`` (RES, or REC's mask
-    constraint from masks); ``trust`` unpickles any object in the annotation files."""
+    constraint from masks); ``trust`` unpickles any object in the annotation files;
+    ``sts_labels``: samples carry the records' STS labels (split files' 6th element)."""
+    if sts_labels and not source.split_file:
+        raise ValueError(f"{source.name}: STS labels are read from split files (6th tuple "
+                         f"element) and the refer-toolkit layout has none: label a split file "
+                         f"(oneref sts-labels) and train with --split-root")
     records = source.records(on_error, trust)
     if not records:
         raise ValueError(f"{source.name}: no records in split {source.split!r}")
@@ -213,4 +218,5 @@ def build_split(source: SplitSource, tokenizer: Tokenizer, img_size: int, max_te
     transform = TrainTransform(img_size) if train else TestTransform(img_size)
     return ReferringDataset(records, source.image_dirs, tokenizer, img_size=img_size,
                             max_text_len=max_text_len, transform=transform, use_masks=use_masks,
-                            on_error=on_error, seed=seed, name=source.name)
+                            on_error=on_error, seed=seed, name=source.name,
+                            sts_labels=sts_labels)

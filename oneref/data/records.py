@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["RefRecord", "ErrorPolicy", "RecordError", "parse_box", "check_polygons",
-           "check_phrase", "check_box_inside"]
+           "check_phrase", "check_box_inside", "check_sts_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +133,21 @@ def check_polygons(value) -> list | None:
             raise ValueError(f"polygon {k} has a non-finite coordinate")
         out.append(coords)
     return out
+
+
+def check_sts_labels(records, where: str) -> None:
+    """Every record carries STS labels as its 6th element (a non-empty list of finite
+    numbers, one per token), or a ValueError names the first record that does not."""
+    for record in records:
+        values = record.extra
+        if values is None:
+            problem = "has no 6th element (STS labels)"
+        elif not isinstance(values, (list, tuple)) or not values:
+            problem = f"has a 6th element {values!r:.40}, not a non-empty list of numbers"
+        elif not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            problem = "has STS labels that are not finite numbers"
+        else:
+            continue
+        raise ValueError(f"{record.where or where}: {problem}; make them with oneref "
+                         f"sts-labels --teacher RUN --split-root SPLITS --out DIR and train "
+                         f"with --split-root DIR")

@@ -17,12 +17,13 @@ import os
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from oneref.data.collate import make_sample, unpack_index
 from oneref.data.parsing import subject_object_words
-from oneref.data.records import ErrorPolicy, RefRecord, check_box_inside
+from oneref.data.records import ErrorPolicy, RefRecord, check_box_inside, check_sts_labels
 from oneref.data.refer_toolkit import load_refer
 from oneref.data.splitfiles import load_split_file
 from oneref.data.tokenizer import Tokenizer
@@ -87,13 +88,16 @@ class ReferringDataset(Dataset):
         check_images: read every image header now (missing/corrupt files, boxes outside).
         on_error: "raise" or "skip" for records failing those checks.
         seed: seeds the per-sample augmentation stream (with the index and epoch).
+        sts_labels: samples carry ``sts_targets`` (T,) from each record's 6th element (STS
+            labels, one per token; every record must have them).
     """
 
     def __init__(self, records: list[RefRecord], image_root, tokenizer: Tokenizer,
                  img_size: int = 384, max_text_len: int = 64, transform=None,
                  mask_root: str | None = None, use_masks: bool = True,
                  parse_words: bool = True, check_images: bool = True,
-                 on_error: str = "raise", seed: int = 0, name: str = "dataset"):
+                 on_error: str = "raise", seed: int = 0, name: str = "dataset",
+                 sts_labels: bool = False):
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"tokenizer must be a oneref Tokenizer, got {type(tokenizer).__name__}")
         self.image_root = image_root
@@ -109,6 +113,9 @@ class ReferringDataset(Dataset):
         self.records = self._check(records, on_error, name) if check_images else list(records)
         if not self.records:
             raise ValueError(f"{name}: no usable records")
+        self.sts_labels = sts_labels
+        if sts_labels:
+            check_sts_labels(self.records, name)
 
     # ---- construction ----------------------------------------------------------------
     @classmethod
@@ -211,4 +218,10 @@ class ReferringDataset(Dataset):
         rng = np.random.default_rng([self.seed, index, epoch])
         out = self.transform(self._load(record), rng)
         words = subject_object_words(out.text) if self.parse_words else (-1, -1)
-        return make_sample(out, self.tokenizer, self.max_text_len, words, index)
+        sample = make_sample(out, self.tokenizer, self.max_text_len, words, index)
+        if self.sts_labels:
+            labels = torch.zeros(self.max_text_len)
+            values = torch.tensor(record.extra[:self.max_text_len], dtype=torch.float32)
+            labels[:len(values)] = values
+            sample["sts_targets"] = labels
+        return sample

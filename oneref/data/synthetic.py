@@ -94,11 +94,14 @@ class RefShapes(Dataset):
             (see :mod:`oneref.data.transforms`); default: normalisation only. Random
             transforms draw from a stream seeded by (seed, split, index, epoch).
         mix: category weights, default :data:`DEFAULT_MIX`.
+        sts_labels: (size, max_text_len) float STS labels (:mod:`oneref.sts`); samples then
+            carry row ``index`` as ``sts_targets``.
     """
 
     def __init__(self, split: str = "train", size: int | None = None, img_size: int = 128,
                  max_text_len: int = 24, seed: int = 0, tokenizer: Tokenizer | None = None,
-                 transform=None, mix: dict | None = None):
+                 transform=None, mix: dict | None = None,
+                 sts_labels: torch.Tensor | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         size = DEFAULT_SIZES[split] if size is None else size
@@ -124,6 +127,10 @@ class RefShapes(Dataset):
         self._categories = [c for c in CATEGORIES if mix.get(c, 0) > 0]
         weights = np.array([mix[c] for c in self._categories], dtype=np.float64)
         self._cum_weights = np.cumsum(weights / weights.sum())
+        if sts_labels is not None and tuple(sts_labels.shape) != (size, max_text_len):
+            raise ValueError(f"sts_labels must have shape ({size}, {max_text_len}), got "
+                             f"{tuple(sts_labels.shape)}")
+        self.sts_labels = sts_labels
         self.epoch = 0
         self._scenes: dict[int, Scene] = {}
 
@@ -174,8 +181,11 @@ class RefShapes(Dataset):
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index, epoch, 1])
         out = self.transform(Example(image, box, mask, scene.text), rng)
         expr = scene.expression
-        return make_sample(out, self.tokenizer, self.max_text_len,
-                           [expr.subject_word, expr.object_word], index)
+        sample = make_sample(out, self.tokenizer, self.max_text_len,
+                             [expr.subject_word, expr.object_word], index)
+        if self.sts_labels is not None:
+            sample["sts_targets"] = self.sts_labels[index]
+        return sample
 
 
 def _iou(a, b) -> float:

@@ -3,11 +3,13 @@
 :func:`evaluate_splits` runs each split in this process (or this rank's shard under
 ``torchrun``; the metric sums are reduced over ranks), :func:`eval_table` prints the rows
 as a markdown table with the published number beside each measured one, and
-:func:`write_eval` writes ``eval.json`` and ``eval.md``.
+:func:`write_eval` writes ``eval.json`` and ``eval.md``; :func:`evaluate_checkpoint` does all
+of it for a checkpoint path (``oneref eval``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -18,11 +20,14 @@ from oneref.eval.evaluate import evaluate
 from oneref.eval.metrics import PREC_THRESHOLDS
 from oneref.eval.published import published
 from oneref.io import write_json, write_text
-from oneref.train.config import DataConfig
+from oneref.sources import ModelSource
+from oneref.train.config import DataConfig, TrainConfig
 from oneref.train.data import (build_dataset, check_data, dataset_info, eval_loader,
-                               load_tokenizer)
+                               load_tokenizer, recorded_data)
+from oneref.train.distributed import init_distributed, shutdown
 
-__all__ = ["default_splits", "evaluate_splits", "eval_table", "write_eval"]
+__all__ = ["default_splits", "evaluate_splits", "eval_table", "write_eval", "EvalReport",
+           "evaluate_checkpoint"]
 
 
 def default_splits(data: DataConfig) -> tuple[str, ...]:
@@ -101,3 +106,59 @@ def write_eval(out_dir: str | Path, rows: list[dict], meta: dict, table: str) ->
               f"{meta['dataset']}, {meta['device']}, {meta['date_utc']}\n\n")
     return [write_json(out_dir / "eval.json", {**meta, "rows": rows}, sort_keys=False),
             write_text(out_dir / "eval.md", header + table + "\n")]
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """What :func:`evaluate_checkpoint` measured and wrote."""
+
+    rows: list[dict]
+    table: str
+    meta: dict
+    paths: list[Path]
+    notes: list[str]
+    load_summary: str = ""
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None,
+                        splits: list[str] | None = None, task: str | None = None,
+                        preset: str | None = None, size: int | None = None,
+                        batch_size: int = 128, device: str = "auto", trust: bool = False,
+                        out: str | Path | None = None) -> EvalReport | None:
+    """``oneref eval``: the model at ``checkpoint`` on ``splits`` (default: every split of
+    its dataset but the training ones), the data its run recorded with ``data_changes``
+    applied; writes eval.json / eval.md to ``out`` (default: the run folder, else the
+    current folder). Under ``torchrun`` every rank evaluates its shard and rank 0 reports;
+    other ranks get None."""
+    source = ModelSource(checkpoint, preset=preset, trust=trust)
+    run = TrainConfig.from_dict(source.train_config) if source.train_config else None
+    data = recorded_data(source.train_config, data_changes or {}, eval_batch_size=batch_size)
+    if size is not None:
+        data = dataclasses.replace(data, eval_size=size, test_size=size)
+    notes = []
+    task = task or (run.task if run and run.task in ("rec", "res") else "rec")
+    if run and run.task in ("rec", "res") and task != run.task:
+        notes.append(f"note: {checkpoint} was trained for {run.task}; its {task} head is "
+                     f"scored as it is")
+    splits = [s for s in splits if s] if splits is not None else list(default_splits(data))
+    if not splits:
+        raise ValueError("--split names no split")
+    check_data(data, splits)  # the files, before the weights are built
+    tokenizer = load_tokenizer(data, source.config) if data.real else None
+    info = init_distributed(device)
+    try:
+        model = source.build().to(info.device)
+        rows = evaluate_splits(model, data, task, splits, info.device, rank=info.rank,
+                               world_size=info.world_size, tokenizer=tokenizer)
+    finally:
+        shutdown()
+    if info.rank != 0:
+        return None
+    table = eval_table(rows, task, data, model.config.name)
+    meta = {"checkpoint": str(checkpoint), "task": task, "dataset": data.dataset,
+            "model": model.config.name, "world_size": info.world_size,
+            "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
+            else "cpu", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    paths = write_eval(Path(out) if out else (source.run_dir or Path(".")), rows, meta, table)
+    summary = source.report.summary(str(checkpoint)) if source.report is not None else ""
+    return EvalReport(rows, table, meta, paths, notes, summary)

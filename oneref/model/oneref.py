@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from oneref import ops
+from oneref.checkpoints import load_pretrained_state, read_pretrained, save_pretrained
 from oneref.config import ModelConfig, get_config
 from oneref.model import validation as check
 from oneref.model.embeddings import MultiwayEmbedding
@@ -118,13 +119,14 @@ class OneRef(nn.Module):
     def from_pretrained(cls, path, map_location: str | torch.device = "cpu") -> "OneRef":
         """Load a directory written by :meth:`save_pretrained` (``model.safetensors`` +
         ``config.json``)."""
-        from oneref.checkpoints import load_pretrained
-        return load_pretrained(path, map_location=map_location)
+        config, heads, state = read_pretrained(path, map_location)
+        model = cls(config) if heads is None else cls(config, heads=heads)
+        load_pretrained_state(model, state, path)
+        return model.to(map_location)
 
     def save_pretrained(self, path, state_dict: dict | None = None) -> None:
         """Write ``model.safetensors`` and ``config.json`` into directory ``path`` (atomic);
         ``state_dict`` replaces this module's own (gathered weights of a sharded copy)."""
-        from oneref.checkpoints import save_pretrained
         save_pretrained(self, path, state_dict)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -161,6 +163,15 @@ class OneRef(nn.Module):
         """
         self._check_inputs(images, text_ids, text_lengths, image_mask=image_mask)
         return self._encode(images, text_ids, text_lengths, image_mask)
+
+    def relation_embeddings(self, images: torch.Tensor, text_ids: torch.Tensor,
+                            text_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the target-relation scores compare: the normalised image embedding e_img
+        (B, D) (vision head on the CLS token) and token embeddings w_hat (B, T, D) (language
+        head on every text token) of the joint encoding."""
+        enc = self.encode(images, text_ids, text_lengths)
+        return (F.normalize(self.vision_head(enc.vision[:, 0]), dim=-1),
+                F.normalize(self.language_head(enc.text), dim=-1))
 
     def _encode(self, images, text_ids, text_lengths, image_mask=None) -> EncoderOutput:
         """:meth:`encode` without the argument checks (callers have done them)."""

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oneref.config import ModelConfig
+
 __all__ = [
     "StageConfig",
     "OptimConfig",
@@ -67,6 +69,12 @@ class StageConfig:
     #: Linear warm-up steps from 0 to ``lr`` at the start of the stage (recipe: 0).
     warmup_steps: int = 0
 
+    def validate(self, where: str = "stage") -> None:
+        if (self.lr <= 0 or self.batch_size < 1 or self.epochs < 0 or self.steps < 0
+                or self.warmup_steps < 0):
+            raise ValueError(f"{where} ({self.name}): lr > 0, batch_size >= 1, "
+                             f"epochs/steps/warmup_steps >= 0 required, got {self}")
+
 
 @dataclass
 class OptimConfig:
@@ -80,6 +88,13 @@ class OptimConfig:
     #: Biases, norms, position tables and tokens (tensors with < 2 dims) get no weight decay.
     no_decay_1d: bool = True
 
+    def validate(self) -> None:
+        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
+            raise ValueError(f"optim: weight_decay >= 0, eps > 0 and grad_clip >= 0 required, "
+                             f"got {self}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
+
 
 @dataclass
 class ScheduleConfig:
@@ -91,6 +106,15 @@ class ScheduleConfig:
     interval: str = "epoch"
     #: Final lr as a fraction of the stage's peak lr.
     min_lr_ratio: float = 0.0
+
+    def validate(self) -> None:
+        if self.kind not in ("cosine", "constant"):
+            raise ValueError(f"schedule.kind must be cosine or constant, got {self.kind!r}")
+        if self.interval not in ("epoch", "step"):
+            raise ValueError(f"schedule.interval must be epoch or step, got {self.interval!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got "
+                             f"{self.min_lr_ratio}")
 
 
 @dataclass
@@ -163,8 +187,11 @@ class PretrainConfig:
 
     #: Visual target-relation score head + loss on MIM steps.
     vts: bool = False
-    #: Semantic target-relation score loss on MLM steps (needs teacher scores in the data).
+    #: Semantic target-relation score loss on MLM steps (needs teacher scores: the split
+    #: files' 6th tuple element, or for RefShapes ``sts_labels``; see ``oneref sts-labels``).
     sts: bool = False
+    #: RefShapes STS labels side file (``oneref sts-labels --out FILE``).
+    sts_labels: str = ""
     #: Referring-aware masking ratios: beta (whole grid) and gamma (inside the grown box).
     outside_ratio: float = 0.35
     inside_ratio: float = 0.75
@@ -179,6 +206,19 @@ class PretrainConfig:
     drop_worst_after: int = 12000
     #: BEiT v2 VQ-KD tokenizer checkpoint for MIM targets; empty -> the model's pixel target.
     vqkd_checkpoint: str = ""
+
+    def validate(self) -> None:
+        if self.sts_labels and not self.sts:
+            raise ValueError("pretrain.sts_labels is given but pretrain.sts is off: add --sts")
+        if self.masking not in ("referring", "random"):
+            raise ValueError(f"pretrain.masking must be referring or random, got "
+                             f"{self.masking!r}")
+        ratios = (self.outside_ratio, self.inside_ratio, self.text_mask_ratio)
+        if not all(0.0 <= r <= 1.0 for r in ratios) or not 0.0 <= self.drop_worst < 1.0:
+            raise ValueError(f"pretrain: masking ratios in [0, 1] and drop_worst in [0, 1) "
+                             f"required, got outside {self.outside_ratio}, inside "
+                             f"{self.inside_ratio}, text {self.text_mask_ratio}, drop_worst "
+                             f"{self.drop_worst}")
 
 
 @dataclass
@@ -198,6 +238,11 @@ class CheckpointConfig:
     #: tensors, plain containers and the training-argument classes load.
     trust: bool = False
 
+    def validate(self) -> None:
+        if self.interval < 0 or self.keep_last < 0:
+            raise ValueError(f"checkpoint.interval and checkpoint.keep_last must be >= 0, got "
+                             f"{self.interval} and {self.keep_last}")
+
 
 @dataclass
 class DistConfig:
@@ -207,6 +252,12 @@ class DistConfig:
     strategy: str = "ddp"
     #: ``auto`` (NCCL on GPU, gloo on CPU), ``nccl`` or ``gloo``.
     backend: str = "auto"
+
+    def validate(self) -> None:
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"dist.strategy must be ddp or fsdp, got {self.strategy!r}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"dist.backend must be auto, nccl or gloo, got {self.backend!r}")
 
 
 @dataclass
@@ -276,32 +327,21 @@ class TrainConfig:
         if not self.stages:
             raise ValueError("stages must hold at least one StageConfig")
         for i, stage in enumerate(self.stages):
-            if stage.lr <= 0 or stage.batch_size < 1 or stage.epochs < 0 or stage.steps < 0:
-                raise ValueError(f"stages[{i}] ({stage.name}): lr > 0, batch_size >= 1, "
-                                 f"epochs/steps >= 0 required, got {stage}")
+            stage.validate(f"stages[{i}]")
         if self.amp not in ("auto", "bf16", "fp32"):
             raise ValueError(f"amp must be auto, bf16 or fp32, got {self.amp!r}")
-        if self.schedule.kind not in ("cosine", "constant"):
-            raise ValueError(f"schedule.kind must be cosine or constant, got {self.schedule.kind!r}")
-        if self.schedule.interval not in ("epoch", "step"):
-            raise ValueError(f"schedule.interval must be epoch or step, got "
-                             f"{self.schedule.interval!r}")
-        if self.dist.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"dist.strategy must be ddp or fsdp, got {self.dist.strategy!r}")
-        if self.dist.backend not in ("auto", "nccl", "gloo"):
-            raise ValueError(f"dist.backend must be auto, nccl or gloo, got {self.dist.backend!r}")
+        _check_model_overrides(self.model_overrides)
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.on_nan not in ("raise", "skip"):
             raise ValueError(f"on_nan must be raise or skip, got {self.on_nan!r}")
-        if self.pretrain.masking not in ("referring", "random"):
-            raise ValueError(f"pretrain.masking must be referring or random, got "
-                             f"{self.pretrain.masking!r}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
-        self.data.validate()
+        for section in (self.optim, self.schedule, self.data, self.pretrain, self.checkpoint,
+                        self.dist):
+            section.validate()
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -310,6 +350,18 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         return _build(cls, values, "")
+
+
+def _check_model_overrides(overrides: dict) -> None:
+    """Model overrides name ModelConfig fields (checked when parsed, not when the model is
+    built)."""
+    if not isinstance(overrides, dict):
+        raise TypeError(f"model_overrides must be a mapping, got {type(overrides).__name__}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown model_overrides field(s) {unknown}; ModelConfig fields: "
+                         f"{sorted(fields)}")
 
 
 _NESTED = {"optim": OptimConfig, "schedule": ScheduleConfig, "data": DataConfig,

@@ -8,6 +8,7 @@ memory on CUDA and keep worker processes alive between epochs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -18,13 +19,25 @@ from oneref.config import ModelConfig
 from oneref.data import collate, layout
 from oneref.data.synthetic import RefShapes
 from oneref.data.tokenizer import Tokenizer
-from oneref.train.config import DataConfig
+from oneref.sts import load_refshapes_labels
+from oneref.train.config import DataConfig, TrainConfig
 from oneref.train.sampler import ResumableSampler, ShardSampler
 
 __all__ = ["build_dataset", "dataset_info", "check_data", "train_loader", "eval_loader",
-           "loader_workers", "load_tokenizer"]
+           "loader_workers", "load_tokenizer", "split_source", "recorded_data"]
 
 log = logging.getLogger(__name__)
+
+
+def recorded_data(train_config: dict, changes: dict, **fields) -> DataConfig:
+    """The data config a run recorded (``train_config``: its ``train_config.json``, empty
+    for weights without a run), with ``changes`` (flag values) and ``fields`` applied. A
+    bare checkpoint needs ``changes`` to name the dataset."""
+    if not train_config and "dataset" not in changes:
+        raise ValueError("the checkpoint records no data: name it with --dataset (and "
+                         "--data-root, --split-root, --tokenizer for real data)")
+    base = TrainConfig.from_dict(train_config).data if train_config else DataConfig()
+    return dataclasses.replace(base, **changes, **fields)
 
 
 def load_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
@@ -35,7 +48,8 @@ def load_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
     return Tokenizer(data.tokenizer).check_fits(model.vocab_size)
 
 
-def _source(data: DataConfig, split: str) -> layout.SplitSource:
+def split_source(data: DataConfig, split: str) -> layout.SplitSource:
+    """The files of one real split (docs/data.md)."""
     return layout.resolve(data.dataset, split, data.root, data.split_root, data.refer_root,
                           data.split_by)
 
@@ -45,7 +59,7 @@ def check_data(data: DataConfig, splits) -> None:
     wrong path stops a run before any model is built."""
     if data.real:
         for split in splits:
-            _source(data, split)
+            split_source(data, split)
 
 
 def dataset_info(data: DataConfig) -> layout.DatasetInfo:
@@ -54,25 +68,37 @@ def dataset_info(data: DataConfig) -> layout.DatasetInfo:
 
 
 def build_dataset(data: DataConfig, model: ModelConfig, split: str, task: str = "rec",
-                  tokenizer: Tokenizer | None = None, train: bool = False) -> Dataset:
+                  tokenizer: Tokenizer | None = None, train: bool = False, sts: bool = False,
+                  sts_labels: str = "") -> Dataset:
     """The dataset of ``split`` (``train``/``val``/``test`` or a real split name). Real data
     takes the paper's training augmentation when ``train`` (RefShapes none: its 200,000
     scenes are each seen about once) and decodes segmentations for RES and for REC with
-    ``data.seg_mask``."""
+    ``data.seg_mask``. With ``sts`` samples carry STS labels: a real split file's 6th tuple
+    elements, or for RefShapes the side file ``sts_labels`` (:mod:`oneref.sts`)."""
     if not data.real:
         sizes = {"train": data.train_size, "val": data.eval_size, "test": data.test_size}
         if split not in sizes:
             raise ValueError(f"RefShapes split must be train, val or test, got {split!r}")
-        return RefShapes(split=split, size=sizes[split], img_size=model.img_size,
-                         max_text_len=model.max_text_len, seed=data.seed)
+        dataset = RefShapes(split=split, size=sizes[split], img_size=model.img_size,
+                            max_text_len=model.max_text_len, seed=data.seed)
+        if sts:
+            if not sts_labels:
+                raise ValueError("--sts needs teacher scores: RefShapes reads them from "
+                                 "--sts-labels FILE (pretrain.sts_labels), made by oneref "
+                                 "sts-labels --teacher RUN --out FILE")
+            dataset.sts_labels = load_refshapes_labels(sts_labels, dataset)
+        return dataset
+    if sts_labels:
+        raise ValueError(f"--sts-labels {sts_labels} is RefShapes' side file; the split files "
+                         f"of dataset {data.dataset!r} carry STS labels as their 6th element")
     use_masks = task == "res" or data.seg_mask
     if use_masks and not dataset_info(data).masks:
         raise ValueError(f"dataset {data.dataset!r} has no segmentation masks; --task res and "
                          f"--seg-mask need unc, unc+, gref, gref_umd, mixup or --refer-root")
-    return layout.build_split(_source(data, split), tokenizer or load_tokenizer(data, model),
+    return layout.build_split(split_source(data, split), tokenizer or load_tokenizer(data, model),
                               model.img_size, model.max_text_len, train=train,
                               use_masks=use_masks, on_error=data.on_error, seed=data.seed,
-                              trust=data.trust)
+                              trust=data.trust, sts_labels=sts)
 
 
 def loader_workers(data: DataConfig, device: torch.device, local_world_size: int = 1) -> int:

@@ -1,8 +1,9 @@
 """The training loop: REC / RES fine-tuning and MRefM pre-training, staged, resumable.
 
 Order of set-up (logged): process group -> threads -> data paths and start weights checked
--> datasets -> seed -> model -> task module (grad checkpointing, device) -> FSDP sharding
--> optimizer -> resume -> per-stage freeze + DDP wrap -> torch.compile. Each step: the
+-> datasets -> seed -> model -> task module (device) -> features (grad checkpointing, FSDP
+sharding: :mod:`oneref.train.features`) -> optimizer -> resume -> per stage: freeze, then the
+features' DDP wrap and torch.compile. Each step: the
 batch checked on the host, lr from the plan, batch to device (MRefM: draw masks, tokenizer
 targets), autocast forward, backward, clip, a finite check, AdamW; every
 ``log_interval`` steps the loss parts are averaged over ranks and written to CSV /
@@ -12,13 +13,11 @@ TensorBoard / the progress bar.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from oneref.compile import compile_step
 from oneref.config import get_config
 from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
@@ -32,49 +31,17 @@ from oneref.train.data import (build_dataset, check_data, eval_loader, load_toke
                                train_loader)
 from oneref.train.distributed import (all_reduce_max, all_reduce_mean, barrier, full_state,
                                       gathered, init_distributed, load_full_state,
-                                      seed_everything, shard_model, unwrap, wrap_model)
+                                      seed_everything, unwrap)
+from oneref.train.features import apply_features
 from oneref.train.init import initialise
 from oneref.train.logger import RunLogger, plot_curve
 from oneref.train.optim import StagePlan, build_optimizer, set_lr
+from oneref.train.runtime import auto_threads
 from oneref.train.steps import TaskModule, mrefm_mode, prepare_mim, prepare_mlm
 
 __all__ = ["Trainer", "train"]
 
 log = logging.getLogger(__name__)
-
-
-def _busy_cores(interval: float = 0.3) -> float:
-    """Cores busy right now: the non-idle share of ``/proc/stat`` CPU time over ``interval``
-    seconds, times the core count. Falls back to the 1-minute load average, which lags (it
-    still counts a build that finished a minute ago)."""
-    def sample() -> tuple[int, int, int]:
-        with open("/proc/stat") as handle:
-            lines = handle.read().splitlines()
-        fields = [int(v) for v in lines[0].split()[1:]]  # the "cpu" line: all cores summed
-        cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields), idle, cpus
-
-    try:
-        total0, idle0, cpus = sample()
-        time.sleep(interval)
-        total1, idle1, _ = sample()
-    except (OSError, ValueError, IndexError):
-        try:
-            return os.getloadavg()[0]
-        except OSError:
-            return 0.0
-    busy = 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-    return busy * cpus
-
-
-def auto_threads() -> int:
-    """Intra-op threads for a CPU run: the cores not busy with other work, at least 1. On a
-    shared machine an extra thread that must wait for a busy core makes every parallel op
-    wait for it (measured: 2 threads at load 5 on 2 cores ran a step 3-10x slower than 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return max(1, min(cores, int(cores - _busy_cores() + 0.5)))
 
 
 class Trainer:
@@ -121,11 +88,8 @@ class Trainer:
 
         self.task_module = TaskModule(self.model, config.task, config.pretrain,
                                       seg_mask=data.seg_mask).to(self.device)
-        if config.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
-        self.fsdp = config.dist.strategy == "fsdp" and self.info.enabled
-        if self.fsdp:
-            shard_model(self.task_module, self.info, self.model.encoder.blocks)
+        self.features = apply_features(self.task_module, config, self.info)
+        self.fsdp = self.features.fsdp
         self.optimizer = build_optimizer(self.model, config.optim)
         self.plan = StagePlan(config.stages, len(self.train_set), self.info.world_size,
                               config.schedule)
@@ -142,8 +106,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction
     def _dataset(self, model_config, split: str, train: bool = False):
+        pretrain = self.config.pretrain
+        sts = train and self.config.task == "pretrain" and pretrain.sts
         return build_dataset(self.config.data, model_config, split, self.config.task,
-                             self.text_tokenizer, train=train)
+                             self.text_tokenizer, train=train, sts=sts,
+                             sts_labels=pretrain.sts_labels if sts else "")
 
     def _build_model(self, model_config):
         if self.source is None:
@@ -178,12 +145,7 @@ class Trainer:
         stage = self.plan.spans[index].stage
         for p in self.model.backbone_parameters():
             p.requires_grad_(not stage.freeze_backbone)
-        # Every task leaves some heads (and REC the mask token) without a gradient.
-        module = (self.task_module if self.fsdp else
-                  wrap_model(self.task_module, self.info, find_unused=True))
-        if self.config.compile:
-            module = compile_step(module, self.device)
-        self.wrapped = module
+        self.wrapped = self.features.wrap(self.task_module)
         self._stage_index = index
         log.info("stage %d (%s): %d steps, lr %.3g, batch %d/rank, backbone %s",
                  index, stage.name, self.plan.spans[index].steps, stage.lr, stage.batch_size,
@@ -347,23 +309,13 @@ class Trainer:
         cfg = self.config
         logger = RunLogger(self.run_dir, enabled=self.main,
                            resume_step=self.step if self.resumed_from else None)
-        bar = None
-        # With a wall-clock budget the bar (and its ETA) counts budget seconds, not steps.
-        budgeted = cfg.time_budget_s > 0
-        if self.main and cfg.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=round(cfg.time_budget_s) if budgeted else self.plan.total_steps,
-                       initial=round(self.elapsed_before) if budgeted else self.step,
-                       unit="s" if budgeted else "step", dynamic_ncols=True, desc=cfg.task)
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        window_samples = 0
-        t_window = t_start = time.perf_counter()
+        t_start = time.perf_counter()
         t_budget = t_start - self.elapsed_before  # a resumed run continues the budget
-        start_step = self.step
-        epoch = 0
+        progress = _Progress(cfg, self.main, self.plan.total_steps, self.step,
+                             self.elapsed_before, t_budget)
+        window = _LossWindow(t_start)
+        start_step, epoch = self.step, 0
         self.losses: list[tuple[int, float]] = []
         for span, epoch, batch in self._batches():
             if span.index != self._stage_index:
@@ -374,41 +326,33 @@ class Trainer:
                          cfg.time_budget_s, self.step)
                 break
             set_lr(self.optimizer, self.plan.lr_at(self.step, frac))
-            losses = self._train_step(batch)
+            window.add(self._train_step(batch), span.stage.batch_size * self.info.world_size)
             self.step += 1  # a skipped step still consumed its batch
-            for k, v in (losses or {}).items():
-                sums[k] = sums.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + 1
-            window_samples += span.stage.batch_size * self.info.world_size
-            log_now = self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps
-            if log_now and sums:  # (every step of the window may have been skipped)
-                names = sorted(sums)
-                means = all_reduce_mean(torch.stack([sums[k] / counts[k] for k in names]))
-                row = dict(zip(names, means.tolist()))
-                now = time.perf_counter()
-                row.update(lr=self.optimizer.param_groups[0]["lr"],
-                           samples_per_s=window_samples / max(now - t_window, 1e-9),
-                           elapsed_s=now - t_budget)
-                logger.log(self.step, row)
-                self.losses.append((self.step, row["loss"]))
-                if bar is not None:
-                    bar.set_postfix(step=self.step, loss=f"{row['loss']:.3f}",
-                                    sps=f"{row['samples_per_s']:.0f}")
-                    done = min(round(now - t_budget), bar.total) if budgeted else self.step
-                    bar.update(done - bar.n)
-                sums, counts, window_samples, t_window = {}, {}, 0, now
+            if self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps:
+                self._log_window(window, logger, progress, t_budget)
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.eval_set:
                 logger.log(self.step, self.evaluate(cfg.data.eval_split), split="val")
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save(epoch, time.perf_counter() - t_budget)
-        if bar is not None:
-            bar.close()
+        progress.close()
         train_seconds = time.perf_counter() - t_start
-        steps_done = self.step - start_step
-        results = self._finish(logger, epoch, train_seconds, steps_done,
+        results = self._finish(logger, epoch, train_seconds, self.step - start_step,
                                train_seconds + self.elapsed_before)
         logger.close()
         return results
+
+    def _log_window(self, window: "_LossWindow", logger: RunLogger, progress: "_Progress",
+                    t_budget: float) -> None:
+        """Write the window's rank-averaged loss parts, lr and throughput; then reset it
+        (every step of a window may have been skipped: nothing to write then)."""
+        row = window.row(time.perf_counter())
+        if row is None:
+            return
+        row.update(lr=self.optimizer.param_groups[0]["lr"],
+                   elapsed_s=time.perf_counter() - t_budget)
+        logger.log(self.step, row)
+        self.losses.append((self.step, row["loss"]))
+        progress.update(self.step, row, t_budget)
 
     def _samples_until(self, step: int) -> int:
         """Samples of all ranks in the first ``step`` steps (each stage has its batch)."""
@@ -423,7 +367,9 @@ class Trainer:
                 self.save(epoch, elapsed)
         samples = self._samples_until(self.step)
         trained = samples - self._samples_until(self.step - steps)  # by this process's run
+        # train_seconds: this process's; elapsed_s: the run's, earlier processes included
         results = {"task": cfg.task, "steps": self.step, "train_seconds": train_seconds,
+                   "elapsed_s": elapsed,
                    "data_seconds": self.data_seconds, "world_size": self.info.world_size,
                    "samples_per_s": trained / train_seconds if steps and train_seconds > 0
                    else float("nan"),
@@ -447,6 +393,64 @@ class Trainer:
                        title=f"OneRef {cfg.model} {cfg.task} on {cfg.data.dataset}")
         barrier()
         return results
+
+
+class _LossWindow:
+    """Loss parts and samples of the steps since the last log row."""
+
+    def __init__(self, now: float):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.samples = 0
+        self.since = now
+
+    def add(self, losses: dict | None, samples: int) -> None:
+        for k, v in (losses or {}).items():  # None: a skipped step
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.samples += samples
+
+    def row(self, now: float) -> dict | None:
+        """The rank-averaged means and samples/s since the last row, then a fresh window."""
+        row = None
+        if self.sums:
+            names = sorted(self.sums)
+            means = all_reduce_mean(torch.stack([self.sums[k] / self.counts[k]
+                                                 for k in names]))
+            row = dict(zip(names, means.tolist()))
+            row["samples_per_s"] = self.samples / max(now - self.since, 1e-9)
+        self.__init__(now)
+        return row
+
+
+class _Progress:
+    """The tqdm bar of the main process: budget seconds for a wall-clock budget (its ETA is
+    the budget's), else steps; nothing when off."""
+
+    def __init__(self, cfg: TrainConfig, main: bool, total_steps: int, step: int,
+                 elapsed_before: float, t_budget: float):
+        self.budgeted = cfg.time_budget_s > 0
+        self.bar = None
+        if main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=round(cfg.time_budget_s) if self.budgeted else total_steps,
+                            initial=round(elapsed_before) if self.budgeted else step,
+                            unit="s" if self.budgeted else "step", dynamic_ncols=True,
+                            desc=cfg.task)
+
+    def update(self, step: int, row: dict, t_budget: float) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix(step=step, loss=f"{row['loss']:.3f}",
+                             sps=f"{row['samples_per_s']:.0f}")
+        done = (min(round(time.perf_counter() - t_budget), self.bar.total) if self.budgeted
+                else step)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train(config: TrainConfig) -> dict:

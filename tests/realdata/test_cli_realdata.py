@@ -129,6 +129,37 @@ def test_convert_official_oneref_checkpoint(realdata, tmp_path):
     assert torch.equal(weights["rec_head.visu_proj.weight"], official["visu_proj.weight"])
 
 
+def test_sts_labels_into_a_split_file_then_pretrain(trained, realdata, capsys):
+    """The run as teacher labels unc_train.pth; the copy keeps the 5 fields and adds one
+    label per token; pre-training reads them with --sts; the refer-toolkit layout and the
+    unlabelled split root are refused with the reason."""
+    work, run, _ = trained
+    out = work / "sts_splits"
+    assert main(["sts-labels", "--teacher", str(run), "--out", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0
+    original = torch.load(realdata.splits / "unc" / "unc_train.pth", weights_only=False)
+    labelled = torch.load(out / "unc" / "unc_train.pth", weights_only=True)
+    assert len(labelled) == len(original)
+    spm = __import__("sentencepiece").SentencePieceProcessor(model_file=str(realdata.spm))
+    for old, new in zip(original, labelled):
+        assert tuple(new[:5]) == tuple(old)
+        assert len(new[5]) == min(len(spm.encode(old[3])) + 2, get_config("tiny").max_text_len)
+        assert all(0.0 < v < 1.0 for v in new[5])  # lambdas 0.5 + 0.5 of two sigmoids
+    pretrain = ["pretrain", "--dataset", "unc", "--data-root", str(realdata.images),
+                "--tokenizer", str(realdata.spm), "--model", "tiny", "--steps", "2",
+                "--batch-size", "2", "--device", "cpu", "--no-progress", "--sts",
+                "--set", "final_test=false", "-o", str(work / "sts_pre")]
+    assert main([*pretrain, "--split-root", str(out)]) == 0
+    assert "sts" in (work / "sts_pre" / "metrics.csv").read_text().splitlines()[0]
+    capsys.readouterr()
+    assert main([*pretrain, "--split-root", str(realdata.splits)]) == 2
+    assert "unc_train.pth[0]: has no 6th element (STS labels)" in capsys.readouterr().err
+    assert main(["sts-labels", "--teacher", str(run), "--out", str(work / "x"), "--dataset",
+                 "refcoco", "--refer-root", str(realdata.refer), "--split-by", "unc",
+                 "--no-progress"]) == 2
+    assert "refer-toolkit layout has none" in capsys.readouterr().err
+
+
 # --- errors, in process -------------------------------------------------------------------
 
 def _train(realdata, tmp_path, *flags):

@@ -75,3 +75,25 @@ def test_ablate_command_rejects_bad_arguments(tmp_path, capsys):
     assert "pre-training share" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["ablate"])  # --out is required
+
+
+def test_the_sts_variant_needs_its_teacher_run():
+    with pytest.raises(ValueError, match="STS labels from the 'scratch' run of the same seed"):
+        _settings("out", (0,), variants=("referring", "referring+vts+sts")).validate()
+    _settings("out", (0,), variants=("scratch", "referring+vts+sts")).validate()
+
+
+def test_the_sts_variant_labels_with_the_scratch_run_and_reads_back(tmp_path):
+    settings = AblationSettings(out=str(tmp_path), budget_s=3.0, seeds=(0,),
+                                variants=("scratch", "referring+vts+sts"), overrides=TINY,
+                                checkpoint_interval=5, pretrain_scenes=32)
+    first = run_ablation(settings)
+    sts = first["runs"][1]
+    labels = tmp_path / "runs" / "referring+vts+sts-seed0" / "sts_labels.safetensors"
+    assert labels.is_file() and sts["sts_label_s"] > 0 and sts["pretrain_s"] > 0
+    pre = json.loads((tmp_path / "runs" / "referring+vts+sts-seed0" / "pretrain"
+                      / "train_config.json").read_text())
+    assert pre["pretrain"]["sts"] and pre["pretrain"]["sts_labels"] == str(labels)
+    assert pre["data"]["train_size"] == 32
+    again = run_ablation(settings)  # everything read back, the labelling time too
+    assert again["runs"] == first["runs"]

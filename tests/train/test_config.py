@@ -92,3 +92,19 @@ def test_sampler_shards_and_resumes():
     full.set_epoch(2, start_batch=3)
     assert list(full) == order[12:] and len(full) == 28
     assert list(ShardSampler(5, 1, 2)) == [1, 3]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model_overrides.img_sise=96", r"unknown model_overrides field\(s\) \['img_sise'\]"),
+    ("optim.betas=[0.9,1.5]", "optim.betas must be two values in"),
+    ("optim.grad_clip=-1", "grad_clip >= 0"),
+    ("schedule.min_lr_ratio=2", r"schedule.min_lr_ratio must be in \[0, 1\]"),
+    ("pretrain.inside_ratio=1.5", "inside 1.5"),
+    ("checkpoint.keep_last=-1", "keep_last must be >= 0"),
+    ("dist.strategy=zero", "dist.strategy must be ddp or fsdp"),
+    ("stages.0.warmup_steps=-3", r"stages\[0\] \(full\).*warmup_steps"),
+])
+def test_every_section_validates_itself(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(refshapes_recipe(), [override])
+    assert apply_overrides(refshapes_recipe(), ["model_overrides.img_size=96"]).model_overrides

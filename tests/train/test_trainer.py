@@ -118,16 +118,29 @@ def test_pretrain_alternates_mim_and_mlm(tmp_path):
 
 
 def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
-    from oneref.train import trainer as trainer_module
+    from oneref.train import runtime
 
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(trainer_module, "_busy_cores", lambda: 0.0)
-    assert trainer_module.auto_threads() == cores
-    monkeypatch.setattr(trainer_module, "_busy_cores", lambda: cores + 3.0)
-    assert trainer_module.auto_threads() == 1  # never fewer than one
+    monkeypatch.setattr(runtime, "_busy_cores", lambda: 0.0)
+    assert runtime.auto_threads() == cores
+    monkeypatch.setattr(runtime, "_busy_cores", lambda: cores + 3.0)
+    assert runtime.auto_threads() == 1  # never fewer than one
 
 
 def test_busy_cores_is_a_core_count():
-    from oneref.train.trainer import _busy_cores
+    from oneref.train.runtime import _busy_cores
 
     assert 0.0 <= _busy_cores(interval=0.05) <= (os.cpu_count() or 1) + 1e-6
+
+
+def test_features_are_logged_and_a_dropped_one_says_why(tmp_path, caplog):
+    from oneref.train.config import DistConfig
+
+    with caplog.at_level("INFO", logger="oneref.train.features"):
+        trainer = Trainer(_config(tmp_path, steps=1, grad_checkpointing=True,
+                                  dist=DistConfig(strategy="fsdp")))
+    assert not trainer.fsdp
+    assert "FSDP asked for, but this is a single process" in caplog.text
+    assert "grad checkpointing on -> single process -> compile off" in caplog.text
+    trainer._apply_stage(0)
+    assert trainer.wrapped is trainer.task_module  # nothing to wrap in one process
