@@ -313,7 +313,7 @@ class Trainer:
         t_start = time.perf_counter()
         t_budget = t_start - self.elapsed_before  # a resumed run continues the budget
         progress = _Progress(cfg, self.main, self.plan.total_steps, self.step,
-                             self.elapsed_before, t_budget)
+                             self.elapsed_before)
         window = _LossWindow(t_start)
         start_step, epoch = self.step, 0
         self.losses: list[tuple[int, float]] = []
@@ -428,7 +428,7 @@ class _Progress:
     the budget's), else steps; nothing when off."""
 
     def __init__(self, cfg: TrainConfig, main: bool, total_steps: int, step: int,
-                 elapsed_before: float, t_budget: float):
+                 elapsed_before: float):
         self.budgeted = cfg.time_budget_s > 0
         self.bar = None
         if main and cfg.progress:
