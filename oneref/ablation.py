@@ -36,6 +36,7 @@ from oneref.bench.report import environment
 from oneref.io import write_json, write_text
 from oneref.train.checkpoint import list_checkpoints
 from oneref.train.config import apply_overrides, pretrain_recipe, refshapes_recipe
+from oneref.train.distributed import resolve_device
 from oneref.train.logger import read_rows
 
 __all__ = ["VARIANTS", "AblationSettings", "run_ablation", "summary_markdown"]
@@ -135,7 +136,7 @@ def _sts_labels(settings: AblationSettings, cfg, seed: int, path: Path) -> float
 
     start = time.perf_counter()
     make_sts_labels(_run_dir(settings, TEACHER, seed) / "finetune", path, cfg.data,
-                    progress=False)
+                    device=resolve_device(cfg.device), progress=False)
     seconds = time.perf_counter() - start
     write_json(timing, {"seconds": seconds})
     return seconds
@@ -232,8 +233,11 @@ def run_ablation(settings: AblationSettings) -> dict:
     out = Path(settings.out)
     results = {"settings": dataclasses.asdict(settings), "runs": [],
                "environment": environment(torch.device("cpu"))}
-    for seed in settings.seeds:  # seeds outermost: an early stop still compares variants
-        for variant in settings.variants:
+    # Seeds outermost: an early stop still compares variants. Variants in the table's order,
+    # so the STS teacher (scratch) is trained before the variant that needs it.
+    variants = [v for v in VARIANTS if v in settings.variants]
+    for seed in settings.seeds:
+        for variant in variants:
             results["runs"].append(_one(settings, variant, seed))
             write_json(out / "results.json", results)
             write_text(out / "summary.md", summary_markdown(results) + "\n")

@@ -54,7 +54,16 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where Linux reports it (``os.umask`` can
+    only read it by setting it, which would race with threads creating files)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

@@ -136,18 +136,24 @@ def check_polygons(value) -> list | None:
 
 
 def check_sts_labels(records, where: str) -> None:
-    """Every record carries STS labels as its 6th element (a non-empty list of finite
-    numbers, one per token), or a ValueError names the first record that does not."""
+    """Every record carries STS labels as its 6th element (a non-empty 1-D sequence of
+    finite numbers, one per token: list, tuple or numpy array), or a ValueError names the
+    first record that does not."""
     for record in records:
         values = record.extra
         if values is None:
             problem = "has no 6th element (STS labels)"
-        elif not isinstance(values, (list, tuple)) or not values:
-            problem = f"has a 6th element {values!r:.40}, not a non-empty list of numbers"
-        elif not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            problem = "has STS labels that are not finite numbers"
         else:
-            continue
+            try:
+                array = np.asarray(values, dtype=np.float64)
+            except (TypeError, ValueError):
+                array = None
+            if array is None or array.ndim != 1 or array.size == 0 or isinstance(values, str):
+                problem = f"has a 6th element {values!r:.40}, not a non-empty list of numbers"
+            elif not np.isfinite(array).all():
+                problem = "has STS labels that are not finite numbers"
+            else:
+                continue
         raise ValueError(f"{record.where or where}: {problem}; make them with oneref "
                          f"sts-labels --teacher RUN --split-root SPLITS --out DIR and train "
                          f"with --split-root DIR")

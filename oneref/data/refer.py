@@ -220,8 +220,16 @@ class ReferringDataset(Dataset):
         words = subject_object_words(out.text) if self.parse_words else (-1, -1)
         sample = make_sample(out, self.tokenizer, self.max_text_len, words, index)
         if self.sts_labels:
-            labels = torch.zeros(self.max_text_len)
-            values = torch.tensor(record.extra[:self.max_text_len], dtype=torch.float32)
-            labels[:len(values)] = values
-            sample["sts_targets"] = labels
+            sample["sts_targets"] = self._sts_targets(record, int(sample["text_length"]))
         return sample
+
+    def _sts_targets(self, record: RefRecord, length: int) -> torch.Tensor:
+        """The record's STS labels, one per token, zero-padded to ``max_text_len``."""
+        values = torch.as_tensor(np.asarray(record.extra, dtype=np.float32))
+        if len(values) != length:
+            raise ValueError(f"{record.where}: {len(values)} STS labels for an expression of "
+                             f"{length} tokens: they were made with another tokenizer or text "
+                             f"length (remake them with oneref sts-labels)")
+        labels = torch.zeros(self.max_text_len)
+        labels[:length] = values
+        return labels

@@ -85,9 +85,10 @@ def test_the_sts_variant_needs_its_teacher_run():
 
 def test_the_sts_variant_labels_with_the_scratch_run_and_reads_back(tmp_path):
     settings = AblationSettings(out=str(tmp_path), budget_s=3.0, seeds=(0,),
-                                variants=("scratch", "referring+vts+sts"), overrides=TINY,
+                                variants=("referring+vts+sts", "scratch"), overrides=TINY,
                                 checkpoint_interval=5, pretrain_scenes=32)
-    first = run_ablation(settings)
+    first = run_ablation(settings)  # the teacher (scratch) runs first whatever the order given
+    assert [r["variant"] for r in first["runs"]] == ["scratch", "referring+vts+sts"]
     sts = first["runs"][1]
     labels = tmp_path / "runs" / "referring+vts+sts-seed0" / "sts_labels.safetensors"
     assert labels.is_file() and sts["sts_label_s"] > 0 and sts["pretrain_s"] > 0

@@ -107,6 +107,22 @@ def test_split_records_without_usable_labels_are_named(extra, message):
         check_sts_labels([record], "unc_train.pth")
 
 
+def test_split_labels_may_be_numpy_and_must_match_the_tokens():
+    import numpy as np
+
+    good = RefRecord("a.jpg", (0.0, 0.0, 1.0, 1.0), "a dog", extra=np.array([0.5, 0.4, 0.6]))
+    check_sts_labels([good], "f.pth")  # numpy arrays (and numpy scalars) are numbers too
+    from oneref.data.refer import ReferringDataset
+
+    dataset = ReferringDataset.__new__(ReferringDataset)
+    dataset.max_text_len = 6
+    torch.testing.assert_close(dataset._sts_targets(good, 3),
+                               torch.tensor([0.5, 0.4, 0.6, 0.0, 0.0, 0.0]))
+    good.where = "f.pth[2]"
+    with pytest.raises(ValueError, match=r"f.pth\[2\]: 3 STS labels for an expression of 4"):
+        dataset._sts_targets(good, 4)
+
+
 def test_cli_labels_then_pretrains_with_sts(tmp_path, capsys):
     tiny = ["--model", "tiny", "--device", "cpu", "--no-progress", "--threads", "1",
             "--set", "data.eval_size=8", "--set", "data.test_size=8", "--set",
