@@ -152,13 +152,13 @@ def _one(settings: AblationSettings, variant: str, seed: int) -> dict:
         scenes = (settings.pretrain_scenes or apply_overrides(
             refshapes_recipe(), list(settings.overrides)).data.train_size)
         flags = [f"data.train_size={scenes}", *pretrain_flags]
-        if _uses_sts(variant):
-            labels = root / "sts_labels.safetensors"
+        labels = root / "sts_labels.safetensors" if _uses_sts(variant) else None
+        if labels:
             flags.append(f"pretrain.sts_labels={json.dumps(str(labels))}")
-            label_s = _sts_labels(settings, _config(pretrain_recipe, settings, root, seed,
-                                                    share, flags[:1]), seed, labels)
-        pre = _run(_config(pretrain_recipe, settings, root / "pretrain", seed, share, flags),
-                   root / "pretrain")
+        pre_cfg = _config(pretrain_recipe, settings, root / "pretrain", seed, share, flags)
+        if labels:
+            label_s = _sts_labels(settings, pre_cfg, seed, labels)
+        pre = _run(pre_cfg, root / "pretrain")
         pretrain_s, pretrain_steps = _budget_used(pre), pre["steps"]
         budget = settings.budget_s - share
         init = [f"checkpoint.init_from={json.dumps(str(root / 'pretrain'))}"]

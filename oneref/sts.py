@@ -36,8 +36,11 @@ from oneref.io import atomic_write, load_pth
 __all__ = ["sts_scores", "region_crops", "teacher_labels", "write_refshapes_labels",
            "load_refshapes_labels", "write_split_labels"]
 
-#: RefShapes side-file metadata that must match the dataset the labels are read for
-_SCENE_KEYS = ("split", "seed", "img_size", "max_text_len")
+
+def _scene_settings(dataset) -> dict:
+    """What RefShapes scenes and their tokens depend on: the side file records it."""
+    return {"split": dataset.split, "seed": dataset.seed, "img_size": dataset.img_size,
+            "max_text_len": dataset.max_text_len}
 
 
 def sts_scores(e_reg: torch.Tensor, e_img: torch.Tensor, w: torch.Tensor, lambda_reg: float,
@@ -92,8 +95,7 @@ def write_refshapes_labels(path: str | Path, labels: list[list[float]], dataset,
     table = torch.zeros(len(labels), dataset.max_text_len)
     for row, values in zip(table, labels):
         row[:len(values)] = torch.tensor(values)
-    info = {"split": dataset.split, "seed": dataset.seed, "img_size": dataset.img_size,
-            "max_text_len": dataset.max_text_len, **meta}
+    info = {**_scene_settings(dataset), **meta}
     metadata = {key: json.dumps(value) for key, value in info.items()}
     return atomic_write(path, lambda tmp: save_file({"sts_labels": table}, tmp,
                                                      metadata=metadata))
@@ -111,13 +113,15 @@ def load_refshapes_labels(path: str | Path, dataset) -> torch.Tensor:
             table = handle.get_tensor("sts_labels")
     except Exception as err:  # noqa: BLE001 - any parse failure names the file
         raise ValueError(f"cannot read STS labels file {str(path)!r}: {err}") from None
-    wanted = {"split": dataset.split, "seed": dataset.seed, "img_size": dataset.img_size,
-              "max_text_len": dataset.max_text_len}
-    wrong = [f"{k} {meta.get(k)!r} (dataset: {wanted[k]!r})" for k in _SCENE_KEYS
-             if meta.get(k) != wanted[k]]
+    wanted = _scene_settings(dataset)
+    wrong = [f"{k} {meta.get(k)!r} (dataset: {v!r})" for k, v in wanted.items()
+             if meta.get(k) != v]
     if wrong:
         raise ValueError(f"STS labels file {str(path)!r} was made for other scenes: "
                          f"{', '.join(wrong)}")
+    if table.dim() != 2 or table.shape[1] != dataset.max_text_len:
+        raise ValueError(f"STS labels file {str(path)!r} holds a {tuple(table.shape)} table, "
+                         f"expected (scenes, {dataset.max_text_len})")
     if table.shape[0] < len(dataset):
         raise ValueError(f"STS labels file {str(path)!r} labels {table.shape[0]} scenes, the "
                          f"{dataset.split} split has {len(dataset)}: label them all "

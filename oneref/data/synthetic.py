@@ -94,14 +94,16 @@ class RefShapes(Dataset):
             (see :mod:`oneref.data.transforms`); default: normalisation only. Random
             transforms draw from a stream seeded by (seed, split, index, epoch).
         mix: category weights, default :data:`DEFAULT_MIX`.
-        sts_labels: (size, max_text_len) float STS labels (:mod:`oneref.sts`); samples then
-            carry row ``index`` as ``sts_targets``.
+
+    Attributes:
+        sts_labels: None, or the (size, max_text_len) STS labels of
+            :func:`oneref.sts.load_refshapes_labels`; samples then carry row ``index`` as
+            ``sts_targets``.
     """
 
     def __init__(self, split: str = "train", size: int | None = None, img_size: int = 128,
                  max_text_len: int = 24, seed: int = 0, tokenizer: Tokenizer | None = None,
-                 transform=None, mix: dict | None = None,
-                 sts_labels: torch.Tensor | None = None):
+                 transform=None, mix: dict | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         size = DEFAULT_SIZES[split] if size is None else size
@@ -127,10 +129,7 @@ class RefShapes(Dataset):
         self._categories = [c for c in CATEGORIES if mix.get(c, 0) > 0]
         weights = np.array([mix[c] for c in self._categories], dtype=np.float64)
         self._cum_weights = np.cumsum(weights / weights.sum())
-        if sts_labels is not None and tuple(sts_labels.shape) != (size, max_text_len):
-            raise ValueError(f"sts_labels must have shape ({size}, {max_text_len}), got "
-                             f"{tuple(sts_labels.shape)}")
-        self.sts_labels = sts_labels
+        self.sts_labels: torch.Tensor | None = None
         self.epoch = 0
         self._scenes: dict[int, Scene] = {}
 

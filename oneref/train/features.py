@@ -27,9 +27,9 @@ class Features:
         self.fsdp = fsdp
 
     def wrap(self, task_module: torch.nn.Module) -> torch.nn.Module:
-        """DDP (unless sharded or single-process), then compile when asked."""
+        """DDP (unless sharded; a single process stays unwrapped), then compile when asked."""
         module = task_module
-        if not self.fsdp and self.info.enabled:
+        if not self.fsdp:
             # Every task leaves some heads (and REC the mask token) without a gradient.
             module = wrap_model(task_module, self.info, find_unused=True)
         if self.config.compile:

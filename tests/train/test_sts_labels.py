@@ -91,6 +91,13 @@ def test_refshapes_side_file_round_trip_and_checks(tmp_path):
     (tmp_path / "torn.safetensors").write_bytes(path.read_bytes()[:40])
     with pytest.raises(ValueError, match="cannot read STS labels file .*torn"):
         load_refshapes_labels(tmp_path / "torn.safetensors", data)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    save_file({"sts_labels": torch.zeros(4, 10)}, tmp_path / "narrow.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match=r"holds a \(4, 10\) table, expected \(scenes, 24\)"):
+        load_refshapes_labels(tmp_path / "narrow.safetensors", data)
     save_file({"x": torch.zeros(1)}, tmp_path / "wrong.safetensors")
     with pytest.raises(ValueError, match="wrong.safetensors"):
         load_refshapes_labels(tmp_path / "wrong.safetensors", data)
