@@ -50,13 +50,15 @@ class RECHead(nn.Module):
 
 
 class RESHead(nn.Module):
-    """Mask logits (docs/method.md, "RES head"): patches (B, G, G, D) -> 3 x [ConvTranspose2d(D,
-    D, 2, 2) + BN] (ReLU after the first two) -> (B, D, 8G, 8G); per-pixel L2 normalisation, dot
-    with ``e_txt``; bilinear upsampling (align_corners False) to the image size."""
+    """Mask logits (docs/method.md, "RES head"): patches (B, G, G, D) -> ``upsamples`` x
+    [ConvTranspose2d(D, D, 2, 2) + BN] (ReLU after all but the last; OneRef: 3) ->
+    (B, D, 2^n G, 2^n G); per-pixel L2 normalisation, dot with ``e_txt``; bilinear upsampling
+    (align_corners False) to the image size."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, upsamples: int = 3) -> None:
         super().__init__()
-        for i in (1, 2, 3):
+        self.upsamples = upsamples
+        for i in range(1, upsamples + 1):
             self.add_module(f"conv{i}", nn.ConvTranspose2d(dim, dim, 2, stride=2, bias=False))
             self.add_module(f"bn{i}", nn.BatchNorm2d(dim))
 
@@ -65,9 +67,10 @@ class RESHead(nn.Module):
         batch, num, dim = patches.shape
         grid = int(round(num ** 0.5))
         x = patches.transpose(1, 2).reshape(batch, dim, grid, grid)
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = self.bn3(self.conv3(x))  # (B, D, 8G, 8G)
+        for i in range(1, self.upsamples + 1):
+            x = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))
+            if i < self.upsamples:
+                x = F.relu(x)
         x = F.normalize(x, dim=1)
         logits = torch.einsum("bchw,bc->bhw", x, e_txt.to(x.dtype))
         return F.interpolate(logits[:, None], size=(img_size, img_size), mode="bilinear",

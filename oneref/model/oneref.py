@@ -94,7 +94,7 @@ class OneRef(nn.Module):
         self.language_head = nn.Linear(dim, dim, bias=False)
         patch_dim = config.patch_size * config.patch_size * config.in_chans
         self.rec_head = RECHead(dim) if "rec" in heads else None
-        self.res_head = RESHead(dim) if "res" in heads else None
+        self.res_head = RESHead(dim, config.res_upsamples) if "res" in heads else None
         self.mim_head = MIMHead(dim, config.mim_vocab, patch_dim) if "mim" in heads else None
         self.vts_head = MLP(dim, dim, 4, 3) if "vts" in heads else None
         self.mlm_head = MLMHead(dim, config.vocab_size) if "mlm" in heads else None

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from oneref import OneRef
 from oneref.model import EncoderOutput, RECOutput, RESOutput
+from oneref.model.heads import RESHead
 from tests.model.conftest import make_batch
 
 
@@ -152,3 +154,33 @@ def test_res_mask_logits_are_scaled_like_the_similarity_map():
         want = plain.forward_res(images, ids, lengths).mask_logits * 10.0
         got = scaled.forward_res(images, ids, lengths).mask_logits
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("upsamples", [1, 2, 3])
+def test_res_head_upsamplings_against_a_written_out_head(upsamples):
+    """``res_upsamples`` transposed convolutions (ReLU after all but the last), then the
+    per-pixel cosine with e_txt and the bilinear resize, recomputed with F.* calls."""
+    torch.manual_seed(upsamples)
+    dim, grid, size = 8, 3, 40
+    head = RESHead(dim, upsamples).train()
+    assert sorted(n for n, _ in head.named_children()) == sorted(
+        [f"conv{i}" for i in range(1, upsamples + 1)] + [f"bn{i}" for i in range(1, upsamples + 1)])
+    patches = torch.randn(2, grid * grid, dim)
+    e_txt = F.normalize(torch.randn(2, dim), dim=-1)
+    x = patches.transpose(1, 2).reshape(2, dim, grid, grid)
+    for i in range(1, upsamples + 1):
+        conv, bn = getattr(head, f"conv{i}"), getattr(head, f"bn{i}")
+        x = F.conv_transpose2d(x, conv.weight, stride=2)
+        x = F.batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        x = F.relu(x) if i < upsamples else x
+    assert x.shape[-1] == grid * 2 ** upsamples
+    expected = F.interpolate((F.normalize(x, dim=1) * e_txt[:, :, None, None]).sum(1)[:, None],
+                             size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(head(patches, e_txt, size), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_res_upsamples_is_checked():
+    with pytest.raises(ValueError, match="res_upsamples must be 1, 2 or 3"):
+        OneRef.from_config("tiny", res_upsamples=4)
+    assert OneRef.from_config("small").res_head.upsamples == 2
+    assert OneRef.from_config("tiny").res_head.upsamples == 3
