@@ -38,6 +38,8 @@ from oneref.train.checkpoint import list_checkpoints
 from oneref.train.config import apply_overrides, pretrain_recipe, refshapes_recipe
 from oneref.train.distributed import resolve_device
 from oneref.train.logger import read_rows
+from oneref.train.sts_labels import make_sts_labels
+from oneref.train.trainer import Trainer
 
 __all__ = ["VARIANTS", "AblationSettings", "run_ablation", "summary_markdown"]
 
@@ -99,8 +101,6 @@ def _run(cfg, run_dir: Path) -> dict:
     if done.exists():
         log.info("ablation: %s finished earlier, read back", run_dir)
         return json.loads(done.read_text())
-    from oneref.train.trainer import Trainer  # the loop and the model: loaded on first run
-
     log.info("ablation: training %s", run_dir)
     return Trainer(cfg).fit()
 
@@ -132,8 +132,6 @@ def _sts_labels(settings: AblationSettings, cfg, seed: int, path: Path) -> float
     timing = path.with_suffix(".json")
     if path.exists():
         return json.loads(timing.read_text())["seconds"] if timing.exists() else None
-    from oneref.train.sts_labels import make_sts_labels
-
     start = time.perf_counter()
     make_sts_labels(_run_dir(settings, TEACHER, seed) / "finetune", path, cfg.data,
                     device=resolve_device(cfg.device), progress=False)

@@ -6,7 +6,9 @@ sts-labels | bench.
 split beside a colour-guess baseline. Real data (docs/data.md) takes the reference code's
 flags: ``--dataset unc --data-root IMAGES --split-root SPLITS --tokenizer beit3.spm``.
 Settings come from the recipe, then ``--config FILE`` (JSON or YAML, merged onto the recipe),
-then the flags, then ``--set key=value`` overrides (dotted keys).
+then the flags, then ``--set key=value`` overrides (dotted keys). The train / pretrain flags
+and the data flags are built from the config fields' :class:`~oneref.train.config.Flag`
+metadata, so their help is the fields' documentation.
 """
 
 from __future__ import annotations
@@ -19,51 +21,71 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from oneref.ablation import VARIANTS, AblationSettings, run_ablation, summary_markdown
+from oneref.bench import add_arguments as add_bench_arguments
+from oneref.bench import run_bench
+from oneref.config import PRESETS
+from oneref.eval.predict import draw_prediction, load_image, load_predictor, predict_file
+from oneref.eval.splits import evaluate_checkpoint
+from oneref.info import info
+from oneref.model import OneRef
+from oneref.ops.dispatch import current_backend
+from oneref.sources import ModelSource
+from oneref.train import config as tc
+from oneref.train.config import command_flags
+from oneref.train.distributed import is_main, resolve_device
+from oneref.train.sts_labels import make_sts_labels
+from oneref.train.trainer import Trainer
+
 __all__ = ["main", "build_parser"]
 
-# flag -> DataConfig field; path flags are stored absolute so a run folder can be evaluated
-# and resumed from anywhere.
-_DATA_FLAGS = {"dataset": "dataset", "data_root": "root", "split_root": "split_root",
-               "refer_root": "refer_root", "split_by": "split_by", "tokenizer": "tokenizer",
-               "seg_mask": "seg_mask", "num_workers": "num_workers", "trust_data": "trust"}
-_PATH_FLAGS = ("data_root", "split_root", "refer_root", "tokenizer", "init_from", "output_dir",
-               "vqkd", "resume", "sts_labels")
+_DATA_GROUP = "data (real-data layout: docs/data.md)"
 
 
-def _absolute(flag: str, value):
+def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """The flags of the config fields ``command`` has (``oneref.train.config.Flag``): their
+    help is the field's documentation; the data flags form their own group."""
+    data = p.add_argument_group(_DATA_GROUP)
+    for key, flag, kind in command_flags(command):
+        group = data if key.startswith("data.") else p
+        options = {"dest": flag.dest, "help": flag.help}
+        if flag.metavar:
+            options["metavar"] = flag.metavar
+        if flag.const is not None and flag.optional_value:
+            options.update(nargs="?", const=flag.const)
+        elif flag.const is not None:
+            options.update(action="store_const", const=flag.const)
+        else:
+            options.update(type=kind, choices=flag.choices or None)
+        group.add_argument(*flag.names, **options)
+
+
+def _absolute(value):
     """A path flag's value made absolute (``--resume`` without a path stays ``auto``)."""
-    if flag not in _PATH_FLAGS or not isinstance(value, str) or value == "auto":
+    if not isinstance(value, str) or value == "auto":
         return value
     return os.path.abspath(os.path.expanduser(value))
 
 
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
-    # The reference code's spellings (--data_root, --enable_seg_mask, ...) work too.
-    g = p.add_argument_group("data (real-data layout: docs/data.md)")
-    g.add_argument("--dataset",
-                   help="refshapes (built in), unc, unc+, gref, gref_umd, referit, flickr, "
-                        "mixup; with --refer-root: refcoco, refcoco+, refcocog")
-    g.add_argument("--data-root", "--data_root", dest="data_root", metavar="IMAGE_DATA",
-                   help="image root: other/images/mscoco/images/train2014, referit/images, "
-                        "Flickr30k/flickr30k-images below it")
-    g.add_argument("--split-root", "--split_root", dest="split_root", metavar="SPLITS",
-                   help="folder of split files {dataset}/{dataset}_{split}.pth")
-    g.add_argument("--refer-root", "--refer_root", dest="refer_root", metavar="DIR",
-                   help="refer-toolkit layout (refcoco/instances.json + refs(unc).p), "
-                        "instead of --split-root")
-    g.add_argument("--split-by", "--split_by", dest="split_by",
-                   help="refer-toolkit split scheme: unc, google, umd")
-    g.add_argument("--tokenizer", "--sentencepiece_model", dest="tokenizer", metavar="SPM",
-                   help="sentencepiece model (beit3.spm)")
-    g.add_argument("--seg-mask", "--enable-seg-mask", "--enable_seg_mask", dest="seg_mask",
-                   action="store_true", default=None,
-                   help="REC box-mask constraint from the segmentation mask")
-    g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int,
-                   help="DataLoader workers (default on a GPU: this process's share of the "
-                        "usable cores, less one; 0 on a CPU)")
-    g.add_argument("--trust-data", dest="trust_data", action="store_true", default=None,
-                   help="unpickle any object in split files and refs pickles (runs code from "
-                        "them; only for files you trust)")
+def _flag_values(args, command: str, stages: int = 1) -> dict[str, object]:
+    """Dotted config key -> value of every config flag given (paths made absolute; a stage
+    flag expanded to the stages it applies to)."""
+    values = {}
+    for key, flag, _ in command_flags(command):
+        value = getattr(args, flag.dest, None)
+        if value is None:
+            continue
+        value = _absolute(value) if flag.path else value
+        if not flag.stage:
+            values[key] = value
+            continue
+        field = key.rsplit(".", 1)[1]
+        for i in range(stages - 1 if flag.stage == "last" else 0, stages):
+            values[f"stages.{i}.{field}"] = value
+            values.update({f"stages.{i}.{reset}": 0 for reset in flag.resets})
+    return values
 
 
 def _add_weights_flags(p: argparse.ArgumentParser, flag: str, alias: str,
@@ -78,49 +100,14 @@ def _add_weights_flags(p: argparse.ArgumentParser, flag: str, alias: str,
                         "files you trust)")
 
 
-def _add_train_flags(p: argparse.ArgumentParser, pretrain: bool) -> None:
+def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--config", metavar="FILE", help="TrainConfig as .json or .yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set optim.grad_clip=0 (repeatable)")
-    if not pretrain:
-        p.add_argument("--task", choices=("rec", "res"), help="rec (boxes) or res (masks)")
     p.add_argument("--recipe", choices=("refshapes", "reference"),
                    help="refshapes: CPU demo from scratch; reference: the paper's schedule for "
                         "real data (default whenever --dataset is not refshapes)")
-    p.add_argument("--model", help="preset: tiny, small, base, large (default: the recipe's, "
-                                   "or the shape of an --init-from .pth)")
-    _add_data_flags(p)
-    p.add_argument("--steps", type=int, help="optimizer steps of the (last) stage")
-    p.add_argument("--epochs", type=int, help="epochs of the (last) stage (steps unset)")
-    p.add_argument("--batch-size", type=int, help="per-rank batch of every stage")
-    p.add_argument("--lr", type=float, help="peak lr of the (last) stage")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="wall-clock budget of the training loop (0: off)")
-    p.add_argument("--train-size", type=int, help="RefShapes training samples")
-    p.add_argument("--output-dir", "-o", help="run folder")
-    p.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
-                   help="continue from the newest checkpoint of the run folder (or PATH)")
-    _add_weights_flags(p, "--init-from", "--finetune", None)
-    p.add_argument("--checkpoint-interval", type=int, help="save every N steps")
-    p.add_argument("--threads", type=int,
-                   help="CPU threads (default 0: the cores not busy with other work)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the step")
-    p.add_argument("--grad-checkpointing", action="store_true", default=None)
-    p.add_argument("--fsdp", action="store_true", help="FSDP instead of DDP (torchrun)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--on-nan", choices=("raise", "skip"),
-                   help="a non-finite loss or gradient: stop (default) or skip the step")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    if pretrain:
-        p.add_argument("--vts", action="store_true", default=None, help="VTS loss on MIM steps")
-        p.add_argument("--sts", action="store_true", default=None,
-                       help="STS loss on MLM steps (labels: oneref sts-labels)")
-        p.add_argument("--sts-labels", metavar="FILE",
-                       help="RefShapes STS labels (oneref sts-labels --out FILE); split files "
-                            "carry theirs as the 6th tuple element")
-        p.add_argument("--vqkd", metavar="FILE", help="VQ-KD tokenizer checkpoint (MIM targets)")
+    _add_config_flags(p, command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("train", help="REC/RES fine-tuning (default: REC on RefShapes, small)",
                        description="Train REC or RES. Default: REC on RefShapes, small preset.")
-    _add_train_flags(p, pretrain=False)
+    _add_train_flags(p, "train")
     p = sub.add_parser("pretrain", help="MRefM pre-training (alternating MIM / MLM)",
                        description="Mask Referring Modeling pre-training on RefShapes or "
                                    "real data.")
-    _add_train_flags(p, pretrain=True)
+    _add_train_flags(p, "pretrain")
     p = sub.add_parser("eval", help="metrics of a trained model on one or more splits",
                        description="REC Acc@0.5 or RES mIoU/oIoU/Prec@X per split, beside the "
                                    "paper's numbers; writes eval.json and eval.md.")
@@ -143,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "dataset but the training ones)")
     p.add_argument("--task", choices=("rec", "res"), help="default: the run's task")
     p.add_argument("--model", help="preset of an official .pth (default: from its shapes)")
-    _add_data_flags(p)
+    _add_config_flags(p, "eval")
     p.add_argument("--size", type=int, help="RefShapes split size (default: the run's)")
     p.add_argument("--batch-size", type=int, default=128, help="per-rank batch (default 128)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -210,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="RefShapes: the labels file (.safetensors); real data: a split root")
     p.add_argument("--split", default="train", help="split to label (default: train)")
-    _add_data_flags(p)
+    _add_config_flags(p, "sts-labels")
     p.add_argument("--size", type=int,
                    help="RefShapes: label scenes 0..SIZE-1 (default: the teacher run's "
                         "train size)")
@@ -219,7 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="teacher batch (default 128)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from oneref.bench import add_arguments as add_bench_arguments
 
     p = sub.add_parser("bench", help="cost table, engine comparison, kernel tables, plots",
                        description="Benchmark suite: the paper-style cost table and the "
@@ -230,14 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- train / pretrain ---------------------------------------------------------------------
 
-def _data_values(args) -> dict:
+def _data_values(args, command: str) -> dict:
     """DataConfig fields of the data flags given (paths made absolute). Naming one kind of
     annotation root clears the other one a run may have recorded."""
-    values = {}
-    for flag, name in _DATA_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            values[name] = _absolute(flag, value)
+    values = {key[len("data."):]: value for key, value in _flag_values(args, command).items()
+              if key.startswith("data.")}
     if "split_root" in values and "refer_root" not in values:
         values["refer_root"] = ""
     elif "refer_root" in values and "split_root" not in values:
@@ -247,9 +230,6 @@ def _data_values(args) -> dict:
 
 def _recipe(args, pretrain: bool, real: bool):
     """The recipe the flags choose, with ``--config FILE`` merged onto it."""
-    from oneref.sources import ModelSource
-    from oneref.train import config as tc
-
     model = args.model
     if model is None and args.init_from:  # the recipe of the start weights' size
         model = ModelSource(args.init_from, trust=args.trust_checkpoint).config.name
@@ -265,43 +245,16 @@ def _recipe(args, pretrain: bool, real: bool):
 
 
 def _train_config(args, pretrain: bool):
-    from oneref.train import config as tc
-
-    data = _data_values(args)
+    command = "pretrain" if pretrain else "train"
+    data = _data_values(args, command)
     cfg = _recipe(args, pretrain, data.get("dataset", "refshapes") != "refshapes")
-    last = len(cfg.stages) - 1
-    flags = [f"data.{name}={json.dumps(value)}" for name, value in data.items()]
-    simple = {"task": "task", "model": "model", "train_size": "data.train_size",
-              "output_dir": "output_dir", "resume": "checkpoint.resume",
-              "init_from": "checkpoint.init_from", "threads": "threads",
-              "checkpoint_interval": "checkpoint.interval", "device": "device", "amp": "amp",
-              "compile": "compile", "grad_checkpointing": "grad_checkpointing", "seed": "seed",
-              "time_budget": "time_budget_s", "vts": "pretrain.vts", "sts": "pretrain.sts",
-              "sts_labels": "pretrain.sts_labels",
-              "vqkd": "pretrain.vqkd_checkpoint", "on_nan": "on_nan",
-              "steps": f"stages.{last}.steps",
-              "lr": f"stages.{last}.lr"}
-    for attr, key in simple.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            flags.append(f"{key}={json.dumps(_absolute(attr, value))}")
-    if args.epochs is not None:
-        flags += [f"stages.{last}.epochs={args.epochs}", f"stages.{last}.steps=0"]
-    if args.batch_size is not None:
-        flags += [f"stages.{i}.batch_size={args.batch_size}" for i in range(len(cfg.stages))]
-    if args.trust_checkpoint:
-        flags.append("checkpoint.trust=true")
-    if args.fsdp:
-        flags.append('dist.strategy="fsdp"')
-    if args.no_progress:
-        flags.append("progress=false")
+    values = _flag_values(args, command, len(cfg.stages))
+    values.update({f"data.{name}": value for name, value in data.items()})
+    flags = [f"{key}={json.dumps(value)}" for key, value in values.items()]
     return tc.apply_overrides(cfg, flags + list(args.overrides))
 
 
 def _cmd_train(args, pretrain: bool = False) -> int:
-    from oneref.train.distributed import is_main
-    from oneref.train.trainer import Trainer
-
     cfg = _train_config(args, pretrain)
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
@@ -335,10 +288,8 @@ def _cmd_train(args, pretrain: bool = False) -> int:
 # --- eval / predict / convert / info ---------------------------------------------------------
 
 def _cmd_eval(args) -> int:
-    from oneref.eval.splits import evaluate_checkpoint
-
     report = evaluate_checkpoint(
-        args.checkpoint, _data_values(args),
+        args.checkpoint, _data_values(args, "eval"),
         splits=[s.strip() for s in args.split.split(",")] if args.split else None,
         task=args.task, preset=args.model, size=args.size, batch_size=args.batch_size,
         device=args.device, trust=args.trust_checkpoint, out=args.out)
@@ -355,9 +306,6 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from oneref.eval.predict import draw_prediction, load_image, load_predictor, predict_file
-    from oneref.train.distributed import resolve_device
-
     if args.input is None and (args.image is None or args.text is None):
         raise ValueError("give --image and --text, or --input pairs.jsonl with --out-dir")
     if args.input is not None and (args.image or args.text):
@@ -391,8 +339,6 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from oneref.sources import ModelSource
-
     if not Path(args.source).is_file():
         raise ValueError(f"{args.source} is not a file (an official .pth is expected)")
     source = ModelSource(args.source, preset=args.model, trust=args.trust_checkpoint)
@@ -404,13 +350,6 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    import torch
-
-    from oneref.config import PRESETS
-    from oneref.model import OneRef
-    from oneref.info import info
-    from oneref.ops.dispatch import current_backend
-
     if args.model not in PRESETS:
         raise ValueError(f"--model must be one of {sorted(PRESETS)}, got {args.model!r}")
     cfg = PRESETS[args.model]
@@ -428,8 +367,6 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_ablate(args) -> int:
-    from oneref.ablation import VARIANTS, AblationSettings, run_ablation, summary_markdown
-
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
@@ -448,10 +385,7 @@ def _cmd_ablate(args) -> int:
 
 
 def _cmd_sts_labels(args) -> int:
-    from oneref.train.distributed import resolve_device
-    from oneref.train.sts_labels import make_sts_labels
-
-    data = _data_values(args)
+    data = _data_values(args, "sts-labels")
     path = make_sts_labels(args.teacher, args.out, split=args.split,
                            lambda_reg=args.lambda_reg, lambda_img=args.lambda_img,
                            device=resolve_device(args.device), trust=args.trust_checkpoint,
@@ -464,8 +398,6 @@ def _cmd_sts_labels(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from oneref.bench import run_bench
-
     return run_bench(args)
 
 

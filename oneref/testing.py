@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from oneref.model import OneRef
 from oneref.train.distributed import seed_everything
 
 __all__ = ["seed_everything", "skip_gpu_items", "official_beit3_state", "official_oneref_state"]
@@ -67,8 +68,6 @@ def official_oneref_state(config, seed: int = 0) -> dict[str, torch.Tensor]:
     """:func:`official_beit3_state` plus the REC / RES heads under official OneRef names
     (what a fine-tuned ``best_checkpoint.pth`` holds under ``model``), random, and the
     unused extras those files carry (``logit_scale``, ``text_proj``)."""
-    from oneref.model import OneRef
-
     state = official_beit3_state(config, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.device("meta"):

@@ -45,6 +45,58 @@ def test_train_flags_become_config():
     assert cfg.task == "pretrain" and cfg.pretrain.vts and cfg.stages[-1].steps == 4
 
 
+def _sample_value(flag, kind):
+    """A value for ``flag`` that no recipe has as its default."""
+    if flag.choices:
+        return flag.choices[-1]
+    return {int: "3", float: "0.25", str: "somewhere"}[kind]
+
+
+@pytest.mark.parametrize("command", ("train", "pretrain"))
+def test_every_config_flag_sets_the_field_it_documents(command):
+    """The flags are built from the config fields (oneref.train.config.Flag): each one,
+    given alone, lands in its field with the value (paths absolute, stage flags on the
+    stages their help names), and its help is the field's documentation."""
+    import dataclasses
+    import os
+
+    from oneref.cli import _train_config
+    from oneref.train.config import TrainConfig, command_flags
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    helps = {a.dest: a.help for a in sub._actions}
+    flags = list(command_flags(command))
+    assert {"data.root", "threads", "stages.*.lr", "checkpoint.init_from"} <= {k for k, *_ in flags}
+    for key, flag, kind in flags:
+        assert helps[flag.dest] == flag.help
+        argv = [command, flag.names[0]]
+        if flag.const is None:
+            argv.append(_sample_value(flag, kind))
+        if key.startswith("data.") and key not in ("data.dataset", "data.train_size"):
+            argv += ["--dataset", "unc"]  # real-data flags need a real dataset
+        if key == "pretrain.sts_labels":
+            argv.append("--sts")
+        if key == "checkpoint.init_from":
+            argv += ["--model", "tiny"]  # else the recipe is read from the (absent) weights
+        cfg = _train_config(parser.parse_args(argv), pretrain=command == "pretrain")
+        expected = flag.const if flag.const is not None else kind(argv[2])
+        if flag.path and isinstance(expected, str) and expected != "auto":
+            expected = os.path.abspath(expected)
+        if key.startswith("stages.*."):
+            name = key.rsplit(".", 1)[1]
+            stages = cfg.stages if flag.stage == "all" else cfg.stages[-1:]
+            assert all(getattr(s, name) == expected for s in stages), key
+            assert all(getattr(s, r) == 0 for s in stages for r in flag.resets), key
+            continue
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == expected, (key, node, expected)
+    documented = {f.name for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
+    assert {"threads", "time_budget_s", "on_nan"} <= documented
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run folder holding an untrained tiny model and its training config."""

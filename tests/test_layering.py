@@ -123,3 +123,32 @@ def test_the_op_layer_imports_nothing_above_it():
 def test_the_cycle_search_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"a.b"}, "a.b": set()}) == []
+
+
+def _function_level_imports(module: str, path: Path) -> set[str]:
+    """Package modules imported inside functions of ``path``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for func in ast.walk(tree):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(func):
+            if isinstance(node, ast.ImportFrom):
+                name = _resolve(module, node, path.name == "__init__.py")
+            elif isinstance(node, ast.Import):
+                name = node.names[0].name
+            else:
+                continue
+            if name.startswith("oneref"):
+                found.add(name)
+    return found
+
+
+def test_function_level_imports_only_defer_a_package_attribute():
+    """Inside a function the package imports itself only where a package ``__init__``
+    loads a heavy submodule on first use (its docstring or comment says so); everything
+    else imports at module level, where the layering above is checked."""
+    wrong = {m: sorted(_function_level_imports(m, p)) for m, p in _modules().items()
+             if p.name != "__init__.py"}
+    wrong = {m: names for m, names in wrong.items() if names}
+    assert not wrong, f"function-level package imports (move them to module level): {wrong}"

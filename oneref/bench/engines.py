@@ -25,8 +25,12 @@ from typing import Callable
 
 import torch
 
+from oneref.bench.baseline import BaselineOneRef, use_sdpa
+from oneref.checkpoints import load_official
 from oneref.compile import compile_step
 from oneref.config import ModelConfig
+from oneref.model import OneRef
+from oneref.ops import reference, use_backend
 
 __all__ = ["ENGINES", "Engine", "build_engine", "make_batch", "train_step", "infer_step",
            "TRAIN_TASKS", "INFER_TASKS", "TASK_FNS", "field_of"]
@@ -71,7 +75,6 @@ class Engine:
         if self.autocast is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast))
         if self.backend is not None:
-            from oneref.ops import use_backend
             stack.enter_context(use_backend(self.backend))
         return stack
 
@@ -102,7 +105,7 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
     """Build the model of row ``key`` on ``device`` (fresh weights from ``seed``).
 
     Raises RuntimeError with the reason when the row cannot run here (missing torchscale,
-    the engine model not importable, torch.compile unusable)."""
+    torch.compile unusable)."""
     if key not in ENGINES:
         raise ValueError(f"unknown engine {key!r}; choose from {sorted(ENGINES)}")
     device = torch.device(device)
@@ -111,7 +114,6 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
     notes = []
     if key in ("a", "b", "b+"):
         try:
-            from oneref.bench.baseline import BaselineOneRef, use_sdpa
             model = BaselineOneRef(config)
         except ImportError as exc:
             raise _unavailable(key, str(exc)) from exc
@@ -123,10 +125,6 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
         autocast = torch.bfloat16 if key != "a" and gpu else None
         backend = None
     else:
-        try:
-            from oneref.model import OneRef
-        except ImportError as exc:
-            raise _unavailable(key, f"oneref.model.OneRef not importable ({exc})") from exc
         model = OneRef.from_config(config)
         # The baselines check nothing; as in the trainer, no value check syncs in the step.
         model.validate_inputs = False
@@ -205,8 +203,6 @@ def make_batch(config: ModelConfig, batch: int, device: torch.device | str, seed
     """A random batch (never zeros): normal images, ids in [4, V), text lengths in
     [T/4, T], boxes inside the canvas, random masks; MIM image masks from the referring
     masking reference; MLM labels on ~40 % of the real text tokens."""
-    from oneref.ops import reference
-
     gen = torch.Generator().manual_seed(seed)
     size, text, grid = config.img_size, config.max_text_len, config.grid
     images = torch.randn(batch, 3, size, size, generator=gen)
@@ -243,10 +239,6 @@ def encoder_agreement(config: ModelConfig, device: torch.device | str, seed: int
     official-style baseline and our model after loading the baseline's weights into ours
     with :func:`oneref.checkpoints.load_official` (fp32, eval, batch 2). A small number shows
     that rows (a) and (c)-(e) compute the same function, so their timings compare."""
-    from oneref.bench.baseline import BaselineOneRef
-    from oneref.checkpoints import load_official
-    from oneref.model import OneRef
-
     torch.manual_seed(seed)
     device = torch.device(device)
     baseline = BaselineOneRef(config).to(device).eval()
@@ -255,13 +247,8 @@ def encoder_agreement(config: ModelConfig, device: torch.device | str, seed: int
     batch = make_batch(config, 2, device, seed=seed)
     with torch.no_grad():
         vision, text = baseline.encode(batch["images"], batch["text_ids"])
-        with _torch_backend():
+        with use_backend("torch"):
             enc = ours.encode(batch["images"], batch["text_ids"], batch["text_lengths"])
     real = torch.arange(text.shape[1], device=device)[None] < batch["text_lengths"][:, None]
     return max((vision - enc.vision).abs().max().item(),
                (text - enc.text).abs()[real].max().item())
-
-
-def _torch_backend():
-    from oneref.ops import use_backend
-    return use_backend("torch")

@@ -12,6 +12,7 @@ the reason. Conventions:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import statistics
@@ -19,8 +20,10 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from oneref import ops
 from oneref.bench.timing import sync, time_calls
-from oneref.ops import reference
+from oneref.ops import backend_status, reference
+from oneref.ops.cases import CASES
 from oneref.ops.registry import not_supported_reasons
 
 __all__ = ["bench_call", "attention_rows", "memory_rows", "lce_rows", "iter_kernel_rows",
@@ -41,7 +44,6 @@ def bench_call(fn, inputs, device: torch.device, repeats: int = 20) -> float:
 
 def _backends(device: torch.device) -> list[str]:
     """Our backends that can run on ``device`` (explicit names, then auto)."""
-    from oneref.ops import backend_status
     if device.type != "cuda":
         return ["torch"]
     status = backend_status(device)
@@ -90,7 +92,6 @@ def _xformers_call():
 
 def _attention_impls(device):
     """name -> (layout, fn(q, k, v, lengths, num_vision)); layout "bshd" or "bhsd"."""
-    from oneref import ops
     impls = {}
     for name in _backends(device):
         impls[f"ours[{name}]"] = ("bshd", lambda q, k, v, l, nv, _b=name:
@@ -188,87 +189,47 @@ def attention_rows(device, batches=(32,), text_lens=(8, 16, 32, 64), heads=12, h
 
 
 # ----------------------------------------------------------------------- memory-bound --
+#: G2 ops: their baseline is the reference, or for the LayerNorms the torch composite.
+MEMORY_OPS = ("masked_gather", "referring_mask", "vts_loss", "box_mask_loss",
+              "multiway_add_layer_norm", "multiway_layer_norm")
+_COMPOSITE_BASELINE = ("multiway_add_layer_norm", "multiway_layer_norm")
+
+
+def _op_call(name: str, backend: str):
+    """The public op pinned to ``backend``."""
+    return lambda *args: getattr(ops, name)(*args, backend=backend)
+
+
+def _shape(args) -> str:
+    """The tensor inputs of a case but its 1-D parameters, e.g. ``(64,576,768) bfloat16,
+    (64,576) bool``."""
+    return ", ".join(f"({','.join(map(str, a.shape))}) {str(a.dtype).replace('torch.', '')}"
+                     for a in args if isinstance(a, torch.Tensor) and a.dim() > 1)
+
+
 def _memory_cases(device, scale: float):
-    """(op, shape, make_inputs(seed) -> args, baseline fn, our fn(backend), bytes, grad,
-    rtol). The baseline is the reference, or for the LayerNorms the torch composite."""
-    from oneref import ops
-    grid, dim = 24, 768
+    """(op, shape, inputs(seed) -> args, baseline fn, our fn(backend), bytes, grad, rtol)
+    from the shared cases (:mod:`oneref.ops.cases`) at benchmark size ``scale``."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    size = torch.finfo(dtype).bits // 8
+    rows = []
+    for op in MEMORY_OPS:
+        case = CASES[op]
 
-    def op_call(name):  # backend -> the public op pinned to it
-        return lambda be: (lambda *a: getattr(ops, name)(*a, backend=be))
+        def inputs(seed, _case=case):
+            args = _case.inputs(seed, device, dtype, scale)
+            if not _case.trains:
+                return args
+            return tuple(a.detach().requires_grad_(True)
+                         if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                         for a in args)
 
-    def boxes(gen, n):
-        wh = 0.1 + 0.6 * torch.rand(n, 2, generator=gen)
-        return torch.cat([wh / 2 + (1 - wh) * torch.rand(n, 2, generator=gen), wh], 1)
-
-    b_gather, b_mask, b_loss = (max(1, int(n * scale)) for n in (8, 512, 256))
-
-    def gather_inputs(seed):
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(b_gather, grid * grid, dim, generator=gen).to(device, dtype)
-        mask = (torch.rand(b_gather, grid * grid, generator=gen) < 0.4).to(device)
-        return (x, mask)
-
-    def refmask_inputs(seed):
-        gen = torch.Generator().manual_seed(seed)
-        return (boxes(gen, b_mask).to(device),
-                torch.rand(b_mask, 2, grid * grid, generator=gen).to(device), grid)
-
-    def vts_inputs(seed):
-        gen = torch.Generator().manual_seed(seed)
-        pred = torch.randn(b_loss, grid * grid, 4, generator=gen).to(device)
-        return (pred.requires_grad_(True), boxes(gen, b_loss).to(device), grid)
-
-    def boxmask_inputs(seed):
-        gen = torch.Generator().manual_seed(seed)
-        logits = torch.randn(b_loss * 16, grid, grid, generator=gen).to(device)
-        return (logits.requires_grad_(True), boxes(gen, b_loss * 16).to(device))
-
-    seq, b_norm = grid * grid + 64, max(1, int(scale))
-    low = str(dtype).replace("torch.", "")
-
-    def add_norm_inputs(seed):  # a block's residual add + LN under autocast
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(seq, b_norm, dim, generator=gen).to(device).transpose(0, 1)
-        branch = torch.randn(seq, b_norm, dim, generator=gen).to(device, dtype).transpose(0, 1)
-        params = [torch.randn(dim, generator=gen).to(device) for _ in range(4)]
-        return (x.requires_grad_(True), branch.requires_grad_(True), grid * grid + 1,
-                *params, 1e-5, None, dtype)
-
-    def gelu_norm_inputs(seed):  # the FFN's sub-LN of GELU(fc1)
-        gen = torch.Generator().manual_seed(seed)
-        z = torch.randn(seq, b_norm, 4 * dim, generator=gen).to(device, dtype).transpose(0, 1)
-        params = [torch.randn(4 * dim, generator=gen).to(device) for _ in range(4)]
-        return (z.requires_grad_(True), grid * grid + 1, *params, 1e-5, "gelu", dtype)
-
-    rows_norm = b_norm * seq
-    n_rows = int(0.4 * b_gather * grid * grid)
-    return [
-        ("masked_gather", f"x=({b_gather},{grid * grid},{dim}) {dtype}", gather_inputs,
-         reference.masked_gather, op_call("masked_gather"),
-         2 * n_rows * dim * size + b_gather * grid * grid, False, 1e-3),
-        ("referring_mask", f"B={b_mask} G={grid}", refmask_inputs, reference.referring_mask,
-         op_call("referring_mask"),
-         b_mask * (2 * grid * grid * 4 + 16 + grid * grid), False, 1e-3),
-        ("vts_loss", f"pred=({b_loss},{grid * grid},4) fp32 fwd+bwd", vts_inputs,
-         reference.vts_loss, op_call("vts_loss"),
-         2 * b_loss * grid * grid * 4 * 4 + b_loss * 16, True, 1e-3),
-        ("box_mask_loss", f"logits=({b_loss * 16},{grid},{grid}) fp32 fwd+bwd",
-         boxmask_inputs, reference.box_mask_loss,
-         op_call("box_mask_loss"),
-         2 * b_loss * 16 * grid * grid * 4 + b_loss * 16 * 16, True, 1e-3),
-        # fused: fwd reads x, branch, writes h, y; bwd reads dy, h, dh, writes dx, dbranch
-        # (x, h twice, dh, dx fp32: 20 bytes a value; branch, y, dy, dbranch in the low dtype)
-        ("multiway_add_layer_norm", f"x=({b_norm},{seq},{dim}) fp32 + {low} fwd+bwd",
-         add_norm_inputs, op_call("multiway_add_layer_norm")("torch"),
-         op_call("multiway_add_layer_norm"), rows_norm * dim * (20 + 4 * size), True, 1e-2),
-        # fused: fwd reads z, writes y; bwd reads dy, z, writes dz
-        ("multiway_layer_norm", f"z=({b_norm},{seq},{4 * dim}) {low} gelu fwd+bwd",
-         gelu_norm_inputs, op_call("multiway_layer_norm")("torch"),
-         op_call("multiway_layer_norm"), rows_norm * 4 * dim * 5 * size, True, 1e-2),
-    ]
+        sample = case.inputs(0, device, dtype, scale)
+        baseline = (_op_call(op, "torch") if op in _COMPOSITE_BASELINE
+                    else getattr(reference, op))
+        shape = _shape(sample) + (" fwd+bwd" if case.trains else "")
+        rows.append((op, shape, inputs, baseline, functools.partial(_op_call, op),
+                     case.bytes(sample), case.trains, case.tolerance(dtype)[0]))
+    return rows
 
 
 def _same(got, want, rtol: float) -> bool:
@@ -349,7 +310,6 @@ def lce_rows(device, cases=None):
     """G3: linear_cross_entropy (fwd+bwd) vs eager Linear + CE, time and peak memory.
     Default cases: MLM (N=1600 masked tokens, D=768, V=64010, smoothing 0.1) and MIM
     (N=14720 masked patches, V=8192) in bf16 on CUDA; tiny sizes in fp32 on CPU."""
-    from oneref import ops
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     if cases is None:

@@ -39,9 +39,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+from oneref import ops
 from oneref.bench.baseline import use_sdpa
 from oneref.bench.engines import ENGINES, build_engine, make_batch, train_step
 from oneref.config import get_config
+from oneref.ops import dispatch, policy
+from oneref.ops.registry import OPS, not_supported_reasons
 
 __all__ = ["CARDS", "LAUNCH_GAP_US", "UNMEASURED_KERNELS", "OpCounter", "count_step", "predict",
            "roofline_rows", "roofline_markdown"]
@@ -223,9 +226,6 @@ def _policy_on_cpu(assume: tuple[str, ...] = (), gen: str = "sm90"):
     """Engine (d) on CPU tensors: each op on the backend the ``gen`` policy picks for
     training when that backend has CPU kernels (the extension's C++ ones), else torch; the
     ops of ``assume`` on their Triton kernels."""
-    from oneref.ops import dispatch, policy
-    from oneref.ops.registry import OPS, not_supported_reasons
-
     real = dispatch.resolve
 
     def resolve(op, device, backend=None, dtype=None, head_dim=None):
@@ -235,8 +235,6 @@ def _policy_on_cpu(assume: tuple[str, ...] = (), gen: str = "sm90"):
         usable = (choice != "triton" and not dispatch.unavailable_reasons(choice, op, device)
                   and not not_supported_reasons(op, choice, device.type, dtype, head_dim))
         return real(op, device, choice if usable else "torch", dtype, head_dim)
-
-    import oneref.ops as ops
 
     saved = ops.resolve
     ops.resolve = resolve

@@ -16,9 +16,13 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from oneref.bench.engines import infer_step
+from oneref.bench.timing import sync
 from oneref.config import ModelConfig
+from oneref.data.transforms import Example, TestTransform
 
 __all__ = ["SPLIT_SIZE", "SyntheticSplit", "split_test_time"]
 
@@ -32,10 +36,6 @@ class SyntheticSplit(Dataset):
     Items: dict image (3, S, S) float, text_ids (T,) long, text_length () long, box (4,)."""
 
     def __init__(self, config: ModelConfig, size: int, pool: int = 16, seed: int = 0):
-        from PIL import Image
-
-        from oneref.data.transforms import TestTransform
-
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
         rng = np.random.default_rng(seed)
@@ -58,8 +58,6 @@ class SyntheticSplit(Dataset):
         return self.size
 
     def __getitem__(self, index: int) -> dict:
-        from oneref.data.transforms import Example
-
         k = index % len(self.images)
         out = self.transform(Example(self.images[k], self.boxes[k], None, ""))
         return {"image": out.image, "text_ids": self.ids[index],
@@ -71,15 +69,8 @@ def split_test_time(engine, config: ModelConfig, samples: int, batch: int,
     """Run inference (REC boxes back on the host) over a synthetic split of ``samples``;
     returns the measured time and the time for 5,657 samples (extrapolated when
     ``samples < 5657``)."""
-    from oneref.bench.engines import infer_step
-    from oneref.bench.timing import sync
-
     device = engine.device
-    try:
-        dataset = SyntheticSplit(config, samples)
-    except ImportError as exc:
-        return {"split_skipped": f"test transform not importable ({exc})"}
-    loader = DataLoader(dataset, batch_size=batch, num_workers=workers,
+    loader = DataLoader(SyntheticSplit(config, samples), batch_size=batch, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
 
     def run(limit: int | None = None) -> int:

@@ -1,26 +1,27 @@
-"""Small input sets for every op of the registry, drawn from a seed: what the conformance
-tests run each backend on against the reference (``tests/ops/test_conformance.py``).
+"""One input case per op of the registry, drawn from a seed: what the conformance tests
+(``tests/ops/test_conformance.py``), the pytest micro-benchmarks (``benchmarks/``) and the
+G2 rows of ``oneref bench`` (:mod:`oneref.bench.kernels`) run every backend on.
 
-``CASES[op](seed, device, dtype)`` returns the positional arguments of the op (the
-reference's signature); odd sizes on purpose (9 tokens with 6 vision rows, 7-row linear
-inputs, 12-wide LayerNorm rows, a 5-row cross-entropy with an ignored row).
+``CASES[op].inputs(seed, device, dtype)`` returns the op's positional arguments (the
+reference's signature) at the test size: odd sizes on purpose (9 tokens with 6 vision rows,
+7-row linear inputs, 12-wide LayerNorm rows, a 5-row cross-entropy with an ignored row).
+``scale=s`` gives the benchmark size instead, OneRef-B's shapes (24 x 24 grid, D = 768) with
+the batch multiplied by ``s``; there the LayerNorm inputs take the model's layout (a
+sequence-major fp32 residual stream beside ``dtype`` branches). ``CASES[op].bytes(args)``
+counts what one call reads and writes (its backward included where the case trains), and
+``CASES[op].tolerance(dtype)`` is the (rtol, atol) against the reference.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-__all__ = ["CASES", "boxes"]
+__all__ = ["Case", "CASES", "boxes"]
 
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _randn(gen, *shape, device, dtype) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+GRID, DIM, TEXT = 24, 768, 64
 
 
 def boxes(gen: torch.Generator, n: int, device) -> torch.Tensor:
@@ -30,24 +31,72 @@ def boxes(gen: torch.Generator, n: int, device) -> torch.Tensor:
     return torch.cat([centre, wh], dim=1).to(device)
 
 
-def _mask(gen, batch: int, rows: int, device) -> torch.Tensor:
-    mask = torch.rand(batch, rows, generator=gen) < 0.5
+def _randn(gen, *shape, device, dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def _mask(gen, batch: int, rows: int, device, share: float = 0.5) -> torch.Tensor:
+    mask = torch.rand(batch, rows, generator=gen) < share
     mask[:, 0] = True  # at least one row per sample
     return mask.to(device)
 
 
-def _attention(seed, device, dtype):
-    gen = _gen(seed)
-    q, k, v = (_randn(gen, 2, 9, 2, 16, device=device, dtype=dtype) for _ in range(3))
-    return q, k, v, torch.tensor([1, 3], device=device), 6, None
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _linear(seed, device, dtype):
-    gen = _gen(seed)
-    x = _randn(gen, 2, 7, 16, device=device, dtype=dtype)
-    wa, wb = (_randn(gen, 8, 16, device=device, dtype=dtype) * 0.25 for _ in range(2))
-    ba, bb = (_randn(gen, 8, device=device, dtype=dtype) for _ in range(2))
-    return x, 4, wa, ba, wb, bb, "gelu"
+@dataclass(frozen=True)
+class Case:
+    """How to draw, judge and count the inputs of one op.
+
+    Attributes:
+        build: ``(gen, device, dtype, size) -> args``; ``size`` is None (test) or the
+            benchmark scale.
+        bytes: ``args -> int``: bytes one call reads and writes (with its backward when
+            ``trains``).
+        trains: whether the op's floating inputs take a gradient (a benchmark times forward
+            and backward).
+        rtol: relative tolerance against the reference in fp32 (half dtypes: 1e-2).
+    """
+
+    build: Callable
+    bytes: Callable[[tuple], int]
+    trains: bool = True
+    rtol: float = 1e-4
+
+    def inputs(self, seed: int, device, dtype: torch.dtype, scale: float | None = None) -> tuple:
+        return self.build(torch.Generator().manual_seed(seed), torch.device(device), dtype, scale)
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        if dtype in (torch.float16, torch.bfloat16):
+            return 1e-2, 1e-2
+        return self.rtol, 1e-5
+
+
+def _batch(scale, test: int, bench: int) -> int:
+    return test if scale is None else max(1, int(bench * scale))
+
+
+def _attention(gen, device, dtype, scale):
+    batch, seq, heads, head_dim, vision = ((2, 9, 2, 16, 6) if scale is None else
+                                           (_batch(scale, 0, 4), GRID * GRID + 1 + TEXT, 12, 64,
+                                            GRID * GRID + 1))
+    q, k, v = (_randn(gen, batch, seq, heads, head_dim, device=device, dtype=dtype)
+               for _ in range(3))
+    lengths = (torch.tensor([1, 3]) if scale is None else
+               torch.randint(8, TEXT + 1, (batch,), generator=gen)).to(device)
+    return q, k, v, lengths, vision, None
+
+
+def _linear(gen, device, dtype, scale):
+    batch, seq, d_in, d_out, vision = ((2, 7, 16, 8, 4) if scale is None else
+                                       (_batch(scale, 0, 4), GRID * GRID + 1 + TEXT, DIM,
+                                        4 * DIM, GRID * GRID + 1))
+    x = _randn(gen, batch, seq, d_in, device=device, dtype=dtype)
+    wa, wb = (_randn(gen, d_out, d_in, device=device, dtype=dtype) * d_in ** -0.5
+              for _ in range(2))
+    ba, bb = (_randn(gen, d_out, device=device, dtype=dtype) for _ in range(2))
+    return x, vision, wa, ba, wb, bb, "gelu"
 
 
 def _norm_params(gen, width, device, dtype):
@@ -55,80 +104,150 @@ def _norm_params(gen, width, device, dtype):
             for offset in (1.0, 0.0, 1.0, 0.0)]
 
 
-def _layer_norm(seed, device, dtype):
-    gen = _gen(seed)
-    x = _randn(gen, 3, 9, 12, device=device, dtype=dtype) * 2 + 0.5
-    return x, 6, *_norm_params(gen, 12, device, dtype), 1e-5, "gelu", dtype
+def _rows(gen, scale, width, device, dtype):
+    """LayerNorm input: (3, 9, width) at the test size; at a benchmark size the model's
+    layout, a (B, S, width) view of a sequence-major (S, B, width) tensor."""
+    if scale is None:
+        return _randn(gen, 3, 9, width, device=device, dtype=dtype) * 2 + 0.5
+    batch, seq = _batch(scale, 0, 1), GRID * GRID + 1 + TEXT
+    return _randn(gen, seq, batch, width, device=device, dtype=dtype).transpose(0, 1)
 
 
-def _add_layer_norm(seed, device, dtype):
-    gen = _gen(seed)
-    x, branch = (_randn(gen, 3, 9, 12, device=device, dtype=dtype) for _ in range(2))
-    scale = torch.tensor([0.0, 1.25, 1.25], device=device, dtype=dtype)
-    return x, branch, 6, *_norm_params(gen, 12, device, dtype), 1e-5, scale, dtype
+def _layer_norm(gen, device, dtype, scale):
+    """The FFN's sub-LN of GELU(fc1): the input in ``dtype``, fp32 parameters at a
+    benchmark size."""
+    width = 12 if scale is None else 4 * DIM
+    z = _rows(gen, scale, width, device, dtype)
+    params = _norm_params(gen, width, device, dtype if scale is None else torch.float32)
+    return z, 6 if scale is None else GRID * GRID + 1, *params, 1e-5, "gelu", dtype
 
 
-def _referring_mask(seed, device, dtype):
-    gen = _gen(seed)
-    return boxes(gen, 3, device), torch.rand(3, 2, 36, generator=gen).to(device, dtype), 6, \
-        0.35, 0.75
+def _layer_norm_bytes(args) -> int:
+    """Forward reads z, writes y; backward reads dy and z, writes dz."""
+    z, dtype = args[0], args[-1]
+    return z.numel() * (3 * z.element_size() + 2 * torch.finfo(dtype).bits // 8)
 
 
-def _apply_mask_token(seed, device, dtype):
-    gen = _gen(seed)
-    return (_randn(gen, 2, 5, 8, device=device, dtype=dtype), _mask(gen, 2, 5, device),
-            _randn(gen, 8, device=device, dtype=dtype))
+def _add_layer_norm(gen, device, dtype, scale):
+    """A block's residual add + LN: at a benchmark size the residual stream is fp32, the
+    branch ``dtype`` and no drop-path scale."""
+    width = 12 if scale is None else DIM
+    x = _rows(gen, scale, width, device, dtype if scale is None else torch.float32)
+    branch = _rows(gen, scale, width, device, dtype)
+    params = _norm_params(gen, width, device, dtype if scale is None else torch.float32)
+    if scale is None:
+        drop_scale, vision = torch.tensor([0.0, 1.25, 1.25], device=device, dtype=dtype), 6
+    else:
+        drop_scale, vision = None, GRID * GRID + 1
+    return x, branch, vision, *params, 1e-5, drop_scale, dtype
 
 
-def _masked_gather(seed, device, dtype):
-    gen = _gen(seed)
-    return _randn(gen, 2, 5, 8, device=device, dtype=dtype), _mask(gen, 2, 5, device)
+def _add_layer_norm_bytes(args) -> int:
+    """Forward reads x and the branch, writes h (the new residual) and y; backward reads dy,
+    h and dh, writes dx and the branch's gradient."""
+    x, branch, dtype = args[0], args[1], args[-1]
+    out = torch.finfo(dtype).bits // 8
+    return x.numel() * (5 * x.element_size() + 2 * branch.element_size() + 2 * out)
 
 
-def _masked_scatter(seed, device, dtype):
-    gen = _gen(seed)
-    mask = _mask(gen, 2, 5, device)
-    return _randn(gen, int(mask.sum()), 8, device=device, dtype=dtype), mask
+def _referring_mask(gen, device, dtype, scale):
+    batch, grid = (3, 6) if scale is None else (_batch(scale, 0, 512), GRID)
+    return (boxes(gen, batch, device),
+            torch.rand(batch, 2, grid * grid, generator=gen).to(device, dtype), grid, 0.35, 0.75)
 
 
-def _vts(seed, device, dtype):
-    gen = _gen(seed)
-    return _randn(gen, 2, 16, 4, device=device, dtype=dtype), boxes(gen, 2, device), 4
+def _tokens(gen, device, dtype, scale):
+    batch, rows, width = (2, 5, 8) if scale is None else (_batch(scale, 0, 8), GRID * GRID, DIM)
+    return _randn(gen, batch, rows, width, device=device, dtype=dtype), \
+        _mask(gen, batch, rows, device, 0.5 if scale is None else 0.4)
 
 
-def _box_mask(seed, device, dtype):
-    gen = _gen(seed)
-    return _randn(gen, 2, 4, 4, device=device, dtype=dtype) * 3, boxes(gen, 2, device), 20.0, 2.0
+def _apply_mask_token(gen, device, dtype, scale):
+    x, mask = _tokens(gen, device, dtype, scale)
+    return x, mask, _randn(gen, x.shape[-1], device=device, dtype=dtype)
 
 
-def _focal_dice(seed, device, dtype):
-    gen = _gen(seed)
-    logits = _randn(gen, 2, 6, 6, device=device, dtype=dtype) * 3
-    target = (torch.rand(2, 6, 6, generator=gen) > 0.6).to(device=device, dtype=dtype)
+def _masked_gather(gen, device, dtype, scale):
+    return _tokens(gen, device, dtype, scale)
+
+
+def _masked_scatter(gen, device, dtype, scale):
+    x, mask = _tokens(gen, device, dtype, scale)
+    return x[mask].contiguous(), mask
+
+
+def _selected_rows_bytes(args) -> int:
+    """Gather and scatter alike, forward + backward: the mask read twice, the selected rows
+    read or written three times, every row written once (the zeros of the unselected ones)."""
+    x, mask = args[0], args[1]
+    row = x.shape[-1] * x.element_size()
+    return 2 * mask.numel() + (3 * int(mask.sum()) + mask.numel()) * row
+
+
+def _vts(gen, device, dtype, scale):
+    batch, grid = (2, 4) if scale is None else (_batch(scale, 0, 256), GRID)
+    return _randn(gen, batch, grid * grid, 4, device=device, dtype=dtype), \
+        boxes(gen, batch, device), grid
+
+
+def _box_mask(gen, device, dtype, scale):
+    batch, grid = (2, 4) if scale is None else (_batch(scale, 0, 4096), GRID)
+    return _randn(gen, batch, grid, grid, device=device, dtype=dtype) * 3, \
+        boxes(gen, batch, device), 20.0, 2.0
+
+
+def _prediction_bytes(args) -> int:
+    """A loss over one prediction tensor: read forward, its gradient written backward (a
+    fused loss keeps nothing else); the other tensors read once."""
+    return 2 * _nbytes(args[0]) + _nbytes(*args[1:])
+
+
+def _focal_dice(gen, device, dtype, scale):
+    batch, side = (2, 6) if scale is None else (_batch(scale, 0, 64), 16 * GRID)
+    logits = _randn(gen, batch, side, side, device=device, dtype=dtype) * 3
+    target = (torch.rand(batch, side, side, generator=gen) > 0.6).to(device=device, dtype=dtype)
     return logits, target, 20.0, 2.0
 
 
-def _linear_ce(seed, device, dtype):
-    gen = _gen(seed)
-    x = _randn(gen, 5, 16, device=device, dtype=dtype)
-    weight = _randn(gen, 11, 16, device=device, dtype=dtype) * 0.25
-    target = torch.tensor([0, 10, -100, 3, 7], device=device)
-    return x, weight, target, _randn(gen, 11, device=device, dtype=dtype), -100, 0.1, "mean"
+def _linear_ce(gen, device, dtype, scale):
+    rows, width, vocab = (5, 16, 11) if scale is None else (_batch(scale, 0, 1600), DIM, 64010)
+    x = _randn(gen, rows, width, device=device, dtype=dtype)
+    weight = _randn(gen, vocab, width, device=device, dtype=dtype) * width ** -0.5
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    target[2 % rows] = -100
+    return x, weight, target.to(device), _randn(gen, vocab, device=device, dtype=dtype), \
+        -100, 0.1, "mean"
 
 
-def _sts(seed, device, dtype):
-    gen = _gen(seed)
-    pred, target = (_randn(gen, 2, 6, device=device, dtype=dtype) for _ in range(2))
-    valid = torch.zeros(2, 6, dtype=torch.bool)
-    valid[0, 1:5], valid[1, 1:3] = True, True
+def _sts(gen, device, dtype, scale):
+    batch, text = (2, 6) if scale is None else (_batch(scale, 0, 64), TEXT)
+    pred, target = (_randn(gen, batch, text, device=device, dtype=dtype) for _ in range(2))
+    valid = torch.zeros(batch, text, dtype=torch.bool)
+    valid[:, 1:max(2, text - 2)] = True
+    valid[1 % batch, text // 2:] = False
     return pred, target, valid.to(device)
 
 
-CASES: dict[str, Callable] = {
-    "multiway_attention": _attention, "multiway_linear": _linear,
-    "multiway_layer_norm": _layer_norm, "multiway_add_layer_norm": _add_layer_norm,
-    "referring_mask": _referring_mask, "apply_mask_token": _apply_mask_token,
-    "masked_gather": _masked_gather, "masked_scatter": _masked_scatter, "vts_loss": _vts,
-    "box_mask_loss": _box_mask, "focal_dice_loss": _focal_dice,
-    "linear_cross_entropy": _linear_ce, "sts_kl": _sts,
+def _all_inputs_bytes(args) -> int:
+    """Every input read once, the output and the input gradients written."""
+    return 2 * _nbytes(*args)
+
+
+CASES: dict[str, Case] = {
+    "multiway_attention": Case(_attention, _all_inputs_bytes),
+    "multiway_linear": Case(_linear, _all_inputs_bytes),
+    "multiway_layer_norm": Case(_layer_norm, _layer_norm_bytes),
+    "multiway_add_layer_norm": Case(_add_layer_norm, _add_layer_norm_bytes),
+    # reads the boxes and the noise, writes one bool per patch
+    "referring_mask": Case(_referring_mask, lambda a: _nbytes(*a[:2]) + a[1].numel() // 2,
+                           trains=False),
+    # forward and backward each read a (B, L, D) tensor and the mask and write one
+    "apply_mask_token": Case(_apply_mask_token, lambda a: 4 * _nbytes(a[0]) + 2 * a[1].numel()),
+    "masked_gather": Case(_masked_gather, _selected_rows_bytes),
+    "masked_scatter": Case(_masked_scatter, _selected_rows_bytes),
+    "vts_loss": Case(_vts, _prediction_bytes),
+    "box_mask_loss": Case(_box_mask, _prediction_bytes),
+    "focal_dice_loss": Case(_focal_dice, _prediction_bytes),
+    "linear_cross_entropy": Case(_linear_ce, _all_inputs_bytes),
+    "sts_kl": Case(_sts, _prediction_bytes),
 }

@@ -16,6 +16,8 @@ Recipes:
 
 A config round-trips through JSON/YAML (:meth:`TrainConfig.to_dict`,
 :meth:`TrainConfig.from_dict`) and takes dotted overrides (``optim.weight_decay=0.05``).
+Fields documented with ``_option`` carry their help (and allowed values) as metadata; the
+ones with a :class:`Flag` are the command's flags (:func:`command_flags`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from oneref.config import ModelConfig
 
@@ -44,6 +46,8 @@ __all__ = [
     "reference_pretrain_recipe",
     "load_config_file",
     "apply_overrides",
+    "Flag",
+    "command_flags",
 ]
 
 TASKS = ("rec", "res", "pretrain")
@@ -51,19 +55,81 @@ TASKS = ("rec", "res", "pretrain")
 INIT_SCHEMES = ("model", "torchscale", "scratch")
 
 
+@dataclass(frozen=True)
+class Flag:
+    """How a config field appears on the command line; :mod:`oneref.cli` builds the train and
+    pretrain flags (and the data flags of the other subcommands) from these, so a flag's help
+    is its field's documentation.
+
+    Attributes:
+        names: option strings, the first one naming the argparse ``dest``.
+        help: the field's documentation (also the flag's help).
+        choices: allowed values; the section's ``validate`` checks them too.
+        const: the flag takes no value and stores this one (booleans: True).
+        optional_value: with ``const``, a value may follow the flag (``--resume [PATH]``).
+        path: a file or folder, stored absolute so a run folder works from anywhere.
+        stage: ``last`` or ``all``: a StageConfig field applied to the last or every stage.
+        resets: fields of the same stage set to 0 with it (``--epochs`` unsets ``steps``).
+        commands: the subcommands that have it.
+    """
+
+    names: tuple[str, ...]
+    help: str
+    choices: tuple = ()
+    const: Any = None
+    optional_value: bool = False
+    metavar: str | None = None
+    path: bool = False
+    stage: str = ""
+    resets: tuple[str, ...] = ()
+    commands: tuple[str, ...] = ("train", "pretrain")
+
+    @property
+    def dest(self) -> str:
+        return self.names[0].lstrip("-").replace("-", "_")
+
+
+#: Subcommands that read data flags (train and pretrain also have the other flags).
+_DATA_COMMANDS = ("train", "pretrain", "eval", "sts-labels")
+
+
+def _option(default: Any, *names: str, help: str, choices: tuple = (),
+            flag_choices: tuple = (), **flag: Any):
+    """A dataclass field documented by ``help`` and limited to ``choices`` (checked by the
+    section's ``validate``); with ``names`` also a command-line flag, offering
+    ``flag_choices`` (default: ``choices``)."""
+    meta = {"help": help, "choices": choices}
+    if names:
+        meta["flag"] = Flag(names, help, choices=flag_choices or choices, **flag)
+    return field(default=default, metadata=meta)
+
+
+def _check_choices(section, where: str) -> None:
+    """Every field of ``section`` with choices holds one of them."""
+    for f in dataclasses.fields(section):
+        choices = f.metadata.get("choices", ())
+        value = getattr(section, f.name)
+        if choices and value not in choices:
+            raise ValueError(f"{where}{f.name} must be one of {', '.join(map(str, choices))}, "
+                             f"got {value!r}")
+
+
 @dataclass
 class StageConfig:
     """One stage of the schedule (the recipe's frozen-backbone warm-up, then full training)."""
 
     name: str = "full"
-    #: Passes over the training split. Ignored when ``steps`` is set.
-    epochs: int = 1
-    #: Optimizer steps of the stage; overrides ``epochs`` when > 0 (handy for smoke runs).
-    steps: int = 0
-    #: Peak learning rate of the stage (the cosine starts here after warm-up).
-    lr: float = 2.5e-4
-    #: Global batch per optimizer step is ``batch_size * world_size`` (per-rank batch).
-    batch_size: int = 64
+    epochs: int = _option(1, "--epochs", stage="last", resets=("steps",),
+                          help="passes over the training split of the (last) stage; ignored "
+                               "when steps is set (--epochs unsets it)")
+    steps: int = _option(0, "--steps", stage="last",
+                         help="optimizer steps of the (last) stage; overrides epochs when > 0")
+    lr: float = _option(2.5e-4, "--lr", stage="last",
+                        help="peak learning rate of the (last) stage (the cosine starts here "
+                             "after warm-up)")
+    batch_size: int = _option(64, "--batch-size", stage="all",
+                              help="per-rank batch of every stage (global batch: batch_size x "
+                                   "world size)")
     #: Freeze the encoder (``model.backbone_parameters()``): only the heads train.
     freeze_backbone: bool = False
     #: Linear warm-up steps from 0 to ``lr`` at the start of the stage (recipe: 0).
@@ -100,18 +166,16 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule within a stage."""
 
-    #: ``cosine`` (to ``min_lr_ratio * lr``) or ``constant``.
-    kind: str = "cosine"
-    #: ``epoch``: lr changes once per epoch (reference); ``step``: every optimizer step.
-    interval: str = "epoch"
+    kind: str = _option("cosine", choices=("cosine", "constant"),
+                        help="cosine (to min_lr_ratio x lr) or constant")
+    interval: str = _option("epoch", choices=("epoch", "step"),
+                            help="epoch: the lr changes once per epoch (reference); step: "
+                                 "every optimizer step")
     #: Final lr as a fraction of the stage's peak lr.
     min_lr_ratio: float = 0.0
 
     def validate(self) -> None:
-        if self.kind not in ("cosine", "constant"):
-            raise ValueError(f"schedule.kind must be cosine or constant, got {self.kind!r}")
-        if self.interval not in ("epoch", "step"):
-            raise ValueError(f"schedule.interval must be epoch or step, got {self.interval!r}")
+        _check_choices(self, "schedule.")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got "
                              f"{self.min_lr_ratio}")
@@ -121,41 +185,51 @@ class ScheduleConfig:
 class DataConfig:
     """Where samples come from and how they are loaded (real-data layout: docs/data.md)."""
 
-    #: ``refshapes`` (built in, generated from a seed) or a real dataset name (``unc``,
-    #: ``unc+``, ``gref``, ``gref_umd``, ``referit``, ``flickr``, ``mixup``; with
-    #: ``refer_root`` also ``refcoco``, ``refcoco+``, ``refcocog``).
-    dataset: str = "refshapes"
-    #: Image root of real data (``--data-root``): ``other/images/mscoco/images/train2014``,
-    #: ``referit/images`` and ``Flickr30k/flickr30k-images`` below it.
-    root: str = ""
-    #: Folder of split files ``{dataset}/{dataset}_{split}.pth`` (``--split-root``).
-    split_root: str = ""
-    #: Refer-toolkit root (``refcoco/instances.json`` + ``refs(unc).p``, ...), instead of
-    #: ``split_root``.
-    refer_root: str = ""
-    #: Refer-toolkit split scheme (``unc``, ``google``, ``umd``); empty: the dataset's usual.
-    split_by: str = ""
-    #: sentencepiece model for real data (``beit3.spm``); RefShapes has its own vocabulary.
-    tokenizer: str = ""
-    #: REC's box-mask constraint against the segmentation mask instead of the rasterised box
-    #: (the reference code's ``--enable_seg_mask``).
-    seg_mask: bool = False
-    #: Malformed records of real data: ``raise`` (default) or ``skip`` (counted and logged).
-    on_error: str = "raise"
-    #: Unpickle any object in split files and refs pickles (``--trust-data``). Off: they
-    #: load as plain data (tensors, containers, numpy arrays) and nothing in them runs.
-    trust: bool = False
+    # The reference code's flag spellings (--data_root, --enable_seg_mask, ...) work too.
+    dataset: str = _option("refshapes", "--dataset", commands=_DATA_COMMANDS,
+                           help="refshapes (built in), unc, unc+, gref, gref_umd, referit, "
+                                "flickr, mixup; with --refer-root: refcoco, refcoco+, refcocog")
+    root: str = _option("", "--data-root", "--data_root", metavar="IMAGE_DATA", path=True,
+                        commands=_DATA_COMMANDS,
+                        help="image root of real data: other/images/mscoco/images/train2014, "
+                             "referit/images, Flickr30k/flickr30k-images below it")
+    split_root: str = _option("", "--split-root", "--split_root", metavar="SPLITS", path=True,
+                              commands=_DATA_COMMANDS,
+                              help="folder of split files {dataset}/{dataset}_{split}.pth")
+    refer_root: str = _option("", "--refer-root", "--refer_root", metavar="DIR", path=True,
+                              commands=_DATA_COMMANDS,
+                              help="refer-toolkit layout (refcoco/instances.json + "
+                                   "refs(unc).p), instead of --split-root")
+    split_by: str = _option("", "--split-by", "--split_by", commands=_DATA_COMMANDS,
+                            help="refer-toolkit split scheme: unc, google, umd (default: the "
+                                 "dataset's usual)")
+    tokenizer: str = _option("", "--tokenizer", "--sentencepiece_model", metavar="SPM",
+                             path=True, commands=_DATA_COMMANDS,
+                             help="sentencepiece model of real data (beit3.spm); RefShapes "
+                                  "has its own vocabulary")
+    seg_mask: bool = _option(False, "--seg-mask", "--enable-seg-mask", "--enable_seg_mask",
+                             const=True, commands=_DATA_COMMANDS,
+                             help="REC box-mask constraint from the segmentation mask instead "
+                                  "of the rasterised box")
+    on_error: str = _option("raise", choices=("raise", "skip"),
+                            help="malformed records of real data: raise, or skip (counted and "
+                                 "logged)")
+    trust: bool = _option(False, "--trust-data", const=True, commands=_DATA_COMMANDS,
+                          help="unpickle any object in split files and refs pickles (runs "
+                               "code from them; only for files you trust); off, they load as "
+                               "plain data")
     train_split: str = "train"
     eval_split: str = "val"
     test_split: str = "test"
-    #: RefShapes split sizes (samples) and generator seed.
-    train_size: int = 6000
+    train_size: int = _option(6000, "--train-size", help="RefShapes training samples")
+    #: RefShapes evaluation split sizes (samples) and generator seed.
     eval_size: int = 500
     test_size: int = 1000
     seed: int = 0
-    #: DataLoader worker processes (0 loads in the main process; -1: the usable cores of
-    #: this process on a GPU run, 0 on a CPU run). Workers are persistent.
-    num_workers: int = -1
+    num_workers: int = _option(-1, "--num-workers", "--num_workers", commands=_DATA_COMMANDS,
+                               help="DataLoader worker processes, persistent (0: the main "
+                                    "process; default -1: on a GPU this process's share of "
+                                    "the usable cores less one, 0 on a CPU)")
     #: Batches each worker keeps ready ahead of the step.
     prefetch_factor: int = 2
     #: Evaluation batch size (per rank).
@@ -168,8 +242,7 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field when a value is out of range."""
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"data.on_error must be raise or skip, got {self.on_error!r}")
+        _check_choices(self, "data.")
         if self.num_workers < -1:
             raise ValueError(f"data.num_workers must be >= 0 or -1 (auto), got {self.num_workers}")
         given = [flag for flag, value in (("--data-root", self.root),
@@ -185,34 +258,38 @@ class PretrainConfig:
     """MRefM (docs/method.md, "MRefM pre-training"): alternating referring MIM (even steps) /
     MLM (odd steps)."""
 
-    #: Visual target-relation score head + loss on MIM steps.
-    vts: bool = False
-    #: Semantic target-relation score loss on MLM steps (needs teacher scores: the split
-    #: files' 6th tuple element, or for RefShapes ``sts_labels``; see ``oneref sts-labels``).
-    sts: bool = False
-    #: RefShapes STS labels side file (``oneref sts-labels --out FILE``).
-    sts_labels: str = ""
+    vts: bool = _option(False, "--vts", const=True, commands=("pretrain",),
+                        help="visual target-relation score head + loss on MIM steps")
+    sts: bool = _option(False, "--sts", const=True, commands=("pretrain",),
+                        help="semantic target-relation score loss on MLM steps (teacher "
+                             "labels from oneref sts-labels: the split files' 6th tuple "
+                             "element, or for RefShapes --sts-labels)")
+    sts_labels: str = _option("", "--sts-labels", metavar="FILE", path=True,
+                              commands=("pretrain",),
+                              help="RefShapes STS labels side file (oneref sts-labels --out "
+                                   "FILE)")
     #: Referring-aware masking ratios: beta (whole grid) and gamma (inside the grown box).
     outside_ratio: float = 0.35
     inside_ratio: float = 0.75
-    #: ``referring`` (MRefM) or ``random``: vanilla masked modelling, the control of the
-    #: ablation: as many image patches per sample as referring masking takes, chosen
-    #: uniformly, and MLM positions drawn uniformly (no subject / object first).
-    masking: str = "referring"
+    masking: str = _option("referring", choices=("referring", "random"),
+                           help="referring (MRefM) or random: vanilla masked modelling, the "
+                                "ablation's control (as many image patches per sample as "
+                                "referring masking takes, chosen uniformly; MLM positions "
+                                "uniform, no subject / object first)")
     #: MLM masking ratio of the (n - 1) maskable positions.
     text_mask_ratio: float = 0.4
     #: Drop the worst ``drop_worst`` share of MLM token losses once ``step >= drop_worst_after``.
     drop_worst: float = 0.2
     drop_worst_after: int = 12000
-    #: BEiT v2 VQ-KD tokenizer checkpoint for MIM targets; empty -> the model's pixel target.
-    vqkd_checkpoint: str = ""
+    vqkd_checkpoint: str = _option("", "--vqkd", metavar="FILE", path=True,
+                                   commands=("pretrain",),
+                                   help="BEiT v2 VQ-KD tokenizer checkpoint for the MIM "
+                                        "targets (default: the pixel target)")
 
     def validate(self) -> None:
         if self.sts_labels and not self.sts:
             raise ValueError("pretrain.sts_labels is given but pretrain.sts is off: add --sts")
-        if self.masking not in ("referring", "random"):
-            raise ValueError(f"pretrain.masking must be referring or random, got "
-                             f"{self.masking!r}")
+        _check_choices(self, "pretrain.")
         ratios = (self.outside_ratio, self.inside_ratio, self.text_mask_ratio)
         if not all(0.0 <= r <= 1.0 for r in ratios) or not 0.0 <= self.drop_worst < 1.0:
             raise ValueError(f"pretrain: masking ratios in [0, 1] and drop_worst in [0, 1) "
@@ -225,18 +302,22 @@ class PretrainConfig:
 class CheckpointConfig:
     """Checkpoint cadence; files are written atomically (tmp + os.replace)."""
 
-    #: Save every N optimizer steps (0: only at the end of training).
-    interval: int = 0
+    interval: int = _option(0, "--checkpoint-interval",
+                            help="save every N optimizer steps (0: only at the end)")
     #: Keep the newest K step checkpoints (older ones are deleted); the final model is kept.
     keep_last: int = 2
-    #: Continue from the newest checkpoint in ``output_dir`` (or this path when it is one).
-    resume: str = ""
-    #: Start weights: a run folder, a ``save_pretrained`` folder or an official ``.pth``
-    #: (BEiT-3 / OneRef, preset inferred from its shapes); empty: ``TrainConfig.init``.
-    init_from: str = ""
-    #: Unpickle any object in an official ``.pth`` (runs code from the file). Off: only
-    #: tensors, plain containers and the training-argument classes load.
-    trust: bool = False
+    resume: str = _option("", "--resume", const="auto", optional_value=True, metavar="PATH",
+                          path=True,
+                          help="continue from the newest checkpoint of the run folder (or "
+                               "PATH)")
+    init_from: str = _option("", "--init-from", "--finetune", metavar="PATH", path=True,
+                             help="start weights: run folder, save_pretrained folder or "
+                                  "official .pth (BEiT-3 / OneRef, preset from its shapes); "
+                                  "default: TrainConfig.init")
+    trust: bool = _option(False, "--trust-checkpoint", const=True,
+                          help="unpickle any object in a .pth (runs code from the file; only "
+                               "for files you trust); off, only tensors, plain containers and "
+                               "the training-argument classes load")
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep_last < 0:
@@ -248,26 +329,27 @@ class CheckpointConfig:
 class DistConfig:
     """Multi-process training (launched by ``torchrun``; single process otherwise)."""
 
-    #: ``ddp`` or ``fsdp`` (full sharding, for the large model).
-    strategy: str = "ddp"
-    #: ``auto`` (NCCL on GPU, gloo on CPU), ``nccl`` or ``gloo``.
-    backend: str = "auto"
+    strategy: str = _option("ddp", "--fsdp", const="fsdp", choices=("ddp", "fsdp"),
+                            help="ddp or fsdp (full sharding, for the large model; --fsdp "
+                                 "picks it); multi-process runs start under torchrun")
+    backend: str = _option("auto", choices=("auto", "nccl", "gloo"),
+                           help="auto (NCCL on GPU, gloo on CPU), nccl or gloo")
 
     def validate(self) -> None:
-        if self.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"dist.strategy must be ddp or fsdp, got {self.strategy!r}")
-        if self.backend not in ("auto", "nccl", "gloo"):
-            raise ValueError(f"dist.backend must be auto, nccl or gloo, got {self.backend!r}")
+        _check_choices(self, "dist.")
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs; see the module docstring for the two recipes."""
 
-    #: ``rec`` (boxes), ``res`` (masks) or ``pretrain`` (MRefM).
-    task: str = "rec"
-    #: Model preset (``tiny``, ``small``, ``base``, ``large``) and field overrides.
-    model: str = "small"
+    task: str = _option("rec", "--task", choices=TASKS, flag_choices=("rec", "res"),
+                        commands=("train",),
+                        help="rec (boxes) or res (masks); pretrain is oneref pretrain")
+    model: str = _option("small", "--model",
+                         help="preset: tiny, small, base, large (default: the recipe's, or "
+                              "the shape of an --init-from .pth)")
+    #: ModelConfig field overrides (``--set model_overrides.sim_scale=1``).
     model_overrides: dict = field(default_factory=dict)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -276,10 +358,10 @@ class TrainConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-    #: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``.
-    amp: str = "auto"
-    #: ``torch.compile`` the training step module.
-    compile: bool = False
+    amp: str = _option("auto", "--amp", choices=("auto", "bf16", "fp32"),
+                       help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
+    compile: bool = _option(False, "--compile", const=True,
+                            help="torch.compile the training step module")
     #: Initial weights when training from scratch (:mod:`oneref.train.init`): ``model``
     #: keeps the model's own init (BEiT's normal 0.02, sized for D = 768 checkpoints);
     #: ``torchscale`` re-draws every ``nn.Linear`` Xavier-uniform and the text embedding
@@ -287,34 +369,38 @@ class TrainConfig:
     #: positions as 2-D sin-cos codes and the text embedding at N(0, 1). With ``model`` at
     #: D = 128 RefShapes makes no progress in 150 steps on 64 fixed samples.
     init: str = "model"
-    #: Activation checkpointing in the encoder (memory for compute; for large).
-    grad_checkpointing: bool = False
-    #: Base seed; each rank uses ``seed + rank`` (reference: 13).
-    seed: int = 13
-    #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-    device: str = "auto"
-    #: CPU intra-op threads per process (0: auto, the cores not busy with other work, read
-    #: from /proc/stat at start; a shared machine runs much faster with fewer threads).
-    threads: int = 0
+    grad_checkpointing: bool = _option(False, "--grad-checkpointing", const=True,
+                                       help="activation checkpointing in the encoder (memory "
+                                            "for compute; for large)")
+    seed: int = _option(13, "--seed", help="base seed; each rank uses seed + rank")
+    device: str = _option("auto", "--device", choices=("auto", "cpu", "cuda"),
+                          help="auto (CUDA when available), cpu or cuda")
+    # A shared machine runs much faster with fewer threads than cores.
+    threads: int = _option(0, "--threads",
+                           help="CPU intra-op threads per process (default 0: the cores not "
+                                "busy with other work, sampled from /proc/stat at start)")
     #: Evaluate on ``data.eval_split`` every N steps (0: only at the end).
     eval_interval: int = 0
     #: Log a row to CSV / TensorBoard every N steps.
     log_interval: int = 10
-    #: Run folder: checkpoints, metrics.csv, TensorBoard events, final model, curve PNG.
-    output_dir: str = "runs/oneref"
-    #: Show a tqdm progress bar (rank 0 only).
-    progress: bool = True
-    #: Wall-clock budget of the training loop in seconds (0: off). When set, the last stage
-    #: runs until the budget is used (its ``steps`` is then an upper bound) and its cosine
-    #: follows the share of the budget used instead of the step count, so a slower machine
-    #: trains fewer steps but still ends at the low learning rate. Runs with a budget are not
-    #: step-for-step reproducible (resume continues, but not bit-exactly).
-    time_budget_s: float = 0.0
+    output_dir: str = _option("runs/oneref", "--output-dir", "-o", path=True,
+                              help="run folder: checkpoints, metrics.csv, TensorBoard events, "
+                                   "final model, curve PNG")
+    progress: bool = _option(True, "--no-progress", const=False,
+                             help="a tqdm progress bar on rank 0 (--no-progress: none)")
+    # With a budget the last stage's steps is an upper bound and its cosine follows the share
+    # of the budget used, so a slower machine trains fewer steps but still ends at the low
+    # learning rate. Such runs are not step-for-step reproducible (resume continues, but not
+    # bit-exactly).
+    time_budget_s: float = _option(0.0, "--time-budget", metavar="SECONDS",
+                                   help="wall-clock budget of the training loop in seconds "
+                                        "(0: off)")
     #: Evaluate on ``data.test_split`` at the end (and print the colour-guess baseline).
     final_test: bool = True
-    #: A step whose loss or gradient norm is not finite: ``raise`` (stop, naming the step
-    #: and the loss parts) or ``skip`` (no update; counted, up to ``max_skipped_steps``).
-    on_nan: str = "raise"
+    on_nan: str = _option("raise", "--on-nan", choices=("raise", "skip"),
+                          help="a non-finite loss or gradient norm: raise (stop, naming the "
+                               "step and the loss parts) or skip the step (counted, up to "
+                               "max_skipped_steps)")
     max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
@@ -322,21 +408,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field when a value is out of range."""
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if not self.stages:
             raise ValueError("stages must hold at least one StageConfig")
         for i, stage in enumerate(self.stages):
             stage.validate(f"stages[{i}]")
-        if self.amp not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"amp must be auto, bf16 or fp32, got {self.amp!r}")
+        _check_choices(self, "")
         _check_model_overrides(self.model_overrides)
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.on_nan not in ("raise", "skip"):
-            raise ValueError(f"on_nan must be raise or skip, got {self.on_nan!r}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         for section in (self.optim, self.schedule, self.data, self.pretrain, self.checkpoint,
@@ -366,6 +445,20 @@ def _check_model_overrides(overrides: dict) -> None:
 
 _NESTED = {"optim": OptimConfig, "schedule": ScheduleConfig, "data": DataConfig,
            "pretrain": PretrainConfig, "checkpoint": CheckpointConfig, "dist": DistConfig}
+_VALUE_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def command_flags(command: str) -> Iterator[tuple[str, Flag, type]]:
+    """(dotted key, flag, value type) of every config field that ``command`` has as a flag:
+    TrainConfig's own fields (``seed``), its sections' (``data.root``) and the stages'
+    (``stages.*.lr``: the flag's ``stage`` says which stages)."""
+    sections = [("", TrainConfig), ("stages.*.", StageConfig)]
+    sections += [(f"{name}.", cls) for name, cls in _NESTED.items()]
+    for prefix, cls in sections:
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag")
+            if flag is not None and command in flag.commands:
+                yield prefix + f.name, flag, _VALUE_TYPES[f.type]
 
 
 def _build(cls, values: dict, where: str):

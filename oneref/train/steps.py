@@ -8,19 +8,28 @@
   targets, optional VTS); ``mode="mlm"`` -> ``mlm_loss`` (subject/object-first text masking,
   optional STS, drop-worst).
 
-Masks for MRefM are drawn here from a dedicated ``torch.Generator`` (part of the checkpoint)
-so a resumed run masks exactly the same positions.
+:class:`MRefMBatches` adds what an MRefM step needs to its batch (the step's mode, the
+masks, the MIM targets) outside the compiled step. Its masks come from a dedicated
+``torch.Generator`` (part of the checkpoint), so a resumed run masks exactly the same
+positions.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
+from oneref.config import ModelConfig
+from oneref.data.masking import mask_image, mask_text, random_mask_like
+from oneref.model.vqkd import VQKDTokenizer
 from oneref.train.config import PretrainConfig
 
-__all__ = ["TaskModule", "IMAGENET_MEAN", "IMAGENET_STD", "unnormalise", "prepare_mim",
-           "prepare_mlm", "mrefm_mode"]
+__all__ = ["TaskModule", "MRefMBatches", "IMAGENET_MEAN", "IMAGENET_STD", "unnormalise",
+           "prepare_mim", "prepare_mlm", "mrefm_mode", "mim_tokenizer"]
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,8 +53,6 @@ def prepare_mim(batch: dict, grid: int, generator: torch.Generator, cfg: Pretrai
     """Add ``image_mask`` (B, G*G) bool (referring-aware masking, or random at its ratio
     with ``cfg.masking == "random"``; noise from ``generator``) and ``mim_targets`` (B, G*G)
     long from the VQ-KD tokenizer, or None (pixel target)."""
-    from oneref.data.masking import mask_image, random_mask_like
-
     mask = mask_image(batch["boxes"], grid, generator, cfg.outside_ratio, cfg.inside_ratio)
     batch["image_mask"] = random_mask_like(mask, generator) if cfg.masking == "random" else mask
     batch["mim_targets"] = (tokenizer(unnormalise(batch["images"])) if tokenizer is not None
@@ -58,8 +65,6 @@ def prepare_mlm(batch: dict, generator: torch.Generator, cfg: PretrainConfig, ma
     """Add ``masked_text_ids`` (B, T) and ``mlm_labels`` (B, T) (-100 = not masked): subject
     word, then object word, then random positions (docs/method.md, "MRefM pre-training");
     uniform positions only with ``cfg.masking == "random"``."""
-    from oneref.data.masking import mask_text
-
     ids = batch["text_ids"]
     positions = batch["word_positions"].cpu()
     if cfg.masking == "random":
@@ -69,6 +74,48 @@ def prepare_mlm(batch: dict, generator: torch.Generator, cfg: PretrainConfig, ma
     batch["masked_text_ids"] = masked.to(ids.device)
     batch["mlm_labels"] = labels.to(ids.device)
     return batch
+
+
+def mim_tokenizer(path: str, model: ModelConfig, device: torch.device) -> nn.Module | None:
+    """The VQ-KD tokenizer of ``path`` on ``device``, its codebook checked against the
+    model's ``mim_vocab``; None (the pixel target) when ``path`` is empty."""
+    if not path:
+        log.info("MIM targets: pixel fallback (no pretrain.vqkd_checkpoint given)")
+        return None
+    tokenizer = VQKDTokenizer.from_checkpoint(path, image_size=model.img_size)
+    if tokenizer.codebook_size != model.mim_vocab:
+        raise ValueError(f"VQ-KD codebook of {path} has {tokenizer.codebook_size} codes but "
+                         f"the model's mim_vocab is {model.mim_vocab}")
+    return tokenizer.to(device)
+
+
+class MRefMBatches:
+    """The MRefM part of a pre-training batch (docs/method.md, "MRefM pre-training").
+
+    ``prepare(batch, step)`` adds the step's masks (and MIM targets) and returns its mode and
+    drop-worst share, the extra arguments of :class:`TaskModule`.
+
+    Args:
+        model: the model's config (patch grid, vocabulary, MIM codebook size).
+        cfg: the pre-training switches and ratios.
+        mask_id: the tokenizer's [MASK] id.
+        seed: seed of the masking generator (``generator``: checkpoint its state).
+        device: where the VQ-KD tokenizer runs.
+    """
+
+    def __init__(self, model: ModelConfig, cfg: PretrainConfig, mask_id: int, seed: int,
+                 device: torch.device) -> None:
+        self.model, self.cfg, self.mask_id = model, cfg, mask_id
+        self.generator = torch.Generator().manual_seed(seed)
+        self.tokenizer = mim_tokenizer(cfg.vqkd_checkpoint, model, device)
+
+    def prepare(self, batch: dict, step: int) -> tuple[str, float]:
+        mode = mrefm_mode(step)
+        if mode == "mim":
+            prepare_mim(batch, self.model.grid, self.generator, self.cfg, self.tokenizer)
+            return mode, 0.0
+        prepare_mlm(batch, self.generator, self.cfg, self.mask_id, self.model.vocab_size)
+        return mode, self.cfg.drop_worst if step >= self.cfg.drop_worst_after else 0.0
 
 
 class TaskModule(nn.Module):

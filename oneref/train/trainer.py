@@ -37,7 +37,7 @@ from oneref.train.init import initialise
 from oneref.train.logger import RunLogger, plot_curve
 from oneref.train.optim import StagePlan, build_optimizer, set_lr
 from oneref.train.runtime import auto_threads
-from oneref.train.steps import TaskModule, mrefm_mode, prepare_mim, prepare_mlm
+from oneref.train.steps import MRefMBatches, TaskModule
 
 __all__ = ["Trainer", "train"]
 
@@ -93,8 +93,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optim)
         self.plan = StagePlan(config.stages, len(self.train_set), self.info.world_size,
                               config.schedule)
-        self.mask_generator = torch.Generator().manual_seed(config.seed + 1000 + self.info.rank)
-        self.vqkd = self._build_vqkd() if config.task == "pretrain" else None
+        self.mrefm = self._mrefm_batches() if config.task == "pretrain" else None
         self.step = 0
         self.skipped_steps = 0
         self.elapsed_before = 0.0
@@ -126,18 +125,12 @@ class Trainer:
         """The :class:`~oneref.checkpoints.LoadReport` of an official ``init_from`` file."""
         return self.source.report if self.source else None
 
-    def _build_vqkd(self):
-        path = self.config.pretrain.vqkd_checkpoint
-        if not path:
-            log.info("MIM targets: pixel fallback (no pretrain.vqkd_checkpoint given)")
-            return None
-        from oneref.model.vqkd import VQKDTokenizer
-
-        tok = VQKDTokenizer.from_checkpoint(path, image_size=self.model.config.img_size)
-        if tok.codebook_size != self.model.config.mim_vocab:
-            raise ValueError(f"VQ-KD codebook of {path} has {tok.codebook_size} codes but the "
-                             f"model's mim_vocab is {self.model.config.mim_vocab}")
-        return tok.to(self.device)
+    def _mrefm_batches(self) -> MRefMBatches:
+        model = self.model.config
+        tokenizer = getattr(self.train_set, "tokenizer", None)
+        return MRefMBatches(model, self.config.pretrain,
+                            getattr(tokenizer, "mask_id", model.vocab_size - 1),
+                            seed=self.config.seed + 1000 + self.info.rank, device=self.device)
 
     def _apply_stage(self, index: int) -> None:
         """Freeze / unfreeze the backbone for stage ``index`` and re-wrap for DDP (which
@@ -155,7 +148,7 @@ class Trainer:
     def _state(self, epoch: int, elapsed: float) -> dict:
         """Everything a resume needs (a collective under FSDP: call it on every rank)."""
         model_state, optim_state = full_state(self.model, self.optimizer)
-        return {
+        state = {
             "model": model_state,
             "optimizer": optim_state,
             "elapsed_s": elapsed,
@@ -163,7 +156,6 @@ class Trainer:
             "step": self.step,
             "epoch": epoch,
             "rng": ckpt.rng_state(),
-            "mask_generator": self.mask_generator.get_state(),
             "skipped_steps": self.skipped_steps,
             "sampler": {"seed": self.config.seed, "position": list(self.plan.locate(
                 min(self.step, self.plan.total_steps - 1))[1:])},
@@ -171,6 +163,9 @@ class Trainer:
             "model_config": self.model.config.to_dict(),
             "world_size": self.info.world_size,
         }
+        if self.mrefm is not None:
+            state["mask_generator"] = self.mrefm.generator.get_state()
+        return state
 
     def save(self, epoch: int, elapsed: float = 0.0) -> None:
         """Write a checkpoint of the current step; ``elapsed`` training seconds so far (a
@@ -192,7 +187,8 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         ckpt.set_rng_state(state["rng"])
-        self.mask_generator.set_state(state["mask_generator"])
+        if self.mrefm is not None:
+            self.mrefm.generator.set_state(state["mask_generator"])
         self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -224,19 +220,7 @@ class Trainer:
         check_text(batch["text_ids"], batch["text_lengths"], self.model.config,
                    len(batch["text_ids"]), batch["text_ids"].device)
         batch = move_batch(batch, self.device)
-        mode, drop_worst = "", 0.0
-        if cfg.task == "pretrain":
-            mode = mrefm_mode(self.step)
-            if mode == "mim":
-                prepare_mim(batch, self.model.config.grid, self.mask_generator, cfg.pretrain,
-                            self.vqkd)
-            else:
-                tok = getattr(self.train_set, "tokenizer", None)
-                mask_id = getattr(tok, "mask_id", self.model.config.vocab_size - 1)
-                prepare_mlm(batch, self.mask_generator, cfg.pretrain, mask_id,
-                            self.model.config.vocab_size)
-                if self.step >= cfg.pretrain.drop_worst_after:
-                    drop_worst = cfg.pretrain.drop_worst
+        mode, drop_worst = self.mrefm.prepare(batch, self.step) if self.mrefm else ("", 0.0)
         with autocast_context(self.device, cfg.amp):
             losses = self.wrapped(batch, mode, drop_worst) if mode else self.wrapped(batch)
         losses["loss"].backward()

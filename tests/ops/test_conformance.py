@@ -39,22 +39,21 @@ def test_backend_matches_reference(op, backend):
     reasons = dispatch.unavailable_reasons(backend, op, CPU)
     if reasons:
         pytest.skip("; ".join(reasons))
-    args = CASES[op](seed=3, device=CPU, dtype=torch.float32)
-    ours_args, ref_args = _float_leaves(args), _float_leaves(args)
+    case = CASES[op]
+    args = case.inputs(seed=3, device=CPU, dtype=torch.float32)
+    ours_args, ref_args = (_float_leaves(args), _float_leaves(args)) if case.trains else (args, args)
     grads_ours = [a for a in ours_args if isinstance(a, torch.Tensor) and a.requires_grad]
     grads_ref = [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad]
-    if op == "referring_mask":  # noise and boxes take no gradient
-        grads_ours = grads_ref = []
-        ours_args, ref_args = args, args
     out, grads = _run(OPS[op].impls[backend].load(), ours_args, grads_ours)
     expected, expected_grads = _run(OPS[op].reference, ref_args, grads_ref)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    rtol, atol = case.tolerance(torch.float32)
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
     # Boxes and targets are labels: kernels give them no gradient. The first input always
     # gets one.
     assert not grads or grads[0] is not None
     for got, want in zip(grads, expected_grads):
         if got is not None:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
 def test_public_ops_are_the_registry():
@@ -117,3 +116,28 @@ def test_committed_policy_matches_the_committed_results():
     files = sorted(results.glob("*/results.json")) + sorted(results.glob("*/*/results.json"))
     built = policy.build_policy([json.loads(f.read_text()) for f in files])
     assert built == policy.load_policy()
+
+
+def test_every_op_has_a_case_at_both_sizes():
+    """The shared cases (tests, micro-benchmarks, oneref bench): one per registry op; the
+    benchmark size has OneRef-B's shapes and its batch follows the scale; bytes are counted."""
+    assert set(CASES) == set(OPS)
+    for op, case in CASES.items():
+        small = case.inputs(0, CPU, torch.float32)
+        again = case.inputs(0, CPU, torch.float32)
+        for a, b in zip(small, again):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b), op  # drawn from the seed alone
+        assert case.bytes(small) > 0
+    q = CASES["multiway_attention"].inputs(0, CPU, torch.float32, scale=0.5)[0]
+    assert q.shape == (2, 641, 12, 64)
+    x, mask = CASES["masked_gather"].inputs(0, CPU, torch.float16, scale=0.25)
+    assert x.shape == (2, 576, 768) and x.dtype == torch.float16
+    selected = int(mask.sum())
+    assert CASES["masked_gather"].bytes((x, mask)) == 2 * 1152 + (3 * selected + 1152) * 1536
+    x, branch, *_, dtype = CASES["multiway_add_layer_norm"].inputs(0, CPU, torch.bfloat16, 2)
+    assert x.dtype == torch.float32 and branch.dtype == dtype == torch.bfloat16
+    assert not x.is_contiguous() and x.transpose(0, 1).is_contiguous()  # sequence-major
+    # x, h twice, dh, dx in fp32; branch and its gradient, y and dy in bf16
+    assert CASES["multiway_add_layer_norm"].bytes((x, branch, dtype)) == 2 * 641 * 768 * 28
+    assert not CASES["referring_mask"].trains
