@@ -101,7 +101,7 @@ def test_sampler_shards_and_resumes():
     ("schedule.min_lr_ratio=2", r"schedule.min_lr_ratio must be in \[0, 1\]"),
     ("pretrain.inside_ratio=1.5", "inside 1.5"),
     ("checkpoint.keep_last=-1", "keep_last must be >= 0"),
-    ("dist.strategy=zero", "dist.strategy must be ddp or fsdp"),
+    ("dist.strategy=zero", "dist.strategy must be one of ddp, fsdp"),
     ("stages.0.warmup_steps=-3", r"stages\[0\] \(full\).*warmup_steps"),
 ])
 def test_every_section_validates_itself(override, message):
