@@ -1,8 +1,9 @@
 """Every op of the registry on every backend that declares it (``oneref.ops.registry.OPS``),
 on the shared benchmark case (``oneref.ops.cases``: OneRef-B shapes, batch x ``SCALE``),
 bf16 on a GPU. A row is checked against the reference before it is timed; it times forward
-+ backward where the case trains, and ``extra_info["bytes"]`` holds what one call reads and
-writes (``gbps`` = bytes / mean time). On a CPU the rows run the same code at the test size
++ backward where the case trains (gradients for the arguments the case names), and
+``extra_info`` holds what one call reads and writes (``bytes``, ``gbps`` = bytes / mean time)
+and, for the compute-bound ops, its ``flops``. On a CPU the rows run the same code at the test size
 (the backends with CPU kernels), so the benchmark itself is exercised without a GPU."""
 
 import pytest
@@ -17,13 +18,6 @@ from oneref.ops.registry import OPS
 #: 1,600 masked tokens, 64 masks of 384 x 384).
 SCALE = {"linear_cross_entropy": 1, "focal_dice_loss": 1}
 PAIRS = [(op, backend) for op, spec in OPS.items() for backend in spec.impls]
-
-
-def _leaves(args, trains: bool):
-    if not trains:
-        return args
-    return tuple(a.detach().clone().requires_grad_(True)
-                 if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def _call(fn, args, trains: bool):
@@ -44,7 +38,7 @@ def test_bench_op(benchmark, timed, rotate, device, op, backend):
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     scale = SCALE.get(op, 8) if gpu else None
-    inputs = [_leaves(case.inputs(seed, device, dtype, scale), case.trains) for seed in (0, 1)]
+    inputs = [case.training_inputs(seed, device, dtype, scale) for seed in (0, 1)]
     fn = lambda *args: getattr(ops, op)(*args, backend=backend)  # noqa: E731
     rtol, atol = case.tolerance(dtype)
     with torch.no_grad():
@@ -54,6 +48,8 @@ def test_bench_op(benchmark, timed, rotate, device, op, backend):
     next_inputs = rotate(inputs)
     benchmark.group = f"{op} {'fwd+bwd' if case.trains else 'fwd'} {str(dtype)[6:]}"
     benchmark.extra_info["bytes"] = case.bytes(inputs[0])
+    if case.flops is not None:
+        benchmark.extra_info["flops"] = case.flops(inputs[0])
     result = timed(lambda: _call(fn, next_inputs(), case.trains), rounds=10 if gpu else 3,
                    iterations=3 if gpu else 1)
     assert result is not None

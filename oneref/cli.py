@@ -71,8 +71,9 @@ def _absolute(value):
 
 def _flag_values(args, command: str, stages: int = 1) -> dict[str, object]:
     """Dotted config key -> value of every config flag given (paths made absolute; a stage
-    flag expanded to the stages it applies to)."""
-    values = {}
+    flag expanded to the stages it applies to). A flag's resets win over a value given for
+    the same field (``--epochs 3 --steps 9`` trains 3 epochs)."""
+    values, resets = {}, {}
     for key, flag, _ in command_flags(command):
         value = getattr(args, flag.dest, None)
         if value is None:
@@ -84,8 +85,8 @@ def _flag_values(args, command: str, stages: int = 1) -> dict[str, object]:
         field = key.rsplit(".", 1)[1]
         for i in range(stages - 1 if flag.stage == "last" else 0, stages):
             values[f"stages.{i}.{field}"] = value
-            values.update({f"stages.{i}.{reset}": 0 for reset in flag.resets})
-    return values
+            resets.update({f"stages.{i}.{reset}": 0 for reset in flag.resets})
+    return {**values, **resets}
 
 
 def _add_weights_flags(p: argparse.ArgumentParser, flag: str, alias: str,
@@ -232,7 +233,7 @@ def _recipe(args, pretrain: bool, real: bool):
     """The recipe the flags choose, with ``--config FILE`` merged onto it."""
     model = args.model
     if model is None and args.init_from:  # the recipe of the start weights' size
-        model = ModelSource(args.init_from, trust=args.trust_checkpoint).config.name
+        model = ModelSource(args.init_from, trust=bool(args.trust_checkpoint)).config.name
     if (args.recipe or ("reference" if real else "refshapes")) == "reference":
         cfg = (tc.reference_pretrain_recipe(model or "base") if pretrain
                else tc.reference_recipe(model or "base"))

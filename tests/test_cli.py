@@ -40,6 +40,9 @@ def test_train_flags_become_config():
     assert cfg.model == "tiny" and cfg.stages[-1].steps == 7 and cfg.stages[-1].lr == 0.01
     assert cfg.stages[0].batch_size == 3 and cfg.optim.grad_clip == 0
     assert cfg.checkpoint.resume == "auto" and cfg.task == "rec"
+    for order in (["--epochs", "3", "--steps", "9"], ["--steps", "9", "--epochs", "3"]):
+        cfg = _train_config(build_parser().parse_args(["train", *order]), pretrain=False)
+        assert (cfg.stages[-1].epochs, cfg.stages[-1].steps) == (3, 0)  # --epochs unsets steps
     args = build_parser().parse_args(["pretrain", "--vts", "--steps", "4"])
     cfg = _train_config(args, pretrain=True)
     assert cfg.task == "pretrain" and cfg.pretrain.vts and cfg.stages[-1].steps == 4

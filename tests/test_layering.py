@@ -134,20 +134,19 @@ def _function_level_imports(module: str, path: Path) -> set[str]:
             continue
         for node in ast.walk(func):
             if isinstance(node, ast.ImportFrom):
-                name = _resolve(module, node, path.name == "__init__.py")
+                names = [_resolve(module, node, path.name == "__init__.py")]
             elif isinstance(node, ast.Import):
-                name = node.names[0].name
+                names = [alias.name for alias in node.names]
             else:
                 continue
-            if name.startswith("oneref"):
-                found.add(name)
+            found.update(n for n in names if n.startswith("oneref"))
     return found
 
 
 def test_function_level_imports_only_defer_a_package_attribute():
-    """Inside a function the package imports itself only where a package ``__init__``
-    loads a heavy submodule on first use (its docstring or comment says so); everything
-    else imports at module level, where the layering above is checked."""
+    """Inside a function the package imports itself only in a package ``__init__`` (which
+    loads a heavy submodule on first use and says why); everything else imports at module
+    level, where the layering above is checked."""
     wrong = {m: sorted(_function_level_imports(m, p)) for m, p in _modules().items()
              if p.name != "__init__.py"}
     wrong = {m: names for m, names in wrong.items() if names}

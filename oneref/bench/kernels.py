@@ -6,8 +6,9 @@ the reason. Conventions:
 
 * attention FLOPs = 4 * B * H * S * S * Dh forward (QK^T and PV over the padded sequence),
   backward = 2.5 x forward (so fwd+bwd = 3.5 x forward), as FlashAttention reports them;
-* memory-bound ops: GB/s = the minimal bytes an op must move (inputs read once, outputs
-  written once) / time, against the measured device copy bandwidth (read + write).
+* memory-bound ops: GB/s = the bytes the fused op must move (``oneref.ops.cases``: each
+  case's count, its backward included where it trains) / time, against the measured device
+  copy bandwidth (read + write).
 """
 
 from __future__ import annotations
@@ -193,6 +194,7 @@ def attention_rows(device, batches=(32,), text_lens=(8, 16, 32, 64), heads=12, h
 MEMORY_OPS = ("masked_gather", "referring_mask", "vts_loss", "box_mask_loss",
               "multiway_add_layer_norm", "multiway_layer_norm")
 _COMPOSITE_BASELINE = ("multiway_add_layer_norm", "multiway_layer_norm")
+_FP32_ROWS = ("vts_loss", "box_mask_loss")
 
 
 def _op_call(name: str, backend: str):
@@ -209,26 +211,21 @@ def _shape(args) -> str:
 
 def _memory_cases(device, scale: float):
     """(op, shape, inputs(seed) -> args, baseline fn, our fn(backend), bytes, grad, rtol)
-    from the shared cases (:mod:`oneref.ops.cases`) at benchmark size ``scale``."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from the shared cases (:mod:`oneref.ops.cases`) at benchmark size ``scale``: bf16 on a
+    GPU, but the box losses' predictions in fp32 as the rows always had them."""
+    low = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for op in MEMORY_OPS:
         case = CASES[op]
-
-        def inputs(seed, _case=case):
-            args = _case.inputs(seed, device, dtype, scale)
-            if not _case.trains:
-                return args
-            return tuple(a.detach().requires_grad_(True)
-                         if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                         for a in args)
-
+        dtype = torch.float32 if op in _FP32_ROWS else low
         sample = case.inputs(0, device, dtype, scale)
         baseline = (_op_call(op, "torch") if op in _COMPOSITE_BASELINE
                     else getattr(reference, op))
         shape = _shape(sample) + (" fwd+bwd" if case.trains else "")
-        rows.append((op, shape, inputs, baseline, functools.partial(_op_call, op),
-                     case.bytes(sample), case.trains, case.tolerance(dtype)[0]))
+        rows.append((op, shape, functools.partial(case.training_inputs, device=device,
+                                                  dtype=dtype, scale=scale),
+                     baseline, functools.partial(_op_call, op), case.bytes(sample),
+                     case.trains, case.tolerance(dtype)[0]))
     return rows
 
 

@@ -50,36 +50,49 @@ class Case:
     """How to draw, judge and count the inputs of one op.
 
     Attributes:
-        build: ``(gen, device, dtype, size) -> args``; ``size`` is None (test) or the
+        build: ``(gen, device, dtype, scale) -> args``; ``scale`` is None (test size) or the
             benchmark scale.
-        bytes: ``args -> int``: bytes one call reads and writes (with its backward when
-            ``trains``).
-        trains: whether the op's floating inputs take a gradient (a benchmark times forward
-            and backward).
-        rtol: relative tolerance against the reference in fp32 (half dtypes: 1e-2).
+        bytes: ``args -> int``: bytes one call reads and writes (with its backward when the
+            case trains).
+        grads: positions of the arguments that take a gradient in training (activations and
+            weights; labels, boxes and targets take none); empty: the op has no backward.
+        flops: ``args -> int`` for the compute-bound ops (with the backward), else None.
     """
 
     build: Callable
     bytes: Callable[[tuple], int]
-    trains: bool = True
-    rtol: float = 1e-4
+    grads: tuple[int, ...] = (0,)
+    flops: Callable[[tuple], int] | None = None
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.grads)
 
     def inputs(self, seed: int, device, dtype: torch.dtype, scale: float | None = None) -> tuple:
         return self.build(torch.Generator().manual_seed(seed), torch.device(device), dtype, scale)
 
-    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+    def training_inputs(self, seed: int, device, dtype: torch.dtype,
+                        scale: float | None = None) -> tuple:
+        """:meth:`inputs` with ``requires_grad`` on the arguments of ``grads``."""
+        args = self.inputs(seed, device, dtype, scale)
+        return tuple(a.requires_grad_(True) if i in self.grads else a for i, a in enumerate(args))
+
+    @staticmethod
+    def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+        """(rtol, atol) against the reference."""
         if dtype in (torch.float16, torch.bfloat16):
             return 1e-2, 1e-2
-        return self.rtol, 1e-5
+        return 1e-4, 1e-5
 
 
-def _batch(scale, test: int, bench: int) -> int:
-    return test if scale is None else max(1, int(bench * scale))
+def _batch(scale: float, bench: int) -> int:
+    """The benchmark batch ``bench`` times ``scale``, at least 1."""
+    return max(1, int(bench * scale))
 
 
 def _attention(gen, device, dtype, scale):
     batch, seq, heads, head_dim, vision = ((2, 9, 2, 16, 6) if scale is None else
-                                           (_batch(scale, 0, 4), GRID * GRID + 1 + TEXT, 12, 64,
+                                           (_batch(scale, 4), GRID * GRID + 1 + TEXT, 12, 64,
                                             GRID * GRID + 1))
     q, k, v = (_randn(gen, batch, seq, heads, head_dim, device=device, dtype=dtype)
                for _ in range(3))
@@ -90,7 +103,7 @@ def _attention(gen, device, dtype, scale):
 
 def _linear(gen, device, dtype, scale):
     batch, seq, d_in, d_out, vision = ((2, 7, 16, 8, 4) if scale is None else
-                                       (_batch(scale, 0, 4), GRID * GRID + 1 + TEXT, DIM,
+                                       (_batch(scale, 4), GRID * GRID + 1 + TEXT, DIM,
                                         4 * DIM, GRID * GRID + 1))
     x = _randn(gen, batch, seq, d_in, device=device, dtype=dtype)
     wa, wb = (_randn(gen, d_out, d_in, device=device, dtype=dtype) * d_in ** -0.5
@@ -108,8 +121,8 @@ def _rows(gen, scale, width, device, dtype):
     """LayerNorm input: (3, 9, width) at the test size; at a benchmark size the model's
     layout, a (B, S, width) view of a sequence-major (S, B, width) tensor."""
     if scale is None:
-        return _randn(gen, 3, 9, width, device=device, dtype=dtype) * 2 + 0.5
-    batch, seq = _batch(scale, 0, 1), GRID * GRID + 1 + TEXT
+        return _randn(gen, 3, 9, width, device=device, dtype=dtype)
+    batch, seq = _batch(scale, 1), GRID * GRID + 1 + TEXT
     return _randn(gen, seq, batch, width, device=device, dtype=dtype).transpose(0, 1)
 
 
@@ -117,7 +130,7 @@ def _layer_norm(gen, device, dtype, scale):
     """The FFN's sub-LN of GELU(fc1): the input in ``dtype``, fp32 parameters at a
     benchmark size."""
     width = 12 if scale is None else 4 * DIM
-    z = _rows(gen, scale, width, device, dtype)
+    z = _rows(gen, scale, width, device, dtype) * 2 + 0.5
     params = _norm_params(gen, width, device, dtype if scale is None else torch.float32)
     return z, 6 if scale is None else GRID * GRID + 1, *params, 1e-5, "gelu", dtype
 
@@ -151,13 +164,17 @@ def _add_layer_norm_bytes(args) -> int:
 
 
 def _referring_mask(gen, device, dtype, scale):
-    batch, grid = (3, 6) if scale is None else (_batch(scale, 0, 512), GRID)
+    """The noise is fp32 at a benchmark size whatever ``dtype`` (the model draws it so: a
+    half dtype would tie most of 576 draws)."""
+    batch, grid = (3, 6) if scale is None else (_batch(scale, 512), GRID)
+    noise_dtype = dtype if scale is None else torch.float32
     return (boxes(gen, batch, device),
-            torch.rand(batch, 2, grid * grid, generator=gen).to(device, dtype), grid, 0.35, 0.75)
+            torch.rand(batch, 2, grid * grid, generator=gen).to(device, noise_dtype), grid,
+            0.35, 0.75)
 
 
 def _tokens(gen, device, dtype, scale):
-    batch, rows, width = (2, 5, 8) if scale is None else (_batch(scale, 0, 8), GRID * GRID, DIM)
+    batch, rows, width = (2, 5, 8) if scale is None else (_batch(scale, 8), GRID * GRID, DIM)
     return _randn(gen, batch, rows, width, device=device, dtype=dtype), \
         _mask(gen, batch, rows, device, 0.5 if scale is None else 0.4)
 
@@ -185,13 +202,13 @@ def _selected_rows_bytes(args) -> int:
 
 
 def _vts(gen, device, dtype, scale):
-    batch, grid = (2, 4) if scale is None else (_batch(scale, 0, 256), GRID)
+    batch, grid = (2, 4) if scale is None else (_batch(scale, 256), GRID)
     return _randn(gen, batch, grid * grid, 4, device=device, dtype=dtype), \
         boxes(gen, batch, device), grid
 
 
 def _box_mask(gen, device, dtype, scale):
-    batch, grid = (2, 4) if scale is None else (_batch(scale, 0, 4096), GRID)
+    batch, grid = (2, 4) if scale is None else (_batch(scale, 4096), GRID)
     return _randn(gen, batch, grid, grid, device=device, dtype=dtype) * 3, \
         boxes(gen, batch, device), 20.0, 2.0
 
@@ -203,51 +220,87 @@ def _prediction_bytes(args) -> int:
 
 
 def _focal_dice(gen, device, dtype, scale):
-    batch, side = (2, 6) if scale is None else (_batch(scale, 0, 64), 16 * GRID)
+    batch, side = (2, 6) if scale is None else (_batch(scale, 64), 16 * GRID)
     logits = _randn(gen, batch, side, side, device=device, dtype=dtype) * 3
     target = (torch.rand(batch, side, side, generator=gen) > 0.6).to(device=device, dtype=dtype)
     return logits, target, 20.0, 2.0
 
 
 def _linear_ce(gen, device, dtype, scale):
-    rows, width, vocab = (5, 16, 11) if scale is None else (_batch(scale, 0, 1600), DIM, 64010)
+    rows, width, vocab = (5, 16, 11) if scale is None else (_batch(scale, 1600), DIM, 64010)
     x = _randn(gen, rows, width, device=device, dtype=dtype)
     weight = _randn(gen, vocab, width, device=device, dtype=dtype) * width ** -0.5
-    target = torch.randint(0, vocab, (rows,), generator=gen)
-    target[2 % rows] = -100
+    if scale is None:  # the first and last class and an ignored row
+        target = torch.tensor([0, vocab - 1, -100, 3, 7])
+    else:
+        target = torch.randint(0, vocab, (rows,), generator=gen)
     return x, weight, target.to(device), _randn(gen, vocab, device=device, dtype=dtype), \
         -100, 0.1, "mean"
 
 
 def _sts(gen, device, dtype, scale):
-    batch, text = (2, 6) if scale is None else (_batch(scale, 0, 64), TEXT)
+    batch, text = (2, 6) if scale is None else (_batch(scale, 64), TEXT)
     pred, target = (_randn(gen, batch, text, device=device, dtype=dtype) for _ in range(2))
     valid = torch.zeros(batch, text, dtype=torch.bool)
-    valid[:, 1:max(2, text - 2)] = True
-    valid[1 % batch, text // 2:] = False
+    valid[:, 1:text - 1] = True  # [CLS] and the last position out
+    valid[1 % batch, text // 2:] = False  # a shorter expression
     return pred, target, valid.to(device)
 
 
-def _all_inputs_bytes(args) -> int:
-    """Every input read once, the output and the input gradients written."""
-    return 2 * _nbytes(*args)
+def _attention_bytes(args) -> int:
+    """Forward reads q, k, v and writes o; backward reads q, k, v, o and do, writes dq, dk,
+    dv (the probabilities recomputed, never stored)."""
+    return 12 * _nbytes(args[0])
+
+
+def _attention_flops(args) -> int:
+    """4 H S Dh per valid key and sample forward; the backward 2.5x that."""
+    q, lengths, vision = args[0], args[3], args[4]
+    heads, head_dim = q.shape[2], q.shape[3]
+    return int(3.5 * 4 * heads * q.shape[1] * head_dim * int((vision + lengths).sum()))
+
+
+def _linear_bytes(args) -> int:
+    """x and the weights read forward, read again and their gradients written backward; y
+    written forward and its gradient read backward."""
+    x, weight = args[0], args[2]
+    y = x.numel() // x.shape[-1] * weight.shape[0] * x.element_size()
+    return 3 * _nbytes(x, *args[2:6]) + 2 * y
+
+
+def _linear_flops(args) -> int:
+    x, weight = args[0], args[2]
+    return 6 * (x.numel() // x.shape[-1]) * x.shape[-1] * weight.shape[0]
+
+
+def _linear_ce_bytes(args) -> int:
+    """The fused loss never stores the logits: x, the weight and the bias read forward, read
+    again and their gradients written backward; the targets read once."""
+    return 3 * _nbytes(args[0], args[1], args[3]) + _nbytes(args[2])
+
+
+def _linear_ce_flops(args) -> int:
+    x, weight = args[0], args[1]
+    return 6 * x.shape[0] * x.shape[1] * weight.shape[0]
 
 
 CASES: dict[str, Case] = {
-    "multiway_attention": Case(_attention, _all_inputs_bytes),
-    "multiway_linear": Case(_linear, _all_inputs_bytes),
+    "multiway_attention": Case(_attention, _attention_bytes, (0, 1, 2), _attention_flops),
+    "multiway_linear": Case(_linear, _linear_bytes, (0, 2, 3, 4, 5), _linear_flops),
+    # the LayerNorm parameters' gradients are reductions the byte counts leave out
     "multiway_layer_norm": Case(_layer_norm, _layer_norm_bytes),
-    "multiway_add_layer_norm": Case(_add_layer_norm, _add_layer_norm_bytes),
+    "multiway_add_layer_norm": Case(_add_layer_norm, _add_layer_norm_bytes, (0, 1)),
     # reads the boxes and the noise, writes one bool per patch
     "referring_mask": Case(_referring_mask, lambda a: _nbytes(*a[:2]) + a[1].numel() // 2,
-                           trains=False),
+                           grads=()),
     # forward and backward each read a (B, L, D) tensor and the mask and write one
-    "apply_mask_token": Case(_apply_mask_token, lambda a: 4 * _nbytes(a[0]) + 2 * a[1].numel()),
+    "apply_mask_token": Case(_apply_mask_token, lambda a: 4 * _nbytes(a[0]) + 2 * a[1].numel(),
+                             (0, 2)),
     "masked_gather": Case(_masked_gather, _selected_rows_bytes),
     "masked_scatter": Case(_masked_scatter, _selected_rows_bytes),
     "vts_loss": Case(_vts, _prediction_bytes),
     "box_mask_loss": Case(_box_mask, _prediction_bytes),
     "focal_dice_loss": Case(_focal_dice, _prediction_bytes),
-    "linear_cross_entropy": Case(_linear_ce, _all_inputs_bytes),
+    "linear_cross_entropy": Case(_linear_ce, _linear_ce_bytes, (0, 1, 3), _linear_ce_flops),
     "sts_kl": Case(_sts, _prediction_bytes),
 }

@@ -66,6 +66,7 @@ class Flag:
         help: the field's documentation (also the flag's help).
         choices: allowed values; the section's ``validate`` checks them too.
         const: the flag takes no value and stores this one (booleans: True).
+        metavar: the value's name in the help (default: argparse's, from the flag).
         optional_value: with ``const``, a value may follow the flag (``--resume [PATH]``).
         path: a file or folder, stored absolute so a run folder works from anywhere.
         stage: ``last`` or ``all``: a StageConfig field applied to the last or every stage.

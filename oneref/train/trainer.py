@@ -12,13 +12,14 @@ TensorBoard / the progress bar.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from oneref.config import get_config
+from oneref.config import ModelConfig, get_config
 from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
 from oneref.io import write_json
@@ -182,6 +183,11 @@ class Trainer:
         if state.get("world_size", 1) != self.info.world_size:
             raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks; "
                              f"resume with the same number (now {self.info.world_size})")
+        self._check_resumed_model(path, state.get("model_config", {}))
+        if self.mrefm is not None and "mask_generator" not in state:
+            raise ValueError(f"checkpoint {path} holds no masking state: it was written by a "
+                             f"{state.get('config', {}).get('task', 'non-pretraining')} run, "
+                             f"not by pre-training; resume a pretrain run folder")
         load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -191,6 +197,22 @@ class Trainer:
             self.mrefm.generator.set_state(state["mask_generator"])
         self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_resumed_model(self, path: Path, recorded: dict) -> None:
+        """The model this run builds has the shape the checkpoint recorded (a preset may
+        have changed since it was written); fields the record lacks take their defaults."""
+        current = self.model.config.to_dict()
+        defaults = ModelConfig().to_dict()
+        changed = {k: (recorded.get(k, defaults[k]), v) for k, v in current.items()
+                   if k != "name" and recorded.get(k, defaults[k]) != v}
+        if recorded and changed:
+            fix = " ".join(f"--set model_overrides.{k}={json.dumps(old)}"
+                           for k, (old, _) in changed.items())
+            raise ValueError(f"checkpoint {path} was written by a model with "
+                             + ", ".join(f"{k}={old!r}" for k, (old, _) in changed.items())
+                             + ", but this run builds "
+                             + ", ".join(f"{k}={new!r}" for k, (_, new) in changed.items())
+                             + f"; resume with {fix}")
 
     # ------------------------------------------------------------------ loop
     def _batches(self):

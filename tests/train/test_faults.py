@@ -70,3 +70,18 @@ def test_resume_falls_back_past_a_torn_checkpoint(tmp_path, caplog):
         (tmp_path / "checkpoints" / name).write_bytes(b"garbage")
     with pytest.raises(ValueError, match="no readable checkpoint"):
         Trainer(_config(tmp_path, checkpoint=CheckpointConfig(resume="auto")))
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_or_task(tmp_path):
+    """A preset that changed since the checkpoint was written (here: the RES head's
+    upsamplings) or a checkpoint of another task stops the resume with what to do."""
+    Trainer(_config(tmp_path, steps=2, checkpoint=CheckpointConfig(interval=1))).fit()
+    changed = _config(tmp_path, checkpoint=CheckpointConfig(resume="auto"),
+                      model_overrides={"res_upsamples": 2})
+    with pytest.raises(ValueError, match=r"res_upsamples=3, but this run builds "
+                                         r"res_upsamples=2; resume with --set "
+                                         r"model_overrides.res_upsamples=3"):
+        Trainer(changed)
+    pretrain = _config(tmp_path, checkpoint=CheckpointConfig(resume="auto"), task="pretrain")
+    with pytest.raises(ValueError, match="holds no masking state: it was written by a rec run"):
+        Trainer(pretrain)
