@@ -11,25 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from oneref.ops import reference
+from oneref.ops.cases import CASES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-BATCH, HEADS, HEAD_DIM, NUM_VISION, TEXT = 32, 12, 64, 577, 64
-SEQ = NUM_VISION + TEXT
 IMPLS = ["triton", "sdpa", "torch"]
+CASE = CASES["multiway_attention"]
 
 
 @pytest.fixture(scope="module")
 def inputs():
-    """Two input sets (rotated between calls): q, k, v views of a packed (B, S, 3, H, Dh)
-    tensor, as the model passes them, and text lengths drawn from 8..64."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    sets = []
-    for _ in range(2):
-        qkv = torch.randn(BATCH, SEQ, 3, HEADS, HEAD_DIM, device="cuda", generator=gen)
-        lengths = torch.randint(8, TEXT + 1, (BATCH,), device="cuda", generator=gen)
-        sets.append((qkv.to(torch.bfloat16), lengths))
-    return sets
+    """Two input sets of the shared case at batch 32 (rotated between calls): q, k, v views
+    of a packed (B, S, 3, H, Dh) tensor, as the model passes them, and text lengths 8..64."""
+    return [CASE.inputs(seed, "cuda", torch.bfloat16, scale=8)[:5] for seed in (0, 1)]
 
 
 def _sdpa(q, k, v, lengths, num_vision):
@@ -47,47 +41,38 @@ def _impl(name):
     return _sdpa if name == "sdpa" else reference.multiway_attention
 
 
-def _flops(lengths):
-    return 4 * HEADS * SEQ * HEAD_DIM * int((NUM_VISION + lengths).sum())
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bench_attention_fwd(benchmark, timed, rotate, inputs, impl):
     fn = _impl(impl)
-    qkv, lengths = inputs[0]
-    want = reference.multiway_attention(*qkv.float().unbind(2), lengths, NUM_VISION)
-    got = fn(*qkv.unbind(2), lengths, NUM_VISION).float()
+    args = inputs[0]
+    want = reference.multiway_attention(*(t.float() for t in args[:3]), *args[3:])
+    got = fn(*args).float()
     assert (got - want).abs().max().item() < 2e-2
-    next_qkv = rotate([packed for packed, _ in inputs])
-
-    def step():
-        q, k, v = next_qkv().unbind(2)
-        return fn(q, k, v, inputs[0][1], NUM_VISION)
-
+    next_args = rotate(inputs)
     benchmark.group = "G1 multiway_attention fwd bf16 B32 H12 S641 Dh64"
-    benchmark.extra_info["flops"] = _flops(lengths)
+    benchmark.extra_info["flops"] = CASE.flops(args) / 3.5
     with torch.no_grad():
-        timed(step, rounds=20, iterations=3)
+        timed(lambda: fn(*next_args()), rounds=20, iterations=3)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bench_attention_fwd_bwd(benchmark, timed, rotate, inputs, impl):
     fn = _impl(impl)
-    leaves = [qkv.clone().requires_grad_() for qkv, _ in inputs]
-    lengths = inputs[0][1]
-    grad = torch.randn(BATCH, SEQ, HEADS, HEAD_DIM, device="cuda").to(torch.bfloat16)
+    sets = [CASE.training_inputs(seed, "cuda", torch.bfloat16, scale=8)[:5] for seed in (0, 1)]
+    args = sets[0]
+    grad = torch.randn_like(args[0])
     # gradients checked against the fp32 reference before timing
-    out = fn(*leaves[0].unbind(2), lengths, NUM_VISION)
-    (dqkv,) = torch.autograd.grad(out, [leaves[0]], grad)
-    ref_leaf = inputs[0][0].float().requires_grad_()
-    ref = reference.multiway_attention(*ref_leaf.unbind(2), lengths, NUM_VISION)
-    (dref,) = torch.autograd.grad(ref, [ref_leaf], grad.float())
-    assert (dqkv.float() - dref).abs().max().item() < 5e-2 * (1 + dref.abs().max().item())
-    next_leaf = rotate(leaves)
+    got = torch.autograd.grad(fn(*args), args[:3], grad)
+    ref_leaves = [t.detach().float().requires_grad_() for t in args[:3]]
+    ref = reference.multiway_attention(*ref_leaves, *args[3:])
+    want = torch.autograd.grad(ref, ref_leaves, grad.float())
+    for g, w in zip(got, want):
+        assert (g.float() - w).abs().max().item() < 5e-2 * (1 + w.abs().max().item())
+    next_args = rotate(sets)
 
     def step():
-        fn(*next_leaf().unbind(2), lengths, NUM_VISION).backward(grad)
+        fn(*next_args()).backward(grad)
 
     benchmark.group = "G1 multiway_attention fwd+bwd bf16 B32 H12 S641 Dh64"
-    benchmark.extra_info["flops"] = int(3.5 * _flops(lengths))
+    benchmark.extra_info["flops"] = CASE.flops(args)
     timed(step, rounds=20, iterations=3)

@@ -91,11 +91,13 @@ def _batch(scale: float, bench: int) -> int:
 
 
 def _attention(gen, device, dtype, scale):
+    """q, k, v as the model passes them: strided views of one packed (B, S, 3, H, Dh) QKV
+    projection; text lengths 1 and 3 (test) or 8..64 (benchmark)."""
     batch, seq, heads, head_dim, vision = ((2, 9, 2, 16, 6) if scale is None else
                                            (_batch(scale, 4), GRID * GRID + 1 + TEXT, 12, 64,
                                             GRID * GRID + 1))
-    q, k, v = (_randn(gen, batch, seq, heads, head_dim, device=device, dtype=dtype)
-               for _ in range(3))
+    qkv = _randn(gen, batch, seq, 3, heads, head_dim, device=device, dtype=dtype)
+    q, k, v = qkv.unbind(2)
     lengths = (torch.tensor([1, 3]) if scale is None else
                torch.randint(8, TEXT + 1, (batch,), generator=gen)).to(device)
     return q, k, v, lengths, vision, None
