@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from oneref.ops import reference
+from oneref.ops.cases import CASES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -15,12 +16,10 @@ HEADS = {"mlm": (1638, 64010, 0.1), "mim": (14746, 8192, 0.0)}  # rows, vocabula
 
 
 def _inputs(rows, vocab):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(rows, DIM, device="cuda", generator=gen).to(torch.bfloat16)
-    weight = (torch.randn(vocab, DIM, device="cuda", generator=gen) * DIM ** -0.5)
-    bias = torch.zeros(vocab, device="cuda")
-    target = torch.randint(0, vocab, (rows,), device="cuda", generator=gen)
-    return x, weight.to(torch.bfloat16), bias.to(torch.bfloat16), target
+    """x, weight, bias, targets of the shared case (``oneref.ops.cases``) at this head."""
+    x, weight, target, bias = CASES["linear_cross_entropy"].inputs(
+        0, "cuda", torch.bfloat16, scale=1, rows=rows, width=DIM, vocab=vocab)[:4]
+    return x, weight, bias, target
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

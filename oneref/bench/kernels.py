@@ -57,12 +57,12 @@ def _skip(op: str, impl: str, reason: str, **extra) -> dict:
 
 # ---------------------------------------------------------------------------- attention --
 def _attn_inputs(batch, heads, head_dim, num_vision, text_len, device, dtype, seed):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    seq = num_vision + text_len
-    q, k, v = (torch.randn(batch, seq, heads, head_dim, generator=gen).to(device, dtype)
-               for _ in range(3))
-    lengths = torch.randint(max(1, text_len // 2), text_len + 1, (batch,), generator=gen)
-    return q, k, v, lengths.to(device)
+    """The shared attention case at this shape (``oneref.ops.cases``), q, k, v made
+    contiguous: every implementation of a row gets the same layout."""
+    q, k, v, lengths = CASES["multiway_attention"].inputs(
+        seed, device, dtype, scale=1, batch=batch, text=text_len, heads=heads,
+        head_dim=head_dim, vision=num_vision)[:4]
+    return q.contiguous(), k.contiguous(), v.contiguous(), lengths
 
 
 def _sdpa_call(backend):
@@ -316,11 +316,9 @@ def lce_rows(device, cases=None):
     for label, n, d, v, smoothing in cases:
         shape = f"{label} N={n} D={d} V={v} {str(dtype).replace('torch.', '')}"
 
-        def make(seed):
-            gen = torch.Generator().manual_seed(seed)
-            x = (torch.randn(n, d, generator=gen) * 0.5).to(device, dtype).requires_grad_(True)
-            w = (torch.randn(v, d, generator=gen) * d ** -0.5).to(device, dtype).requires_grad_(True)
-            t = torch.randint(0, v, (n,), generator=gen).to(device)
+        def make(seed, _n=n, _d=d, _v=v):  # the shared case's x, weight, targets (no bias)
+            x, w, t = CASES["linear_cross_entropy"].training_inputs(
+                seed, device, dtype, scale=1, rows=_n, width=_d, vocab=_v)[:3]
             return x, w, t
         inputs = [make(s) for s in range(2)]
         want = reference.linear_cross_entropy(*inputs[0], label_smoothing=smoothing).item()

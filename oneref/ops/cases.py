@@ -68,13 +68,18 @@ class Case:
     def trains(self) -> bool:
         return bool(self.grads)
 
-    def inputs(self, seed: int, device, dtype: torch.dtype, scale: float | None = None) -> tuple:
-        return self.build(torch.Generator().manual_seed(seed), torch.device(device), dtype, scale)
+    def inputs(self, seed: int, device, dtype: torch.dtype, scale: float | None = None,
+               **shape: int) -> tuple:
+        """The op's arguments; ``shape`` overrides benchmark sizes of the ops that sweep them
+        (attention: ``batch``, ``text``, ``heads``, ``head_dim``, ``vision``; linear
+        cross-entropy: ``rows``, ``width``, ``vocab``)."""
+        return self.build(torch.Generator().manual_seed(seed), torch.device(device), dtype, scale,
+                          **shape)
 
     def training_inputs(self, seed: int, device, dtype: torch.dtype,
-                        scale: float | None = None) -> tuple:
+                        scale: float | None = None, **shape: int) -> tuple:
         """:meth:`inputs` with ``requires_grad`` on the arguments of ``grads``."""
-        args = self.inputs(seed, device, dtype, scale)
+        args = self.inputs(seed, device, dtype, scale, **shape)
         return tuple(a.requires_grad_(True) if i in self.grads else a for i, a in enumerate(args))
 
     @staticmethod
@@ -90,17 +95,20 @@ def _batch(scale: float, bench: int) -> int:
     return max(1, int(bench * scale))
 
 
-def _attention(gen, device, dtype, scale):
+def _attention(gen, device, dtype, scale, batch: int = 0, text: int = TEXT, heads: int = 12,
+               head_dim: int = 64, vision: int = GRID * GRID + 1):
     """q, k, v as the model passes them: strided views of one packed (B, S, 3, H, Dh) QKV
-    projection; text lengths 1 and 3 (test) or 8..64 (benchmark)."""
-    batch, seq, heads, head_dim, vision = ((2, 9, 2, 16, 6) if scale is None else
-                                           (_batch(scale, 4), GRID * GRID + 1 + TEXT, 12, 64,
-                                            GRID * GRID + 1))
-    qkv = _randn(gen, batch, seq, 3, heads, head_dim, device=device, dtype=dtype)
+    projection. Test size: 9 tokens, 6 of them vision, text lengths 1 and 3; benchmark size:
+    ``vision + text`` tokens, text lengths ``text // 8 .. text``."""
+    if scale is None:
+        batch, text, heads, head_dim, vision = 2, 3, 2, 16, 6
+        lengths = torch.tensor([1, 3])
+    else:
+        batch = batch or _batch(scale, 4)
+        lengths = torch.randint(max(1, text // 8), text + 1, (batch,), generator=gen)
+    qkv = _randn(gen, batch, vision + text, 3, heads, head_dim, device=device, dtype=dtype)
     q, k, v = qkv.unbind(2)
-    lengths = (torch.tensor([1, 3]) if scale is None else
-               torch.randint(8, TEXT + 1, (batch,), generator=gen)).to(device)
-    return q, k, v, lengths, vision, None
+    return q, k, v, lengths.to(device), vision, None
 
 
 def _linear(gen, device, dtype, scale):
@@ -228,8 +236,13 @@ def _focal_dice(gen, device, dtype, scale):
     return logits, target, 20.0, 2.0
 
 
-def _linear_ce(gen, device, dtype, scale):
-    rows, width, vocab = (5, 16, 11) if scale is None else (_batch(scale, 1600), DIM, 64010)
+def _linear_ce(gen, device, dtype, scale, rows: int = 0, width: int = DIM, vocab: int = 64010):
+    """Test size: 5 rows, 16 wide, 11 classes; benchmark size: the MLM head (1,600 masked
+    tokens x the scale, D = 768, V = 64,010)."""
+    if scale is None:
+        rows, width, vocab = 5, 16, 11
+    else:
+        rows = rows or _batch(scale, 1600)
     x = _randn(gen, rows, width, device=device, dtype=dtype)
     weight = _randn(gen, vocab, width, device=device, dtype=dtype) * width ** -0.5
     if scale is None:  # the first and last class and an ignored row
