@@ -58,11 +58,12 @@ def _umask() -> int:
     only read it by setting it, which would race with threads creating files)."""
     try:
         with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
+            lines = handle.read().splitlines()
     except OSError:
-        pass
+        lines = []
+    for line in lines:
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

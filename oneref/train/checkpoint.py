@@ -2,8 +2,9 @@
 
 A checkpoint is one file ``<run>/checkpoints/step_00001234.pt`` holding the model, optimizer,
 lr-plan state, step, epoch, every RNG (python, numpy, torch CPU, every CUDA device; for
-pre-training also the masking generator), the sampler state and the model's config. It is written to a temporary file in the same
-folder and moved into place with ``os.replace``, so a kill mid-write never leaves a torn file.
+pre-training also the masking generator), the sampler state and the model's config. It is
+written to a temporary file in the same folder and moved into place with ``os.replace``, so
+a kill mid-write never leaves a torn file.
 """
 
 from __future__ import annotations

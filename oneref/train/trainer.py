@@ -201,18 +201,17 @@ class Trainer:
     def _check_resumed_model(self, path: Path, recorded: dict) -> None:
         """The model this run builds has the shape the checkpoint recorded (a preset may
         have changed since it was written); fields the record lacks take their defaults."""
-        current = self.model.config.to_dict()
-        defaults = ModelConfig().to_dict()
-        changed = {k: (recorded.get(k, defaults[k]), v) for k, v in current.items()
-                   if k != "name" and recorded.get(k, defaults[k]) != v}
-        if recorded and changed:
-            fix = " ".join(f"--set model_overrides.{k}={json.dumps(old)}"
-                           for k, (old, _) in changed.items())
-            raise ValueError(f"checkpoint {path} was written by a model with "
-                             + ", ".join(f"{k}={old!r}" for k, (old, _) in changed.items())
-                             + ", but this run builds "
-                             + ", ".join(f"{k}={new!r}" for k, (_, new) in changed.items())
-                             + f"; resume with {fix}")
+        if not recorded:
+            return
+        recorded = {**ModelConfig().to_dict(), **recorded}
+        changed = [(k, recorded[k], v) for k, v in self.model.config.to_dict().items()
+                   if k != "name" and recorded[k] != v]
+        if changed:
+            was = ", ".join(f"{k}={old!r}" for k, old, _ in changed)
+            now = ", ".join(f"{k}={new!r}" for k, _, new in changed)
+            fix = " ".join(f"--set model_overrides.{k}={json.dumps(old)}" for k, old, _ in changed)
+            raise ValueError(f"checkpoint {path} was written by a model with {was}, but this "
+                             f"run builds {now}; resume with {fix}")
 
     # ------------------------------------------------------------------ loop
     def _batches(self):
@@ -351,11 +350,11 @@ class Trainer:
                     t_budget: float) -> None:
         """Write the window's rank-averaged loss parts, lr and throughput; then reset it
         (every step of a window may have been skipped: nothing to write then)."""
-        row = window.row(time.perf_counter())
+        now = time.perf_counter()
+        row = window.row(now)
         if row is None:
             return
-        row.update(lr=self.optimizer.param_groups[0]["lr"],
-                   elapsed_s=time.perf_counter() - t_budget)
+        row.update(lr=self.optimizer.param_groups[0]["lr"], elapsed_s=now - t_budget)
         logger.log(self.step, row)
         self.losses.append((self.step, row["loss"]))
         progress.update(self.step, row, t_budget)
@@ -405,6 +404,9 @@ class _LossWindow:
     """Loss parts and samples of the steps since the last log row."""
 
     def __init__(self, now: float):
+        self.reset(now)
+
+    def reset(self, now: float) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.samples = 0
@@ -425,7 +427,7 @@ class _LossWindow:
                                                  for k in names]))
             row = dict(zip(names, means.tolist()))
             row["samples_per_s"] = self.samples / max(now - self.since, 1e-9)
-        self.__init__(now)
+        self.reset(now)
         return row
 
 
