@@ -13,8 +13,8 @@ Design (all memory-bound, benchmarks/README.md, G2):
   (576 for the 24 x 24 similarity map) accumulating the focal sum and the three dice sums;
   the box variant rasterises the target on the fly (``x1 * G <= c < x2 * G`` in fp32, as the
   reference). The forward keeps (B, 4) statistics; the backward, a (B, pixel-block) grid,
-  recomputes the sigmoid from the logits. Focal uses alpha 0.25, gamma 2 (docs/method.md, "REC
-  head").
+  recomputes the sigmoid from the logits. Focal uses gamma 2 and alpha 0.25 (docs/method.md,
+  "REC head"); ``focal_dice_loss`` takes another alpha (a RES recipe's, "RES head").
 * ``sts_kl``: one program per row with the whole row in registers (T <= a few hundred);
   the forward keeps the (B,) row KLs, the backward recomputes both softmaxes.
 """
@@ -158,20 +158,20 @@ def _pixel_target(target_ptr, b, pix, n_pix, valid, GRID: tl.constexpr, FROM_BOX
 
 
 @triton.jit
-def _focal_terms(x, t, ALPHA: tl.constexpr):
+def _focal_terms(x, t, alpha):
     """Sigmoid p, BCE-with-logits ce, alpha_t and q = 1 - p_t (fp32, elementwise)."""
     e = tl.exp(-tl.abs(x))
     ce = tl.maximum(x, 0.0) - x * t + tl.log(1.0 + e)
     p = 1.0 / (1.0 + tl.exp(-x))
     q = 1.0 - (p * t + (1.0 - p) * (1.0 - t))
-    alpha_t = ALPHA * t + (1.0 - ALPHA) * (1.0 - t)
+    alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
     return p, ce, alpha_t, q
 
 
 @triton.jit
 def _focal_dice_fwd_kernel(logits_ptr, target_ptr, stats_ptr, per_sample_ptr, n_pix,
-                           focal_scale, dice_scale, GRID: tl.constexpr, FROM_BOX: tl.constexpr,
-                           ALPHA: tl.constexpr, BLOCK: tl.constexpr):
+                           focal_scale, dice_scale, alpha, GRID: tl.constexpr,
+                           FROM_BOX: tl.constexpr, BLOCK: tl.constexpr):
     """Program b: stats[b] = (focal mean, sum p t, sum p + sum t + 1, unused) and
     per_sample[b] = focal_scale * focal mean + dice_scale * dice."""
     b = tl.program_id(0).to(tl.int64)
@@ -183,7 +183,7 @@ def _focal_dice_fwd_kernel(logits_ptr, target_ptr, stats_ptr, per_sample_ptr, n_
         valid = pix < n_pix
         x = tl.load(logits_ptr + b * n_pix + pix, mask=valid, other=0.0).to(tl.float32)
         t = _pixel_target(target_ptr, b, pix, n_pix, valid, GRID, FROM_BOX)
-        p, ce, alpha_t, q = _focal_terms(x, t, ALPHA)
+        p, ce, alpha_t, q = _focal_terms(x, t, alpha)
         acc_focal += tl.where(valid, alpha_t * ce * q * q, 0.0)
         acc_inter += tl.where(valid, p * t, 0.0)
         acc_den += tl.where(valid, p + t, 0.0)
@@ -200,15 +200,15 @@ def _focal_dice_fwd_kernel(logits_ptr, target_ptr, stats_ptr, per_sample_ptr, n_
 
 @triton.jit
 def _focal_dice_bwd_kernel(grad_ptr, logits_ptr, target_ptr, stats_ptr, out_ptr, n_pix,
-                           focal_scale, dice_scale, GRID: tl.constexpr,
-                           FROM_BOX: tl.constexpr, ALPHA: tl.constexpr, BLOCK: tl.constexpr):
+                           focal_scale, dice_scale, alpha, GRID: tl.constexpr,
+                           FROM_BOX: tl.constexpr, BLOCK: tl.constexpr):
     """d loss / d logits for pixels of block program_id(1) of sample program_id(0)."""
     b = tl.program_id(0).to(tl.int64)
     pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = pix < n_pix
     x = tl.load(logits_ptr + b * n_pix + pix, mask=valid, other=0.0).to(tl.float32)
     t = _pixel_target(target_ptr, b, pix, n_pix, valid, GRID, FROM_BOX)
-    p, ce, alpha_t, q = _focal_terms(x, t, ALPHA)
+    p, ce, alpha_t, q = _focal_terms(x, t, alpha)
     dp = p * (1.0 - p)
     # focal = alpha_t * ce * q^2, dce/dx = p - t, dq/dx = -(2t - 1) p (1 - p)
     d_focal = alpha_t * q * ((p - t) * q - 2.0 * ce * (2.0 * t - 1.0) * dp)
@@ -225,7 +225,7 @@ def _fd_block(n_pix: int) -> int:
     return min(triton.next_power_of_2(max(n_pix, 1)), 1024)
 
 
-def _focal_dice_forward(logits, target, focal_weight, dice_weight, grid, from_box):
+def _focal_dice_forward(logits, target, focal_weight, dice_weight, alpha, grid, from_box):
     batch = logits.shape[0]
     n_pix = logits[0].numel() if batch else 0
     logits = logits.contiguous()
@@ -234,12 +234,12 @@ def _focal_dice_forward(logits, target, focal_weight, dice_weight, grid, from_bo
     if batch == 0:
         return per_sample.sum() / 0, stats
     _focal_dice_fwd_kernel[(batch,)](logits, target, stats, per_sample, n_pix,
-                                     focal_weight / batch, dice_weight / batch, GRID=grid,
-                                     FROM_BOX=from_box, ALPHA=0.25, BLOCK=_fd_block(n_pix))
+                                     focal_weight / batch, dice_weight / batch, alpha,
+                                     GRID=grid, FROM_BOX=from_box, BLOCK=_fd_block(n_pix))
     return per_sample.sum(), stats
 
 
-def _focal_dice_backward(grad, logits, target, stats, focal_weight, dice_weight, grid,
+def _focal_dice_backward(grad, logits, target, stats, focal_weight, dice_weight, alpha, grid,
                          from_box):
     batch = logits.shape[0]
     n_pix = logits[0].numel()
@@ -248,7 +248,7 @@ def _focal_dice_backward(grad, logits, target, stats, focal_weight, dice_weight,
     block = _fd_block(n_pix)
     _focal_dice_bwd_kernel[(batch, triton.cdiv(n_pix, block))](
         _scalar_grad(grad), logits, target, stats, out, n_pix, focal_weight / batch,
-        dice_weight / batch, GRID=grid, FROM_BOX=from_box, ALPHA=0.25, BLOCK=block)
+        dice_weight / batch, alpha, GRID=grid, FROM_BOX=from_box, BLOCK=block)
     return out
 
 
@@ -259,30 +259,30 @@ def _target_buffer(target: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("oneref_triton::focal_dice_loss", mutates_args=())
 def _focal_dice_op(logits: torch.Tensor, target: torch.Tensor, focal_weight: float,
-                   dice_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _focal_dice_forward(logits, _target_buffer(target), focal_weight, dice_weight, 1,
-                               False)
+                   dice_weight: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _focal_dice_forward(logits, _target_buffer(target), focal_weight, dice_weight,
+                               alpha, 1, False)
 
 
 @torch.library.custom_op("oneref_triton::box_mask_loss", mutates_args=())
 def _box_mask_op(logits: torch.Tensor, boxes: torch.Tensor, focal_weight: float,
-                 dice_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _focal_dice_forward(logits, boxes.contiguous(), focal_weight, dice_weight,
+                 dice_weight: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _focal_dice_forward(logits, boxes.contiguous(), focal_weight, dice_weight, alpha,
                                logits.shape[-1], True)
 
 
 @torch.library.custom_op("oneref_triton::focal_dice_loss_backward", mutates_args=())
 def _focal_dice_bwd_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
                        stats: torch.Tensor, focal_weight: float, dice_weight: float,
-                       from_box: bool) -> torch.Tensor:
+                       alpha: float, from_box: bool) -> torch.Tensor:
     if from_box:
         return _focal_dice_backward(grad, logits, target.contiguous(), stats, focal_weight,
-                                    dice_weight, logits.shape[-1], True)
+                                    dice_weight, alpha, logits.shape[-1], True)
     return _focal_dice_backward(grad, logits, _target_buffer(target), stats, focal_weight,
-                                dice_weight, 1, False)
+                                dice_weight, alpha, 1, False)
 
 
-def _fd_fake(logits, target, focal_weight, dice_weight):
+def _fd_fake(logits, target, focal_weight, dice_weight, alpha):
     return (logits.new_empty((), dtype=torch.float32),
             logits.new_empty(logits.shape[0], 4, dtype=torch.float32))
 
@@ -292,15 +292,15 @@ _box_mask_op.register_fake(_fd_fake)
 
 
 @_focal_dice_bwd_op.register_fake
-def _(grad, logits, target, stats, focal_weight, dice_weight, from_box):
+def _(grad, logits, target, stats, focal_weight, dice_weight, alpha, from_box):
     return torch.empty_like(logits)
 
 
 def _fd_setup_factory(from_box: bool):
     def setup(ctx, inputs, output):
-        logits, target, focal_weight, dice_weight = inputs
+        logits, target, focal_weight, dice_weight, alpha = inputs
         ctx.save_for_backward(logits, target, output[1])
-        ctx.weights = (focal_weight, dice_weight)
+        ctx.weights = (focal_weight, dice_weight, alpha)
         ctx.from_box = from_box
     return setup
 
@@ -308,7 +308,7 @@ def _fd_setup_factory(from_box: bool):
 def _fd_backward(ctx, grad, grad_stats):
     logits, target, stats = ctx.saved_tensors
     grad_logits = _focal_dice_bwd_op(grad, logits, target, stats, *ctx.weights, ctx.from_box)
-    return grad_logits, None, None, None
+    return grad_logits, None, None, None, None
 
 
 _focal_dice_op.register_autograd(_fd_backward, setup_context=_fd_setup_factory(False))
@@ -436,15 +436,17 @@ def vts_loss(pred: torch.Tensor, boxes: torch.Tensor, grid: int) -> torch.Tensor
 def box_mask_loss(logits: torch.Tensor, boxes: torch.Tensor, focal_weight: float = 20.0,
                   dice_weight: float = 2.0) -> torch.Tensor:
     """Focal x focal_weight + dice x dice_weight between logits (B, G, G) and boxes (B, 4)
-    rasterised on the G x G grid. Differentiable w.r.t. logits."""
-    return _box_mask_op(logits, boxes, float(focal_weight), float(dice_weight))[0]
+    rasterised on the G x G grid (focal alpha 0.25). Differentiable w.r.t. logits."""
+    return _box_mask_op(logits, boxes, float(focal_weight), float(dice_weight), 0.25)[0]
 
 
 def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, focal_weight: float = 20.0,
-                    dice_weight: float = 2.0) -> torch.Tensor:
-    """Focal x focal_weight + dice x dice_weight, each averaged over the batch; logits and
-    target (B, ...) of one shape, target in [0, 1]. Differentiable w.r.t. logits."""
-    return _focal_dice_op(logits, target, float(focal_weight), float(dice_weight))[0]
+                    dice_weight: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
+    """Focal (``alpha`` weighting the positives) x focal_weight + dice x dice_weight, each
+    averaged over the batch; logits and target (B, ...) of one shape, target in [0, 1].
+    Differentiable w.r.t. logits."""
+    return _focal_dice_op(logits, target, float(focal_weight), float(dice_weight),
+                          float(alpha))[0]
 
 
 def sts_kl(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

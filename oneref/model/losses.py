@@ -73,7 +73,10 @@ def rec_losses(pred_boxes: torch.Tensor, sim_logits: torch.Tensor, boxes: torch.
     return {"loss": l1 + giou + box_mask, "l1": l1, "giou": giou, "box_mask": box_mask}
 
 
-def res_losses(mask_logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """RES loss: focal x20 + dice x2 of (B, H, W) logits against {0, 1} masks (B, H, W)."""
-    seg = ops.focal_dice_loss(mask_logits, masks.to(mask_logits.dtype))
+def res_losses(mask_logits: torch.Tensor, masks: torch.Tensor, focal_weight: float = 20.0,
+               dice_weight: float = 2.0, alpha: float = 0.25) -> dict[str, torch.Tensor]:
+    """RES loss: focal x20 + dice x2 (focal alpha 0.25: OneRef's weights) of (B, H, W)
+    logits against {0, 1} masks (B, H, W)."""
+    seg = ops.focal_dice_loss(mask_logits, masks.to(mask_logits.dtype), focal_weight,
+                              dice_weight, alpha)
     return {"loss": seg, "seg": seg}

@@ -13,8 +13,10 @@ adds ``0 * p`` for every trainable parameter so all of them take part in every s
 entry point    modules used (besides the encoder)
 =============  ============================================================================
 forward_rec    vision_head, language_head, rec_head (mask_token unused: no image mask)
-forward_res    vision_head (similarity map only), language_head, res_head
-res_loss       the RES logits: res_head, language_head (vision_head gets no gradient)
+forward_res    vision_head (similarity map only), language_head, res_head; rec_head with
+               ``with_boxes=True``
+res_loss       the RES logits: res_head, language_head (vision_head gets no gradient unless
+               ``rec_weight > 0`` adds the REC losses of ``with_boxes``)
 mim_loss       vision_head, language_head, mim_head (``proj`` for token targets, ``pixel``
                for the pixel fallback), vts_head when ``use_vts``; mask_token
 mlm_loss       vision_head, language_head, mlm_head, sts_head when ``sts_targets`` is given
@@ -67,6 +69,7 @@ class RECOutput(NamedTuple):
 class RESOutput(NamedTuple):
     mask_logits: torch.Tensor  # (B, img_size, img_size)
     sim_logits: torch.Tensor  # (B, G, G)
+    boxes: torch.Tensor | None = None  # (B, 4) REC head boxes (forward_res(with_boxes=True))
 
 
 class OneRef(nn.Module):
@@ -238,15 +241,18 @@ class OneRef(nn.Module):
         boxes = self.forward_rec(images, text_ids, text_lengths).boxes
         return box_cxcywh_to_xyxy(boxes).clamp(0, 1)
 
-    def forward_res(self, images, text_ids, text_lengths) -> RESOutput:
+    def forward_res(self, images, text_ids, text_lengths, with_boxes: bool = False) -> RESOutput:
         """Mask logits (B, img_size, img_size): the head's cosines times
-        ``config.sim_scale``; and similarity logits (B, G, G)."""
+        ``config.sim_scale``; similarity logits (B, G, G); with ``with_boxes`` also the REC
+        head's boxes from the same encoding (for ``res_loss(rec_weight > 0)``)."""
         res_head = self._require("res")
+        rec_head = self._require("rec") if with_boxes else None
         patches, e_txt, v_hat, sim = self._project(self.encode(images, text_ids, text_lengths))
         mask_logits = res_head(patches, e_txt, self.config.img_size)
         if self.config.sim_scale != 1.0:
             mask_logits = mask_logits * self.config.sim_scale
-        return RESOutput(mask_logits, self._grid(sim))
+        boxes = rec_head(patches, sim) if rec_head is not None else None
+        return RESOutput(mask_logits, self._grid(sim), boxes)
 
     def rec_loss(self, out: RECOutput, boxes: torch.Tensor,
                  masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -259,10 +265,24 @@ class OneRef(nn.Module):
             check.check_masks(masks, self.config, batch, device)
         return self._finish(rec_losses(out.boxes, out.sim_logits, boxes, masks))
 
-    def res_loss(self, out: RESOutput, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``loss = seg`` = focal x20 + dice x2 of the mask logits (docs/method.md, "RES head")."""
-        check.check_masks(masks, self.config, out.mask_logits.shape[0], out.mask_logits.device)
-        return self._finish(res_losses(out.mask_logits, masks))
+    def res_loss(self, out: RESOutput, masks: torch.Tensor, focal_weight: float = 20.0,
+                 dice_weight: float = 2.0, alpha: float = 0.25, boxes: torch.Tensor | None = None,
+                 rec_weight: float = 0.0) -> dict[str, torch.Tensor]:
+        """``loss = seg`` = focal x20 + dice x2 of the mask logits, focal alpha 0.25
+        (docs/method.md, "RES head"; a recipe may change the three). ``rec_weight > 0`` adds
+        that multiple of the REC losses (:meth:`rec_loss`) of ``out.boxes`` against ``boxes``
+        (B, 4): an auxiliary grounding signal that OneRef's RES does not use."""
+        batch, device = out.mask_logits.shape[0], out.mask_logits.device
+        check.check_masks(masks, self.config, batch, device)
+        seg = res_losses(out.mask_logits, masks, focal_weight, dice_weight, alpha)["seg"]
+        if rec_weight == 0.0:
+            return self._finish({"loss": seg, "seg": seg})
+        if out.boxes is None or boxes is None:
+            raise ValueError("res_loss with rec_weight > 0 needs out.boxes "
+                             "(forward_res(..., with_boxes=True)) and the target boxes")
+        check.check_boxes(boxes, batch, device)
+        rec = rec_losses(out.boxes, out.sim_logits, boxes)
+        return self._finish({**rec, "loss": seg + rec_weight * rec["loss"], "seg": seg})
 
     # ------------------------------------------------------------------ MRefM
     def mim_loss(self, images, text_ids, text_lengths, boxes, image_mask,

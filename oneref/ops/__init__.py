@@ -233,14 +233,17 @@ def box_mask_loss(logits, boxes, focal_weight: float = 20.0, dice_weight: float 
         logits, boxes, focal_weight, dice_weight)
 
 
-def focal_dice_loss(logits, target, focal_weight: float = 20.0, dice_weight: float = 2.0, *,
-                    backend: str | None = None):
+def focal_dice_loss(logits, target, focal_weight: float = 20.0, dice_weight: float = 2.0,
+                    alpha: float = 0.25, *, backend: str | None = None):
     """Sigmoid focal x20 + dice x2 between logits and a {0, 1} target of the same shape
-    (B, ...), each term averaged over the batch (RES masks, mask-target constraint)."""
+    (B, ...), each term averaged over the batch (RES masks, mask-target constraint); the
+    focal term weights positives by ``alpha`` and negatives by ``1 - alpha``."""
     check_tensor("logits", logits, floating=True)
     check_shape("target", target, tuple(logits.shape))
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"focal_dice_loss: alpha must be in [0, 1], got {alpha}")
     return resolve("focal_dice_loss", logits.device, backend, logits.dtype)(
-        logits, target, focal_weight, dice_weight)
+        logits, target, focal_weight, dice_weight, alpha)
 
 
 def linear_cross_entropy(x, weight, target, bias=None, ignore_index: int = -100,

@@ -235,9 +235,11 @@ def dice_loss(logits, target, smooth: float = 1.0):
     return 1 - (2 * inter + smooth) / (prob.sum(1) + target.sum(1) + smooth)
 
 
-def focal_dice_loss(logits, target, focal_weight: float = 20.0, dice_weight: float = 2.0):
-    """``focal_weight * focal + dice_weight * dice``, each averaged over the batch."""
-    return (focal_weight * sigmoid_focal_loss(logits, target).mean()
+def focal_dice_loss(logits, target, focal_weight: float = 20.0, dice_weight: float = 2.0,
+                    alpha: float = 0.25):
+    """``focal_weight * focal + dice_weight * dice``, each averaged over the batch; ``alpha``
+    weights the focal term's positives (``1 - alpha`` its negatives)."""
+    return (focal_weight * sigmoid_focal_loss(logits, target, alpha).mean()
             + dice_weight * dice_loss(logits, target).mean())
 
 

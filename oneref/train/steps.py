@@ -3,7 +3,8 @@
 ``TaskModule(model, task)(batch, mode)`` returns the loss dict of the model's loss method:
 
 * ``rec``: ``forward_rec`` + ``rec_loss`` (L1 + GIoU + box-mask constraint);
-* ``res``: ``forward_res`` + ``res_loss`` (focal x20 + dice x2);
+* ``res``: ``forward_res`` + ``res_loss`` (focal + dice, optionally the REC losses as an
+  auxiliary term; weights from ``ResLossConfig``);
 * ``pretrain``: ``mode="mim"`` -> ``mim_loss`` (referring-aware image masking, VQ-KD or pixel
   targets, optional VTS); ``mode="mlm"`` -> ``mlm_loss`` (subject/object-first text masking,
   optional STS, drop-worst).
@@ -24,7 +25,7 @@ import torch.nn as nn
 from oneref.config import ModelConfig
 from oneref.data.masking import mask_image, mask_text, random_mask_like
 from oneref.model.vqkd import VQKDTokenizer
-from oneref.train.config import PretrainConfig
+from oneref.train.config import PretrainConfig, ResLossConfig
 
 __all__ = ["TaskModule", "MRefMBatches", "IMAGENET_MEAN", "IMAGENET_STD", "unnormalise",
            "prepare_mim", "prepare_mlm", "mrefm_mode", "mim_tokenizer"]
@@ -125,16 +126,18 @@ class TaskModule(nn.Module):
         model: a ``OneRef``.
         task: ``rec``, ``res`` or ``pretrain``.
         pretrain: VTS / STS switches for MRefM.
+        res_loss: the RES loss weights (default OneRef's).
         seg_mask: REC's box-mask constraint against ``batch["masks"]`` (the segmentation
             where the sample has one, else its rasterised box) instead of the box.
     """
 
     def __init__(self, model: nn.Module, task: str, pretrain: PretrainConfig | None = None,
-                 seg_mask: bool = False):
+                 res_loss: ResLossConfig | None = None, seg_mask: bool = False):
         super().__init__()
         self.model = model
         self.task = task
         self.pretrain = pretrain or PretrainConfig()
+        self.res_loss = res_loss or ResLossConfig()
         self.seg_mask = seg_mask
 
     def forward(self, batch: dict, mode: str = "", drop_worst: float = 0.0) -> dict:
@@ -143,8 +146,11 @@ class TaskModule(nn.Module):
             out = m.forward_rec(batch["images"], batch["text_ids"], batch["text_lengths"])
             return m.rec_loss(out, batch["boxes"], batch["masks"] if self.seg_mask else None)
         if self.task == "res":
-            out = m.forward_res(batch["images"], batch["text_ids"], batch["text_lengths"])
-            return m.res_loss(out, batch["masks"])
+            weights = self.res_loss
+            out = m.forward_res(batch["images"], batch["text_ids"], batch["text_lengths"],
+                                with_boxes=weights.rec_weight > 0)
+            return m.res_loss(out, batch["masks"], weights.focal_weight, weights.dice_weight,
+                              weights.focal_alpha, batch["boxes"], weights.rec_weight)
         if mode == "mim":
             return m.mim_loss(batch["images"], batch["text_ids"], batch["text_lengths"],
                               batch["boxes"], batch["image_mask"], batch["mim_targets"],

@@ -88,7 +88,7 @@ class Trainer:
         seed_everything(config.seed + self.info.rank)
 
         self.task_module = TaskModule(self.model, config.task, config.pretrain,
-                                      seg_mask=data.seg_mask).to(self.device)
+                                      config.res_loss, data.seg_mask).to(self.device)
         self.features = apply_features(self.task_module, config, self.info)
         self.fsdp = self.features.fsdp
         self.optimizer = build_optimizer(self.model, config.optim)

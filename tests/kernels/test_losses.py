@@ -77,16 +77,19 @@ def test_box_mask_loss(device, dtype, batch, grid, edge, weights, poison_empty,
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
-@pytest.mark.parametrize("shape,fill", [((2, 24, 24), None), ((1, 37, 41), None),
-                                        ((3, 1500), None), ((2, 5, 5), 0.0),
-                                        ((2, 5, 5), 1.0)])
-def test_focal_dice_loss(device, dtype, shape, fill, poison_empty, assert_kernel_close):
+@pytest.mark.parametrize("shape,fill,weights", [
+    ((2, 24, 24), None, ()), ((1, 37, 41), None, (20.0, 10.0, 0.6)),
+    ((3, 1500), None, ()), ((2, 5, 5), 0.0, (5.0, 1.0, 0.9)), ((2, 5, 5), 1.0, ())])
+def test_focal_dice_loss(device, dtype, shape, fill, weights, poison_empty,
+                         assert_kernel_close):
+    """``weights``: (focal weight, dice weight, alpha), or () for the defaults."""
     logits = (torch.randn(shape, device=device) * 4).to(dtype)
     target = (torch.rand(shape, device=device) > 0.6).to(dtype)
     if fill is not None:  # empty and full targets
         target.fill_(fill)
-    _compare(assert_kernel_close, losses.focal_dice_loss, reference.focal_dice_loss,
-             [logits, target], grad_of=[0])
+    _compare(assert_kernel_close, lambda x, t: losses.focal_dice_loss(x, t, *weights),
+             lambda x, t: reference.focal_dice_loss(x, t, *weights), [logits, target],
+             grad_of=[0])
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
@@ -130,6 +133,6 @@ def test_losses_dispatch_and_opcheck():
     scores.requires_grad_()
     lib = torch.ops.oneref_triton
     torch.library.opcheck(lib.vts_loss.default, (pred, boxes, grid))
-    torch.library.opcheck(lib.box_mask_loss.default, (logits, boxes, 20.0, 2.0))
-    torch.library.opcheck(lib.focal_dice_loss.default, (logits, target, 20.0, 2.0))
+    torch.library.opcheck(lib.box_mask_loss.default, (logits, boxes, 20.0, 2.0, 0.25))
+    torch.library.opcheck(lib.focal_dice_loss.default, (logits, target, 20.0, 2.0, 0.5))
     torch.library.opcheck(lib.sts_kl.default, (scores, teacher, valid))

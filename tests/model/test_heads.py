@@ -1,12 +1,14 @@
 """Shapes and dtypes of every entry point and head on the tiny preset."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from oneref import OneRef
 from oneref.model import EncoderOutput, RECOutput, RESOutput
-from oneref.model.heads import RESHead
+from oneref.model.heads import RESHead, upsample_2x
 from tests.model.conftest import make_batch
 
 
@@ -52,7 +54,15 @@ def test_loss_dicts(tiny):
         assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
         torch.testing.assert_close(out["loss"], out["l1"] + out["giou"] + out["box_mask"])
     res = tiny.res_loss(tiny.forward_res(images, ids, lengths), masks)
-    assert res["loss"].dim() == 0 and res["loss"] > 0
+    assert set(res) == {"loss", "seg"} and res["loss"].dim() == 0 and res["loss"] > 0
+    with_boxes = tiny.forward_res(images, ids, lengths, with_boxes=True)
+    torch.testing.assert_close(with_boxes.boxes, rec.boxes)
+    aux = tiny.res_loss(with_boxes, masks, boxes=boxes, rec_weight=2.0)
+    assert set(aux) == {"loss", "seg", "l1", "giou", "box_mask"}
+    torch.testing.assert_close(aux["loss"], aux["seg"] + 2.0 * (
+        aux["l1"] + aux["giou"] + aux["box_mask"]))
+    with pytest.raises(ValueError, match="rec_weight > 0 needs out.boxes"):
+        tiny.res_loss(tiny.forward_res(images, ids, lengths), masks, boxes=boxes, rec_weight=1.0)
     image_mask = torch.zeros(2, c.num_patches, dtype=torch.bool)
     image_mask[:, ::3] = True
     targets = torch.randint(0, c.mim_vocab, (2, c.num_patches))
@@ -177,6 +187,49 @@ def test_res_head_upsamplings_against_a_written_out_head(upsamples):
     expected = F.interpolate((F.normalize(x, dim=1) * e_txt[:, :, None, None]).sum(1)[:, None],
                              size=(size, size), mode="bilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(head(patches, e_txt, size), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (1, 7, 7, 16), (3, 1, 1, 4)])
+def test_upsample_2x_is_the_transposed_convolution(shape):
+    """The GEMM + pixel shuffle equals F.conv_transpose2d (kernel 2, stride 2), also for a
+    channels-last view of a channels-first tensor (non-contiguous) and non-square maps;
+    gradients too."""
+    torch.manual_seed(sum(shape))
+    batch, height, width, chans = shape
+    x = torch.randn(batch, chans, height, width).permute(0, 2, 3, 1).requires_grad_()
+    weight = torch.randn(chans, 6, 2, 2, requires_grad=True)
+    got = upsample_2x(x, weight)
+    want = F.conv_transpose2d(x.permute(0, 3, 1, 2), weight, stride=2).permute(0, 2, 3, 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, (x, weight), grad),
+                               torch.autograd.grad(want, (x, weight), grad),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_res_head_gradients_and_statistics_match_the_modules_own_forward():
+    """The channels-last head computes what conv -> BN -> ReLU -> F.normalize -> dot would:
+    same logits, input and parameter gradients, and BatchNorm running statistics."""
+    torch.manual_seed(0)
+    head = RESHead(16, 2).train()
+    twin = copy.deepcopy(head)
+    patches = torch.randn(3, 25, 16, requires_grad=True)
+    e_txt = F.normalize(torch.randn(3, 16), dim=-1).requires_grad_()
+    got = head(patches, e_txt, 45)
+    x = patches.transpose(1, 2).reshape(3, 16, 5, 5)
+    x = F.relu(twin.bn1(twin.conv1(x)))
+    x = F.normalize(twin.bn2(twin.conv2(x)), dim=1)
+    want = F.interpolate(torch.einsum("bchw,bc->bhw", x, e_txt)[:, None], size=(45, 45),
+                         mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(want)
+    inputs = [patches, e_txt]
+    got_grads = torch.autograd.grad(got, inputs + list(head.parameters()), grad)
+    want_grads = torch.autograd.grad(want, inputs + list(twin.parameters()), grad)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(head.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_res_upsamples_is_checked():

@@ -117,6 +117,10 @@ def test_focal_and_dice_hand_values():
     assert ref.dice_loss(logits, target).item() == pytest.approx(dice, rel=1e-6)
     total = ref.focal_dice_loss(logits, target)
     assert total.item() == pytest.approx(20 * focal + 2 * dice, rel=1e-6)
+    # alpha 0.6: the positive pixel weighs 0.6, the negative 0.4.
+    focal_06 = (0.6 * math.log(2) * 0.25 + 0.4 * math.log(4) * 0.5625) / 2
+    total = ref.focal_dice_loss(logits, target, 5.0, 1.0, alpha=0.6)
+    assert total.item() == pytest.approx(5 * focal_06 + dice, rel=1e-6)
 
 
 def test_box_mask_loss_is_focal_dice_on_the_rasterised_box():

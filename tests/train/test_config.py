@@ -100,6 +100,7 @@ def test_sampler_shards_and_resumes():
     ("optim.grad_clip=-1", "grad_clip >= 0"),
     ("schedule.min_lr_ratio=2", r"schedule.min_lr_ratio must be in \[0, 1\]"),
     ("pretrain.inside_ratio=1.5", "inside 1.5"),
+    ("res_loss.focal_alpha=1.5", r"res_loss: focal_alpha in \[0, 1\].*got focal_alpha 1.5"),
     ("checkpoint.keep_last=-1", "keep_last must be >= 0"),
     ("dist.strategy=zero", "dist.strategy must be one of ddp, fsdp"),
     ("stages.0.warmup_steps=-3", r"stages\[0\] \(full\).*warmup_steps"),

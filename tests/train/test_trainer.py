@@ -6,7 +6,11 @@ import os
 import pytest
 import torch
 
-from oneref.train.config import CheckpointConfig, DataConfig, StageConfig, refshapes_recipe
+from oneref.data import collate
+from oneref.model.losses import rec_losses
+from oneref.ops import reference
+from oneref.train.config import (CheckpointConfig, DataConfig, ResLossConfig, StageConfig,
+                                 refshapes_recipe)
 from oneref.train.trainer import Trainer
 
 
@@ -24,8 +28,6 @@ def test_train_step_decreases_loss_on_fixed_batch(tmp_path):
     trainer = Trainer(_config(tmp_path, steps=1,
                               checkpoint=CheckpointConfig(keep_last=0)))
     trainer._apply_stage(0)
-    from oneref.data import collate
-
     batch = collate([trainer.train_set[i] for i in range(4)])
     from oneref.train.optim import set_lr
 
@@ -33,6 +35,33 @@ def test_train_step_decreases_loss_on_fixed_batch(tmp_path):
     losses = [float(trainer._train_step(dict(batch))["loss"]) for _ in range(12)]
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("rec_weight", [0.0, 0.5])
+def test_res_step_uses_the_run_loss_weights(tmp_path, rec_weight):
+    """The RES step is focal + dice with the run's ``res_loss`` weights and alpha, plus
+    ``rec_weight`` x the REC losses of the REC head's boxes against the batch boxes."""
+    weights = ResLossConfig(focal_alpha=0.6, focal_weight=5.0, dice_weight=7.0,
+                            rec_weight=rec_weight)
+    trainer = Trainer(_config(tmp_path, steps=1, task="res", res_loss=weights))
+    batch = collate([trainer.train_set[i] for i in range(2)])
+    trainer.model.eval()
+    with torch.no_grad():
+        got = trainer.task_module(batch)
+        out = trainer.model.forward_res(batch["images"], batch["text_ids"],
+                                        batch["text_lengths"], with_boxes=True)
+    masks = batch["masks"]
+    seg = reference.focal_dice_loss(out.mask_logits, masks, 5.0, 7.0, 0.6)
+    assert not torch.allclose(seg, reference.focal_dice_loss(out.mask_logits, masks))
+    want = seg
+    if rec_weight:
+        rec = rec_losses(out.boxes, out.sim_logits, batch["boxes"])
+        want = seg + rec_weight * rec["loss"]
+        torch.testing.assert_close(got["giou"], rec["giou"])
+    else:
+        assert set(got) == {"loss", "seg"}
+    torch.testing.assert_close(got["seg"], seg)
+    torch.testing.assert_close(got["loss"], want)
 
 
 def _csv_losses(run):
