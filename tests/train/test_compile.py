@@ -7,10 +7,13 @@ import torch
 
 from oneref import OneRef
 from oneref.compile import compile_step
-from oneref.train.config import PretrainConfig
+from oneref.train.config import PretrainConfig, ResLossConfig
 from oneref.train.steps import TaskModule, prepare_mim, prepare_mlm
 
-STEPS = [("rec", ""), ("res", ""), ("pretrain", "mim"), ("pretrain", "mlm")]
+# (task, mode); ("res", "rec_weight") is the RES step with the RefShapes recipe's loss
+# (focal alpha 0.75, the REC losses added).
+STEPS = [("rec", ""), ("res", ""), ("pretrain", "mim"), ("pretrain", "mlm"), ("res", "rec_weight")]
+STEP_IDS = ["rec", "res", "mim", "mlm", "res+rec"]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +43,19 @@ def _loss_and_grads(module, model, batch, mode):
     return losses["loss"].detach(), grads
 
 
+def _step(model, task, mode):
+    """The task module of ``(task, mode)``; mode ``rec_weight`` is RES with the REC term."""
+    if mode == "rec_weight":
+        return TaskModule(model, task, res_loss=ResLossConfig(focal_alpha=0.75,
+                                                              rec_weight=1.0)), ""
+    return TaskModule(model, task, PretrainConfig(vts=True, sts=True)), mode
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("task,mode", STEPS, ids=["rec", "res", "mim", "mlm"])
+@pytest.mark.parametrize("task,mode", STEPS, ids=STEP_IDS)
 def test_training_step_is_one_graph_and_matches_eager(model_and_batch, task, mode):
     model, batch = model_and_batch
-    step = TaskModule(model, task, PretrainConfig(vts=True, sts=True))
+    step, mode = _step(model, task, mode)
     loss, grads = _loss_and_grads(step, model, batch, mode)
     compiled = compile_step(step, "cpu", fullgraph=True)  # a graph break would raise
     compiled_loss, compiled_grads = _loss_and_grads(compiled, model, batch, mode)
@@ -69,7 +80,7 @@ def test_inference_forward_is_one_graph(model_and_batch, entry):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("task,mode", STEPS, ids=["rec", "res", "mim", "mlm"])
+@pytest.mark.parametrize("task,mode", STEPS, ids=STEP_IDS)
 def test_training_step_is_one_graph_on_the_gpu(model_and_batch, task, mode):
     """The same on CUDA tensors under bf16 autocast, with the policy's backends (the GPU
     machines run another torch than CI)."""
@@ -77,7 +88,7 @@ def test_training_step_is_one_graph_on_the_gpu(model_and_batch, task, mode):
     device = torch.device("cuda")
     model = model.to(device)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    step = TaskModule(model, task, PretrainConfig(vts=True, sts=True))
+    step, mode = _step(model, task, mode)
     compiled = compile_step(step, device, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         losses = compiled(batch, mode) if mode else compiled(batch)
