@@ -50,10 +50,10 @@ class RECHead(nn.Module):
 
 
 class RESHead(nn.Module):
-    """Mask logits (docs/method.md, "RES head"): patches (B, G, G, D) -> ``upsamples`` x
-    [ConvTranspose2d(D, D, 2, 2) + BN] (ReLU after all but the last; OneRef: 3) ->
-    (B, D, 2^n G, 2^n G); per-pixel L2 normalisation, dot with ``e_txt``; bilinear upsampling
-    (align_corners False) to the image size.
+    """Mask logits (docs/method.md, "RES head"): patches (B, L = G * G, D) as a G x G map ->
+    ``upsamples`` x [ConvTranspose2d(D, D, 2, 2) + BN] (ReLU after all but the last; OneRef:
+    3) -> a 2^n G x 2^n G map of D channels; per-pixel L2 normalisation, dot with ``e_txt``;
+    bilinear upsampling (align_corners False) to the image size.
 
     The maps stay channels-last, the layout the patches arrive in: a 2x2 stride-2 transposed
     convolution is one GEMM (every input pixel times the (D, 2 * 2 * D) weight) and a pixel
@@ -81,7 +81,8 @@ class RESHead(nn.Module):
             if i < self.upsamples:
                 x = F.relu(x)
         dots = torch.einsum("bhwc,bc->bhw", x, e_txt.to(x.dtype))
-        logits = dots / torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-12)  # F.normalize's eps
+        # F.normalize's eps. Under CUDA autocast the norm is fp32, so the logits are too.
+        logits = dots / torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-12)
         return F.interpolate(logits[:, None], size=(img_size, img_size), mode="bilinear",
                              align_corners=False)[:, 0]
 

@@ -241,7 +241,7 @@ def focal_dice_loss(logits, target, focal_weight: float = 20.0, dice_weight: flo
     check_tensor("logits", logits, floating=True)
     check_shape("target", target, tuple(logits.shape))
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"focal_dice_loss: alpha must be in [0, 1], got {alpha}")
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     return resolve("focal_dice_loss", logits.device, backend, logits.dtype)(
         logits, target, focal_weight, dice_weight, alpha)
 

@@ -305,7 +305,7 @@ class ResLossConfig:
     """The RES loss (docs/method.md, "RES head"): ``focal_weight`` x sigmoid focal (gamma 2;
     positives weighted ``focal_alpha``, negatives ``1 - focal_alpha``) + ``dice_weight`` x
     dice, plus ``rec_weight`` x the REC losses of the REC head on the same encoding (L1 +
-    GIoU + box-mask constraint against the mask's box). The defaults are OneRef's (no REC
+    GIoU + box-mask constraint against the sample's box). The defaults are OneRef's (no REC
     term); the RefShapes RES recipe changes them (README, "RES and MRefM on RefShapes")."""
 
     focal_alpha: float = 0.25
@@ -454,6 +454,27 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         return _build(cls, values, "")
+
+    def changes_from(self, recorded: dict) -> list[str]:
+        """``"key: recorded -> now"`` for every dotted field (``stages.0.lr``) whose value
+        differs from ``recorded``, the :meth:`to_dict` of another run; fields ``recorded``
+        lacks are skipped."""
+        return [f"{key}: {old!r} -> {new!r}"
+                for key, old, new in _differences(json.loads(json.dumps(recorded)),
+                                                  json.loads(json.dumps(self.to_dict())))]
+
+
+def _differences(before, after, prefix: str = ""):
+    """(dotted key, before, after) of the leaves that differ; JSON-like values."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in after:
+            if key in before:
+                yield from _differences(before[key], after[key], f"{prefix}{key}.")
+    elif isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        for index, (old, new) in enumerate(zip(before, after)):
+            yield from _differences(old, new, f"{prefix}{index}.")
+    elif before != after:
+        yield prefix.rstrip("."), before, after
 
 
 def _check_model_overrides(overrides: dict) -> None:

@@ -149,8 +149,9 @@ class TaskModule(nn.Module):
             weights = self.res_loss
             out = m.forward_res(batch["images"], batch["text_ids"], batch["text_lengths"],
                                 with_boxes=weights.rec_weight > 0)
-            return m.res_loss(out, batch["masks"], weights.focal_weight, weights.dice_weight,
-                              weights.focal_alpha, batch["boxes"], weights.rec_weight)
+            return m.res_loss(out, batch["masks"], focal_weight=weights.focal_weight,
+                              dice_weight=weights.dice_weight, alpha=weights.focal_alpha,
+                              boxes=batch["boxes"], rec_weight=weights.rec_weight)
         if mode == "mim":
             return m.mim_loss(batch["images"], batch["text_ids"], batch["text_lengths"],
                               batch["boxes"], batch["image_mask"], batch["mim_targets"],

@@ -88,7 +88,8 @@ class Trainer:
         seed_everything(config.seed + self.info.rank)
 
         self.task_module = TaskModule(self.model, config.task, config.pretrain,
-                                      config.res_loss, data.seg_mask).to(self.device)
+                                      res_loss=config.res_loss,
+                                      seg_mask=data.seg_mask).to(self.device)
         self.features = apply_features(self.task_module, config, self.info)
         self.fsdp = self.features.fsdp
         self.optimizer = build_optimizer(self.model, config.optim)
@@ -184,6 +185,11 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks; "
                              f"resume with the same number (now {self.info.world_size})")
         self._check_resumed_model(path, state.get("model_config", {}))
+        changes = [c for c in self.config.changes_from(state.get("config", {}))
+                   if not c.startswith("checkpoint.resume")]
+        if changes:  # e.g. a recipe default that changed since the run started
+            log.warning("resuming %s with settings other than its run's (the new ones apply "
+                        "from here): %s", path, "; ".join(changes))
         if self.mrefm is not None and "mask_generator" not in state:
             raise ValueError(f"checkpoint {path} holds no masking state: it was written by a "
                              f"{state.get('config', {}).get('task', 'non-pretraining')} run, "

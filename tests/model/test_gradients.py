@@ -31,6 +31,9 @@ def _step(model, name):
         return model.rec_loss(model.forward_rec(images, ids, lengths), boxes)
     if name == "res":
         return model.res_loss(model.forward_res(images, ids, lengths), masks)
+    if name == "res_rec_weight":
+        out = model.forward_res(images, ids, lengths, with_boxes=True)
+        return model.res_loss(out, masks, boxes=boxes, rec_weight=1.0)
     if name == "mim_tokens_vts":
         targets = torch.randint(0, c.mim_vocab, (2, c.num_patches))
         return model.mim_loss(images, ids, lengths, boxes, image_mask, targets, use_vts=True)
@@ -46,6 +49,7 @@ EXPECTED = {
     # step: (trained prefixes besides the backbone, whether mask_token trains)
     "rec": (("vision_head", "language_head", "rec_head."), False),
     "res": (("language_head", "res_head."), False),
+    "res_rec_weight": (("vision_head", "language_head", "res_head.", "rec_head."), False),
     "mim_tokens_vts": (("vision_head", "language_head", "mim_head.proj.", "vts_head."), True),
     "mim_pixels": (("vision_head", "language_head", "mim_head.pixel."), True),
     "mlm_sts": (("vision_head", "language_head", "mlm_head.", "sts_head."), False),

@@ -207,20 +207,44 @@ def test_upsample_2x_is_the_transposed_convolution(shape):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_res_head_gradients_and_statistics_match_the_modules_own_forward():
-    """The channels-last head computes what conv -> BN -> ReLU -> F.normalize -> dot would:
-    same logits, input and parameter gradients, and BatchNorm running statistics."""
+def _modules_forward(head: RESHead, patches, e_txt, size: int):
+    """The head as its modules would run it channels-first: conv -> BN -> ReLU ... ->
+    F.normalize -> dot with e_txt -> bilinear resize."""
+    batch, num, dim = patches.shape
+    grid = int(num ** 0.5)
+    x = patches.transpose(1, 2).reshape(batch, dim, grid, grid)
+    for i in range(1, head.upsamples + 1):
+        x = getattr(head, f"bn{i}")(getattr(head, f"conv{i}")(x))
+        x = F.relu(x) if i < head.upsamples else x
+    x = F.normalize(x, dim=1)
+    return F.interpolate(torch.einsum("bchw,bc->bhw", x, e_txt.to(x.dtype))[:, None],
+                         size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def _trained_statistics(head: RESHead) -> RESHead:
+    """Non-trivial BatchNorm affine parameters and running statistics."""
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_()
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    return head
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_res_head_gradients_and_statistics_match_the_modules_own_forward(training):
+    """The channels-last head computes what conv -> BN -> ReLU -> F.normalize -> dot would,
+    with batch statistics (train) or running ones (eval): same logits, input and parameter
+    gradients, and BatchNorm running statistics."""
     torch.manual_seed(0)
-    head = RESHead(16, 2).train()
+    head = _trained_statistics(RESHead(16, 2)).train(training)
     twin = copy.deepcopy(head)
     patches = torch.randn(3, 25, 16, requires_grad=True)
     e_txt = F.normalize(torch.randn(3, 16), dim=-1).requires_grad_()
     got = head(patches, e_txt, 45)
-    x = patches.transpose(1, 2).reshape(3, 16, 5, 5)
-    x = F.relu(twin.bn1(twin.conv1(x)))
-    x = F.normalize(twin.bn2(twin.conv2(x)), dim=1)
-    want = F.interpolate(torch.einsum("bchw,bc->bhw", x, e_txt)[:, None], size=(45, 45),
-                         mode="bilinear", align_corners=False)[:, 0]
+    want = _modules_forward(twin, patches, e_txt, 45)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(want)
     inputs = [patches, e_txt]
@@ -230,6 +254,21 @@ def test_res_head_gradients_and_statistics_match_the_modules_own_forward():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(head.named_buffers(), twin.buffers()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_res_head_under_bf16_autocast_matches_the_modules_own_forward():
+    """Under CPU bf16 autocast the GEMM formulation rounds where the convolutions did: the
+    logits agree to bf16 precision and come out in bf16."""
+    torch.manual_seed(1)
+    head = _trained_statistics(RESHead(32, 3)).train()
+    twin = copy.deepcopy(head)
+    patches = torch.randn(2, 16, 32)
+    e_txt = F.normalize(torch.randn(2, 32), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head(patches, e_txt, 50)
+        want = _modules_forward(twin, patches, e_txt, 50)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_res_upsamples_is_checked():

@@ -93,6 +93,8 @@ def test_other_argument_errors():
                                  reduction="sum")
     with pytest.raises(ValueError, match=r"logits must be \(B, G, G\)"):
         ops.box_mask_loss(torch.rand(2, 3, 4), boxes)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.5"):
+        ops.focal_dice_loss(torch.rand(2, 5), torch.ones(2, 5), alpha=1.5)
 
 
 def test_mask_noise_is_reproducible_from_a_generator():

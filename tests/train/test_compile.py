@@ -1,18 +1,21 @@
-"""One graph per step: the four training steps (REC, RES, referring MIM with visual-token
-targets and VTS, referring MLM with STS) compile with ``fullgraph=True`` through inductor
-and match eager in loss and every gradient; the inference forwards trace whole too."""
+"""One graph per step: the four training steps (REC, RES, also with the RefShapes recipe's
+loss, referring MIM with visual-token targets and VTS, referring MLM with STS) compile with
+``fullgraph=True`` through inductor and match eager in loss and every gradient; the
+inference forwards trace whole too."""
 
 import pytest
 import torch
 
-from oneref import OneRef
+from oneref import OneRef, ops
 from oneref.compile import compile_step
 from oneref.train.config import PretrainConfig, ResLossConfig
 from oneref.train.steps import TaskModule, prepare_mim, prepare_mlm
 
-# (task, mode); ("res", "rec_weight") is the RES step with the RefShapes recipe's loss
-# (focal alpha 0.75, the REC losses added).
-STEPS = [("rec", ""), ("res", ""), ("pretrain", "mim"), ("pretrain", "mlm"), ("res", "rec_weight")]
+# (task, mode, RES loss); the last is the RES step with the RefShapes recipe's loss (focal
+# alpha 0.75, the REC losses added).
+RECIPE_RES_LOSS = ResLossConfig(focal_alpha=0.75, rec_weight=1.0)
+STEPS = [("rec", "", None), ("res", "", None), ("pretrain", "mim", None),
+         ("pretrain", "mlm", None), ("res", "", RECIPE_RES_LOSS)]
 STEP_IDS = ["rec", "res", "mim", "mlm", "res+rec"]
 
 
@@ -32,6 +35,7 @@ def model_and_batch():
     prepare_mim(batch, c.grid, gen, PretrainConfig(), None)
     batch["mim_targets"] = torch.randint(0, c.mim_vocab, (2, c.num_patches), generator=gen)
     prepare_mlm(batch, gen, PretrainConfig(), 1000, c.vocab_size)
+    ops.prepare("cpu")  # dispatch resolved before any trace, whichever test runs first
     return model.eval(), batch  # eval: no drop path, so both runs draw nothing
 
 
@@ -43,19 +47,11 @@ def _loss_and_grads(module, model, batch, mode):
     return losses["loss"].detach(), grads
 
 
-def _step(model, task, mode):
-    """The task module of ``(task, mode)``; mode ``rec_weight`` is RES with the REC term."""
-    if mode == "rec_weight":
-        return TaskModule(model, task, res_loss=ResLossConfig(focal_alpha=0.75,
-                                                              rec_weight=1.0)), ""
-    return TaskModule(model, task, PretrainConfig(vts=True, sts=True)), mode
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("task,mode", STEPS, ids=STEP_IDS)
-def test_training_step_is_one_graph_and_matches_eager(model_and_batch, task, mode):
+@pytest.mark.parametrize("task,mode,res_loss", STEPS, ids=STEP_IDS)
+def test_training_step_is_one_graph_and_matches_eager(model_and_batch, task, mode, res_loss):
     model, batch = model_and_batch
-    step, mode = _step(model, task, mode)
+    step = TaskModule(model, task, PretrainConfig(vts=True, sts=True), res_loss=res_loss)
     loss, grads = _loss_and_grads(step, model, batch, mode)
     compiled = compile_step(step, "cpu", fullgraph=True)  # a graph break would raise
     compiled_loss, compiled_grads = _loss_and_grads(compiled, model, batch, mode)
@@ -80,15 +76,15 @@ def test_inference_forward_is_one_graph(model_and_batch, entry):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("task,mode", STEPS, ids=STEP_IDS)
-def test_training_step_is_one_graph_on_the_gpu(model_and_batch, task, mode):
+@pytest.mark.parametrize("task,mode,res_loss", STEPS, ids=STEP_IDS)
+def test_training_step_is_one_graph_on_the_gpu(model_and_batch, task, mode, res_loss):
     """The same on CUDA tensors under bf16 autocast, with the policy's backends (the GPU
     machines run another torch than CI)."""
     model, batch = model_and_batch
     device = torch.device("cuda")
     model = model.to(device)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    step, mode = _step(model, task, mode)
+    step = TaskModule(model, task, PretrainConfig(vts=True, sts=True), res_loss=res_loss)
     compiled = compile_step(step, device, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         losses = compiled(batch, mode) if mode else compiled(batch)

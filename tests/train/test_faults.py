@@ -1,5 +1,6 @@
 """The loop under faults: a non-finite step stops the run naming it, or is skipped within a
-limit, and never reaches the weights; a torn newest checkpoint falls back to the previous."""
+limit, and never reaches the weights; a torn newest checkpoint falls back to the previous;
+a resume names the settings that changed."""
 
 import logging
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oneref.train.config import CheckpointConfig, DataConfig, StageConfig, refshapes_recipe
+from oneref.train.config import (CheckpointConfig, DataConfig, ResLossConfig, StageConfig,
+                                 refshapes_recipe)
 from oneref.train.trainer import Trainer
 
 
@@ -70,6 +72,24 @@ def test_resume_falls_back_past_a_torn_checkpoint(tmp_path, caplog):
         (tmp_path / "checkpoints" / name).write_bytes(b"garbage")
     with pytest.raises(ValueError, match="no readable checkpoint"):
         Trainer(_config(tmp_path, checkpoint=CheckpointConfig(resume="auto")))
+
+
+def test_resume_names_the_settings_that_changed_since_the_checkpoint(tmp_path, caplog):
+    """A resume with other settings than the run's (a flag, or a recipe default changed by
+    an upgrade) continues with them, and the warning names each changed field."""
+    Trainer(_config(tmp_path, steps=2, checkpoint=CheckpointConfig(interval=1))).fit()
+    with caplog.at_level(logging.WARNING, logger="oneref.train.trainer"):
+        Trainer(_config(tmp_path, steps=2, checkpoint=CheckpointConfig(interval=1,
+                                                                       resume="auto")))
+    assert "settings other than" not in caplog.text  # only the resume flag differs
+    changed = _config(tmp_path, steps=2, checkpoint=CheckpointConfig(interval=1, resume="auto"),
+                      res_loss=ResLossConfig(focal_alpha=0.5))
+    changed.stages[0].lr = 1e-3
+    with caplog.at_level(logging.WARNING, logger="oneref.train.trainer"):
+        Trainer(changed)
+    assert "step_00000002.pt with settings other than its run's" in caplog.text
+    assert "res_loss.focal_alpha: 0.25 -> 0.5" in caplog.text
+    assert "stages.0.lr: " in caplog.text and "-> 0.001" in caplog.text
 
 
 def test_resume_refuses_a_checkpoint_of_another_model_or_task(tmp_path):
