@@ -274,15 +274,15 @@ class OneRef(nn.Module):
         (B, 4): an auxiliary grounding signal that OneRef's RES does not use."""
         batch, device = out.mask_logits.shape[0], out.mask_logits.device
         check.check_masks(masks, self.config, batch, device)
-        seg = res_losses(out.mask_logits, masks, focal_weight, dice_weight, alpha)["seg"]
+        losses = res_losses(out.mask_logits, masks, focal_weight, dice_weight, alpha)
         if rec_weight == 0.0:
-            return self._finish({"loss": seg, "seg": seg})
+            return self._finish(losses)
         if out.boxes is None or boxes is None:
             raise ValueError("res_loss with rec_weight > 0 needs out.boxes "
                              "(forward_res(..., with_boxes=True)) and the target boxes")
         check.check_boxes(boxes, batch, device)
         rec = rec_losses(out.boxes, out.sim_logits, boxes)
-        return self._finish({**rec, "loss": seg + rec_weight * rec["loss"], "seg": seg})
+        return self._finish({**rec, **losses, "loss": losses["seg"] + rec_weight * rec["loss"]})
 
     # ------------------------------------------------------------------ MRefM
     def mim_loss(self, images, text_ids, text_lengths, boxes, image_mask,
