@@ -12,7 +12,11 @@ saved log-sum-exp in the backward.) No S x S matrix is ever stored.
 
 Layout: q, k, v are (B, S, H, Dh) with arbitrary strides, e.g. views of a packed
 (B, S, 3, H, Dh) QKV projection; the kernels address them through their strides, no copy.
-Outputs o, dq, dk, dv are fresh contiguous (B, S, H, Dh); lse is fp32 (B, H, S), natural log.
+The kernels write o, dq, dk, dv through strides too. o is sequence-major (stored as
+(S, B, H, Dh), the encoder's layout); lse is fp32 (B, H, S), natural log. The packed form
+(:func:`packed_multiway_attention`) takes the QKV projection itself and writes dq, dk and dv
+into one gradient laid out like it, so autograd neither stacks the three gradients nor
+copies the stack into the layout the QKV GEMM's backward reads.
 
 Kernels and design choices (predicted behaviour on H100, bf16, Dh = 64, S = 641):
 
@@ -42,8 +46,9 @@ an upper bound; with the 641 tail about 70-80% of that); against SDPA with a boo
 gain. On the GPU each kernel launches with the first config of its list; autotuning runs on
 request only (``ONEREF_AUTOTUNE=1``). The interpreter uses one fixed 128 x 128 config.
 
-Registered as ``torch.ops.oneref_triton.multiway_attention`` (returns (o, lse)) and
-``...multiway_attention_backward`` with fake implementations, autograd and FLOP formulas
+Registered as ``torch.ops.oneref_triton.multiway_attention`` (returns (o, lse)),
+``...packed_multiway_attention`` and their ``..._backward`` ops, with fake implementations,
+autograd and FLOP formulas
 (FLOP convention: forward ``4 * H * S * Dh * sum_b n_b`` - two matmuls over the valid keys;
 backward 2.5x that, the five recomputation-based matmuls of FlashAttention-2; with fake
 ``text_lengths`` every key counts, ``n_b = S``).
@@ -60,7 +65,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from oneref.kernels.utils import check_supported, dot_precision, tuned
 
-__all__ = ["multiway_attention", "attention_forward", "attention_backward", "HEAD_DIMS"]
+__all__ = ["multiway_attention", "packed_multiway_attention", "attention_forward",
+           "attention_backward", "packed_attention_backward", "HEAD_DIMS"]
 
 HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
@@ -127,6 +133,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LENS,
                      stride_qb, stride_qs, stride_qh, stride_qd,
                      stride_kb, stride_ks, stride_kh, stride_kd,
                      stride_vb, stride_vs, stride_vh, stride_vd,
+                     stride_ob, stride_os, stride_oh,
                      seq_len, num_heads, num_vision, qk_scale,
                      HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -159,8 +166,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LENS,
                                    HEAD_DIM, BLOCK_N, True, DOT_PREC)
 
     out = acc / l_i[:, None]
-    # O is contiguous (B, S, H, Dh)
-    o_ptrs = O + ((b * seq_len + offs_m[:, None]) * num_heads + h) * HEAD_DIM + offs_d[None, :]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
     tl.store(LSE + pid_bh * seq_len + offs_m, lse, mask=m_ok)
@@ -168,6 +174,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LENS,
 
 @triton.jit
 def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
+                         stride_ob, stride_os, stride_oh,
                          stride_dob, stride_dos, stride_doh, stride_dod,
                          seq_len, num_heads,
                          HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr,
@@ -180,7 +187,7 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < seq_len
-    o = tl.load(O + ((b * seq_len + offs_m[:, None]) * num_heads + h) * HEAD_DIM
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
                 + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
                  + offs_d[None, :] * stride_dod, mask=m_ok[:, None], other=0.0).to(tl.float32)
@@ -204,6 +211,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENS,
                           stride_kb, stride_ks, stride_kh, stride_kd,
                           stride_vb, stride_vs, stride_vh, stride_vd,
                           stride_dob, stride_dos, stride_doh, stride_dod,
+                          stride_gb, stride_gs, stride_gh,
                           seq_len, num_heads, num_vision, sm_scale, qk_scale,
                           HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -249,7 +257,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENS,
     # rows past the key limit never feed other rows; write their exact (zero) gradient
     dk = tl.where(n_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(n_ok[:, None], dv, 0.0)
-    out_off = ((b * seq_len + offs_n[:, None]) * num_heads + h) * HEAD_DIM + offs_d[None, :]
+    out_off = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gs + offs_d[None, :]
     store_ok = (offs_n < seq_len)[:, None]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=store_ok)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=store_ok)
@@ -284,6 +292,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LENS,
                         stride_kb, stride_ks, stride_kh, stride_kd,
                         stride_vb, stride_vs, stride_vh, stride_vd,
                         stride_dob, stride_dos, stride_doh, stride_dod,
+                        stride_gb, stride_gs, stride_gh,
                         seq_len, num_heads, num_vision, sm_scale, qk_scale,
                         HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -316,7 +325,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LENS,
         dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, n_full, kv_len, stride_ks,
                        stride_kd, stride_vs, stride_vd, qk_scale, HEAD_DIM, BLOCK_N, True,
                        DOT_PREC)
-    dq_ptrs = DQ + ((b * seq_len + offs_m[:, None]) * num_heads + h) * HEAD_DIM + offs_d[None, :]
+    dq_ptrs = DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
@@ -332,28 +341,36 @@ def _check(q, k, v, text_lengths) -> None:
         raise ValueError(f"{_OP}: text_lengths is on {text_lengths.device}, q on {q.device}")
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.stride())  # (b, s, h, d)
 
 
+def _sequence_major_like(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, S, H, Dh) tensor stored as (S, B, H, Dh): the encoder's layout
+    (docs/ops.md), so the (B, S, D) view of an output needs no copy."""
+    batch, seq, heads, head_dim = q.shape
+    return q.new_empty((seq, batch, heads, head_dim)).transpose(0, 1)
+
+
 def attention_forward(q, k, v, text_lengths, num_vision: int, scale: float):
-    """Launch the forward. q, k, v: (B, S, H, Dh) strided. Returns (o (B, S, H, Dh) contiguous,
-    lse (B, H, S) fp32 natural-log log-sum-exp)."""
+    """Launch the forward. q, k, v: (B, S, H, Dh) strided. Returns (o (B, S, H, Dh)
+    sequence-major, lse (B, H, S) fp32 natural-log log-sum-exp)."""
     _check(q, k, v, text_lengths)
     batch, seq, heads, head_dim = q.shape
-    o = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
+    o = _sequence_major_like(q)
     lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
     lens = text_lengths.contiguous()
     grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _attn_fwd_kernel[grid](q, k, v, o, lse, lens, *_strides(q), *_strides(k), *_strides(v),
-                           seq, heads, num_vision, scale * _LOG2E,
+                           *_strides(o)[:3], seq, heads, num_vision, scale * _LOG2E,
                            HEAD_DIM=head_dim, DOT_PREC=dot_precision(q.dtype))
     return o, lse
 
 
 def attention_backward(do, q, k, v, o, lse, text_lengths, num_vision: int, scale: float,
-                       dlse=None):
-    """Launch the backward. Returns (dq, dk, dv), contiguous (B, S, H, Dh) in q's dtype.
+                       dlse=None, grads=None):
+    """Launch the backward into ``grads`` = (dq, dk, dv), three (B, S, H, Dh) tensors in q's
+    dtype with one set of strides (None: fresh sequence-major tensors), and return them.
     ``dlse`` (B, H, S) is the gradient of the log-sum-exp output (None: zero)."""
     batch, seq, heads, head_dim = q.shape
     lens = text_lengths.contiguous()
@@ -362,12 +379,10 @@ def attention_backward(do, q, k, v, o, lse, text_lengths, num_vision: int, scale
     dlse_arg = dlse.float().contiguous() if has_dlse else delta
     pre_block = 64
     _attn_bwd_preprocess[(triton.cdiv(seq, pre_block), batch * heads)](
-        o, do, dlse_arg, delta, *_strides(do), seq, heads,
+        o, do, dlse_arg, delta, *_strides(o)[:3], *_strides(do), seq, heads,
         HEAD_DIM=head_dim, HAS_DLSE=has_dlse, BLOCK_M=pre_block)
-    dq = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do),
+    dq, dk, dv = grads if grads is not None else (_sequence_major_like(q) for _ in range(3))
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq)[:3],
               seq, heads, num_vision, scale, scale * _LOG2E)
     prec = dot_precision(q.dtype)
     grid_kv = lambda meta: (triton.cdiv(seq, meta["BLOCK_N"]), batch * heads)  # noqa: E731
@@ -379,6 +394,16 @@ def attention_backward(do, q, k, v, o, lse, text_lengths, num_vision: int, scale
     return dq, dk, dv
 
 
+def packed_attention_backward(do, qkv, o, lse, text_lengths, num_vision: int, scale: float,
+                              dlse=None):
+    """The backward of the packed form: one (B, S, 3, H, Dh) gradient laid out like ``qkv``
+    (the QKV projection's output), which the kernels write in place: no gradient stack."""
+    dqkv = torch.empty_like(qkv)
+    attention_backward(do, *qkv.unbind(2), o, lse, text_lengths, num_vision, scale, dlse,
+                       grads=dqkv.unbind(2))
+    return dqkv
+
+
 # ----------------------------------------------------------------------- torch.library ops
 
 @torch.library.custom_op("oneref_triton::multiway_attention", mutates_args=())
@@ -388,11 +413,19 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return attention_forward(q, k, v, text_lengths, num_vision, scale)
 
 
-@_attention_op.register_fake
-def _attention_fake(q, k, v, text_lengths, num_vision, scale):
-    batch, seq, heads, head_dim = q.shape
-    return (q.new_empty((batch, seq, heads, head_dim)),
-            q.new_empty((batch, heads, seq), dtype=torch.float32))
+@torch.library.custom_op("oneref_triton::packed_multiway_attention", mutates_args=())
+def _packed_attention_op(qkv: torch.Tensor, text_lengths: torch.Tensor, num_vision: int,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(*qkv.unbind(2), text_lengths, num_vision, scale)
+
+
+def _forward_fake(q):
+    batch, seq, heads, _ = q.shape
+    return _sequence_major_like(q), q.new_empty((batch, heads, seq), dtype=torch.float32)
+
+
+_attention_op.register_fake(lambda q, *args: _forward_fake(q))
+_packed_attention_op.register_fake(lambda qkv, *args: _forward_fake(qkv[:, :, 0]))
 
 
 @torch.library.custom_op("oneref_triton::multiway_attention_backward", mutates_args=())
@@ -405,30 +438,60 @@ def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(do, q, k, v, o, lse, dlse, text_lengths, num_vision, scale):
-    shape = tuple(q.shape)
-    return q.new_empty(shape), q.new_empty(shape), q.new_empty(shape)
+def _attention_backward_fake(do, q, *args):
+    return tuple(_sequence_major_like(q) for _ in range(3))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, text_lengths, num_vision, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, text_lengths)
+@torch.library.custom_op("oneref_triton::packed_multiway_attention_backward", mutates_args=())
+def _packed_attention_backward_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor,
+                                  lse: torch.Tensor, dlse: torch.Tensor | None,
+                                  text_lengths: torch.Tensor, num_vision: int,
+                                  scale: float) -> torch.Tensor:
+    return packed_attention_backward(do, qkv, o, lse, text_lengths, num_vision, scale, dlse)
+
+
+@_packed_attention_backward_op.register_fake
+def _packed_attention_backward_fake(do, qkv, *args):
+    return torch.empty_like(qkv)
+
+
+def _save(ctx, tensors, num_vision: int, scale: float) -> None:
+    ctx.save_for_backward(*tensors)
     ctx.set_materialize_grads(False)  # an unused lse gets None, not a zeros tensor
     ctx.num_vision = num_vision
     ctx.scale = scale
 
 
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, text_lengths, num_vision, scale = inputs
+    _save(ctx, (q, k, v, *output, text_lengths), num_vision, scale)
+
+
+def _packed_setup_context(ctx, inputs, output) -> None:
+    qkv, text_lengths, num_vision, scale = inputs
+    _save(ctx, (qkv, *output, text_lengths), num_vision, scale)
+
+
+def _grad_out(grad_o, o):
+    return torch.zeros_like(o) if grad_o is None else grad_o
+
+
 def _backward(ctx, grad_o, grad_lse):
     q, k, v, o, lse, text_lengths = ctx.saved_tensors
-    if grad_o is None:
-        grad_o = torch.zeros_like(o)
-    dq, dk, dv = _attention_backward_op(grad_o, q, k, v, o, lse, grad_lse, text_lengths,
-                                        ctx.num_vision, ctx.scale)
+    dq, dk, dv = _attention_backward_op(_grad_out(grad_o, o), q, k, v, o, lse, grad_lse,
+                                        text_lengths, ctx.num_vision, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
+def _packed_backward(ctx, grad_o, grad_lse):
+    qkv, o, lse, text_lengths = ctx.saved_tensors
+    dqkv = _packed_attention_backward_op(_grad_out(grad_o, o), qkv, o, lse, grad_lse,
+                                         text_lengths, ctx.num_vision, ctx.scale)
+    return dqkv, None, None, None
+
+
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+_packed_attention_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
 
 
 def _valid_keys(text_lengths: torch.Tensor, num_vision: int, batch: int, seq: int) -> int:
@@ -441,17 +504,40 @@ def _valid_keys(text_lengths: torch.Tensor, num_vision: int, batch: int, seq: in
         return batch * seq
 
 
-@register_flop_formula(torch.ops.oneref_triton.multiway_attention, get_raw=True)
-def _attention_flops(q, k, v, text_lengths, num_vision, scale, *args, out_val=None, **kwargs):
+def _forward_flops(q, text_lengths, num_vision) -> int:
+    """4 H S Dh per valid key and sample: the two matmuls of the forward; q (B, S, H, Dh)."""
     batch, seq, heads, head_dim = q.shape
     return 4 * heads * seq * head_dim * _valid_keys(text_lengths, num_vision, batch, seq)
+
+
+@register_flop_formula(torch.ops.oneref_triton.multiway_attention, get_raw=True)
+def _attention_flops(q, k, v, text_lengths, num_vision, scale, *args, out_val=None, **kwargs):
+    return _forward_flops(q, text_lengths, num_vision)
+
+
+@register_flop_formula(torch.ops.oneref_triton.packed_multiway_attention, get_raw=True)
+def _packed_attention_flops(qkv, text_lengths, num_vision, scale, *args, out_val=None,
+                            **kwargs):
+    return _forward_flops(qkv[:, :, 0], text_lengths, num_vision)
 
 
 @register_flop_formula(torch.ops.oneref_triton.multiway_attention_backward, get_raw=True)
 def _attention_backward_flops(do, q, k, v, o, lse, dlse, text_lengths, num_vision, scale,
                               *args, out_val=None, **kwargs):
-    batch, seq, heads, head_dim = q.shape
-    return 10 * heads * seq * head_dim * _valid_keys(text_lengths, num_vision, batch, seq)
+    return 5 * _forward_flops(q, text_lengths, num_vision) // 2
+
+
+@register_flop_formula(torch.ops.oneref_triton.packed_multiway_attention_backward, get_raw=True)
+def _packed_attention_backward_flops(do, qkv, o, lse, dlse, text_lengths, num_vision, scale,
+                                     *args, out_val=None, **kwargs):
+    return 5 * _forward_flops(qkv[:, :, 0], text_lengths, num_vision) // 2
+
+
+def _checked_scale(scale: float | None, head_dim: int) -> float:
+    scale = float(head_dim ** -0.5 if scale is None else scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{_OP}: scale must be finite, got {scale}")
+    return scale
 
 
 def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | None = None):
@@ -459,9 +545,15 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
 
     q, k, v: (B, S, H, Dh) fp32/fp16/bf16 with any strides, Dh in {16, 32, 64, 128};
     text_lengths: (B,) int; keys at positions >= num_vision + text_lengths[b] are ignored.
-    Returns (B, S, H, Dh) contiguous in q's dtype; differentiable in q, k, v.
+    Returns (B, S, H, Dh) sequence-major in q's dtype; differentiable in q, k, v.
     """
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{_OP}: scale must be finite, got {scale}")
+    scale = _checked_scale(scale, q.shape[-1])
     return _attention_op(q, k, v, text_lengths, int(num_vision), scale)[0]
+
+
+def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float | None = None):
+    """:func:`multiway_attention` of ``qkv.unbind(2)`` for a packed (B, S, 3, H, Dh) ``qkv``
+    (the ``triton`` backend of :func:`oneref.ops.packed_multiway_attention`). Its backward
+    writes the (B, S, 3, H, Dh) gradient in ``qkv``'s layout."""
+    scale = _checked_scale(scale, qkv.shape[-1])
+    return _packed_attention_op(qkv, text_lengths, int(num_vision), scale)[0]

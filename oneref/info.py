@@ -73,11 +73,11 @@ def format_report(data: dict[str, Any]) -> str:
     for gen, choices in data["policy"].items():
         here = " (this GPU)" if gen == data["gpu_generation"] else ""
         lines.append(f"auto on CUDA {gen}{here}, per op: training | inference backend (why)")
+        width = max(map(len, choices), default=0)
         for op, passes in choices.items():
             (train, why_train), (infer, why_infer) = passes["train"], passes["infer"]
-            lines.append(f"  {op:<21} {train:<6} | {infer:<6} ({why_train}; {why_infer})"
-                         if why_train != why_infer else
-                         f"  {op:<21} {train:<6} | {infer:<6} ({why_train})")
+            why = why_train if why_train == why_infer else f"{why_train}; {why_infer}"
+            lines.append(f"  {op:<{width}} {train:<6} | {infer:<6} ({why})")
     if data["gpu_generation"] and data["gpu_generation"] not in data["policy"]:
         lines.append(f"auto on CUDA {data['gpu_generation']} (this GPU): nothing measured, "
                      f"every op on the torch composite")

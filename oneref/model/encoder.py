@@ -50,8 +50,7 @@ class MultiwayAttention(nn.Module):
         """x: (B, S, D); text_lengths: (B,). Returns (B, S, D)."""
         batch, seq, dim = x.shape
         qkv = self.qkv(x, num_vision).view(batch, seq, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)  # each a (B, S, H, Dh) view into the packed output
-        out = ops.multiway_attention(q, k, v, text_lengths, num_vision)
+        out = ops.packed_multiway_attention(qkv, text_lengths, num_vision)
         out = out.reshape(batch, seq, dim)
         return self.proj(self.sub_norm(out, num_vision), num_vision)
 

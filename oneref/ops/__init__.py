@@ -44,12 +44,40 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
     batch, seq, heads, head_dim = q.shape
     check_shape("k", k, (batch, seq, heads, head_dim), like=q)
     check_shape("v", v, (batch, seq, heads, head_dim), like=q)
-    check_tensor("text_lengths", text_lengths, ndim=1, integer=True, device=q.device)
+    _check_attention_lengths(text_lengths, batch, seq, num_vision, q.device)
+    return resolve("multiway_attention", q.device, backend, q.dtype, head_dim)(
+        q, k, v, text_lengths, num_vision, scale)
+
+
+def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float | None = None,
+                              *, backend: str | None = None):
+    """:func:`multiway_attention` of the packed QKV projection, as the encoder calls it.
+
+    Args:
+        qkv: (B, S, 3, H, Dh), q, k and v along dim 2 (any strides).
+        text_lengths, num_vision, scale: as :func:`multiway_attention`.
+
+    Returns:
+        (B, S, H, Dh) in the dtype of qkv. The backward returns the gradient of qkv as one
+        tensor (the kernels write it in place, in qkv's layout; the torch composite's comes
+        out sequence-major).
+    """
+    check_tensor("qkv", qkv, ndim=5, floating=True)
+    batch, seq, three, _, head_dim = qkv.shape
+    if three != 3:
+        raise ValueError(f"qkv must be (B, S, 3, H, Dh) with q, k, v along dim 2, got shape "
+                         f"{tuple(qkv.shape)}")
+    _check_attention_lengths(text_lengths, batch, seq, num_vision, qkv.device)
+    return resolve("packed_multiway_attention", qkv.device, backend, qkv.dtype, head_dim)(
+        qkv, text_lengths, num_vision, scale)
+
+
+def _check_attention_lengths(text_lengths, batch: int, seq: int, num_vision: int,
+                             device: torch.device) -> None:
+    check_tensor("text_lengths", text_lengths, ndim=1, integer=True, device=device)
     check_shape("text_lengths", text_lengths, (batch,))
     if not 0 < num_vision < seq:
         raise ValueError(f"num_vision must be in [1, S) = [1, {seq}), got {num_vision}")
-    return resolve("multiway_attention", q.device, backend, q.dtype, head_dim)(
-        q, k, v, text_lengths, num_vision, scale)
 
 
 def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,

@@ -111,6 +111,14 @@ def _attention(gen, device, dtype, scale, batch: int = 0, text: int = TEXT, head
     return q, k, v, lengths.to(device), vision, None
 
 
+def _packed_attention(gen, device, dtype, scale, **shape):
+    """The attention case as the encoder passes it: the packed (B, S, 3, H, Dh) projection,
+    stored sequence-major like the QKV GEMM's output."""
+    q, k, v, *rest = _attention(gen, device, dtype, scale, **shape)
+    qkv = torch.stack([q, k, v], dim=2)
+    return (qkv.transpose(0, 1).contiguous().transpose(0, 1), *rest)
+
+
 def _linear(gen, device, dtype, scale):
     batch, seq, d_in, d_out, vision = ((2, 7, 16, 8, 4) if scale is None else
                                        (_batch(scale, 4), GRID * GRID + 1 + TEXT, DIM,
@@ -275,6 +283,14 @@ def _attention_flops(args) -> int:
     return int(3.5 * 4 * heads * q.shape[1] * head_dim * int((vision + lengths).sum()))
 
 
+def _packed_attention_bytes(args) -> int:
+    return _attention_bytes((args[0][:, :, 0],))
+
+
+def _packed_attention_flops(args) -> int:
+    return _attention_flops((args[0][:, :, 0], None, None, *args[1:]))
+
+
 def _linear_bytes(args) -> int:
     """x and the weights read forward, read again and their gradients written backward; y
     written forward and its gradient read backward."""
@@ -301,6 +317,8 @@ def _linear_ce_flops(args) -> int:
 
 CASES: dict[str, Case] = {
     "multiway_attention": Case(_attention, _attention_bytes, (0, 1, 2), _attention_flops),
+    "packed_multiway_attention": Case(_packed_attention, _packed_attention_bytes, (0,),
+                                      _packed_attention_flops),
     "multiway_linear": Case(_linear, _linear_bytes, (0, 2, 3, 4, 5), _linear_flops),
     # the LayerNorm parameters' gradients are reductions the byte counts leave out
     "multiway_layer_norm": Case(_layer_norm, _layer_norm_bytes),

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from oneref.io import write_json
+from oneref.ops.registry import OPS
 
 __all__ = ["POLICY_PATH", "load_policy", "choice", "generation", "build_policy", "write_policy"]
 
@@ -43,8 +44,10 @@ def load_policy() -> dict:
 
 
 def choice(op: str, gen: str, training: bool) -> tuple[str, str]:
-    """(backend, why) of ``op`` on generation ``gen`` for training or inference."""
-    entry = load_policy().get(gen, {}).get("ops", {}).get(op, {}).get(
+    """(backend, why) of ``op`` on generation ``gen`` for training or inference (an op that
+    runs another's kernels follows that op's row: :attr:`OpSpec.measured_as`)."""
+    key = OPS[op].policy_key if op in OPS else op
+    entry = load_policy().get(gen, {}).get("ops", {}).get(key, {}).get(
         "train" if training else "infer")
     if entry is None:
         return "torch", f"not measured on {gen}: the torch composite"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 __all__ = [
     "key_padding_mask",
     "multiway_attention",
+    "packed_multiway_attention",
     "multiway_linear",
     "multiway_layer_norm",
     "multiway_add_layer_norm",
@@ -65,6 +66,12 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)
     return torch.matmul(probs, vh).transpose(1, 2)
+
+
+def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float | None = None):
+    """:func:`multiway_attention` of the packed projection: qkv (B, S, 3, H, Dh) holds q, k
+    and v along dim 2. Returns (B, S, H, Dh)."""
+    return multiway_attention(*qkv.unbind(2), text_lengths, num_vision, scale)
 
 
 def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,

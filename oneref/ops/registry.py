@@ -62,10 +62,17 @@ class Impl:
 
 @dataclass(frozen=True)
 class OpSpec:
-    """An op: its name, its reference (``oneref.ops.reference``) and its implementations."""
+    """An op: its name, its reference (``oneref.ops.reference``), its implementations and
+    the op whose policy row it follows (the packed attention runs the same kernels as
+    ``multiway_attention``, so it takes that op's measured choice)."""
 
     name: str
     impls: dict[str, Impl] = field(default_factory=dict)
+    measured_as: str | None = None  # the policy row it shares (same kernels); None: its own
+
+    @property
+    def policy_key(self) -> str:
+        return self.measured_as or self.name
 
     @property
     def reference(self) -> Callable:
@@ -95,9 +102,10 @@ def _extension_op(name: str, triton_module: str) -> OpSpec:
 
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
-    OpSpec("multiway_attention", {
-        "triton": _triton("attention", "multiway_attention", head_dims=(16, 32, 64, 128)),
-        "torch": _torch("multiway_attention", composite=True)}),
+    *(OpSpec(name, {
+        "triton": _triton("attention", name, head_dims=(16, 32, 64, 128)),
+        "torch": _torch(name, composite=True)}, measured_as="multiway_attention")
+      for name in ("multiway_attention", "packed_multiway_attention")),
     OpSpec("multiway_linear", {
         "triton": _triton("multiway_linear", "multiway_linear"),
         "torch": _torch("multiway_linear", composite=True)}),

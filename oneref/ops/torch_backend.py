@@ -6,7 +6,8 @@ with the same contract (tested against the reference):
 
 * ``multiway_attention`` runs :func:`torch.nn.functional.scaled_dot_product_attention` with a
   bool key-padding mask (fused CPU flash kernel; memory-efficient or cuDNN kernel on GPU)
-  instead of materialising the fp32 score matrix.
+  instead of materialising the fp32 score matrix. Its packed form unbinds q, k, v so that
+  their gradients are stacked sequence-major.
 * ``multiway_linear`` runs each expert once over the rows of its range (one ``addmm``)
   and writes each range of the output and of the input gradient once. Autograd's slice +
   cat composite instead zero-fills a full-size input gradient per expert and adds the two.
@@ -37,6 +38,14 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
     # (B, H, S, Dh) -> (B, S, H, Dh) stored sequence-major (the one copy the layout change
     # needs), so the model's (B, S, D) view of it is sequence-major too.
     return out.permute(2, 0, 1, 3).contiguous().transpose(0, 1)
+
+
+def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float | None = None):
+    """:func:`multiway_attention` of q, k, v taken from the (S, B, 3, H, Dh) view of ``qkv``:
+    autograd stacks their gradients in that shape, so the packed gradient comes out
+    sequence-major, the layout the QKV projection's backward reads without a copy."""
+    q, k, v = (t.transpose(0, 1) for t in qkv.transpose(0, 1).unbind(2))
+    return multiway_attention(q, k, v, text_lengths, num_vision, scale)
 
 
 def _expert_rows(x: torch.Tensor, num_vision: int) -> tuple[torch.Tensor, torch.Tensor]:

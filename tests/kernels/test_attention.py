@@ -29,23 +29,35 @@ _SHAPES = [
 ]
 
 
-def _packed_qkv(batch, seq, heads, head_dim, dtype, device="cpu", seed=0):
-    """q, k, v as strided views of one (B, S, 3, H, Dh) tensor (what the model passes)."""
+def _packed_qkv(batch, seq, heads, head_dim, dtype, device="cpu", seed=0,
+                sequence_major=False):
+    """One (B, S, 3, H, Dh) tensor whose dim-2 slices are q, k, v (what the model passes),
+    batch-major or stored sequence-major like the QKV projection's output."""
     gen = torch.Generator().manual_seed(seed)
     qkv = torch.randn(batch, seq, 3, heads, head_dim, generator=gen).to(device=device, dtype=dtype)
-    return qkv.requires_grad_()
+    if sequence_major:
+        qkv = ops.sequence_major(qkv)
+    return qkv.detach().requires_grad_()
+
+
+def _attend(qkv, lens, num_vision, packed, scale=None):
+    """The Triton attention of ``qkv``: the packed op, or the q, k, v op on its views."""
+    if packed:
+        return attention.packed_multiway_attention(qkv, lens, num_vision, scale)
+    return attention.multiway_attention(*qkv.unbind(2), lens, num_vision, scale)
 
 
 def _grads(out, inputs, grad):
     return torch.autograd.grad(out, inputs, grad)
 
 
-def _run_case(batch, seq, heads, head_dim, num_vision, lengths, dtype, device, check):
-    qkv = _packed_qkv(batch, seq, heads, head_dim, dtype, device)
+def _run_case(batch, seq, heads, head_dim, num_vision, lengths, dtype, device, check,
+              packed=False):
+    qkv = _packed_qkv(batch, seq, heads, head_dim, dtype, device, sequence_major=packed)
     lens = torch.tensor(lengths, device=device)
     q, k, v = qkv.unbind(2)
     assert not q.is_contiguous()
-    out = attention.multiway_attention(q, k, v, lens, num_vision)
+    out = _attend(qkv, lens, num_vision, packed)
     gen = torch.Generator().manual_seed(1)
     grad = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
     (dqkv,) = _grads(out, [qkv], grad)
@@ -65,16 +77,49 @@ def _run_case(batch, seq, heads, head_dim, num_vision, lengths, dtype, device, c
     # keys past the limit get exactly zero gradient
     for b, length in enumerate(lengths):
         assert torch.all(dqkv[b, num_vision + length:, 1:] == 0)
+    assert ops.is_sequence_major(out)
+    if packed:  # the gradient lands in the projection's own layout
+        assert dqkv.stride() == qkv.stride()
     return out
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv-views", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch,seq,heads,head_dim,num_vision,lengths", _SHAPES)
 def test_forward_backward_interpreter(batch, seq, heads, head_dim, num_vision, lengths, dtype,
-                                      assert_kernel_close):
+                                      packed, assert_kernel_close):
     _run_case(batch, seq, heads, head_dim, num_vision, lengths, dtype, "cpu",
-              assert_kernel_close)
+              assert_kernel_close, packed)
+
+
+def _packed_matches_reference(leaf, qkv, lens, num_vision):
+    """The packed kernels on ``qkv`` (a view of ``leaf``) against the reference, output and
+    gradient of ``leaf``; returns that gradient."""
+    out = _attend(qkv, lens, num_vision, packed=True)
+    (grad,) = _grads(out, [leaf], torch.ones_like(out))
+    ref = reference.packed_multiway_attention(qkv, lens, num_vision)
+    (want,) = _grads(ref, [leaf], torch.ones_like(ref))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, want, atol=1e-4, rtol=1e-4)
+    return grad
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("text_len", [1, 2, 7, 16, 33, 64])
+def test_packed_every_text_length(text_len):
+    """Packed attention at every kind of text length up to 64 (key tails of 1..64 rows)."""
+    qkv = _packed_qkv(2, 17 + 64, 1, 16, torch.float32, sequence_major=True)
+    _packed_matches_reference(qkv, qkv, torch.tensor([text_len, 64 - text_len + 1]), 17)
+
+
+@pytest.mark.interpret
+def test_packed_non_dense_input():
+    """A packed view that is no dense tensor (every other head of a wider projection): the
+    kernels read it through its strides and the gradient comes back in a fresh buffer."""
+    wide = _packed_qkv(2, 30, 4, 16, torch.float32)
+    dwide = _packed_matches_reference(wide, wide[:, :, :, ::2], torch.tensor([3, 9]), 20)
+    assert torch.all(dwide[:, :, :, 1::2] == 0)
 
 
 @pytest.mark.interpret
@@ -121,12 +166,13 @@ def test_log_sum_exp_and_padding_invariance():
 
 
 @pytest.mark.interpret
-def test_every_output_element_written(poison_empty):
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv-views", "packed"])
+def test_every_output_element_written(poison_empty, packed):
     """torch.empty returns NaN-filled buffers: any unwritten output/gradient element leaks."""
-    qkv = _packed_qkv(2, 70, 2, 16, torch.float32)
+    qkv = _packed_qkv(2, 70, 2, 16, torch.float32, sequence_major=packed)
     lens = torch.tensor([1, 10])
     q, k, v = qkv.unbind(2)
-    out = attention.multiway_attention(q, k, v, lens, 60)
+    out = _attend(qkv, lens, 60, packed)
     (dqkv,) = _grads(out, [qkv], torch.ones_like(out))
     assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
     ref = reference.multiway_attention(q, k, v, lens, 60)
@@ -154,21 +200,25 @@ def test_opcheck():
     q, k, v = qkv.unbind(2)
     torch.library.opcheck(torch.ops.oneref_triton.multiway_attention.default,
                           (q, k, v, torch.tensor([2]), 6, 0.25))
+    torch.library.opcheck(torch.ops.oneref_triton.packed_multiway_attention.default,
+                          (ops.sequence_major(qkv.detach()).requires_grad_(), torch.tensor([2]),
+                           6, 0.25))
 
 
 @pytest.mark.interpret
-def test_flop_formula():
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv-views", "packed"])
+def test_flop_formula(packed):
     batch, seq, heads, head_dim, nv = 2, 40, 2, 32, 30
     lens = torch.tensor([4, 10])
     qkv = _packed_qkv(batch, seq, heads, head_dim, torch.float32)
     with FlopCounterMode(display=False) as counter:
-        out = attention.multiway_attention(*qkv.unbind(2), lens, nv)
-        out.sum().backward()
+        _attend(qkv, lens, nv, packed).sum().backward()
     counts = counter.get_flop_counts()["Global"]
     valid = (nv + lens).sum().item()
     fwd = 4 * heads * seq * head_dim * valid
-    assert counts[torch.ops.oneref_triton.multiway_attention] == fwd
-    assert counts[torch.ops.oneref_triton.multiway_attention_backward] == 2.5 * fwd
+    name = "packed_multiway_attention" if packed else "multiway_attention"
+    assert counts[getattr(torch.ops.oneref_triton, name)] == fwd
+    assert counts[getattr(torch.ops.oneref_triton, f"{name}_backward")] == 2.5 * fwd
 
 
 @pytest.mark.interpret
@@ -177,6 +227,8 @@ def test_unsupported_inputs_raise():
     q = torch.randn(1, 8, 1, 24)
     with pytest.raises(ValueError, match="head dim 24"):
         attention.multiway_attention(q, q, q, lens, 4)
+    with pytest.raises(ValueError, match="head dim 24"):
+        attention.packed_multiway_attention(torch.randn(1, 8, 3, 1, 24), lens, 4)
     q = torch.randn(1, 8, 1, 32, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
         attention.multiway_attention(q, q, q, lens, 4)
@@ -188,19 +240,21 @@ _GPU_SHAPES = _SHAPES + [pytest.param(4, 641, 12, 64, 577, [64, 8, 1, 33], id="G
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv-views", "packed"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("batch,seq,heads,head_dim,num_vision,lengths", _GPU_SHAPES)
-def test_forward_backward_gpu(batch, seq, heads, head_dim, num_vision, lengths, dtype,
+def test_forward_backward_gpu(batch, seq, heads, head_dim, num_vision, lengths, dtype, packed,
                               assert_kernel_close):
     _run_case(batch, seq, heads, head_dim, num_vision, lengths, dtype, "cuda",
-              assert_kernel_close)
+              assert_kernel_close, packed)
 
 
 @pytest.mark.gpu
-def test_every_output_element_written_gpu(poison_empty):
-    qkv = _packed_qkv(3, 641, 4, 64, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv-views", "packed"])
+def test_every_output_element_written_gpu(poison_empty, packed):
+    qkv = _packed_qkv(3, 641, 4, 64, torch.bfloat16, "cuda", sequence_major=packed)
     lens = torch.tensor([1, 64, 20], device="cuda")
-    out = attention.multiway_attention(*qkv.unbind(2), lens, 577)
+    out = _attend(qkv, lens, 577, packed)
     (dqkv,) = _grads(out, [qkv], torch.ones_like(out))
     assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
 
@@ -211,17 +265,19 @@ def test_opcheck_gpu():
     q, k, v = qkv.unbind(2)
     torch.library.opcheck(torch.ops.oneref_triton.multiway_attention.default,
                           (q, k, v, torch.tensor([2, 9], device="cuda"), 60, 0.125))
+    torch.library.opcheck(torch.ops.oneref_triton.packed_multiway_attention.default,
+                          (qkv, torch.tensor([2, 9], device="cuda"), 60, 0.125))
 
 
 @pytest.mark.interpret
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv-views", "packed"])
+def test_compiles_without_graph_breaks(packed):
     """fullgraph torch.compile (aot_eager: the fake implementations and the registered
     autograd are traced; the kernels still run) matches eager, forward and backward."""
     def step(qkv, lens):
-        q, k, v = qkv.unbind(2)
-        return attention.multiway_attention(q, k, v, lens, 12).square().sum()
+        return _attend(qkv, lens, 12, packed).square().sum()
 
-    qkv = _packed_qkv(2, 20, 2, 16, torch.float32)
+    qkv = _packed_qkv(2, 20, 2, 16, torch.float32, sequence_major=packed)
     lens = torch.tensor([3, 8])
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     loss_c = compiled(qkv, lens)

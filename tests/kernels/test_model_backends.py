@@ -105,7 +105,7 @@ def _close(name, got, want):
 def test_backend_switch_changes_nothing(step, triton_where_implemented):
     torch_losses, torch_grads = _run(step, "torch")
     triton_losses, triton_grads = _run(step, "triton")
-    assert {"multiway_attention", "multiway_linear"} <= triton_where_implemented
+    assert {"packed_multiway_attention", "multiway_linear"} <= triton_where_implemented
     assert torch_losses.keys() == triton_losses.keys()
     for key in torch_losses:
         _close(f"loss[{key}]", triton_losses[key], torch_losses[key])

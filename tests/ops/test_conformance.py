@@ -89,6 +89,9 @@ def test_auto_follows_the_policy_and_falls_back_to_torch(monkeypatch):
     assert dispatch.choices("multiway_attention", cuda, training=False)[0][0] == "triton"
     assert dispatch.choices("multiway_attention", cuda, training=True) == [
         ("torch", policy.choice("multiway_attention", "sm90", True)[1])]
+    for training in (True, False):  # the packed form runs the same kernels: the same row
+        assert dispatch.choices("packed_multiway_attention", cuda, training) == \
+            dispatch.choices("multiway_attention", cuda, training)
     assert dispatch.choices("multiway_linear", cuda, training=True)[0] == (
         "torch", "not measured on sm90: the torch composite")
     assert dispatch.choices("box_mask_loss", cuda.__class__("cpu"), True)[0][0] == "torch"

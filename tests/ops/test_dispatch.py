@@ -71,6 +71,21 @@ def test_attention_argument_errors(change, error, message):
         ops.multiway_attention(*change(*_attention_inputs()), 6)
 
 
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda qkv, n: (qkv[:, :, :2], n), ValueError, r"qkv must be \(B, S, 3, H, Dh\)"),
+        (lambda qkv, n: (qkv[0], n), ValueError, "qkv must have 5 dims"),
+        (lambda qkv, n: (qkv.long(), n), TypeError, "qkv"),
+        (lambda qkv, n: (qkv, n[:1]), ValueError, "text_lengths must have shape"),
+    ],
+)
+def test_packed_attention_argument_errors(change, error, message):
+    q, k, v, lengths = _attention_inputs()
+    with pytest.raises(error, match=message):
+        ops.packed_multiway_attention(*change(torch.stack([q, k, v], dim=2), lengths), 6)
+
+
 def test_other_argument_errors():
     boxes = torch.rand(2, 4)
     with pytest.raises(ValueError, match=r"noise must have shape \(2, 2, 16\)"):

@@ -39,6 +39,22 @@ def test_attention_output_is_sequence_major():
     assert is_sequence_major(out.reshape(3, 20, 16))  # the model's (B, S, D) view: no copy
 
 
+@pytest.mark.parametrize("layout", ["batch-major", "sequence-major"])
+def test_packed_attention_gradient_is_sequence_major(layout):
+    """The packed form matches the reference and hands the QKV projection a sequence-major
+    gradient, whatever the layout of its input."""
+    packed, _ = _packed_qkv(3, 20, 2, 8, torch.float64)
+    qkv = sequence_major(packed) if layout == "sequence-major" else packed
+    lengths = torch.tensor([1, 4, 2])
+    out = torch_backend.packed_multiway_attention(qkv, lengths, 16)
+    (grad,) = torch.autograd.grad(out.square().sum(), [qkv])
+    ref = reference.packed_multiway_attention(qkv, lengths, 16)
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), [qkv])
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    assert is_sequence_major(out) and is_sequence_major(grad)
+
+
 @pytest.mark.parametrize("batch, seq", [(3, 7), (1, 7), (3, 1)])
 def test_sequence_major_keeps_values_and_copies_only_when_needed(batch, seq):
     x = torch.randn(batch, seq, 4)
