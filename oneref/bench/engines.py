@@ -8,6 +8,7 @@
 | c | ours (``oneref.model.OneRef``), ``torch`` backend (bf16 autocast on GPU, fp32 on CPU) |
 | d | ours, ``auto`` backend (the measured per-op policy, :mod:`oneref.ops.policy`) |
 | e | (d) + ``torch.compile`` of the loss / forward function (one graph per step) |
+| f | (e) + CUDA graphs (``reduce-overhead``: one captured graph per batch size; CPU: (e)) |
 
 Every engine runs the same tasks on the same synthetic batches: ``rec`` / ``res`` fine-tune
 steps (forward, loss, backward, gradient clipping to norm 1, fused AdamW step: the same
@@ -44,6 +45,7 @@ ENGINES = {
     "c": "ours, torch backend",
     "d": "ours, auto backend (kernels)",
     "e": "(d) + torch.compile",
+    "f": "(e) + CUDA graphs",
 }
 TRAIN_TASKS = ("rec", "res", "mim", "mlm")
 GRAD_CLIP = 1.0  # every engine clips to this norm, as the trainer does by default
@@ -61,6 +63,7 @@ class Engine:
     autocast: torch.dtype | None = None
     backend: str | None = None
     compile: bool = False
+    cuda_graphs: bool = False
     notes: list[str] = field(default_factory=list)
     _compiled: dict = field(default_factory=dict)
     _optimizer: torch.optim.Optimizer | None = None
@@ -90,8 +93,11 @@ class Engine:
         if task not in self._compiled:
             fn = functools.partial(TASK_FNS[task], self.model)
             if self.compile:
-                fn = (compile_step(fn, self.device, dynamic=False) if self.backend is not None
-                      else torch.compile(fn, dynamic=False))
+                options = {"dynamic": False}
+                if self.cuda_graphs:
+                    options["mode"] = "reduce-overhead"
+                fn = (compile_step(fn, self.device, **options) if self.backend is not None
+                      else torch.compile(fn, **options))
             self._compiled[task] = fn
         return self._compiled[task]
 
@@ -130,11 +136,14 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
         model.validate_inputs = False
         autocast = torch.bfloat16 if gpu else None
         backend = "torch" if key == "c" else "auto"
-        if key in ("d", "e") and not gpu:
+        if key in ("d", "e", "f") and not gpu:
             notes.append("on CPU the auto backend resolves every op to torch")
+        if key == "f" and not gpu:
+            notes.append("on CPU (f) runs without CUDA graphs: the model of (e)")
     model = model.to(device).train()
     return Engine(key=key, model=model, device=device, autocast=autocast, backend=backend,
-                  compile=key in ("b+", "e"), notes=notes)
+                  compile=key in ("b+", "e", "f"), cuda_graphs=key == "f" and gpu,
+                  notes=notes)
 
 
 def field_of(out, name: str):
@@ -177,11 +186,19 @@ TASK_FNS = {"rec": _rec, "res": _res, "mim": _mim, "mlm": _mlm,
              "rec_infer": _rec_infer, "res_infer": _res_infer}
 
 
+def _new_step(engine: Engine) -> None:
+    """Tell the CUDA graph trees a new iteration starts (the previous outputs are no longer
+    read, so their memory may be reused by the next replay)."""
+    if engine.cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def train_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
     """One optimisation step of ``task``: forward + loss, backward, clipping, fused AdamW.
     Returns the loss (detached)."""
     model, opt = engine.model, engine.optimizer()
     model.train()
+    _new_step(engine)
     opt.zero_grad(set_to_none=True)
     with engine.context():
         loss = engine.function(task)(batch)
@@ -194,6 +211,7 @@ def train_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
 def infer_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
     """One inference forward (eval mode, inference_mode)."""
     engine.model.eval()
+    _new_step(engine)
     with torch.inference_mode(), engine.context():
         return engine.function(task)(batch)
 

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="override the engine rows, subset of a,b,c,d,e")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per run")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per run")
+    parser.add_argument("--sweep-batches", type=_batch_list, default=None,
+                        help="comma list of the REC inference batches of the throughput sweep "
+                             "(0: no sweep; default per row, G5: 1,16,64,256)")
     parser.add_argument("--split-samples", type=int, default=None,
                         help="samples of the end-to-end test split (-1: all 5,657; 0: skip; "
                              "N: measure N and extrapolate)")
@@ -77,6 +80,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _batch_list(value: str) -> tuple[int, ...]:
+    """``"1,16"`` -> (1, 16); ``"0"`` -> () (no sweep)."""
+    try:
+        batches = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of batch sizes, got {value!r}") from None
+    if any(b < 0 for b in batches):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {value!r}")
+    return tuple(b for b in batches if b > 0)
+
+
 def _split(value: str | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -91,10 +106,10 @@ def plan_cost_rows(row: str, gpu: bool, args) -> CostSettings:
                          sweep_batch={"tiny": (1, 8, 32), "small": (1, 4, 16)},
                          split_samples=32, warmup=2, repeats=5, passes=2)
     elif row == "G4":
-        s = CostSettings(presets=("base",), engines=("a", "b", "b+", "c", "d", "e"),
+        s = CostSettings(presets=("base",), engines=("a", "b", "b+", "c", "d", "e", "f"),
                          train_tasks=("rec",), infer_tasks=(), warmup=2, repeats=4)
     elif row == "G5":
-        s = CostSettings(presets=("base",), engines=("a", "b", "b+", "c", "d", "e"),
+        s = CostSettings(presets=("base",), engines=("a", "b", "b+", "c", "d", "e", "f"),
                          train_tasks=(),
                          infer_tasks=("rec_infer",), sweep_batch={"base": (1, 16, 64, 256)},
                          split_samples=None, split_workers=8, warmup=2, repeats=4)
@@ -126,6 +141,8 @@ def plan_cost_rows(row: str, gpu: bool, args) -> CostSettings:
         s.repeats = args.repeats
     if args.warmup is not None:
         s.warmup = args.warmup
+    if getattr(args, "sweep_batches", None) is not None:
+        s.sweep_batch = {preset: args.sweep_batches for preset in s.presets}
     if args.split_samples is not None:
         s.split_samples = None if args.split_samples < 0 else args.split_samples
     if args.workers is not None:

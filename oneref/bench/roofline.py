@@ -294,7 +294,7 @@ def roofline_rows(preset: str = "base", batch: int = 64, engines=("b", "c", "d",
     """One row per (engine, card): the prediction at ``batch`` and the top ops by time."""
     rows = []
     for key in engines:
-        if key != "d*" and (key not in ENGINES or key in ("b+", "e")):
+        if key != "d*" and (key not in ENGINES or key in ("b+", "e", "f")):
             raise ValueError(f"--cost predicts eager engines b, c, d, d* (and a), got {key!r}")
         low, high = (count_step(key, preset, b) for b in FIT_BATCHES)
         counts = _at(low["ops"], high["ops"], batch)

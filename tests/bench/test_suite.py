@@ -1,6 +1,7 @@
 """The benchmark suite's pieces on the tiny preset with 1-2 repeats: measured rows, ratios
 from the measured numbers, JSON fields, PNG files, the CLI entry point."""
 
+import argparse
 import json
 import time
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 
 from oneref.bench.cost import CostSettings, add_ratios, run_cost_table
+from oneref.bench.engines import build_engine, infer_step, make_batch, train_step
 from oneref.bench.kernels import attention_rows, lce_rows
 import oneref.bench.main as bench_main
-from oneref.bench.main import main
+from oneref.bench.main import add_arguments, main, plan_cost_rows
+from oneref.config import get_config
 from oneref.bench.report import (cost_markdown, environment, plot_attention, plot_throughput,
                                  profile_markdown)
 from oneref.bench.timing import measure, profile_ops
@@ -155,3 +158,34 @@ def test_cli_writes_json_png_and_table(tmp_path, capsys):
 def test_cli_rejects_unknown_rows(tmp_path):
     with pytest.raises(ValueError, match="--rows"):
         main(["--device", "cpu", "--rows", "G9", "--out", str(tmp_path)])
+
+
+def test_cuda_graph_engine_and_sweep_batches():
+    """(f) is (e) with CUDA graphs: compiled, and on a CPU without graphs (noted in its
+    row); --sweep-batches sets the G5 sweep, 0 turns it off."""
+    engine = build_engine("f", get_config("tiny"), CPU)
+    assert engine.compile and not engine.cuda_graphs
+    assert any("without CUDA graphs" in note for note in engine.notes)
+    parser = add_arguments(argparse.ArgumentParser())
+    plan = plan_cost_rows("G5", True, parser.parse_args(["--sweep-batches", "1,256"]))
+    assert "f" in plan.engines and plan.sweep_batch == {"base": (1, 256)}
+    assert plan_cost_rows("G5", True, parser.parse_args(["--sweep-batches", "0"])
+                          ).sweep_batch == {"base": ()}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sweep-batches", "1,x"])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_engine_matches_the_compiled_engine_gpu():
+    """(f) replays captured graphs: inference outputs and training losses equal (e)'s on the
+    same weights and batches, call after call."""
+    config = get_config("tiny")
+    engines = {key: build_engine(key, config, "cuda", seed=0) for key in ("e", "f")}
+    assert engines["f"].cuda_graphs
+    batches = [make_batch(config, 4, "cuda", seed=s) for s in range(3)]
+    for batch in batches * 2:  # warm-up, capture, then replays
+        boxes = {k: infer_step(e, "rec_infer", batch).float().clone() for k, e in engines.items()}
+        torch.testing.assert_close(boxes["f"], boxes["e"], rtol=2e-2, atol=2e-2)
+    for batch in batches:
+        losses = {k: train_step(e, "rec", batch).float().item() for k, e in engines.items()}
+        assert losses["f"] == pytest.approx(losses["e"], rel=2e-2)
