@@ -13,10 +13,11 @@ saved log-sum-exp in the backward.) No S x S matrix is ever stored.
 Layout: q, k, v are (B, S, H, Dh) with arbitrary strides, e.g. views of a packed
 (B, S, 3, H, Dh) QKV projection; the kernels address them through their strides, no copy.
 The kernels write o, dq, dk, dv through strides too. o is sequence-major (stored as
-(S, B, H, Dh), the encoder's layout); lse is fp32 (B, H, S), natural log. The packed form
-(:func:`packed_multiway_attention`) takes the QKV projection itself and writes dq, dk and dv
-into one gradient laid out like it, so autograd neither stacks the three gradients nor
-copies the stack into the layout the QKV GEMM's backward reads.
+(S, B, H, Dh), the encoder's layout, :mod:`oneref.ops.layout`); lse is fp32 (B, H, S),
+natural log. The packed form (:func:`packed_multiway_attention`) takes the QKV projection
+itself and writes dq, dk and dv directly into one gradient with the projection's strides
+(a fresh contiguous one when the projection is not dense), so autograd neither stacks the
+three gradients nor copies the stack into the layout the QKV GEMM's backward reads.
 
 Kernels and design choices (predicted behaviour on H100, bf16, Dh = 64, S = 641):
 
@@ -133,7 +134,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LENS,
                      stride_qb, stride_qs, stride_qh, stride_qd,
                      stride_kb, stride_ks, stride_kh, stride_kd,
                      stride_vb, stride_vs, stride_vh, stride_vd,
-                     stride_ob, stride_os, stride_oh,
+                     stride_ob, stride_os, stride_oh, stride_od,
                      seq_len, num_heads, num_vision, qk_scale,
                      HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -166,7 +167,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LENS,
                                    HEAD_DIM, BLOCK_N, True, DOT_PREC)
 
     out = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = (O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
+              + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
     tl.store(LSE + pid_bh * seq_len + offs_m, lse, mask=m_ok)
@@ -174,7 +176,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LENS,
 
 @triton.jit
 def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
-                         stride_ob, stride_os, stride_oh,
+                         stride_ob, stride_os, stride_oh, stride_od,
                          stride_dob, stride_dos, stride_doh, stride_dod,
                          seq_len, num_heads,
                          HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr,
@@ -188,7 +190,7 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < seq_len
     o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
-                + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+                + offs_d[None, :] * stride_od, mask=m_ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
                  + offs_d[None, :] * stride_dod, mask=m_ok[:, None], other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
@@ -211,7 +213,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENS,
                           stride_kb, stride_ks, stride_kh, stride_kd,
                           stride_vb, stride_vs, stride_vh, stride_vd,
                           stride_dob, stride_dos, stride_doh, stride_dod,
-                          stride_gb, stride_gs, stride_gh,
+                          stride_gb, stride_gs, stride_gh, stride_gd,
                           seq_len, num_heads, num_vision, sm_scale, qk_scale,
                           HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -257,7 +259,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENS,
     # rows past the key limit never feed other rows; write their exact (zero) gradient
     dk = tl.where(n_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(n_ok[:, None], dv, 0.0)
-    out_off = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gs + offs_d[None, :]
+    out_off = (b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gs
+               + offs_d[None, :] * stride_gd)
     store_ok = (offs_n < seq_len)[:, None]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=store_ok)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=store_ok)
@@ -292,7 +295,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LENS,
                         stride_kb, stride_ks, stride_kh, stride_kd,
                         stride_vb, stride_vs, stride_vh, stride_vd,
                         stride_dob, stride_dos, stride_doh, stride_dod,
-                        stride_gb, stride_gs, stride_gh,
+                        stride_gb, stride_gs, stride_gh, stride_gd,
                         seq_len, num_heads, num_vision, sm_scale, qk_scale,
                         HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -325,7 +328,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LENS,
         dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, n_full, kv_len, stride_ks,
                        stride_kd, stride_vs, stride_vd, qk_scale, HEAD_DIM, BLOCK_N, True,
                        DOT_PREC)
-    dq_ptrs = DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :]
+    dq_ptrs = (DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs
+               + offs_d[None, :] * stride_gd)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
@@ -347,7 +351,7 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
 
 def _sequence_major_like(q: torch.Tensor) -> torch.Tensor:
     """An uninitialised (B, S, H, Dh) tensor stored as (S, B, H, Dh): the encoder's layout
-    (docs/ops.md), so the (B, S, D) view of an output needs no copy."""
+    (:mod:`oneref.ops.layout`), so the (B, S, D) view of an output needs no copy."""
     batch, seq, heads, head_dim = q.shape
     return q.new_empty((seq, batch, heads, head_dim)).transpose(0, 1)
 
@@ -362,7 +366,7 @@ def attention_forward(q, k, v, text_lengths, num_vision: int, scale: float):
     lens = text_lengths.contiguous()
     grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _attn_fwd_kernel[grid](q, k, v, o, lse, lens, *_strides(q), *_strides(k), *_strides(v),
-                           *_strides(o)[:3], seq, heads, num_vision, scale * _LOG2E,
+                           *_strides(o), seq, heads, num_vision, scale * _LOG2E,
                            HEAD_DIM=head_dim, DOT_PREC=dot_precision(q.dtype))
     return o, lse
 
@@ -379,10 +383,10 @@ def attention_backward(do, q, k, v, o, lse, text_lengths, num_vision: int, scale
     dlse_arg = dlse.float().contiguous() if has_dlse else delta
     pre_block = 64
     _attn_bwd_preprocess[(triton.cdiv(seq, pre_block), batch * heads)](
-        o, do, dlse_arg, delta, *_strides(o)[:3], *_strides(do), seq, heads,
+        o, do, dlse_arg, delta, *_strides(o), *_strides(do), seq, heads,
         HEAD_DIM=head_dim, HAS_DLSE=has_dlse, BLOCK_M=pre_block)
     dq, dk, dv = grads if grads is not None else (_sequence_major_like(q) for _ in range(3))
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq)[:3],
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
               seq, heads, num_vision, scale, scale * _LOG2E)
     prec = dot_precision(q.dtype)
     grid_kv = lambda meta: (triton.cdiv(seq, meta["BLOCK_N"]), batch * heads)  # noqa: E731
@@ -396,8 +400,9 @@ def attention_backward(do, q, k, v, o, lse, text_lengths, num_vision: int, scale
 
 def packed_attention_backward(do, qkv, o, lse, text_lengths, num_vision: int, scale: float,
                               dlse=None):
-    """The backward of the packed form: one (B, S, 3, H, Dh) gradient laid out like ``qkv``
-    (the QKV projection's output), which the kernels write in place: no gradient stack."""
+    """The backward of the packed form: one (B, S, 3, H, Dh) gradient with the strides of
+    ``qkv`` (the QKV projection's output; contiguous if ``qkv`` is not dense), into which the
+    kernels write dq, dk and dv directly: no gradient stack."""
     dqkv = torch.empty_like(qkv)
     attention_backward(do, *qkv.unbind(2), o, lse, text_lengths, num_vision, scale, dlse,
                        grads=dqkv.unbind(2))

@@ -18,6 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 
 import torch
+from torch._dynamo.utils import counters
 
 from oneref.bench.engines import (ENGINES, TASK_FNS, build_engine, encoder_agreement,
                                   infer_step, make_batch, train_step)
@@ -128,6 +129,7 @@ def _measure_engine(key: str, preset: str, settings: CostSettings, device: torch
         log.warning("%s", exc)
         return row
     row["notes"] = list(engine.notes)
+    graph_skips = counters["inductor"]["cudagraph_skips"]
     row["dtype"] = str(engine.autocast or torch.float32).replace("torch.", "")
     row.update(_params(engine.model))
     train_flops = _flops(engine, config, settings, row) if settings.count_flops else None
@@ -149,6 +151,11 @@ def _measure_engine(key: str, preset: str, settings: CostSettings, device: torch
             row.update(split_test_time(engine, config, n, batch=ib,
                                        workers=settings.split_workers))
 
+    if engine.cuda_graphs:
+        row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - graph_skips
+        if row["cudagraph_skips"]:
+            row["notes"].append(f"{row['cudagraph_skips']} graph(s) ran without CUDA graphs "
+                                "(the reasons are in the log)")
     del engine
     gc.collect()
     if device.type == "cuda":

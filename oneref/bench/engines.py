@@ -33,7 +33,7 @@ from oneref.config import ModelConfig
 from oneref.model import OneRef
 from oneref.ops import reference, use_backend
 
-__all__ = ["ENGINES", "Engine", "build_engine", "make_batch", "train_step", "infer_step",
+__all__ = ["ENGINES", "COMPILED", "Engine", "build_engine", "make_batch", "train_step", "infer_step",
            "TRAIN_TASKS", "INFER_TASKS", "TASK_FNS", "field_of"]
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ ENGINES = {
     "e": "(d) + torch.compile",
     "f": "(e) + CUDA graphs",
 }
+COMPILED = ("b+", "e", "f")
 TRAIN_TASKS = ("rec", "res", "mim", "mlm")
 GRAD_CLIP = 1.0  # every engine clips to this norm, as the trainer does by default
 INFER_TASKS = ("rec_infer", "res_infer")
@@ -102,6 +103,15 @@ class Engine:
         return self._compiled[task]
 
 
+def _fresh_compile_cache() -> None:
+    """Start a compiled engine from an empty Dynamo cache and make a full cache an error.
+    Dynamo allows 8 compiled entries per code object, and every engine's step functions
+    share one (a ``functools.partial`` wrapper): without this, a later engine of the same
+    process would silently run eagerly under its compiled label."""
+    torch._dynamo.reset()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
 def _unavailable(key: str, reason: str) -> RuntimeError:
     return RuntimeError(f"engine ({key}) unavailable: {reason}")
 
@@ -139,10 +149,12 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
         if key in ("d", "e", "f") and not gpu:
             notes.append("on CPU the auto backend resolves every op to torch")
         if key == "f" and not gpu:
-            notes.append("on CPU (f) runs without CUDA graphs: the model of (e)")
+            notes.append("on CPU (f) is (e): CUDA graphs need a GPU")
     model = model.to(device).train()
+    if key in COMPILED:
+        _fresh_compile_cache()
     return Engine(key=key, model=model, device=device, autocast=autocast, backend=backend,
-                  compile=key in ("b+", "e", "f"), cuda_graphs=key == "f" and gpu,
+                  compile=key in COMPILED, cuda_graphs=key == "f" and gpu,
                   notes=notes)
 
 
@@ -195,7 +207,8 @@ def _new_step(engine: Engine) -> None:
 
 def train_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
     """One optimisation step of ``task``: forward + loss, backward, clipping, fused AdamW.
-    Returns the loss (detached)."""
+    Returns the loss (detached; with CUDA graphs valid until the engine's next step: clone it
+    to keep it)."""
     model, opt = engine.model, engine.optimizer()
     model.train()
     _new_step(engine)
@@ -209,7 +222,8 @@ def train_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
 
 
 def infer_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
-    """One inference forward (eval mode, inference_mode)."""
+    """One inference forward (eval mode, inference_mode). With CUDA graphs the output is
+    valid until the engine's next step: clone it to keep it."""
     engine.model.eval()
     _new_step(engine)
     with torch.inference_mode(), engine.context():

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--presets", default=None,
                         help="override the model presets of the model rows (e.g. tiny,small)")
     parser.add_argument("--engines", default=None,
-                        help="override the engine rows, subset of a,b,c,d,e")
+                        help="override the engine rows, subset of a,b,b+,c,d,e,f")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per run")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per run")
     parser.add_argument("--sweep-batches", type=_batch_list, default=None,
@@ -87,9 +87,12 @@ def _batch_list(value: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a comma list of batch sizes, got {value!r}") from None
-    if any(b < 0 for b in batches):
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {value!r}")
-    return tuple(b for b in batches if b > 0)
+    if batches == (0,):
+        return ()
+    if any(b <= 0 for b in batches):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive (0 alone: no sweep), "
+                                         f"got {value!r}")
+    return batches
 
 
 def _split(value: str | None) -> tuple[str, ...] | None:

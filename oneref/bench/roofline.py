@@ -41,7 +41,7 @@ from torch.utils.flop_counter import flop_registry
 
 from oneref import ops
 from oneref.bench.baseline import use_sdpa
-from oneref.bench.engines import ENGINES, build_engine, make_batch, train_step
+from oneref.bench.engines import COMPILED, ENGINES, build_engine, make_batch, train_step
 from oneref.config import get_config
 from oneref.ops import dispatch, policy
 from oneref.ops.registry import OPS, not_supported_reasons
@@ -294,7 +294,7 @@ def roofline_rows(preset: str = "base", batch: int = 64, engines=("b", "c", "d",
     """One row per (engine, card): the prediction at ``batch`` and the top ops by time."""
     rows = []
     for key in engines:
-        if key != "d*" and (key not in ENGINES or key in ("b+", "e", "f")):
+        if key != "d*" and (key not in ENGINES or key in COMPILED):
             raise ValueError(f"--cost predicts eager engines b, c, d, d* (and a), got {key!r}")
         low, high = (count_step(key, preset, b) for b in FIT_BATCHES)
         counts = _at(low["ops"], high["ops"], batch)

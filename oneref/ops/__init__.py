@@ -44,7 +44,7 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
     batch, seq, heads, head_dim = q.shape
     check_shape("k", k, (batch, seq, heads, head_dim), like=q)
     check_shape("v", v, (batch, seq, heads, head_dim), like=q)
-    _check_attention_lengths(text_lengths, batch, seq, num_vision, q.device)
+    _check_attention_extent(text_lengths, batch, seq, num_vision, q.device)
     return resolve("multiway_attention", q.device, backend, q.dtype, head_dim)(
         q, k, v, text_lengths, num_vision, scale)
 
@@ -59,21 +59,22 @@ def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float |
 
     Returns:
         (B, S, H, Dh) in the dtype of qkv. The backward returns the gradient of qkv as one
-        tensor (the kernels write it in place, in qkv's layout; the torch composite's comes
-        out sequence-major).
+        tensor: the kernels write it directly with qkv's strides (contiguous when qkv is not
+        dense); the torch composite's comes out sequence-major.
     """
     check_tensor("qkv", qkv, ndim=5, floating=True)
     batch, seq, three, _, head_dim = qkv.shape
     if three != 3:
         raise ValueError(f"qkv must be (B, S, 3, H, Dh) with q, k, v along dim 2, got shape "
                          f"{tuple(qkv.shape)}")
-    _check_attention_lengths(text_lengths, batch, seq, num_vision, qkv.device)
+    _check_attention_extent(text_lengths, batch, seq, num_vision, qkv.device)
     return resolve("packed_multiway_attention", qkv.device, backend, qkv.dtype, head_dim)(
         qkv, text_lengths, num_vision, scale)
 
 
-def _check_attention_lengths(text_lengths, batch: int, seq: int, num_vision: int,
-                             device: torch.device) -> None:
+def _check_attention_extent(text_lengths, batch: int, seq: int, num_vision: int,
+                            device: torch.device) -> None:
+    """The text lengths and the vision/text split of an attention call."""
     check_tensor("text_lengths", text_lengths, ndim=1, integer=True, device=device)
     check_shape("text_lengths", text_lengths, (batch,))
     if not 0 < num_vision < seq:

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from oneref.ops.layout import sequence_major
+
 __all__ = ["Case", "CASES", "boxes"]
 
 GRID, DIM, TEXT = 24, 768, 64
@@ -95,10 +97,10 @@ def _batch(scale: float, bench: int) -> int:
     return max(1, int(bench * scale))
 
 
-def _attention(gen, device, dtype, scale, batch: int = 0, text: int = TEXT, heads: int = 12,
-               head_dim: int = 64, vision: int = GRID * GRID + 1):
-    """q, k, v as the model passes them: strided views of one packed (B, S, 3, H, Dh) QKV
-    projection. Test size: 9 tokens, 6 of them vision, text lengths 1 and 3; benchmark size:
+def _qkv(gen, device, dtype, scale, batch: int = 0, text: int = TEXT, heads: int = 12,
+         head_dim: int = 64, vision: int = GRID * GRID + 1):
+    """One packed (B, S, 3, H, Dh) QKV projection, the text lengths and the vision count.
+    Test size: 9 tokens, 6 of them vision, text lengths 1 and 3; benchmark size:
     ``vision + text`` tokens, text lengths ``text // 8 .. text``."""
     if scale is None:
         batch, text, heads, head_dim, vision = 2, 3, 2, 16, 6
@@ -107,16 +109,20 @@ def _attention(gen, device, dtype, scale, batch: int = 0, text: int = TEXT, head
         batch = batch or _batch(scale, 4)
         lengths = torch.randint(max(1, text // 8), text + 1, (batch,), generator=gen)
     qkv = _randn(gen, batch, vision + text, 3, heads, head_dim, device=device, dtype=dtype)
-    q, k, v = qkv.unbind(2)
-    return q, k, v, lengths.to(device), vision, None
+    return qkv, lengths.to(device), vision
+
+
+def _attention(gen, device, dtype, scale, **shape):
+    """q, k, v as strided views of one packed projection."""
+    qkv, lengths, vision = _qkv(gen, device, dtype, scale, **shape)
+    return (*qkv.unbind(2), lengths, vision, None)
 
 
 def _packed_attention(gen, device, dtype, scale, **shape):
-    """The attention case as the encoder passes it: the packed (B, S, 3, H, Dh) projection,
-    stored sequence-major like the QKV GEMM's output."""
-    q, k, v, *rest = _attention(gen, device, dtype, scale, **shape)
-    qkv = torch.stack([q, k, v], dim=2)
-    return (qkv.transpose(0, 1).contiguous().transpose(0, 1), *rest)
+    """The packed projection as the encoder passes it: sequence-major, like the QKV GEMM's
+    output."""
+    qkv, lengths, vision = _qkv(gen, device, dtype, scale, **shape)
+    return sequence_major(qkv), lengths, vision, None
 
 
 def _linear(gen, device, dtype, scale):
@@ -270,25 +276,16 @@ def _sts(gen, device, dtype, scale):
     return pred, target, valid.to(device)
 
 
-def _attention_bytes(args) -> int:
+def _attention_bytes(q) -> int:
     """Forward reads q, k, v and writes o; backward reads q, k, v, o and do, writes dq, dk,
     dv (the probabilities recomputed, never stored)."""
-    return 12 * _nbytes(args[0])
+    return 12 * _nbytes(q)
 
 
-def _attention_flops(args) -> int:
+def _attention_flops(q, lengths, vision) -> int:
     """4 H S Dh per valid key and sample forward; the backward 2.5x that."""
-    q, lengths, vision = args[0], args[3], args[4]
     heads, head_dim = q.shape[2], q.shape[3]
     return int(3.5 * 4 * heads * q.shape[1] * head_dim * int((vision + lengths).sum()))
-
-
-def _packed_attention_bytes(args) -> int:
-    return _attention_bytes((args[0][:, :, 0],))
-
-
-def _packed_attention_flops(args) -> int:
-    return _attention_flops((args[0][:, :, 0], None, None, *args[1:]))
 
 
 def _linear_bytes(args) -> int:
@@ -316,9 +313,11 @@ def _linear_ce_flops(args) -> int:
 
 
 CASES: dict[str, Case] = {
-    "multiway_attention": Case(_attention, _attention_bytes, (0, 1, 2), _attention_flops),
-    "packed_multiway_attention": Case(_packed_attention, _packed_attention_bytes, (0,),
-                                      _packed_attention_flops),
+    "multiway_attention": Case(_attention, lambda a: _attention_bytes(a[0]), (0, 1, 2),
+                               lambda a: _attention_flops(a[0], a[3], a[4])),
+    "packed_multiway_attention": Case(
+        _packed_attention, lambda a: _attention_bytes(a[0][:, :, 0]), (0,),
+        lambda a: _attention_flops(a[0][:, :, 0], a[1], a[2])),
     "multiway_linear": Case(_linear, _linear_bytes, (0, 2, 3, 4, 5), _linear_flops),
     # the LayerNorm parameters' gradients are reductions the byte counts leave out
     "multiway_layer_norm": Case(_layer_norm, _layer_norm_bytes),

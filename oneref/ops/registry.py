@@ -72,6 +72,7 @@ class OpSpec:
 
     @property
     def policy_key(self) -> str:
+        """The op whose row of the policy table this op follows."""
         return self.measured_as or self.name
 
     @property
@@ -101,11 +102,15 @@ def _extension_op(name: str, triton_module: str) -> OpSpec:
                          "torch": _torch(name)})
 
 
+def _attention_op(name: str, measured_as: str | None = None) -> OpSpec:
+    """An attention op: the Triton kernels (their head dims) and the SDPA composite."""
+    return OpSpec(name, {"triton": _triton("attention", name, head_dims=(16, 32, 64, 128)),
+                         "torch": _torch(name, composite=True)}, measured_as)
+
+
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
-    *(OpSpec(name, {
-        "triton": _triton("attention", name, head_dims=(16, 32, 64, 128)),
-        "torch": _torch(name, composite=True)}, measured_as="multiway_attention")
-      for name in ("multiway_attention", "packed_multiway_attention")),
+    _attention_op("multiway_attention"),
+    _attention_op("packed_multiway_attention", measured_as="multiway_attention"),
     OpSpec("multiway_linear", {
         "triton": _triton("multiway_linear", "multiway_linear"),
         "torch": _torch("multiway_linear", composite=True)}),

@@ -7,16 +7,17 @@ import time
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from oneref.bench.cost import CostSettings, add_ratios, run_cost_table
 from oneref.bench.engines import build_engine, infer_step, make_batch, train_step
 from oneref.bench.kernels import attention_rows, lce_rows
 import oneref.bench.main as bench_main
 from oneref.bench.main import add_arguments, main, plan_cost_rows
-from oneref.config import get_config
 from oneref.bench.report import (cost_markdown, environment, plot_attention, plot_throughput,
                                  profile_markdown)
 from oneref.bench.timing import measure, profile_ops
+from oneref.config import get_config
 
 CPU = torch.device("cpu")
 
@@ -160,19 +161,26 @@ def test_cli_rejects_unknown_rows(tmp_path):
         main(["--device", "cpu", "--rows", "G9", "--out", str(tmp_path)])
 
 
-def test_cuda_graph_engine_and_sweep_batches():
+def test_cuda_graph_engine_and_sweep_batches(monkeypatch):
     """(f) is (e) with CUDA graphs: compiled, and on a CPU without graphs (noted in its
-    row); --sweep-batches sets the G5 sweep, 0 turns it off."""
+    row); each compiled engine starts from an empty Dynamo cache; --sweep-batches sets the
+    G5 sweep, 0 turns it off."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(True))
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
+    assert not build_engine("c", get_config("tiny"), CPU).compile and not resets
     engine = build_engine("f", get_config("tiny"), CPU)
-    assert engine.compile and not engine.cuda_graphs
-    assert any("without CUDA graphs" in note for note in engine.notes)
+    assert engine.compile and not engine.cuda_graphs and resets == [True]
+    assert torch._dynamo.config.fail_on_recompile_limit_hit
+    assert any("CUDA graphs need a GPU" in note for note in engine.notes)
     parser = add_arguments(argparse.ArgumentParser())
     plan = plan_cost_rows("G5", True, parser.parse_args(["--sweep-batches", "1,256"]))
     assert "f" in plan.engines and plan.sweep_batch == {"base": (1, 256)}
     assert plan_cost_rows("G5", True, parser.parse_args(["--sweep-batches", "0"])
                           ).sweep_batch == {"base": ()}
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--sweep-batches", "1,x"])
+    for bad in ("1,x", "1,0,16"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--sweep-batches", bad])
 
 
 @pytest.mark.gpu
@@ -182,6 +190,7 @@ def test_cuda_graph_engine_matches_the_compiled_engine_gpu():
     config = get_config("tiny")
     engines = {key: build_engine(key, config, "cuda", seed=0) for key in ("e", "f")}
     assert engines["f"].cuda_graphs
+    skips = counters["inductor"]["cudagraph_skips"]
     batches = [make_batch(config, 4, "cuda", seed=s) for s in range(3)]
     for batch in batches * 2:  # warm-up, capture, then replays
         boxes = {k: infer_step(e, "rec_infer", batch).float().clone() for k, e in engines.items()}
@@ -189,3 +198,4 @@ def test_cuda_graph_engine_matches_the_compiled_engine_gpu():
     for batch in batches:
         losses = {k: train_step(e, "rec", batch).float().item() for k, e in engines.items()}
         assert losses["f"] == pytest.approx(losses["e"], rel=2e-2)
+    assert counters["inductor"]["cudagraph_skips"] == skips  # every graph was captured

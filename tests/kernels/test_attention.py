@@ -52,8 +52,8 @@ def _grads(out, inputs, grad):
 
 
 def _run_case(batch, seq, heads, head_dim, num_vision, lengths, dtype, device, check,
-              packed=False):
-    qkv = _packed_qkv(batch, seq, heads, head_dim, dtype, device, sequence_major=packed)
+              packed=False, sequence_major=False):
+    qkv = _packed_qkv(batch, seq, heads, head_dim, dtype, device, sequence_major=sequence_major)
     lens = torch.tensor(lengths, device=device)
     q, k, v = qkv.unbind(2)
     assert not q.is_contiguous()
@@ -83,14 +83,21 @@ def _run_case(batch, seq, heads, head_dim, num_vision, lengths, dtype, device, c
     return out
 
 
+# (packed op, qkv stored sequence-major): the q, k, v op on views, the packed op on the
+# model's layout and on a batch-major projection
+_FORMS = [pytest.param(False, False, id="qkv-views"),
+          pytest.param(True, True, id="packed-sequence-major"),
+          pytest.param(True, False, id="packed-batch-major")]
+
+
 @pytest.mark.interpret
-@pytest.mark.parametrize("packed", [False, True], ids=["qkv-views", "packed"])
+@pytest.mark.parametrize("packed,sequence_major", _FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch,seq,heads,head_dim,num_vision,lengths", _SHAPES)
 def test_forward_backward_interpreter(batch, seq, heads, head_dim, num_vision, lengths, dtype,
-                                      packed, assert_kernel_close):
+                                      packed, sequence_major, assert_kernel_close):
     _run_case(batch, seq, heads, head_dim, num_vision, lengths, dtype, "cpu",
-              assert_kernel_close, packed)
+              assert_kernel_close, packed, sequence_major)
 
 
 def _packed_matches_reference(leaf, qkv, lens, num_vision):
@@ -107,19 +114,31 @@ def _packed_matches_reference(leaf, qkv, lens, num_vision):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("text_len", [1, 2, 7, 16, 33, 64])
-def test_packed_every_text_length(text_len):
-    """Packed attention at every kind of text length up to 64 (key tails of 1..64 rows)."""
+def test_packed_text_lengths(text_len):
+    """Packed attention at text lengths from 1 to 64, the range the model sees."""
     qkv = _packed_qkv(2, 17 + 64, 1, 16, torch.float32, sequence_major=True)
     _packed_matches_reference(qkv, qkv, torch.tensor([text_len, 64 - text_len + 1]), 17)
 
 
 @pytest.mark.interpret
-def test_packed_non_dense_input():
-    """A packed view that is no dense tensor (every other head of a wider projection): the
-    kernels read it through its strides and the gradient comes back in a fresh buffer."""
-    wide = _packed_qkv(2, 30, 4, 16, torch.float32)
-    dwide = _packed_matches_reference(wide, wide[:, :, :, ::2], torch.tensor([3, 9]), 20)
-    assert torch.all(dwide[:, :, :, 1::2] == 0)
+@pytest.mark.parametrize("layout", ["every-other-head", "head-dim-strided"])
+def test_packed_strided_inputs(layout):
+    """Packed views the kernels read through their strides: every other head of a wider
+    projection (not dense: the gradient comes back in a fresh contiguous buffer), and a
+    dense projection whose head dim is not innermost (the gradient takes its strides)."""
+    if layout == "every-other-head":
+        leaf = _packed_qkv(2, 30, 4, 16, torch.float32)
+        qkv = leaf[:, :, :, ::2]
+    else:
+        leaf = torch.randn(2, 30, 3, 16, 2).requires_grad_()
+        qkv = leaf.transpose(-1, -2)
+        assert qkv.stride(-1) != 1
+    grad = _packed_matches_reference(leaf, qkv, torch.tensor([3, 9]), 20)
+    if layout == "every-other-head":
+        assert torch.all(grad[:, :, :, 1::2] == 0)
+    else:
+        (dqkv,) = _grads(_attend(qkv, torch.tensor([3, 9]), 20, packed=True).sum(), [qkv], None)
+        assert dqkv.stride() == qkv.stride()
 
 
 @pytest.mark.interpret
@@ -240,13 +259,13 @@ _GPU_SHAPES = _SHAPES + [pytest.param(4, 641, 12, 64, 577, [64, 8, 1, 33], id="G
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("packed", [False, True], ids=["qkv-views", "packed"])
+@pytest.mark.parametrize("packed,sequence_major", _FORMS[:2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("batch,seq,heads,head_dim,num_vision,lengths", _GPU_SHAPES)
 def test_forward_backward_gpu(batch, seq, heads, head_dim, num_vision, lengths, dtype, packed,
-                              assert_kernel_close):
+                              sequence_major, assert_kernel_close):
     _run_case(batch, seq, heads, head_dim, num_vision, lengths, dtype, "cuda",
-              assert_kernel_close, packed)
+              assert_kernel_close, packed, sequence_major)
 
 
 @pytest.mark.gpu
