@@ -559,6 +559,6 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
 def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float | None = None):
     """:func:`multiway_attention` of ``qkv.unbind(2)`` for a packed (B, S, 3, H, Dh) ``qkv``
     (the ``triton`` backend of :func:`oneref.ops.packed_multiway_attention`). Its backward
-    writes the (B, S, 3, H, Dh) gradient in ``qkv``'s layout."""
+    writes the (B, S, 3, H, Dh) gradient with ``qkv``'s strides."""
     scale = _checked_scale(scale, qkv.shape[-1])
     return _packed_attention_op(qkv, text_lengths, int(num_vision), scale)[0]

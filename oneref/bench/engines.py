@@ -33,8 +33,8 @@ from oneref.config import ModelConfig
 from oneref.model import OneRef
 from oneref.ops import reference, use_backend
 
-__all__ = ["ENGINES", "COMPILED", "Engine", "build_engine", "make_batch", "train_step", "infer_step",
-           "TRAIN_TASKS", "INFER_TASKS", "TASK_FNS", "field_of"]
+__all__ = ["ENGINES", "COMPILED", "Engine", "build_engine", "make_batch", "train_step",
+           "infer_step", "TRAIN_TASKS", "INFER_TASKS", "TASK_FNS", "field_of"]
 
 log = logging.getLogger(__name__)
 
