@@ -13,6 +13,12 @@ with the same contract (tested against the reference):
   cat composite instead zero-fills a full-size input gradient per expert and adds the two.
   :func:`multiway_layer_norm` does the same around the native LayerNorm kernels. Together they took
   about 7% off the CPU training step of the ``small`` model.
+* The LayerNorms write each output and input gradient once, in its final dtype: the copy of
+  an expert's block into the sequence-major result is also the cast (bf16 out for the next
+  GEMM; a bf16 input's gradient back in bf16). :func:`multiway_add_layer_norm`'s backward
+  adds h's own gradient into the LayerNorm's input gradient as it writes it, and scales and
+  casts the branch's gradient in one pass. Counted by ``oneref bench --cost``, that took a
+  OneRef-B step at batch 64 from 268 to 220 GB moved (docs/perf.md, "Bytes").
 * The outputs of these three ops, and the input gradients of the multiway linear and
   LayerNorm, are sequence-major (:mod:`oneref.ops.layout`), the layout the encoder keeps
   its hidden states in. On such inputs each expert's rows are a contiguous block: the GEMMs
@@ -55,12 +61,13 @@ def _expert_rows(x: torch.Tensor, num_vision: int) -> tuple[torch.Tensor, torch.
     return x[:num_vision].reshape(-1, x.shape[-1]), x[num_vision:].reshape(-1, x.shape[-1])
 
 
-def _empty_joint(like: torch.Tensor, width: int, num_vision: int
+def _empty_joint(like: torch.Tensor, width: int, num_vision: int, dtype=None
                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """An uninitialised sequence-major (B, S, width) tensor shaped like ``like``'s first two
-    dims, and its two row blocks as 2-D views (position-major, as :func:`_expert_rows`)."""
+    dims (of ``like``'s dtype by default), and its two row blocks as 2-D views
+    (position-major, as :func:`_expert_rows`)."""
     batch, seq = like.shape[:2]
-    out = like.new_empty(seq, batch, width)
+    out = like.new_empty(seq, batch, width, dtype=dtype or like.dtype)
     return out.transpose(0, 1), (out[:num_vision].view(-1, width),
                                  out[num_vision:].view(-1, width))
 
@@ -114,64 +121,134 @@ def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
     return F.gelu(y) if activation == "gelu" else y
 
 
+def _norm_forward(x, num_vision: int, params, eps: float, out_dtype):
+    """Native LayerNorm of each expert's rows of x in the fp32 (fp64 stays) compute dtype,
+    written into a new sequence-major output of ``out_dtype`` (the copy into it is the
+    cast). Returns the output and what :func:`_norm_backward` reads."""
+    shape = (x.shape[-1],)
+    y, blocks = _empty_joint(x, x.shape[-1], num_vision, out_dtype)
+    saved = []
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    for block, rows, weight, bias in zip(blocks, _expert_rows(x, num_vision),
+                                         params[::2], params[1::2]):
+        out, mean, rstd = torch.native_layer_norm(rows, shape, weight, bias, eps)
+        block.copy_(out)
+        saved += [rows, mean, rstd, weight, bias]
+    return y, saved
+
+
+def _norm_backward(saved, grad_y, num_vision: int, needs_input: bool, needs_params,
+                   input_dtype, residual=None):
+    """Input gradient of :func:`_norm_forward` (``residual`` added), written block by block
+    into a new sequence-major tensor of ``input_dtype``, and the four parameter gradients."""
+    shape = (grad_y.shape[-1],)
+    grad_x, blocks = (_empty_joint(grad_y, shape[0], num_vision, input_dtype) if needs_input
+                      else (None, (None, None)))
+    residual_rows = (None, None) if residual is None else _expert_rows(residual, num_vision)
+    grad_y = grad_y.to(saved[0].dtype)
+    grads = []
+    for block, grad, extra, (rows, mean, rstd, weight, bias), (need_w, need_b) in zip(
+            blocks, _expert_rows(grad_y, num_vision), residual_rows, (saved[:5], saved[5:]),
+            (needs_params[:2], needs_params[2:])):
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+            grad, rows, shape, mean, rstd, weight, bias,
+            [needs_input, need_w and weight is not None, need_b and bias is not None])
+        if block is not None and extra is None:
+            block.copy_(dx)
+        elif block is not None:
+            torch.add(dx, extra, out=block)
+        grads += [dw, db]
+    return grad_x, grads
+
+
 class _MultiwayLayerNorm(torch.autograd.Function):
     """Native LayerNorm per expert over its row range (forward and backward kernels); the
-    output and the input gradient are sequence-major, like :class:`_MultiwayLinear`'s."""
+    output and the input gradient are sequence-major, like :class:`_MultiwayLinear`'s, and
+    each is written once, in its final dtype."""
 
     @staticmethod
-    def forward(ctx, x, num_vision: int, weight_a, bias_a, weight_b, bias_b, eps: float):
-        shape = (x.shape[-1],)
-        y, blocks = _empty_joint(x, x.shape[-1], num_vision)
-        saved = []
-        for block, rows, weight, bias in zip(blocks, _expert_rows(x, num_vision),
-                                             (weight_a, weight_b), (bias_a, bias_b)):
-            out, mean, rstd = torch.native_layer_norm(rows, shape, weight, bias, eps)
-            block.copy_(out)
-            saved += [rows, mean, rstd, weight, bias]
+    def forward(ctx, x, num_vision: int, weight_a, bias_a, weight_b, bias_b, eps: float,
+                out_dtype):
+        y, saved = _norm_forward(x, num_vision, (weight_a, bias_a, weight_b, bias_b), eps,
+                                 out_dtype)
         ctx.save_for_backward(*saved)
-        ctx.num_vision = num_vision
+        ctx.num_vision, ctx.input_dtype = num_vision, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        shape = (grad_y.shape[-1],)
-        grad_x, blocks = (_empty_joint(grad_y, grad_y.shape[-1], ctx.num_vision) if needs[0]
-                          else (None, (None, None)))
-        grads = []
-        for block, grad, (rows, mean, rstd, weight, bias), (need_w, need_b) in zip(
-                blocks, _expert_rows(grad_y, ctx.num_vision), (saved[:5], saved[5:]),
-                (needs[2:4], needs[4:6])):
-            dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-                grad, rows, shape, mean, rstd, weight, bias,
-                [needs[0], need_w and weight is not None, need_b and bias is not None])
-            if block is not None:
-                block.copy_(dx)
-            grads += [dw, db]
-        return (grad_x, None, *grads, None)
+        grad_x, grads = _norm_backward(ctx.saved_tensors, grad_y, ctx.num_vision, needs[0],
+                                       needs[2:6], ctx.input_dtype)
+        return (grad_x, None, *grads, None, None)
+
+
+class _MultiwayAddLayerNorm(torch.autograd.Function):
+    """h = x + scale * branch, then :class:`_MultiwayLayerNorm` of h. The backward adds h's
+    own gradient to the LayerNorm's input gradient as it writes it, and scales and casts the
+    branch's gradient in one pass: no separate sum, scale or cast of the residual gradient."""
+
+    @staticmethod
+    def forward(ctx, x, branch, branch_scale, num_vision: int, weight_a, bias_a, weight_b,
+                bias_b, eps: float, out_dtype):
+        dtype = torch.promote_types(x.dtype, branch.dtype)
+        h = (x.to(dtype) + branch if branch_scale is None
+             else torch.addcmul(x.to(dtype), branch, branch_scale[:, None, None]))
+        y, saved = _norm_forward(h, num_vision, (weight_a, bias_a, weight_b, bias_b), eps,
+                                 out_dtype)
+        ctx.save_for_backward(*saved, branch_scale)
+        ctx.num_vision, ctx.dtypes = num_vision, (x.dtype, branch.dtype, h.dtype)
+        ctx.set_materialize_grads(False)
+        return h, y
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_y):
+        needs = ctx.needs_input_grad
+        *saved, branch_scale = ctx.saved_tensors
+        x_dtype, branch_dtype, h_dtype = ctx.dtypes
+        grads = [None] * 4
+        if grad_y is None:
+            total = grad_h
+        else:
+            total, grads = _norm_backward(saved, grad_y, ctx.num_vision, needs[0] or needs[1],
+                                          needs[4:8], h_dtype, residual=grad_h)
+        grad_x = grad_branch = None
+        if total is not None and needs[0]:
+            grad_x = total.to(x_dtype)
+        if total is not None and needs[1]:
+            if branch_scale is None:
+                grad_branch = total.to(branch_dtype)
+            else:  # sequence-major, so that out= is contiguous (what Dynamo traces)
+                grad_branch = total.new_empty(total.transpose(0, 1).shape, dtype=branch_dtype)
+                torch.mul(total.transpose(0, 1), branch_scale[:, None], out=grad_branch)
+                grad_branch = grad_branch.transpose(0, 1)
+        return (grad_x, grad_branch, None, None, *grads, None, None)
+
+
+def _norm_params(params, dtype):
+    return [None if p is None else p.to(dtype) for p in params]
 
 
 def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
                         eps: float = 1e-5, activation: str = "none", out_dtype=None):
-    """Native LayerNorm per expert on the fp32 (fp64 stays) input, or on its exact GELU
-    (taken in x's dtype: a bf16 GELU output saved for the backward, not an fp32 one)."""
+    """Native LayerNorm per expert in fp32 (fp64 stays) of x, or of its exact GELU (taken in
+    x's dtype: a bf16 GELU output saved for the backward, not an fp32 one)."""
     a = F.gelu(x) if activation == "gelu" else x
-    a = a.to(torch.promote_types(a.dtype, torch.float32))
-    params = [None if p is None else p.to(a.dtype) for p in (weight_a, bias_a, weight_b, bias_b)]
-    y = _MultiwayLayerNorm.apply(a, num_vision, *params, eps)
-    return y.to(out_dtype or x.dtype)
+    params = _norm_params((weight_a, bias_a, weight_b, bias_b),
+                          torch.promote_types(a.dtype, torch.float32))
+    return _MultiwayLayerNorm.apply(a, num_vision, *params, eps, out_dtype or x.dtype)
 
 
 def multiway_add_layer_norm(x, branch, num_vision: int, weight_a, bias_a, weight_b, bias_b,
                             eps: float = 1e-5, branch_scale=None, out_dtype=None):
-    """One add (``addcmul`` with the drop-path scale) into the promoted dtype, then
-    :func:`multiway_layer_norm`; h keeps x's layout (sequence-major in the encoder)."""
+    """One add (``addcmul`` with the drop-path scale) into the promoted dtype, then the
+    LayerNorm of :func:`multiway_layer_norm`; h keeps x's layout (sequence-major in the
+    encoder)."""
     dtype = torch.promote_types(x.dtype, branch.dtype)
-    h = (x.to(dtype) + branch if branch_scale is None
-         else torch.addcmul(x.to(dtype), branch, branch_scale[:, None, None]))
-    return h, multiway_layer_norm(h, num_vision, weight_a, bias_a, weight_b, bias_b, eps,
-                                  out_dtype=out_dtype or dtype)
+    params = _norm_params((weight_a, bias_a, weight_b, bias_b),
+                          torch.promote_types(dtype, torch.float32))
+    return _MultiwayAddLayerNorm.apply(x, branch, branch_scale, num_vision, *params, eps,
+                                       out_dtype or dtype)
 
 
 def unavailable_reasons(device: torch.device | None) -> list[str]:

@@ -172,18 +172,25 @@ def test_flop_counter_sees_the_attention():
 
 
 def test_row_ops_compile_without_graph_breaks():
-    """fullgraph torch.compile (aot_eager) of layer norm -> linear + GELU -> linear matches
-    eager, forward and backward."""
+    """fullgraph torch.compile (aot_eager) of a block's row ops matches eager, forward and
+    backward: layer norm -> linear -> sub-LN of GELU -> linear, then the residual add + LN
+    with a drop-path scale, and one whose h is not used (the final norm)."""
     x = torch.randn(2, 9, 6, requires_grad=True)
     norm = [torch.randn(6, requires_grad=True) for _ in range(4)]
+    sub_norm = [torch.randn(8, requires_grad=True) for _ in range(4)]
     fc1 = [torch.randn(*shape, requires_grad=True) for shape in ((8, 6), (8,), (8, 6), (8,))]
-    fc2 = [torch.randn(*shape, requires_grad=True) for shape in ((5, 8), (5,), (5, 8), (5,))]
-    leaves = [x, *norm, *fc1, *fc2]
+    fc2 = [torch.randn(*shape, requires_grad=True) for shape in ((6, 8), (6,), (6, 8), (6,))]
+    leaves = [x, *norm, *sub_norm, *fc1, *fc2]
+    drop = torch.tensor([0.0, 1.25])
 
     def step():
-        h = torch_backend.multiway_layer_norm(x, 4, *norm)
-        h = torch_backend.multiway_linear(h, 4, *fc1, activation="gelu")
-        return torch_backend.multiway_linear(h, 4, *fc2).square().sum()
+        y = torch_backend.multiway_layer_norm(x, 4, *norm)
+        y = torch_backend.multiway_layer_norm(torch_backend.multiway_linear(y, 4, *fc1), 4,
+                                              *sub_norm, activation="gelu")
+        branch = torch_backend.multiway_linear(y, 4, *fc2)
+        h, y = torch_backend.multiway_add_layer_norm(x, branch, 4, *norm, branch_scale=drop)
+        _, out = torch_backend.multiway_add_layer_norm(h, y, 4, *norm)
+        return out.square().sum()
 
     results = []
     for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
@@ -194,3 +201,81 @@ def test_row_ops_compile_without_graph_breaks():
         results.append([loss.detach()] + [leaf.grad.clone() for leaf in leaves])
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected)
+
+
+def _add_norm_results(fn, x, branch, scale, params, grads, out_dtype):
+    """(h, y) of ``fn`` and the gradients of x, branch and the parameters, with ``grads`` the
+    upstream gradients of (h, y) (None: that output is not used)."""
+    leaves = [x, branch, *params]
+    for leaf in leaves:
+        leaf.grad = None
+    h, y = fn(x, branch, 4, *params, 1e-5, scale, out_dtype)
+    used = [(out, grad) for out, grad in zip((h, y), grads) if grad is not None]
+    torch.autograd.backward([out for out, _ in used], [grad for _, grad in used])
+    return [h.detach(), y.detach()] + [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("scale", [None, "drop"])
+@pytest.mark.parametrize("used", ["both", "y", "h"])
+@pytest.mark.parametrize("layout", ["sequence-major", "batch-major"])
+def test_add_layer_norm_matches_reference(poisoned_buffers, scale, used, layout):
+    """The backward writes the LayerNorm's input gradient with h's own gradient added, and
+    the branch's gradient scaled, in one pass each: the same gradients as the reference."""
+    x = _random_laid_out(3, 11, 6, layout).requires_grad_()
+    branch = _random_laid_out(3, 11, 6, layout).requires_grad_()
+    params = [torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    drop = None if scale is None else torch.tensor([0.0, 1.25, 1.25], dtype=torch.float64)
+    grads = [None if used == "y" else _random_laid_out(3, 11, 6, layout),
+             None if used == "h" else _random_laid_out(3, 11, 6, layout)]
+    fast = _add_norm_results(torch_backend.multiway_add_layer_norm, x, branch, drop, params,
+                             grads, None)
+    ref = _add_norm_results(reference.multiway_add_layer_norm, x, branch, drop, params, grads,
+                            None)
+    for got, expected in zip(fast, ref):
+        if expected is None:
+            assert got is None
+            continue
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, expected)
+    assert is_sequence_major(fast[1])
+    if layout == "sequence-major":  # leaf gradients take their leaf's layout
+        assert is_sequence_major(fast[2]) and is_sequence_major(fast[3])
+
+
+def test_add_layer_norm_mixed_dtypes():
+    """fp32 stream + bf16 branch, bf16 output (the encoder under autocast): h is fp32, y
+    bf16, x's gradient fp32 and the branch's bf16, each the reference's to its rounding."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 8, generator=gen).transpose(0, 1).contiguous().transpose(0, 1)
+    branch = torch.randn(2, 9, 8, generator=gen).bfloat16()
+    params = [torch.randn(8, generator=gen, requires_grad=True) for _ in range(4)]
+    drop = torch.tensor([1.25, 0.0])
+    grads = [torch.randn(2, 9, 8, generator=gen), torch.randn(2, 9, 8, generator=gen).bfloat16()]
+    results = []
+    for fn in (torch_backend.multiway_add_layer_norm, reference.multiway_add_layer_norm):
+        leaves = (x.clone().requires_grad_(), branch.clone().requires_grad_())
+        results.append(_add_norm_results(fn, *leaves, drop, params, grads, torch.bfloat16))
+    fast, ref = results
+    assert [t.dtype for t in fast[:4]] == [torch.float32, torch.bfloat16, torch.float32,
+                                           torch.bfloat16]
+    for got, expected in zip(fast, ref):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=1e-2)
+
+
+def test_layer_norm_of_bf16_gelu_writes_bf16_gradient():
+    """The FFN's sub-LN under autocast: bf16 in, bf16 out, statistics in fp32; the input
+    gradient comes back bf16 and sequence-major, with the reference's values."""
+    gen = torch.Generator().manual_seed(0)
+    x = sequence_major(torch.randn(3, 10, 16, generator=gen).bfloat16()).requires_grad_()
+    params = [torch.randn(16, generator=gen, requires_grad=True) for _ in range(4)]
+    grad = torch.randn(3, 10, 16, generator=gen).bfloat16()
+    y = torch_backend.multiway_layer_norm(x, 7, *params, activation="gelu")
+    (dx,) = torch.autograd.grad(y, [x], grad)
+    exact = x.detach().double().requires_grad_()
+    y_ref = reference.multiway_layer_norm(exact, 7, *(p.double() for p in params),
+                                          activation="gelu")
+    (dx_ref,) = torch.autograd.grad(y_ref, [exact], grad.double())
+    assert y.dtype == dx.dtype == torch.bfloat16 and is_sequence_major(dx)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1.6e-2, atol=2e-2)
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=1.6e-2, atol=5e-2)
