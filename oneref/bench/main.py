@@ -22,7 +22,8 @@ import torch
 from oneref.bench.cost import CostSettings, add_ratios, iter_cost_rows
 from oneref.bench.kernels import iter_kernel_rows
 from oneref.bench.loader import iter_loader_rows
-from oneref.bench.roofline import roofline_markdown, roofline_rows
+from oneref.bench.roofline import (against_prediction, against_prediction_markdown,
+                                   roofline_markdown, roofline_rows)
 from oneref.bench.report import (cost_markdown, environment, kernel_markdown, loader_markdown,
                                  plot_attention, plot_throughput, profile_markdown, write_json)
 from oneref.bench.timing import copy_bandwidth, matmul_peak
@@ -74,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--write-policy", nargs="+", default=None, metavar="JSON",
                         help="write the per-op backend policy of auto (oneref/ops/policy.json) "
                              "from the kernel rows of these results.json files, and exit")
+    parser.add_argument("--predicted", default=None, metavar="JSON",
+                        help="a roofline.json of --cost: the summary sets each measured "
+                             "training step beside its predicted step on this card")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="merge results.json files of earlier runs into --out instead of "
                              "measuring (tables and plots redone from them)")
@@ -181,6 +185,8 @@ def _summary(results: dict, short: bool = False) -> str:
              "samples/s with (ratio to row (a), row (b)) of the same run"]
     if results.get("model_rows"):
         lines += ["", cost_markdown(results["model_rows"])]
+        lines += against_prediction_markdown(results.get("against_prediction", []),
+                                             results.get("predicted", {}).get("source", ""))
         if not short:
             lines += profile_markdown(results["model_rows"])
     if results.get("kernel_rows"):
@@ -217,6 +223,9 @@ def _finish(results: dict, out: Path) -> str:
     model_rows = results.get("model_rows", [])
     add_ratios(model_rows)
     results["c1"] = c1_ratios(model_rows)
+    if results.get("predicted"):
+        results["against_prediction"] = against_prediction(
+            model_rows, results["predicted"]["rows"], results["environment"].get("device_name"))
     files = {"json": write_json(results, out / "results.json")}
     device = results["environment"].get("device_name", "")
     png = plot_throughput(model_rows, out / "throughput.png", f"REC inference, {device}")
@@ -233,9 +242,29 @@ def _finish(results: dict, out: Path) -> str:
     return summary
 
 
-def _merge(paths: list[str], out: Path) -> str:
+_PREDICTED_KEYS = ("preset", "batch", "engine", "card", "step_ms", "mfu")
+
+
+def _load_predicted(path: str | None) -> dict:
+    """``{"predicted": {"source", "rows"}}`` from a roofline.json of ``--cost`` ({} for
+    None); a file that is not one is an error naming it."""
+    if path is None:
+        return {}
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--predicted {path}: cannot read the rows of a roofline.json "
+                         f"({type(e).__name__}: {e})") from e
+    if not isinstance(rows, list) or not all(
+            isinstance(row, dict) and all(k in row for k in _PREDICTED_KEYS) for row in rows):
+        raise ValueError(f"--predicted {path}: each row needs {', '.join(_PREDICTED_KEYS)}: "
+                         "not a roofline.json of 'oneref bench --cost'")
+    return {"predicted": {"source": str(path), "rows": rows}}
+
+
+def _merge(paths: list[str], out: Path, predicted: dict) -> str:
     merged: dict = {"model_rows": [], "kernel_rows": [], "loader_rows": [], "rows": [],
-                    "parts": []}
+                    "parts": [], **predicted}
     for path in paths:
         part = json.loads(Path(path).read_text())
         merged.setdefault("environment", part["environment"])
@@ -273,10 +302,11 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     if args.cost:
         return _run_cost(args)
+    predicted = _load_predicted(args.predicted)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        print(_merge(args.merge, out))
+        print(_merge(args.merge, out, predicted))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
@@ -294,7 +324,7 @@ def run_bench(args: argparse.Namespace) -> int:
     results = {"environment": environment(device), "rows": list(rows),
                "ceilings": {"matmul": matmul_peak(device), "copy": copy_bandwidth(device)},
                "model_rows": [], "kernel_rows": [], "loader_rows": [],
-               "convention": "FLOPs = 2 x MACs"}
+               "convention": "FLOPs = 2 x MACs", **predicted}
     peak = results["ceilings"]["matmul"]["tflops"]
     copy = results["ceilings"]["copy"]["gbps"]
     log.info("ceilings: %.3g TFLOP/s matmul, %.4g GB/s copy", peak, copy)

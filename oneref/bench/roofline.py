@@ -46,8 +46,9 @@ from oneref.config import get_config
 from oneref.ops import dispatch, policy
 from oneref.ops.registry import OPS, not_supported_reasons
 
-__all__ = ["CARDS", "LAUNCH_GAP_US", "UNMEASURED_KERNELS", "OpCounter", "count_step", "predict",
-           "roofline_rows", "roofline_markdown"]
+__all__ = ["CARDS", "LAUNCH_GAP_US", "UNMEASURED_KERNELS", "GAP_TO_EXPLAIN", "OpCounter",
+           "count_step", "predict", "roofline_rows", "roofline_markdown", "card_of",
+           "against_prediction", "against_prediction_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -331,3 +332,55 @@ def roofline_markdown(rows: list[dict]) -> str:
         lines += [f"| {o['op']} | {o['class']} | {o['calls']:.0f} | {o['gb']:.2f} | "
                   f"{o['ms']:.2f} |" for o in r["top_ops"]]
     return "\n".join(lines)
+
+
+#: A measured step this many times its predicted time is a gap to explain (docs/perf.md,
+#: "Speed of light").
+GAP_TO_EXPLAIN = 1.25
+
+
+def card_of(device_name: str | None) -> str | None:
+    """The :data:`CARDS` key of a device name ("NVIDIA H100 80GB HBM3" -> "H100"), or None."""
+    return next((card for card in CARDS if card in (device_name or "")), None)
+
+
+def against_prediction(model_rows: list[dict], predicted: list[dict],
+                       device_name: str | None) -> list[dict]:
+    """Each measured REC training step that ``predicted`` (rows of ``oneref bench --cost``)
+    has a prediction for, on this card, at its preset, batch and engine: the measured
+    median, the GPU-busy time of its profile (when profiled) and the predicted step."""
+    card = card_of(device_name)
+    lookup = {(p["preset"], p["batch"], p["engine"]): p for p in predicted
+              if p.get("card") == card}
+    out = []
+    for r in model_rows:
+        step = r.get("rec_train_step_s")
+        p = lookup.get((r.get("preset"), r.get("rec_train_batch"), r.get("engine")))
+        if p is None or not step:
+            continue
+        measured = 1e3 * step["median_s"]
+        out.append({"preset": r["preset"], "batch": p["batch"], "engine": r["engine"],
+                    "card": card, "measured_ms": measured,
+                    "busy_ms": r.get("rec_train_profile", {}).get("busy_ms"),
+                    "predicted_ms": p["step_ms"], "predicted_mfu": p["mfu"],
+                    "ratio": measured / p["step_ms"]})
+    return out
+
+
+def against_prediction_markdown(rows: list[dict], source: str) -> list[str]:
+    """The measured steps beside their predictions; a ratio above :data:`GAP_TO_EXPLAIN`
+    is marked as a gap to explain."""
+    if not rows:
+        return []
+    lines = ["", f"Measured against the speed-of-light prediction ({source}, {rows[0]['card']}): "
+                 f"a step over {GAP_TO_EXPLAIN:g}x its prediction is a gap to explain; GPU busy "
+                 "well under the measured step means the host starves the GPU.", "",
+             "| preset, batch | engine | measured ms | GPU busy ms | predicted ms "
+             "(MFU) | measured / predicted |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        busy = "-" if r["busy_ms"] is None else f"{r['busy_ms']:.1f}"
+        gap = " **gap**" if r["ratio"] > GAP_TO_EXPLAIN else ""
+        lines.append(f"| {r['preset']}, {r['batch']} | ({r['engine']}) | {r['measured_ms']:.1f} "
+                     f"| {busy} | {r['predicted_ms']:.1f} ({100 * r['predicted_mfu']:.1f}%) | "
+                     f"{r['ratio']:.2f}x{gap} |")
+    return lines

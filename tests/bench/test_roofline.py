@@ -2,11 +2,15 @@
 ``oneref bench --cost`` end to end on the tiny preset."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from oneref.bench.roofline import (CARDS, LAUNCH_GAP_US, OpCounter, _at, count_step, op_class,
+from oneref.bench.main import main as bench_main
+from oneref.bench.report import environment
+from oneref.bench.roofline import (CARDS, LAUNCH_GAP_US, OpCounter, _at, against_prediction,
+                                   against_prediction_markdown, card_of, count_step, op_class,
                                    predict, roofline_markdown)
 from oneref.cli import main
 
@@ -102,3 +106,64 @@ def test_bf16_matmuls_are_computed_in_fp32_and_counted_as_bf16():
     torch.testing.assert_close(out, (bias.float() + a.float() @ b.float()).bfloat16())
     assert counter.ops["aten.mm"]["read"] == 2 * (8 * 16 + 16 * 4)  # bf16 bytes
     assert counter.ops["aten.addmm"]["written"] == 2 * 8 * 4
+
+
+def _predicted(engine, card, step_ms):
+    return {"preset": "base", "batch": 64, "engine": engine, "card": card, "step_ms": step_ms,
+            "mfu": 0.3}
+
+
+def _measured(engine, step_s, busy_ms=None, batch=64):
+    row = {"preset": "base", "engine": engine, "rec_train_batch": batch,
+           "rec_train_step_s": {"median_s": step_s}, "row": "G4"}
+    if busy_ms is not None:
+        row["rec_train_profile"] = {"busy_ms": busy_ms, "wall_ms": 1e3 * step_s, "top": []}
+    return row
+
+
+def test_measured_steps_beside_their_predictions():
+    predicted = [_predicted("c", "H100", 100.0), _predicted("d", "H100", 90.0),
+                 _predicted("d", "H200", 70.0)]
+    measured = [_measured("c", 0.120, busy_ms=110.0), _measured("d", 0.180),
+                _measured("e", 0.050), _measured("c", 0.300, batch=128)]
+    rows = against_prediction(measured, predicted, "NVIDIA H100 80GB HBM3")
+    # (e) and batch 128 have no prediction; the H200 row is another card's
+    assert [(r["engine"], r["predicted_ms"]) for r in rows] == [("c", 100.0), ("d", 90.0)]
+    assert rows[0]["ratio"] == pytest.approx(1.2) and rows[0]["busy_ms"] == 110.0
+    assert rows[1]["ratio"] == pytest.approx(2.0) and rows[1]["busy_ms"] is None
+    table = "\n".join(against_prediction_markdown(rows, "cost.json"))
+    assert "| base, 64 | (c) | 120.0 | 110.0 | 100.0 (30.0%) | 1.20x |" in table
+    assert "| base, 64 | (d) | 180.0 | - | 90.0 (30.0%) | 2.00x **gap** |" in table
+    assert "cost.json, H100" in table
+    assert card_of("NVIDIA H200") == "H200" and card_of("AMD EPYC 7B13") is None
+    assert against_prediction(measured, predicted, "AMD EPYC 7B13") == []
+    assert against_prediction_markdown([], "cost.json") == []
+
+
+def test_bench_merge_sets_the_committed_prediction_beside_the_measurement(tmp_path):
+    """``--merge --predicted`` (what the GPU check runs) with the committed cost report."""
+    committed = sorted(Path(__file__).parents[2].glob("benchmarks/results/cost-*/roofline.json"))
+    predicted = json.loads(committed[-1].read_text())["rows"]
+    step_ms = next(r["step_ms"] for r in predicted if r["engine"] == "d" and r["card"] == "H100")
+    env = environment(torch.device("cpu")) | {"device_name": "NVIDIA H100 80GB HBM3"}
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"environment": env, "rows": ["G4"],
+                                "model_rows": [_measured("d", 2e-3 * step_ms)]}))
+    out = tmp_path / "merged"
+    assert bench_main(["--merge", str(part), "--predicted", str(committed[-1]),
+                       "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    assert f"| base, 64 | (d) | {2 * step_ms:.1f} | - | {step_ms:.1f}" in summary
+    assert "2.00x **gap**" in summary
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["against_prediction"][0]["ratio"] == pytest.approx(2.0)
+
+
+def test_bench_rejects_a_predicted_file_that_is_not_a_cost_report(tmp_path, capsys):
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps({"rows": ["G4"]}))
+    assert main(["bench", "--merge", str(bad), "--predicted", str(bad),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"--predicted {bad}" in err and "roofline.json" in err
+    assert not (tmp_path / "o").exists()
