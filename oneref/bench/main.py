@@ -297,6 +297,9 @@ def _run_cost(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run ``oneref bench`` with parsed arguments; prints the summary table last."""
+    if args.predicted and (args.write_policy or args.cost):
+        raise ValueError("--predicted sets timings beside a prediction: give it with a timing "
+                         "run or --merge, not with --cost or --write-policy")
     if args.write_policy:
         print(f"wrote {write_policy(args.write_policy)}")
         return 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections import defaultdict
 
 import torch
@@ -340,8 +341,12 @@ GAP_TO_EXPLAIN = 1.25
 
 
 def card_of(device_name: str | None) -> str | None:
-    """The :data:`CARDS` key of a device name ("NVIDIA H100 80GB HBM3" -> "H100"), or None."""
-    return next((card for card in CARDS if card in (device_name or "")), None)
+    """The :data:`CARDS` key of a device name ("NVIDIA H100 80GB HBM3" -> "H100"), or None
+    for other cards, a PCIe H100 (slower memory than the ceilings) or a GH200 among them."""
+    name = device_name or ""
+    if "PCIe" in name:
+        return None
+    return next((card for card in CARDS if re.search(rf"\b{card}\b", name)), None)
 
 
 def against_prediction(model_rows: list[dict], predicted: list[dict],

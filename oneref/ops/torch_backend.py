@@ -184,35 +184,38 @@ class _MultiwayLayerNorm(torch.autograd.Function):
 
 
 class _MultiwayAddLayerNorm(torch.autograd.Function):
-    """h = x + scale * branch, then :class:`_MultiwayLayerNorm` of h. The backward adds h's
-    own gradient to the LayerNorm's input gradient as it writes it, and scales and casts the
-    branch's gradient in one pass: no separate sum, scale or cast of the residual gradient."""
+    """h = x + scale * branch in ``dtype``, then :class:`_MultiwayLayerNorm` of h. The
+    backward adds h's own gradient to the LayerNorm's input gradient as it writes it, and
+    scales and casts the branch's gradient in one pass: no separate sum, scale or cast of
+    the residual gradient."""
 
     @staticmethod
     def forward(ctx, x, branch, branch_scale, num_vision: int, weight_a, bias_a, weight_b,
-                bias_b, eps: float, out_dtype):
-        dtype = torch.promote_types(x.dtype, branch.dtype)
+                bias_b, eps: float, dtype, out_dtype):
         h = (x.to(dtype) + branch if branch_scale is None
              else torch.addcmul(x.to(dtype), branch, branch_scale[:, None, None]))
         y, saved = _norm_forward(h, num_vision, (weight_a, bias_a, weight_b, bias_b), eps,
                                  out_dtype)
-        ctx.save_for_backward(*saved, branch_scale)
+        needs = ctx.needs_input_grad
+        ctx.save_for_backward(*saved, branch_scale, branch if needs[2] else None)
         ctx.num_vision, ctx.dtypes = num_vision, (x.dtype, branch.dtype, h.dtype)
         ctx.set_materialize_grads(False)
+        if not any(needs[:3]):
+            ctx.mark_non_differentiable(h)
         return h, y
 
     @staticmethod
     def backward(ctx, grad_h, grad_y):
         needs = ctx.needs_input_grad
-        *saved, branch_scale = ctx.saved_tensors
+        *saved, branch_scale, branch = ctx.saved_tensors
         x_dtype, branch_dtype, h_dtype = ctx.dtypes
         grads = [None] * 4
         if grad_y is None:
             total = grad_h
         else:
-            total, grads = _norm_backward(saved, grad_y, ctx.num_vision, needs[0] or needs[1],
+            total, grads = _norm_backward(saved, grad_y, ctx.num_vision, any(needs[:3]),
                                           needs[4:8], h_dtype, residual=grad_h)
-        grad_x = grad_branch = None
+        grad_x = grad_branch = grad_scale = None
         if total is not None and needs[0]:
             grad_x = total.to(x_dtype)
         if total is not None and needs[1]:
@@ -222,7 +225,9 @@ class _MultiwayAddLayerNorm(torch.autograd.Function):
                 grad_branch = total.new_empty(total.transpose(0, 1).shape, dtype=branch_dtype)
                 torch.mul(total.transpose(0, 1), branch_scale[:, None], out=grad_branch)
                 grad_branch = grad_branch.transpose(0, 1)
-        return (grad_x, grad_branch, None, None, *grads, None, None)
+        if total is not None and needs[2]:
+            grad_scale = (total * branch).sum((1, 2)).to(branch_scale.dtype)
+        return (grad_x, grad_branch, grad_scale, None, *grads, None, None, None)
 
 
 def _norm_params(params, dtype):
@@ -247,7 +252,7 @@ def multiway_add_layer_norm(x, branch, num_vision: int, weight_a, bias_a, weight
     dtype = torch.promote_types(x.dtype, branch.dtype)
     params = _norm_params((weight_a, bias_a, weight_b, bias_b),
                           torch.promote_types(dtype, torch.float32))
-    return _MultiwayAddLayerNorm.apply(x, branch, branch_scale, num_vision, *params, eps,
+    return _MultiwayAddLayerNorm.apply(x, branch, branch_scale, num_vision, *params, eps, dtype,
                                        out_dtype or dtype)
 
 

@@ -136,6 +136,7 @@ def test_measured_steps_beside_their_predictions():
     assert "| base, 64 | (d) | 180.0 | - | 90.0 (30.0%) | 2.00x **gap** |" in table
     assert "cost.json, H100" in table
     assert card_of("NVIDIA H200") == "H200" and card_of("AMD EPYC 7B13") is None
+    assert card_of("NVIDIA H100 PCIe") is None and card_of("NVIDIA GH200 480GB") is None
     assert against_prediction(measured, predicted, "AMD EPYC 7B13") == []
     assert against_prediction_markdown([], "cost.json") == []
 
@@ -167,3 +168,5 @@ def test_bench_rejects_a_predicted_file_that_is_not_a_cost_report(tmp_path, caps
     err = capsys.readouterr().err
     assert f"--predicted {bad}" in err and "roofline.json" in err
     assert not (tmp_path / "o").exists()
+    assert main(["bench", "--cost", "--predicted", str(bad)]) == 2
+    assert "not with --cost" in capsys.readouterr().err

@@ -204,9 +204,10 @@ def test_row_ops_compile_without_graph_breaks():
 
 
 def _add_norm_results(fn, x, branch, scale, params, grads, out_dtype):
-    """(h, y) of ``fn`` and the gradients of x, branch and the parameters, with ``grads`` the
-    upstream gradients of (h, y) (None: that output is not used)."""
-    leaves = [x, branch, *params]
+    """(h, y) of ``fn`` and the gradients of x, branch, the parameters and the scale (when
+    one is given), with ``grads`` the upstream gradients of (h, y) (None: that output is not
+    used)."""
+    leaves = [x, branch, *params] + ([] if scale is None else [scale])
     for leaf in leaves:
         leaf.grad = None
     h, y = fn(x, branch, 4, *params, 1e-5, scale, out_dtype)
@@ -224,7 +225,8 @@ def test_add_layer_norm_matches_reference(poisoned_buffers, scale, used, layout)
     x = _random_laid_out(3, 11, 6, layout).requires_grad_()
     branch = _random_laid_out(3, 11, 6, layout).requires_grad_()
     params = [torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(4)]
-    drop = None if scale is None else torch.tensor([0.0, 1.25, 1.25], dtype=torch.float64)
+    drop = None if scale is None else torch.tensor([0.0, 1.25, 1.25], dtype=torch.float64,
+                                                   requires_grad=True)
     grads = [None if used == "y" else _random_laid_out(3, 11, 6, layout),
              None if used == "h" else _random_laid_out(3, 11, 6, layout)]
     fast = _add_norm_results(torch_backend.multiway_add_layer_norm, x, branch, drop, params,
@@ -249,7 +251,7 @@ def test_add_layer_norm_mixed_dtypes():
     x = torch.randn(2, 9, 8, generator=gen).transpose(0, 1).contiguous().transpose(0, 1)
     branch = torch.randn(2, 9, 8, generator=gen).bfloat16()
     params = [torch.randn(8, generator=gen, requires_grad=True) for _ in range(4)]
-    drop = torch.tensor([1.25, 0.0])
+    drop = torch.tensor([1.25, 0.0], requires_grad=True)
     grads = [torch.randn(2, 9, 8, generator=gen), torch.randn(2, 9, 8, generator=gen).bfloat16()]
     results = []
     for fn in (torch_backend.multiway_add_layer_norm, reference.multiway_add_layer_norm):
@@ -279,3 +281,42 @@ def test_layer_norm_of_bf16_gelu_writes_bf16_gradient():
     assert y.dtype == dx.dtype == torch.bfloat16 and is_sequence_major(dx)
     torch.testing.assert_close(y.double(), y_ref, rtol=1.6e-2, atol=2e-2)
     torch.testing.assert_close(dx.double(), dx_ref, rtol=1.6e-2, atol=5e-2)
+
+
+def test_add_layer_norm_fusion_is_exact_for_an_fp32_stream():
+    """With h in fp32 (the encoder's residual stream under autocast) the fused backward
+    gives, to the bit, what autograd gives for the add and the LayerNorm run apart (with a
+    bf16 h, the input gradient is rounded once where autograd rounds it twice); the
+    drop-path scale gets its gradient too, and h needs none when only the LayerNorm's
+    parameters train."""
+    gen = torch.Generator().manual_seed(0)
+    x = sequence_major(torch.randn(3, 10, 8, generator=gen))
+    branch = sequence_major(torch.randn(3, 10, 8, generator=gen).bfloat16())
+    scale = torch.tensor([0.0, 1.25, 1.25])
+    params = [torch.randn(8, generator=gen) for _ in range(4)]
+    grad_h, grad_y = torch.randn(3, 10, 8, generator=gen), torch.randn(3, 10, 8, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (x, branch, scale, *params)]
+
+    def apart(x, branch, scale, *params):
+        h = torch.addcmul(x, branch, scale[:, None, None])
+        return h, torch_backend.multiway_layer_norm(h, 4, *params, out_dtype=torch.bfloat16)
+
+    def fused(x, branch, scale, *params):
+        return torch_backend.multiway_add_layer_norm(x, branch, 4, *params,
+                                                     branch_scale=scale,
+                                                     out_dtype=torch.bfloat16)
+
+    results = []
+    for fn in (fused, apart):
+        inputs = [t.detach().clone().requires_grad_() for t in leaves]
+        h, y = fn(*inputs)
+        torch.autograd.backward([h, y], [grad_h, grad_y.bfloat16()])
+        results.append([h, y] + [t.grad for t in inputs])
+    *exact, grad_scale = results[0][:5]
+    *expected, expected_scale = results[1][:5]
+    for got, want in zip(exact + results[0][5:], expected + results[1][5:]):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    # the scale's gradient is a sum: the same up to the order it is summed in
+    torch.testing.assert_close(grad_scale, expected_scale)
+    h, y = fused(x, branch, None, *(p.clone().requires_grad_() for p in params))
+    assert not h.requires_grad and y.requires_grad
