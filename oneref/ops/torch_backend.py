@@ -17,8 +17,9 @@ with the same contract (tested against the reference):
   an expert's block into the sequence-major result is also the cast (bf16 out for the next
   GEMM; a bf16 input's gradient back in bf16). :func:`multiway_add_layer_norm`'s backward
   adds h's own gradient into the LayerNorm's input gradient as it writes it, and scales and
-  casts the branch's gradient in one pass. Counted by ``oneref bench --cost``, that took a
-  OneRef-B step at batch 64 from 268 to 220 GB moved (docs/perf.md, "Bytes").
+  casts the branch's gradient in one pass; the FFN's sub-LN takes the GELU's derivative as it
+  writes its input gradient. Counted by ``oneref bench --cost``, that took a OneRef-B step
+  at batch 64 from 268 to 214 GB moved (docs/perf.md, "Bytes").
 * The outputs of these three ops, and the input gradients of the multiway linear and
   LayerNorm, are sequence-major (:mod:`oneref.ops.layout`), the layout the encoder keeps
   its hidden states in. On such inputs each expert's rows are a contiguous block: the GEMMs
@@ -138,49 +139,59 @@ def _norm_forward(x, num_vision: int, params, eps: float, out_dtype):
 
 
 def _norm_backward(saved, grad_y, num_vision: int, needs_input: bool, needs_params,
-                   input_dtype, residual=None):
-    """Input gradient of :func:`_norm_forward` (``residual`` added), written block by block
-    into a new sequence-major tensor of ``input_dtype``, and the four parameter gradients."""
+                   input_dtype, residual=None, gelu_input=None):
+    """Input gradient of :func:`_norm_forward`, written block by block into a new
+    sequence-major tensor of ``input_dtype``: with ``residual`` added, or taken back through
+    the GELU of ``gelu_input`` (the LayerNorm's input was GELU(gelu_input)) as it is
+    written. Returns it and the four parameter gradients."""
     shape = (grad_y.shape[-1],)
     grad_x, blocks = (_empty_joint(grad_y, shape[0], num_vision, input_dtype) if needs_input
                       else (None, (None, None)))
-    residual_rows = (None, None) if residual is None else _expert_rows(residual, num_vision)
+    extra = residual if residual is not None else gelu_input
+    extra_rows = (None, None) if extra is None else _expert_rows(extra, num_vision)
     grad_y = grad_y.to(saved[0].dtype)
     grads = []
-    for block, grad, extra, (rows, mean, rstd, weight, bias), (need_w, need_b) in zip(
-            blocks, _expert_rows(grad_y, num_vision), residual_rows, (saved[:5], saved[5:]),
+    for block, grad, extra_block, (rows, mean, rstd, weight, bias), (need_w, need_b) in zip(
+            blocks, _expert_rows(grad_y, num_vision), extra_rows, (saved[:5], saved[5:]),
             (needs_params[:2], needs_params[2:])):
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(
             grad, rows, shape, mean, rstd, weight, bias,
             [needs_input, need_w and weight is not None, need_b and bias is not None])
-        if block is not None and extra is None:
+        if block is None:
+            pass
+        elif residual is not None:
+            torch.add(dx, extra_block, out=block)
+        elif gelu_input is not None:
+            torch.ops.aten.gelu_backward.grad_input(dx, extra_block, grad_input=block)
+        else:
             block.copy_(dx)
-        elif block is not None:
-            torch.add(dx, extra, out=block)
         grads += [dw, db]
     return grad_x, grads
 
 
 class _MultiwayLayerNorm(torch.autograd.Function):
-    """Native LayerNorm per expert over its row range (forward and backward kernels); the
-    output and the input gradient are sequence-major, like :class:`_MultiwayLinear`'s, and
-    each is written once, in its final dtype."""
+    """Native LayerNorm per expert over its row range (forward and backward kernels) of x,
+    or of GELU(x) taken in x's dtype; the output and the input gradient are sequence-major,
+    like :class:`_MultiwayLinear`'s, and each is written once, in its final dtype. The
+    GELU's backward reads the LayerNorm's fp32 input gradient and writes x's gradient."""
 
     @staticmethod
     def forward(ctx, x, num_vision: int, weight_a, bias_a, weight_b, bias_b, eps: float,
-                out_dtype):
-        y, saved = _norm_forward(x, num_vision, (weight_a, bias_a, weight_b, bias_b), eps,
-                                 out_dtype)
-        ctx.save_for_backward(*saved)
+                activation: str, out_dtype):
+        gelu = activation == "gelu"
+        y, saved = _norm_forward(F.gelu(x) if gelu else x, num_vision,
+                                 (weight_a, bias_a, weight_b, bias_b), eps, out_dtype)
+        ctx.save_for_backward(*saved, x if gelu else None)
         ctx.num_vision, ctx.input_dtype = num_vision, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         needs = ctx.needs_input_grad
-        grad_x, grads = _norm_backward(ctx.saved_tensors, grad_y, ctx.num_vision, needs[0],
-                                       needs[2:6], ctx.input_dtype)
-        return (grad_x, None, *grads, None, None)
+        *saved, gelu_input = ctx.saved_tensors
+        grad_x, grads = _norm_backward(saved, grad_y, ctx.num_vision, needs[0], needs[2:6],
+                                       ctx.input_dtype, gelu_input=gelu_input)
+        return (grad_x, None, *grads, None, None, None)
 
 
 class _MultiwayAddLayerNorm(torch.autograd.Function):
@@ -193,7 +204,7 @@ class _MultiwayAddLayerNorm(torch.autograd.Function):
     def forward(ctx, x, branch, branch_scale, num_vision: int, weight_a, bias_a, weight_b,
                 bias_b, eps: float, dtype, out_dtype):
         h = (x.to(dtype) + branch if branch_scale is None
-             else torch.addcmul(x.to(dtype), branch, branch_scale[:, None, None]))
+             else torch.addcmul(x.to(dtype), branch, branch_scale[:, None, None]).to(dtype))
         y, saved = _norm_forward(h, num_vision, (weight_a, bias_a, weight_b, bias_b), eps,
                                  out_dtype)
         needs = ctx.needs_input_grad
@@ -237,11 +248,11 @@ def _norm_params(params, dtype):
 def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
                         eps: float = 1e-5, activation: str = "none", out_dtype=None):
     """Native LayerNorm per expert in fp32 (fp64 stays) of x, or of its exact GELU (taken in
-    x's dtype: a bf16 GELU output saved for the backward, not an fp32 one)."""
-    a = F.gelu(x) if activation == "gelu" else x
+    x's dtype, as the unfused GELU would be)."""
     params = _norm_params((weight_a, bias_a, weight_b, bias_b),
-                          torch.promote_types(a.dtype, torch.float32))
-    return _MultiwayLayerNorm.apply(a, num_vision, *params, eps, out_dtype or x.dtype)
+                          torch.promote_types(x.dtype, torch.float32))
+    return _MultiwayLayerNorm.apply(x, num_vision, *params, eps, activation,
+                                    out_dtype or x.dtype)
 
 
 def multiway_add_layer_norm(x, branch, num_vision: int, weight_a, bias_a, weight_b, bias_b,

@@ -1,14 +1,15 @@
 """Triton multiway LayerNorm (plain, GELU-fused, residual-add-fused) against
 :mod:`oneref.ops.reference`: outputs and every gradient, interpreter tests in fp32/fp16 and
-the same checks in bf16 on CUDA. Error criterion: kernel error vs fp64 <= 2x the error of
-the same-precision PyTorch reference + a small floor."""
+the same checks in bf16 on CUDA; the torch composites by the same checks in bf16. Error
+criterion: kernel error vs fp64 <= 2x the error of the same-precision PyTorch reference + a
+small floor."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from oneref.ops import reference
+from oneref.ops import reference, torch_backend
 
 ln = pytest.importorskip("oneref.kernels.layer_norm")
 
@@ -57,13 +58,14 @@ def _grads(outs, leaves, seed=1):
     return torch.autograd.grad(outs, leaves, cotangents)
 
 
-def _check_case(batch, seq, width, num_vision, variant, with_scale, dtype, device, check):
+def _check_case(batch, seq, width, num_vision, variant, with_scale, dtype, device, check,
+                impl=(ln.multiway_layer_norm, ln.multiway_add_layer_norm)):
+    """``impl`` (plain, add) against the same-precision reference and the fp64 one."""
     x, branch, scale, params = _inputs(batch, seq, width, variant, with_scale, dtype, device)
     assert batch == 1 or not x.is_contiguous()
     leaves = [t.requires_grad_() for t in (x, branch, *params) if t is not None]
 
-    outs = _call(ln.multiway_layer_norm, ln.multiway_add_layer_norm, x, branch, scale, params,
-                 num_vision, variant, dtype)
+    outs = _call(*impl, x, branch, scale, params, num_vision, variant, dtype)
     same = _call(reference.multiway_layer_norm, reference.multiway_add_layer_norm, x, branch,
                  scale, params, num_vision, variant, dtype)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
@@ -98,6 +100,20 @@ def test_kernel_matches_reference_cuda(batch, seq, width, num_vision, variant, w
                                        assert_kernel_close):
     _check_case(batch, seq, width, num_vision, variant, with_scale, torch.bfloat16,
                 torch.device("cuda"), assert_kernel_close)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("batch,seq,width,num_vision,variant,with_scale",
+                         [(4, 641, 768, 577, "add", True), (2, 641, 3072, 577, "gelu", False),
+                          (3, 37, 768, 20, "plain", False)])
+def test_torch_composite_bf16_matches_reference(batch, seq, width, num_vision, variant,
+                                                with_scale, device, assert_kernel_close):
+    """The torch composites (what the policy runs until the kernels are measured) in bf16, by
+    the kernels' criterion: native LayerNorm kernels, casts on copy, the fused residual and
+    GELU backward."""
+    _check_case(batch, seq, width, num_vision, variant, with_scale, torch.bfloat16,
+                torch.device(device), assert_kernel_close,
+                impl=(torch_backend.multiway_layer_norm, torch_backend.multiway_add_layer_norm))
 
 
 @pytest.mark.interpret
