@@ -87,7 +87,7 @@ bench G4 120 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3 --profile
 bench G4e 120 --rows G4 --engines e --warmup 2 --repeats 3
 bench G4b+ 100 --rows G4 --engines b+ --warmup 2 --repeats 3
 bench G5 70 --rows G5 --engines b,c,d --warmup 1 --repeats 3 --split-samples 1024
-bench G1 40 --rows G1 --quick
+bench G1 50 --rows G1 --quick  # ours on q, k, v and packed, SDPA, xformers
 
 # Every failure is reported (no -x): one slot has to show all of them; -v names each test as
 # it ends, so a run stopped by its box still says which ran. With pytest-xdist the Triton

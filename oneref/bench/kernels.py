@@ -27,8 +27,8 @@ from oneref.ops import backend_status, reference
 from oneref.ops.cases import CASES
 from oneref.ops.registry import not_supported_reasons
 
-__all__ = ["bench_call", "attention_rows", "memory_rows", "lce_rows", "iter_kernel_rows",
-           "run_kernel_tables"]
+__all__ = ["ATTENTION_OPS", "bench_call", "attention_rows", "memory_rows", "lce_rows",
+           "iter_kernel_rows", "run_kernel_tables"]
 
 log = logging.getLogger(__name__)
 
@@ -91,31 +91,55 @@ def _xformers_call():
     return call
 
 
+#: The two attention ops of G1: q, k, v given apart, and the packed projection the encoder
+#: passes (the same kernels; the backward writes one gradient laid out like the projection).
+ATTENTION_OPS = ("multiway_attention", "packed_multiway_attention")
+
+
 def _attention_impls(device):
-    """name -> (layout, fn(q, k, v, lengths, num_vision)); layout "bshd" or "bhsd"."""
-    impls = {}
-    for name in _backends(device):
-        impls[f"ours[{name}]"] = ("bshd", lambda q, k, v, l, nv, _b=name:
-                                  ops.multiway_attention(q, k, v, l, nv, backend=_b))
+    """(op, impl, layout, fn) per implementation: fn(q, k, v, lengths, num_vision) for
+    layouts "bshd" and "bhsd", fn(qkv, lengths, num_vision) for "packed"; layout "skip" with
+    the reason as fn."""
+    impls = [("multiway_attention", f"ours[{name}]", "bshd",
+              lambda q, k, v, l, nv, _b=name: ops.multiway_attention(q, k, v, l, nv, backend=_b))
+             for name in _backends(device)]
     try:
         from torch.nn.attention import SDPBackend
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
-            impls[f"sdpa[{backend.name.lower()}]"] = ("bhsd", _sdpa_call(backend))
+            impls.append(("multiway_attention", f"sdpa[{backend.name.lower()}]", "bhsd",
+                          _sdpa_call(backend)))
     except ImportError as exc:
-        impls["sdpa"] = ("skip", str(exc))
+        impls.append(("multiway_attention", "sdpa", "skip", str(exc)))
     if device.type == "cuda":
         try:
-            impls["xformers"] = ("bshd", _xformers_call())
+            impls.append(("multiway_attention", "xformers", "bshd", _xformers_call()))
         except ImportError as exc:
-            impls["xformers"] = ("skip", f"xformers not importable ({exc})")
+            impls.append(("multiway_attention", "xformers", "skip",
+                          f"xformers not importable ({exc})"))
+    # the packed form (what the encoder calls), timed against the same baselines
+    impls += [("packed_multiway_attention", f"ours[{name}]", "packed",
+               lambda qkv, l, nv, _b=name: ops.packed_multiway_attention(qkv, l, nv, backend=_b))
+              for name in _backends(device)]
     return impls
+
+
+def _laid_out(layout: str, q, k, v, lengths) -> tuple:
+    """The arguments of an implementation of ``layout`` from contiguous (B, S, H, Dh) q, k,
+    v: as they are, transposed to (B, H, S, Dh), or packed into one sequence-major (B, S, 3,
+    H, Dh) projection as the encoder's QKV GEMM writes it."""
+    if layout == "bhsd":
+        return (*(t.transpose(1, 2).contiguous() for t in (q, k, v)), lengths)
+    if layout == "packed":
+        return ops.sequence_major(torch.stack((q, k, v), dim=2)), lengths
+    return q, k, v, lengths
 
 
 def attention_rows(device, batches=(32,), text_lens=(8, 16, 32, 64), heads=12, head_dim=64,
                    num_vision=577, dtype=None, peak_tflops=None, passes=("fwd", "fwd+bwd")):
-    """G1: multiway_attention vs SDPA (each SDPBackend that accepts the bool key mask; the
-    fastest is flagged ``best_sdpa``) and xformers, TFLOP/s and % of the matmul peak."""
+    """G1: multiway_attention and its packed form vs SDPA (each SDPBackend that accepts the
+    bool key mask; the fastest is flagged ``best_sdpa``) and xformers, TFLOP/s and % of the
+    matmul peak."""
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = []
     for batch, text_len in itertools.product(batches, text_lens):
@@ -127,14 +151,12 @@ def attention_rows(device, batches=(32,), text_lens=(8, 16, 32, 64), heads=12, h
         fwd_flops = 4.0 * batch * heads * seq * seq * head_dim
         shape = f"B={batch} H={heads} S={num_vision}+{text_len} Dh={head_dim}"
         group = []
-        for name, (layout, fn) in _attention_impls(device).items():
+        for op, name, layout, fn in _attention_impls(device):
             if layout == "skip":
-                rows.append(_skip("multiway_attention", name, fn, shape=shape))
+                rows.append(_skip(op, name, fn, shape=shape))
                 continue
-            prep = ((lambda t: t.transpose(1, 2).contiguous()) if layout == "bhsd"
-                    else (lambda t: t))
             back = ((lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t))
-            inputs = [(prep(q), prep(k), prep(v), l) for q, k, v, l in sets]
+            inputs = [_laid_out(layout, *case) for case in sets]
             try:
                 got = back(fn(*inputs[0], num_vision)).float()
                 err = (got - want).abs().max().item()
@@ -142,7 +164,7 @@ def attention_rows(device, batches=(32,), text_lens=(8, 16, 32, 64), heads=12, h
                 if not err <= tol * max(1.0, want.abs().max().item()):
                     raise RuntimeError(f"max error {err:.3g} vs reference exceeds {tol}")
             except Exception as exc:  # noqa: BLE001 - an impl that rejects the inputs is a row
-                rows.append(_skip("multiway_attention", name, f"{type(exc).__name__}: "
+                rows.append(_skip(op, name, f"{type(exc).__name__}: "
                                   f"{str(exc)[:160]}", shape=shape, batch=batch,
                                   text_len=text_len))
                 continue
@@ -157,17 +179,17 @@ def attention_rows(device, batches=(32,), text_lens=(8, 16, 32, 64), heads=12, h
                     grad = torch.randn_like(fn(*inputs[0], num_vision))
 
                     def call(x, _f=fn, _g=grad):
-                        for t in x[:3]:
+                        for t in x[:-1]:
                             t.grad = None
                         _f(*x, num_vision).backward(_g)
                     flops = 3.5 * fwd_flops
                 try:
                     ms = bench_call(call, timed, device)
                 except Exception as exc:  # noqa: BLE001
-                    rows.append(_skip("multiway_attention", name, f"{pas}: {exc}"[:200],
+                    rows.append(_skip(op, name, f"{pas}: {exc}"[:200],
                                       shape=shape, batch=batch, text_len=text_len, **{"pass": pas}))
                     continue
-                row = {"op": "multiway_attention", "impl": name, "pass": pas, "shape": shape,
+                row = {"op": op, "impl": name, "pass": pas, "shape": shape,
                        "batch": batch, "text_len": text_len, "ms": ms,
                        "tflops": flops / ms / 1e9, "max_err": err,
                        "dtype": str(dtype).replace("torch.", "")}

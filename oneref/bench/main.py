@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from oneref.bench.cost import CostSettings, add_ratios, iter_cost_rows
-from oneref.bench.kernels import iter_kernel_rows
+from oneref.bench.kernels import ATTENTION_OPS, iter_kernel_rows
 from oneref.bench.loader import iter_loader_rows
 from oneref.bench.roofline import (against_prediction, against_prediction_markdown,
                                    roofline_markdown, roofline_rows)
@@ -165,7 +165,7 @@ def _short_kernels(rows: list[dict]) -> list[dict]:
     keep = []
     for r in rows:
         impl = r.get("impl", "")
-        if impl.startswith("ours[") and (r["op"] != "multiway_attention" or impl == ours
+        if impl.startswith("ours[") and (r["op"] not in ATTENTION_OPS or impl == ours
                                          or "skipped" in r):
             keep.append(r)
     return keep

@@ -44,11 +44,14 @@ def load_policy() -> dict:
 
 
 def choice(op: str, gen: str, training: bool) -> tuple[str, str]:
-    """(backend, why) of ``op`` on generation ``gen`` for training or inference (an op that
-    runs another's kernels follows that op's row: :attr:`OpSpec.measured_as`)."""
-    key = OPS[op].policy_key if op in OPS else op
-    entry = load_policy().get(gen, {}).get("ops", {}).get(key, {}).get(
-        "train" if training else "infer")
+    """(backend, why) of ``op`` on generation ``gen`` for training or inference. An op that
+    runs another's kernels follows that op's row until it has a row of its own
+    (:attr:`OpSpec.measured_as`)."""
+    rows = load_policy().get(gen, {}).get("ops", {})
+    pass_ = "train" if training else "infer"
+    entry = rows.get(op, {}).get(pass_)
+    if entry is None and op in OPS:
+        entry = rows.get(OPS[op].policy_key, {}).get(pass_)
     if entry is None:
         return "torch", f"not measured on {gen}: the torch composite"
     return entry["backend"], entry["why"]

@@ -68,11 +68,12 @@ class OpSpec:
 
     name: str
     impls: dict[str, Impl] = field(default_factory=dict)
-    measured_as: str | None = None  # the policy row it shares (same kernels); None: its own
+    # the policy row it follows until it is measured itself (same kernels); None: its own
+    measured_as: str | None = None
 
     @property
     def policy_key(self) -> str:
-        """The op whose row of the policy table this op follows."""
+        """The op whose row of the policy table this op follows when it has none."""
         return self.measured_as or self.name
 
     @property

@@ -116,6 +116,8 @@ def test_cpu_kernel_rows_are_checked_and_timed():
                           num_vision=5, peak_tflops=1.0, passes=("fwd",))
     timed = [r for r in rows if "ms" in r]
     assert {r["impl"] for r in timed} >= {"ours[torch]", "sdpa[math]"}
+    packed = [r for r in timed if r["op"] == "packed_multiway_attention"]
+    assert [r["impl"] for r in packed] == ["ours[torch]"] * 2 and all("vs" in r for r in packed)
     for r in timed:
         seq = 5 + r["text_len"]
         flops = 4.0 * 1 * 2 * seq * seq * 16

@@ -114,6 +114,19 @@ def test_policy_is_built_from_kernel_rows():
     assert "multiway_attention" not in table  # ours[auto] is not a backend
 
 
+def test_packed_attention_follows_its_own_row_once_measured(monkeypatch):
+    """Until G1 measures the packed form it takes multiway_attention's choice; a row of its
+    own then wins."""
+    table = {"sm90": {"ops": {
+        "multiway_attention": {"train": {"backend": "torch", "why": "unpacked"},
+                               "infer": {"backend": "triton", "why": "unpacked"}},
+        "packed_multiway_attention": {"train": {"backend": "triton", "why": "packed"}}}}}
+    monkeypatch.setattr(policy, "_policy_cache", table)
+    assert policy.choice("packed_multiway_attention", "sm90", True) == ("triton", "packed")
+    assert policy.choice("packed_multiway_attention", "sm90", False) == ("triton", "unpacked")
+    assert policy.choice("multiway_attention", "sm90", True) == ("torch", "unpacked")
+
+
 def test_committed_policy_matches_the_committed_results():
     results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     files = sorted(results.glob("*/results.json")) + sorted(results.glob("*/*/results.json"))
