@@ -150,13 +150,15 @@ def attention_rows(device, batches=(32,), text_lens=(8, 16, 32, 64), heads=12, h
         want = reference.multiway_attention(q0.float(), k0.float(), v0.float(), l0, num_vision)
         fwd_flops = 4.0 * batch * heads * seq * seq * head_dim
         shape = f"B={batch} H={heads} S={num_vision}+{text_len} Dh={head_dim}"
-        group = []
+        group, laid_out = [], {}
         for op, name, layout, fn in _attention_impls(device):
             if layout == "skip":
                 rows.append(_skip(op, name, fn, shape=shape))
                 continue
             back = ((lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t))
-            inputs = [_laid_out(layout, *case) for case in sets]
+            if layout not in laid_out:  # one copy per layout, shared by its implementations
+                laid_out[layout] = [_laid_out(layout, *case) for case in sets]
+            inputs = laid_out[layout]
             try:
                 got = back(fn(*inputs[0], num_vision)).float()
                 err = (got - want).abs().max().item()

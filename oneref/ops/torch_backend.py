@@ -148,7 +148,8 @@ def _norm_backward(saved, grad_y, num_vision: int, needs_input: bool, needs_para
     grad_x, blocks = (_empty_joint(grad_y, shape[0], num_vision, input_dtype) if needs_input
                       else (None, (None, None)))
     extra = residual if residual is not None else gelu_input
-    extra_rows = (None, None) if extra is None else _expert_rows(extra, num_vision)
+    extra_rows = ((None, None) if extra is None or not needs_input
+                  else _expert_rows(extra, num_vision))
     grad_y = grad_y.to(saved[0].dtype)
     grads = []
     for block, grad, extra_block, (rows, mean, rstd, weight, bias), (need_w, need_b) in zip(
@@ -181,7 +182,7 @@ class _MultiwayLayerNorm(torch.autograd.Function):
         gelu = activation == "gelu"
         y, saved = _norm_forward(F.gelu(x) if gelu else x, num_vision,
                                  (weight_a, bias_a, weight_b, bias_b), eps, out_dtype)
-        ctx.save_for_backward(*saved, x if gelu else None)
+        ctx.save_for_backward(*saved, x if gelu and ctx.needs_input_grad[0] else None)
         ctx.num_vision, ctx.input_dtype = num_vision, x.dtype
         return y
 
@@ -236,8 +237,9 @@ class _MultiwayAddLayerNorm(torch.autograd.Function):
                 grad_branch = total.new_empty(total.transpose(0, 1).shape, dtype=branch_dtype)
                 torch.mul(total.transpose(0, 1), branch_scale[:, None], out=grad_branch)
                 grad_branch = grad_branch.transpose(0, 1)
-        if total is not None and needs[2]:
-            grad_scale = (total * branch).sum((1, 2)).to(branch_scale.dtype)
+        if total is not None and needs[2]:  # summed in fp32 (fp64 stays) whatever h's dtype
+            acc = torch.promote_types(total.dtype, torch.float32)
+            grad_scale = (total.to(acc) * branch).sum((1, 2)).to(branch_scale.dtype)
         return (grad_x, grad_branch, grad_scale, None, *grads, None, None, None)
 
 

@@ -326,3 +326,31 @@ def test_add_layer_norm_fusion_is_exact_for_an_fp32_stream():
     torch.testing.assert_close(grad_scale, expected_scale)
     h, y = fused(x, branch, None, *(p.clone().requires_grad_() for p in params))
     assert not h.requires_grad and y.requires_grad
+
+
+def test_layer_norm_backwards_write_each_gradient_once():
+    """What the composites are for: the backward of the FFN's sub-LN writes x's gradient
+    through the GELU's derivative, and the residual add's writes the sum and the scaled
+    branch gradient, with no separate copy, cast or add of a full-size gradient."""
+    from oneref.bench.roofline import OpCounter
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(16, generator=gen, requires_grad=True) for _ in range(4)]
+    x = sequence_major(torch.randn(2, 9, 16, generator=gen).bfloat16()).requires_grad_()
+    y = torch_backend.multiway_layer_norm(x, 5, *params, activation="gelu")
+    with OpCounter() as counter:
+        y.backward(torch.ones_like(y))
+    calls = {name: op["calls"] for name, op in counter.ops.items()}
+    assert calls.get("aten.gelu_backward") == 2 and "aten.copy_" not in calls  # one per expert
+    assert calls.get("aten._to_copy") == 1  # the bf16 gradient of y, cast once for the norm
+
+    stream = sequence_major(torch.randn(2, 9, 16, generator=gen)).requires_grad_()
+    branch = sequence_major(torch.randn(2, 9, 16, generator=gen).bfloat16()).requires_grad_()
+    h, y = torch_backend.multiway_add_layer_norm(stream, branch, 5, *params,
+                                                 branch_scale=torch.tensor([1.25, 0.0]),
+                                                 out_dtype=torch.bfloat16)
+    with OpCounter() as counter:
+        torch.autograd.backward([h, y], [torch.ones_like(h), torch.ones_like(y)])
+    calls = {name: op["calls"] for name, op in counter.ops.items()}
+    assert calls.get("aten.add") == 2 and calls.get("aten.mul") == 1
+    assert "aten.copy_" not in calls
