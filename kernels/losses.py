@@ -25,11 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from oneref.ops.reference import DICE_WEIGHT, FOCAL_ALPHA, FOCAL_WEIGHT
+
 __all__ = ["vts_loss", "box_mask_loss", "focal_dice_loss", "sts_kl"]
 
 _VTS_BLOCK = 256
-# Focal alpha of OneRef's box-mask and RES losses (positives weigh 0.25, negatives 0.75).
-ONEREF_FOCAL_ALPHA = 0.25
 
 
 def _scalar_grad(grad: torch.Tensor) -> torch.Tensor:
@@ -435,16 +435,17 @@ def vts_loss(pred: torch.Tensor, boxes: torch.Tensor, grid: int) -> torch.Tensor
     return _vts_loss_op(pred, boxes, grid)
 
 
-def box_mask_loss(logits: torch.Tensor, boxes: torch.Tensor, focal_weight: float = 20.0,
-                  dice_weight: float = 2.0) -> torch.Tensor:
+def box_mask_loss(logits: torch.Tensor, boxes: torch.Tensor, focal_weight: float = FOCAL_WEIGHT,
+                  dice_weight: float = DICE_WEIGHT) -> torch.Tensor:
     """Focal x focal_weight + dice x dice_weight between logits (B, G, G) and boxes (B, 4)
     rasterised on the G x G grid (focal alpha 0.25). Differentiable w.r.t. logits."""
     return _box_mask_op(logits, boxes, float(focal_weight), float(dice_weight),
-                        ONEREF_FOCAL_ALPHA)[0]
+                        FOCAL_ALPHA)[0]
 
 
-def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, focal_weight: float = 20.0,
-                    dice_weight: float = 2.0, alpha: float = ONEREF_FOCAL_ALPHA) -> torch.Tensor:
+def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor,
+                    focal_weight: float = FOCAL_WEIGHT, dice_weight: float = DICE_WEIGHT,
+                    alpha: float = FOCAL_ALPHA) -> torch.Tensor:
     """Focal (``alpha`` weighting the positives) x focal_weight + dice x dice_weight, each
     averaged over the batch; logits and target (B, ...) of one shape, target in [0, 1].
     Differentiable w.r.t. logits."""

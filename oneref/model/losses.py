@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from oneref import ops
+from oneref.ops.reference import DICE_WEIGHT, FOCAL_ALPHA, FOCAL_WEIGHT
 
 __all__ = ["box_cxcywh_to_xyxy", "generalized_box_iou", "l1_box_loss", "giou_loss",
            "mask_to_grid", "similarity_constraint", "rec_losses", "res_losses"]
@@ -73,8 +74,9 @@ def rec_losses(pred_boxes: torch.Tensor, sim_logits: torch.Tensor, boxes: torch.
     return {"loss": l1 + giou + box_mask, "l1": l1, "giou": giou, "box_mask": box_mask}
 
 
-def res_losses(mask_logits: torch.Tensor, masks: torch.Tensor, focal_weight: float = 20.0,
-               dice_weight: float = 2.0, alpha: float = 0.25) -> dict[str, torch.Tensor]:
+def res_losses(mask_logits: torch.Tensor, masks: torch.Tensor,
+               focal_weight: float = FOCAL_WEIGHT, dice_weight: float = DICE_WEIGHT,
+               alpha: float = FOCAL_ALPHA) -> dict[str, torch.Tensor]:
     """RES loss: focal x20 + dice x2 (focal alpha 0.25: OneRef's weights) of (B, H, W)
     logits against {0, 1} masks (B, H, W)."""
     seg = ops.focal_dice_loss(mask_logits, masks.to(mask_logits.dtype), focal_weight,

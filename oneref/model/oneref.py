@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from oneref import ops
+from oneref.ops.reference import DICE_WEIGHT, FOCAL_ALPHA, FOCAL_WEIGHT
 from oneref.checkpoints import load_pretrained_state, read_pretrained, save_pretrained
 from oneref.config import ModelConfig, get_config
 from oneref.model import validation as check
@@ -265,9 +266,10 @@ class OneRef(nn.Module):
             check.check_masks(masks, self.config, batch, device)
         return self._finish(rec_losses(out.boxes, out.sim_logits, boxes, masks))
 
-    def res_loss(self, out: RESOutput, masks: torch.Tensor, focal_weight: float = 20.0,
-                 dice_weight: float = 2.0, alpha: float = 0.25, boxes: torch.Tensor | None = None,
-                 rec_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    def res_loss(self, out: RESOutput, masks: torch.Tensor, focal_weight: float = FOCAL_WEIGHT,
+                 dice_weight: float = DICE_WEIGHT, alpha: float = FOCAL_ALPHA,
+                 boxes: torch.Tensor | None = None, rec_weight: float = 0.0
+                 ) -> dict[str, torch.Tensor]:
         """``loss = seg`` = focal x20 + dice x2 of the mask logits, focal alpha 0.25
         (docs/method.md, "RES head"; a recipe may change the three). ``rec_weight > 0`` adds
         that multiple of the REC losses (:meth:`rec_loss`) of ``out.boxes`` against ``boxes``

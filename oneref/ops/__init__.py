@@ -15,6 +15,7 @@ from oneref.ops.dispatch import (BACKENDS, backend_status, current_backend, prep
                                  use_backend)
 from oneref.ops.flops import register_cpu_attention_flops
 from oneref.ops.layout import is_sequence_major, sequence_major
+from oneref.ops.reference import DICE_WEIGHT, FOCAL_ALPHA, FOCAL_WEIGHT
 from oneref.ops.registry import OPS
 
 register_cpu_attention_flops()
@@ -249,8 +250,8 @@ def vts_loss(pred, boxes, grid: int, *, backend: str | None = None):
     return resolve("vts_loss", pred.device, backend, pred.dtype)(pred, boxes, grid)
 
 
-def box_mask_loss(logits, boxes, focal_weight: float = 20.0, dice_weight: float = 2.0, *,
-                  backend: str | None = None):
+def box_mask_loss(logits, boxes, focal_weight: float = FOCAL_WEIGHT,
+                  dice_weight: float = DICE_WEIGHT, *, backend: str | None = None):
     """Box-mask constraint (docs/method.md, "REC head"): sigmoid focal x20 + dice x2 between
     similarity logits (B, G, G) and the box rasterised on the G x G grid. Returns a scalar, fp32
     (fp64 for fp64 inputs)."""
@@ -262,8 +263,9 @@ def box_mask_loss(logits, boxes, focal_weight: float = 20.0, dice_weight: float 
         logits, boxes, focal_weight, dice_weight)
 
 
-def focal_dice_loss(logits, target, focal_weight: float = 20.0, dice_weight: float = 2.0,
-                    alpha: float = 0.25, *, backend: str | None = None):
+def focal_dice_loss(logits, target, focal_weight: float = FOCAL_WEIGHT,
+                    dice_weight: float = DICE_WEIGHT, alpha: float = FOCAL_ALPHA, *,
+                    backend: str | None = None):
     """Sigmoid focal x20 + dice x2 between logits and a {0, 1} target of the same shape
     (B, ...), each term averaged over the batch (RES masks, mask-target constraint); the
     focal term weights positives by ``alpha`` and negatives by ``1 - alpha``."""

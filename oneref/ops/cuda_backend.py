@@ -194,6 +194,6 @@ def vts_loss(pred, boxes, grid: int):
     return torch.ops.oneref.vts_loss(pred.contiguous(), boxes.contiguous(), int(grid))
 
 
-def box_mask_loss(logits, boxes, focal_weight: float = 20.0, dice_weight: float = 2.0):
+def box_mask_loss(logits, boxes, focal_weight: float, dice_weight: float):
     return torch.ops.oneref.box_mask_loss(logits.contiguous(), boxes.contiguous(),
                                           float(focal_weight), float(dice_weight))

@@ -223,7 +223,12 @@ def box_to_grid_mask(boxes, grid: int):
     return (in_y[:, :, None] & in_x[:, None, :]).float()
 
 
-def sigmoid_focal_loss(logits, target, alpha: float = 0.25, gamma: float = 2.0):
+#: OneRef's mask losses (docs/method.md, "RES head"): focal x20 + dice x2, the focal term's
+#: positives weighted 0.25 and its negatives 0.75; the box-mask constraint uses the same.
+FOCAL_WEIGHT, DICE_WEIGHT, FOCAL_ALPHA = 20.0, 2.0, 0.25
+
+
+def sigmoid_focal_loss(logits, target, alpha: float = FOCAL_ALPHA, gamma: float = 2.0):
     """Per-sample sigmoid focal loss, mean over pixels: (B, ...) -> (B,)."""
     logits = _acc(logits.flatten(1))
     target = target.flatten(1).to(logits.dtype)
@@ -242,15 +247,16 @@ def dice_loss(logits, target, smooth: float = 1.0):
     return 1 - (2 * inter + smooth) / (prob.sum(1) + target.sum(1) + smooth)
 
 
-def focal_dice_loss(logits, target, focal_weight: float = 20.0, dice_weight: float = 2.0,
-                    alpha: float = 0.25):
+def focal_dice_loss(logits, target, focal_weight: float = FOCAL_WEIGHT,
+                    dice_weight: float = DICE_WEIGHT, alpha: float = FOCAL_ALPHA):
     """``focal_weight * focal + dice_weight * dice``, each averaged over the batch; ``alpha``
     weights the focal term's positives (``1 - alpha`` its negatives)."""
     return (focal_weight * sigmoid_focal_loss(logits, target, alpha).mean()
             + dice_weight * dice_loss(logits, target).mean())
 
 
-def box_mask_loss(logits, boxes, focal_weight: float = 20.0, dice_weight: float = 2.0):
+def box_mask_loss(logits, boxes, focal_weight: float = FOCAL_WEIGHT,
+                  dice_weight: float = DICE_WEIGHT):
     """Box-mask constraint: similarity logits (B, G, G) against the rasterised GT box."""
     grid = logits.shape[-1]
     return focal_dice_loss(logits, box_to_grid_mask(boxes, grid), focal_weight, dice_weight)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from oneref.config import ModelConfig
+from oneref.ops.reference import DICE_WEIGHT, FOCAL_ALPHA, FOCAL_WEIGHT
 
 __all__ = [
     "StageConfig",
@@ -308,9 +309,9 @@ class ResLossConfig:
     GIoU + box-mask constraint against the sample's box). The defaults are OneRef's (no REC
     term); the RefShapes RES recipe changes them (README, "RES and MRefM on RefShapes")."""
 
-    focal_alpha: float = 0.25
-    focal_weight: float = 20.0
-    dice_weight: float = 2.0
+    focal_alpha: float = FOCAL_ALPHA
+    focal_weight: float = FOCAL_WEIGHT
+    dice_weight: float = DICE_WEIGHT
     rec_weight: float = 0.0
 
     def validate(self) -> None:
