@@ -63,8 +63,9 @@ class Impl:
 @dataclass(frozen=True)
 class OpSpec:
     """An op: its name, its reference (``oneref.ops.reference``), its implementations and
-    the op whose policy row it follows (the packed attention runs the same kernels as
-    ``multiway_attention``, so it takes that op's measured choice)."""
+    the op whose policy row it follows until it has its own (the packed attention runs the
+    same kernels as ``multiway_attention``, so it takes that op's measured choice until G1
+    measures it)."""
 
     name: str
     impls: dict[str, Impl] = field(default_factory=dict)

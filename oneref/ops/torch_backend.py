@@ -158,13 +158,11 @@ def _norm_backward(saved, grad_y, num_vision: int, needs_input: bool, needs_para
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(
             grad, rows, shape, mean, rstd, weight, bias,
             [needs_input, need_w and weight is not None, need_b and bias is not None])
-        if block is None:
-            pass
-        elif residual is not None:
+        if block is not None and residual is not None:
             torch.add(dx, extra_block, out=block)
-        elif gelu_input is not None:
+        elif block is not None and gelu_input is not None:
             torch.ops.aten.gelu_backward.grad_input(dx, extra_block, grad_input=block)
-        else:
+        elif block is not None:
             block.copy_(dx)
         grads += [dw, db]
     return grad_x, grads
