@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The prepared GPU check, in priority order: build the extension; the headline rows G4
-# (engines a, b, c, d with a profile of each, then e and b+: the torch.compile rows, each in
-# its own box) and G5; the attention row G1; the GPU tests; the sanitizer; G5 with CUDA
-# graphs (engine f); then G2, G3, G6, G7 and a short training run. Sized for <= 9 minutes on one H100/H200 (every step has a time box and the
-# script a deadline, so what does not fit drops from the end, and a hang costs its box, not
-# the slot). Triton kernels launch with fixed configs (ONEREF_AUTOTUNE=1 would tune them,
+# (engines a, b, c, d with a profile of each, then d* = d with the unmeasured Triton
+# LayerNorms, e and b+, each in its own box) and G5; the attention row G1; the GPU tests;
+# the sanitizer; G5 with CUDA graphs (engine f); then G2, G3, G6, G7 and a short training
+# run. Sized for <= 9 minutes on one H100/H200 (every step has a time box and the script a
+# deadline, so what does not fit drops from the end, and a hang costs its box, not the
+# slot). Triton kernels launch with fixed configs (ONEREF_AUTOTUNE=1 would tune them,
 # which costs minutes). Run from the repository root:
 #
 #     benchmarks/gpu_check.sh OUTDIR
@@ -84,6 +85,9 @@ bench() {  # bench NAME LIMIT ARGS...
 # The headline rows first. Each part rewrites its results.json after every row, so a part
 # stopped by its time box still contributes what it measured.
 bench G4 120 --rows G4 --engines a,b,c,d --warmup 1 --repeats 3 --profile
+# (d*): (d) with the Triton LayerNorms the policy does not run yet, in its own box (their
+# first compile is this part's); beside (d) it shows what those kernels give the step.
+bench G4dstar 60 --rows G4 --engines 'd*' --warmup 1 --repeats 3 --profile
 bench G4e 120 --rows G4 --engines e --warmup 2 --repeats 3
 bench G4b+ 100 --rows G4 --engines b+ --warmup 2 --repeats 3
 bench G5 70 --rows G5 --engines b,c,d --warmup 1 --repeats 3 --split-samples 1024

@@ -7,6 +7,7 @@
 | b+ | (b) + ``torch.compile``: what a user would pick instead of this engine |
 | c | ours (``oneref.model.OneRef``), ``torch`` backend (bf16 autocast on GPU, fp32 on CPU) |
 | d | ours, ``auto`` backend (the measured per-op policy, :mod:`oneref.ops.policy`) |
+| d* | (d) + the Triton kernels of :data:`UNMEASURED_KERNELS`, before the policy has them (GPU) |
 | e | (d) + ``torch.compile`` of the loss / forward function (one graph per step) |
 | f | (e) + CUDA graphs (``reduce-overhead``: one captured graph per batch size; CPU: (e)) |
 
@@ -33,7 +34,8 @@ from oneref.config import ModelConfig
 from oneref.model import OneRef
 from oneref.ops import reference, use_backend
 
-__all__ = ["ENGINES", "COMPILED", "Engine", "build_engine", "make_batch", "train_step",
+__all__ = ["ENGINES", "COMPILED", "UNMEASURED_KERNELS", "Engine", "build_engine", "make_batch",
+           "train_step",
            "infer_step", "TRAIN_TASKS", "INFER_TASKS", "TASK_FNS", "field_of"]
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,13 @@ ENGINES = {
     "b+": "(b) + torch.compile",
     "c": "ours, torch backend",
     "d": "ours, auto backend (kernels)",
+    "d*": "(d) + the Triton LayerNorms (not yet in the policy)",
     "e": "(d) + torch.compile",
     "f": "(e) + CUDA graphs",
 }
 COMPILED = ("b+", "e", "f")
+#: Triton kernels with no measured policy row yet: engine (d*) runs them.
+UNMEASURED_KERNELS = ("multiway_layer_norm", "multiway_add_layer_norm")
 TRAIN_TASKS = ("rec", "res", "mim", "mlm")
 GRAD_CLIP = 1.0  # every engine clips to this norm, as the trainer does by default
 INFER_TASKS = ("rec_infer", "res_infer")
@@ -62,7 +67,7 @@ class Engine:
     model: torch.nn.Module
     device: torch.device
     autocast: torch.dtype | None = None
-    backend: str | None = None
+    backend: str | dict[str, str] | None = None
     compile: bool = False
     cuda_graphs: bool = False
     notes: list[str] = field(default_factory=list)
@@ -146,6 +151,10 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
         model.validate_inputs = False
         autocast = torch.bfloat16 if gpu else None
         backend = "torch" if key == "c" else "auto"
+        if key == "d*":
+            if not gpu:
+                raise _unavailable(key, "its Triton kernels run on CUDA tensors")
+            backend = dict.fromkeys(UNMEASURED_KERNELS, "triton")
         if key in ("d", "e", "f") and not gpu:
             notes.append("on CPU the auto backend resolves every op to torch")
         if key == "f" and not gpu:

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--presets", default=None,
                         help="override the model presets of the model rows (e.g. tiny,small)")
     parser.add_argument("--engines", default=None,
-                        help="override the engine rows, subset of a,b,b+,c,d,e,f")
+                        help="override the engine rows, subset of a,b,b+,c,d,d*,e,f")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per run")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per run")
     parser.add_argument("--sweep-batches", type=_batch_list, default=None,
@@ -113,7 +113,7 @@ def plan_cost_rows(row: str, gpu: bool, args) -> CostSettings:
                          sweep_batch={"tiny": (1, 8, 32), "small": (1, 4, 16)},
                          split_samples=32, warmup=2, repeats=5, passes=2)
     elif row == "G4":
-        s = CostSettings(presets=("base",), engines=("a", "b", "b+", "c", "d", "e", "f"),
+        s = CostSettings(presets=("base",), engines=("a", "b", "b+", "c", "d", "d*", "e", "f"),
                          train_tasks=("rec",), infer_tasks=(), warmup=2, repeats=4)
     elif row == "G5":
         s = CostSettings(presets=("base",), engines=("a", "b", "b+", "c", "d", "e", "f"),

@@ -22,8 +22,8 @@ eager runs op by op, so it is not predicted.
 
 Engine (d) runs each op on the backend the committed policy picks for training
 (:mod:`oneref.ops.policy`), with the backends that have CPU kernels. ``d*`` is (d) with the
-Triton kernels of :data:`UNMEASURED_KERNELS` as well, which the policy cannot pick before a
-GPU measures them: each counts as one kernel per call, reading its tensor arguments and
+Triton kernels of :data:`oneref.bench.engines.UNMEASURED_KERNELS` as well, which the policy
+cannot pick before a GPU measures them: each counts as one kernel per call, reading its tensor arguments and
 writing its outputs (the ops compute the same values with PyTorch on CPU tensors, see
 ``oneref/kernels/layer_norm.py``).
 """
@@ -42,12 +42,13 @@ from torch.utils.flop_counter import flop_registry
 
 from oneref import ops
 from oneref.bench.baseline import use_sdpa
-from oneref.bench.engines import COMPILED, ENGINES, build_engine, make_batch, train_step
+from oneref.bench.engines import (COMPILED, ENGINES, UNMEASURED_KERNELS, build_engine,
+                                  make_batch, train_step)
 from oneref.config import get_config
 from oneref.ops import dispatch, policy
 from oneref.ops.registry import OPS, not_supported_reasons
 
-__all__ = ["CARDS", "LAUNCH_GAP_US", "UNMEASURED_KERNELS", "GAP_TO_EXPLAIN", "OpCounter",
+__all__ = ["CARDS", "LAUNCH_GAP_US", "GAP_TO_EXPLAIN", "OpCounter",
            "count_step", "predict", "roofline_rows", "roofline_markdown", "card_of",
            "against_prediction", "against_prediction_markdown"]
 
@@ -59,8 +60,6 @@ log = logging.getLogger(__name__)
 CARDS = {"H100": {"tflops": 787.0, "gbps": 3000.0}, "H200": {"tflops": 790.0, "gbps": 4300.0}}
 #: GPU time between two back-to-back eager kernels (launch latency hidden by the queue).
 LAUNCH_GAP_US = 2.0
-#: Triton kernels with no measured policy row yet, run by the ``d*`` prediction.
-UNMEASURED_KERNELS = ("multiway_layer_norm", "multiway_add_layer_norm")
 _NAMESPACES = ("aten", "oneref", "oneref_triton")
 _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
          "alias", "lift_fresh", "device", "set_", "resize_", "is_same_size", "_local_scalar_dense",
@@ -200,9 +199,9 @@ def _saved_bytes(total: list[int]):
 
 
 def count_step(engine_key: str, preset: str, batch: int, seed: int = 0) -> dict:
-    """Per-op counts of one REC training step of engine ``engine_key`` (or ``d*``) on the
-    CPU, bf16 autocast for the engines that use it on a GPU, and the saved-activation
-    bytes."""
+    """Per-op counts of one REC training step of engine ``engine_key`` on the CPU (``d*``:
+    (d) with its Triton ops computed by PyTorch), bf16 autocast for the engines that use it
+    on a GPU, and the saved-activation bytes."""
     config = get_config(preset)
     assume = UNMEASURED_KERNELS if engine_key == "d*" else ()
     engine_key = "d" if assume else engine_key
@@ -296,15 +295,13 @@ def roofline_rows(preset: str = "base", batch: int = 64, engines=("b", "c", "d",
     """One row per (engine, card): the prediction at ``batch`` and the top ops by time."""
     rows = []
     for key in engines:
-        if key != "d*" and (key not in ENGINES or key in COMPILED):
+        if key not in ENGINES or key in COMPILED:
             raise ValueError(f"--cost predicts eager engines b, c, d, d* (and a), got {key!r}")
         low, high = (count_step(key, preset, b) for b in FIT_BATCHES)
         counts = _at(low["ops"], high["ops"], batch)
         saved = (high["saved_bytes"] - low["saved_bytes"]) / (FIT_BATCHES[1] - FIT_BATCHES[0])
         for card in cards:
-            name = ENGINES[key] if key in ENGINES else (
-                f"{ENGINES['d']} + Triton {', '.join(UNMEASURED_KERNELS)} (unmeasured)")
-            row = {"engine": key, "engine_name": name, "preset": preset, "batch": batch,
+            row = {"engine": key, "engine_name": ENGINES[key], "preset": preset, "batch": batch,
                    "saved_mb_per_sample": saved / 2 ** 20, **predict(counts, card)}
             rows.append(row)
             log.info("cost %s (%s) %s: %.1f ms, MFU %.1f%%", preset, key, card, row["step_ms"],

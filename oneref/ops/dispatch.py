@@ -14,8 +14,9 @@ else inference), the backend that the committed policy (:mod:`oneref.ops.policy`
 fastest on this GPU generation, and the torch composite where nothing was measured; on CPU
 tensors it runs ``torch``. Inputs the chosen backend does not support (a dtype, a head dim)
 go to ``torch``. The setting is overridable per call (``backend=``), by the
-:func:`use_backend` context manager and by ``ONEREF_BACKEND``; an explicit backend that
-cannot run raises with its reasons, nothing falls back silently.
+:func:`use_backend` context manager (for every op, or per op with a mapping) and by
+``ONEREF_BACKEND``; an explicit backend that cannot run raises with its reasons, nothing
+falls back silently.
 
 Resolution is cached per (op, device type, setting, pass): inside a step it is a dict
 lookup and metadata checks, which ``torch.compile`` folds into the graph. The first
@@ -50,9 +51,10 @@ _BACKEND_MODULES = {
     "cuda": "oneref.ops.cuda_backend",
 }
 _load_errors: dict[str, str] = {}
-# The settings of the open use_backend blocks, innermost last. A plain list, not a
-# ContextVar: Dynamo traces a module global on every torch version this package supports.
-_settings: list[str] = []
+# The settings of the open use_backend blocks, innermost last: a backend for every op, or
+# {op: backend} for some. A plain list, not a ContextVar: Dynamo traces a module global on
+# every torch version this package supports.
+_settings: list[str | dict[str, str]] = []
 # (op, device type, setting, training) -> candidates [(backend, impl, function)], in order.
 _candidates: dict[tuple[str, str, str, bool], tuple[tuple[str, Impl, Callable], ...]] = {}
 
@@ -63,18 +65,31 @@ def _validate(name: str, source: str) -> str:
     return name
 
 
-def current_backend() -> str:
-    """The backend in force: the innermost :func:`use_backend`, else ``ONEREF_BACKEND``,
-    else ``auto``."""
-    if _settings:
-        return _settings[-1]
+def current_backend(op: str | None = None) -> str:
+    """The backend in force for ``op`` (for every op when None): the innermost
+    :func:`use_backend` that sets it, else ``ONEREF_BACKEND``, else ``auto``."""
+    for setting in reversed(_settings):
+        if isinstance(setting, str):
+            return setting
+        if op in setting:
+            return setting[op]
     return _validate(os.environ.get("ONEREF_BACKEND", "auto"), "ONEREF_BACKEND")
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the block on backend ``name`` (``auto``, cuda, triton, torch)."""
-    _settings.append(_validate(name, "use_backend"))
+def use_backend(name: str | dict[str, str]) -> Iterator[None]:
+    """Run the ops inside the block on backend ``name`` (``auto``, cuda, triton, torch), or
+    with ``{op: backend}`` only the ops it names, the others as outside the block."""
+    if isinstance(name, str):
+        setting = _validate(name, "use_backend")
+    else:
+        unknown = sorted(set(name) - set(OPS))
+        if unknown:
+            raise ValueError(f"use_backend: unknown op(s) {', '.join(unknown)}; ops: "
+                             f"{', '.join(OPS)}")
+        setting = {op: _validate(backend, f"use_backend[{op!r}]")
+                   for op, backend in name.items()}
+    _settings.append(setting)
     try:
         yield
     finally:
@@ -147,7 +162,7 @@ def resolve(op: str, device: torch.device, backend: str | None = None,
             dtype: torch.dtype | None = None, head_dim: int | None = None) -> Callable:
     """The implementation of ``op`` to run on ``device`` for inputs of ``dtype`` (and
     ``head_dim`` for attention)."""
-    setting = _validate(backend, "backend=") if backend is not None else current_backend()
+    setting = _validate(backend, "backend=") if backend is not None else current_backend(op)
     key = (op, device.type, setting, torch.is_grad_enabled())
     found = _candidates.get(key)
     if found is None:
@@ -166,8 +181,8 @@ def prepare(device: torch.device | str) -> None:
     """Resolve every op for ``device`` under the current setting, for training and
     inference, so no resolution happens inside a compiled step."""
     device = torch.device(device)
-    setting = current_backend()
     for op in OPS:
+        setting = current_backend(op)
         for training in (True, False):
             key = (op, device.type, setting, training)
             if key not in _candidates:

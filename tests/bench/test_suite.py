@@ -18,6 +18,8 @@ from oneref.bench.report import (cost_markdown, environment, plot_attention, plo
                                  profile_markdown)
 from oneref.bench.timing import measure, profile_ops
 from oneref.config import get_config
+import oneref.ops as ops
+from oneref.ops import dispatch
 
 CPU = torch.device("cpu")
 
@@ -52,6 +54,40 @@ def test_cost_row_of_baseline_has_measured_figures():
     assert row["split_time_extrapolated"] is True and row["split_samples_measured"] == 4
     assert row["split_time_s"] == pytest.approx(row["split_measured_s"] * 5657 / 4)
     assert set(row["infer_sweep"]) == {1, 2}
+
+
+def test_unmeasured_kernel_engine_is_a_skipped_row_on_the_cpu():
+    """(d*) runs Triton kernels on CUDA tensors: on a CPU its row says so and measures
+    nothing; on a GPU it is the G4 row beside (d)."""
+    (row,) = run_cost_table(_tiny_settings(engines=("d*",)), CPU, peak_tflops=0.05)
+    assert "engine (d*) unavailable: its Triton kernels run on CUDA tensors" in row["skipped"]
+    assert "rec_train_step_s" not in row
+    plan = plan_cost_rows("G4", True, add_arguments(argparse.ArgumentParser()).parse_args([]))
+    assert plan.engines.index("d*") == plan.engines.index("d") + 1
+
+
+@pytest.mark.gpu
+def test_unmeasured_kernel_engine_runs_the_triton_layer_norms_gpu(monkeypatch):
+    """(d*) resolves the two LayerNorm ops to their Triton kernels and the other ops as
+    (d) does; its training loss is finite and close to (d)'s on the same weights."""
+    calls = []
+    real = dispatch.resolve
+
+    def resolve(op, device, backend=None, *args):
+        calls.append((op, dispatch.current_backend(op) if backend is None else backend))
+        return real(op, device, backend, *args)
+
+    monkeypatch.setattr(dispatch, "resolve", resolve)
+    monkeypatch.setattr(ops, "resolve", resolve)
+    config = get_config("tiny")
+    batch = make_batch(config, 4, "cuda", seed=0)
+    losses = {key: train_step(build_engine(key, config, "cuda", seed=0), "rec", batch)
+              .float().item()
+              for key in ("d", "d*")}
+    assert losses["d*"] == pytest.approx(losses["d"], rel=2e-2)
+    assert ("multiway_add_layer_norm", "triton") in calls
+    assert ("multiway_layer_norm", "triton") in calls
+    assert ("multiway_linear", "auto") in calls
 
 
 def test_profile_ops_ranks_ops_by_self_time():

@@ -30,7 +30,7 @@ def triton_where_implemented(monkeypatch):
     real_resolve = dispatch.resolve
 
     def resolve(op, device, backend=None, *args):
-        name = backend if backend is not None else dispatch.current_backend()
+        name = backend if backend is not None else dispatch.current_backend(op)
         if name == "triton":
             if dispatch.unavailable_reasons("triton", op, device):
                 return real_resolve(op, device, "torch", *args)

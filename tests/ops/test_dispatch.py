@@ -30,6 +30,48 @@ def test_backend_choice_order(monkeypatch):
     assert ops.current_backend() == "torch"
 
 
+def test_per_op_backends_layer_over_the_outer_setting(monkeypatch):
+    monkeypatch.delenv("ONEREF_BACKEND", raising=False)
+    norm, linear = "multiway_layer_norm", "multiway_linear"
+    with ops.use_backend({norm: "triton"}):
+        assert ops.current_backend(norm) == "triton"
+        assert ops.current_backend(linear) == ops.current_backend() == "auto"
+        with ops.use_backend("torch"):  # a backend for every op wins inside its block
+            assert ops.current_backend(norm) == ops.current_backend(linear) == "torch"
+            with ops.use_backend({linear: "cuda"}):
+                assert ops.current_backend(linear) == "cuda"
+                assert ops.current_backend(norm) == "torch"
+    assert ops.current_backend(norm) == "auto"
+
+
+def test_per_op_backend_is_what_resolves(monkeypatch):
+    """The op named in the mapping resolves to its backend (here one that cannot run, so it
+    raises); the others go on under the outer setting."""
+    monkeypatch.delenv("ONEREF_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "_candidates", {})
+    real = dispatch.unavailable_reasons
+    monkeypatch.setattr(dispatch, "unavailable_reasons",
+                        lambda backend, op=None, device=None: ["no kernels here"]
+                        if backend == "triton" else real(backend, op, device))
+    q, k, v, lengths = _attention_inputs()
+    x, weight = torch.randn(2, 5, 4), torch.randn(3, 4)
+    with ops.use_backend({"multiway_attention": "triton"}):
+        with pytest.raises(RuntimeError, match="multiway_attention: backend 'triton' cannot"):
+            ops.multiway_attention(q, k, v, lengths, 6)
+        out = ops.multiway_linear(x, 2, weight, None, weight, None)
+    torch.testing.assert_close(out, x @ weight.T)
+
+
+def test_per_op_backend_names_unknown_ops_and_backends():
+    with pytest.raises(ValueError, match="unknown op.*multiway_norm; ops: multiway_attention"):
+        with ops.use_backend({"multiway_norm": "triton"}):
+            pass
+    with pytest.raises(ValueError, match=r"use_backend\['multiway_linear'\]: unknown backend "
+                                         "'fast'"):
+        with ops.use_backend({"multiway_linear": "fast"}):
+            pass
+
+
 def test_unknown_backend_names_the_choices(monkeypatch):
     with pytest.raises(ValueError, match="choose one of"):
         with ops.use_backend("fast"):

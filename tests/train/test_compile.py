@@ -75,6 +75,17 @@ def test_inference_forward_is_one_graph(model_and_batch, entry):
             torch.testing.assert_close(got, want)
 
 
+def test_per_op_backend_setting_traces_whole(model_and_batch):
+    """Dispatch under a per-op ``use_backend`` mapping (as bench engine (d*) runs) is still
+    a lookup that Dynamo folds."""
+    model, batch = model_and_batch
+    args = (batch["images"], batch["text_ids"], batch["text_lengths"])
+    with torch.no_grad(), ops.use_backend({"multiway_layer_norm": "torch"}):
+        ops.prepare("cpu")
+        explained = torch._dynamo.explain(model.forward_rec)(*args)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("task,mode,res_loss", STEPS, ids=STEP_IDS)
 def test_training_step_is_one_graph_on_the_gpu(model_and_batch, task, mode, res_loss):
