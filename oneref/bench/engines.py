@@ -35,8 +35,7 @@ from oneref.model import OneRef
 from oneref.ops import reference, use_backend
 
 __all__ = ["ENGINES", "COMPILED", "UNMEASURED_KERNELS", "Engine", "build_engine", "make_batch",
-           "train_step",
-           "infer_step", "TRAIN_TASKS", "INFER_TASKS", "TASK_FNS", "field_of"]
+           "train_step", "infer_step", "TRAIN_TASKS", "INFER_TASKS", "TASK_FNS", "field_of"]
 
 log = logging.getLogger(__name__)
 

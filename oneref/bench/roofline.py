@@ -23,9 +23,9 @@ eager runs op by op, so it is not predicted.
 Engine (d) runs each op on the backend the committed policy picks for training
 (:mod:`oneref.ops.policy`), with the backends that have CPU kernels. ``d*`` is (d) with the
 Triton kernels of :data:`oneref.bench.engines.UNMEASURED_KERNELS` as well, which the policy
-cannot pick before a GPU measures them: each counts as one kernel per call, reading its tensor arguments and
-writing its outputs (the ops compute the same values with PyTorch on CPU tensors, see
-``oneref/kernels/layer_norm.py``).
+cannot pick before a GPU measures them: each counts as one kernel per call, reading its
+tensor arguments and writing its outputs (the ops compute the same values with PyTorch on
+CPU tensors, see ``oneref/kernels/layer_norm.py``).
 """
 
 from __future__ import annotations
