@@ -31,7 +31,8 @@ from oneref.eval.predict import draw_prediction, load_image, load_predictor, pre
 from oneref.eval.splits import evaluate_checkpoint
 from oneref.info import info
 from oneref.model import OneRef
-from oneref.ops.dispatch import current_backend
+from oneref.ops.dispatch import BackendUnavailableError, current_backend
+from oneref.ops.registry import OPS
 from oneref.sources import ModelSource
 from oneref.train import config as tc
 from oneref.train.config import command_flags
@@ -362,7 +363,9 @@ def _cmd_info(args) -> int:
           f"{cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, ffn {cfg.ffn_dim}, "
           f"text {cfg.max_text_len}, sequence {cfg.seq_len}")
     print(f"  parameters: total {total:,}, backbone {backbone:,}, heads {total - backbone:,}")
-    print(f"op backend setting: {current_backend()} (ONEREF_BACKEND / use_backend)")
+    per_op = "".join(f"; {op}: {current_backend(op)}" for op in OPS
+                     if current_backend(op) != current_backend())
+    print(f"op backend setting: {current_backend()}{per_op} (ONEREF_BACKEND / use_backend)")
     info()
     return 0
 
@@ -416,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sts-labels": _cmd_sts_labels}
     try:
         return handlers[command](args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as exc:
         print(f"oneref {command}: error: {exc}", file=sys.stderr)
         return 2
 

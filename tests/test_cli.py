@@ -174,6 +174,27 @@ def test_train_bad_config_file(tmp_path, capsys):
     assert "bad.json" in capsys.readouterr().err
 
 
+def test_backend_setting_that_cannot_run_is_an_error_before_training(tmp_path, monkeypatch,
+                                                                     capsys):
+    """An ONEREF_BACKEND item naming a backend that lacks the op fails at start, with the op
+    and the reason, and no run folder is written; a typo in an op name is named too."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("ONEREF_BACKEND", "auto,multiway_attention=cuda")
+    assert main(["train", "--time-budget", "1", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "oneref train: error: oneref.ops.multiway_attention: backend 'cuda' cannot run" in err
+    assert "cuda backend does not implement multiway_attention" in err and not out.exists()
+    monkeypatch.setenv("ONEREF_BACKEND", "multiway_atention=torch")
+    assert main(["info", "--model", "tiny"]) == 2
+    assert "unknown op(s) multiway_atention" in capsys.readouterr().err
+
+
+def test_info_prints_per_op_settings(monkeypatch, capsys):
+    monkeypatch.setenv("ONEREF_BACKEND", "auto,multiway_layer_norm=torch")
+    assert main(["info", "--model", "tiny"]) == 0
+    assert "op backend setting: auto; multiway_layer_norm: torch" in capsys.readouterr().out
+
+
 def test_eval_and_info(run_dir, capsys):
     assert main(["eval", "--checkpoint", str(run_dir), "--split", "test", "--size", "8",
                  "--device", "cpu"]) == 0

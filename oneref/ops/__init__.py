@@ -11,8 +11,8 @@ import torch
 
 from oneref.ops.checks import (autocast_inputs, check_boxes, check_bool_mask, check_row_split,
                                check_shape, check_tensor)
-from oneref.ops.dispatch import (BACKENDS, backend_status, current_backend, prepare, resolve,
-                                 use_backend)
+from oneref.ops.dispatch import (BACKENDS, BackendUnavailableError, backend_status,
+                                 current_backend, prepare, resolve, use_backend)
 from oneref.ops.flops import register_cpu_attention_flops
 from oneref.ops.layout import is_sequence_major, sequence_major
 from oneref.ops.reference import DICE_WEIGHT, FOCAL_ALPHA, FOCAL_WEIGHT
@@ -21,7 +21,8 @@ from oneref.ops.registry import OPS
 register_cpu_attention_flops()
 
 # The dispatched ops are the registry's; the rest are helpers around them.
-__all__ = ["BACKENDS", "backend_status", "current_backend", "use_backend", "prepare",
+__all__ = ["BACKENDS", "BackendUnavailableError", "backend_status", "current_backend",
+           "use_backend", "prepare",
            "sequence_major", "is_sequence_major", "draw_mask_noise",
            *OPS]
 

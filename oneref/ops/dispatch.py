@@ -14,9 +14,9 @@ else inference), the backend that the committed policy (:mod:`oneref.ops.policy`
 fastest on this GPU generation, and the torch composite where nothing was measured; on CPU
 tensors it runs ``torch``. Inputs the chosen backend does not support (a dtype, a head dim)
 go to ``torch``. The setting is overridable per call (``backend=``), by the
-:func:`use_backend` context manager (for every op, or per op with a mapping) and by
-``ONEREF_BACKEND``; an explicit backend that cannot run raises with its reasons, nothing
-falls back silently.
+:func:`use_backend` context manager and by ``ONEREF_BACKEND``, each for every op or per op;
+an explicit backend that cannot run raises with its reasons, nothing falls back
+silently.
 
 Resolution is cached per (op, device type, setting, pass): inside a step it is a dict
 lookup and metadata checks, which ``torch.compile`` folds into the graph. The first
@@ -37,8 +37,8 @@ import torch
 from oneref.ops.policy import choice as policy_choice, generation
 from oneref.ops.registry import BACKENDS, OPS, Impl
 
-__all__ = ["BACKENDS", "use_backend", "current_backend", "resolve", "prepare", "choices",
-           "backend_status", "unavailable_reasons"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "current_backend", "resolve",
+           "prepare", "choices", "backend_status", "unavailable_reasons"]
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,42 @@ _settings: list[str | dict[str, str]] = []
 _candidates: dict[tuple[str, str, str, bool], tuple[tuple[str, Impl, Callable], ...]] = {}
 
 
+class BackendUnavailableError(RuntimeError):
+    """A backend set explicitly cannot run an op on this device or take its inputs."""
+
+
 def _validate(name: str, source: str) -> str:
     if name not in _CHOICES:
         raise ValueError(f"{source}: unknown backend {name!r}; choose one of {_CHOICES}")
     return name
+
+
+def _per_op(mapping: dict[str, str], source: str) -> dict[str, str]:
+    """``mapping`` checked: every key an op, every value a backend choice."""
+    unknown = sorted(set(mapping) - set(OPS))
+    if unknown:
+        raise ValueError(f"{source}: unknown op(s) {', '.join(unknown)}; ops: {', '.join(OPS)}")
+    return {op: _validate(backend, f"{source}[{op!r}]") for op, backend in mapping.items()}
+
+
+def _environment_setting(op: str | None) -> str:
+    """``ONEREF_BACKEND``'s backend for ``op``: a comma list of one backend for every op
+    and ``op=backend`` items for some, e.g. ``auto,multiway_layer_norm=triton``."""
+    value = os.environ.get("ONEREF_BACKEND", "auto")
+    if value in _CHOICES:
+        return value
+    defaults, per_op = [], {}
+    for item in value.split(","):
+        name, is_pair, backend = (part.strip() for part in item.partition("="))
+        if is_pair:
+            per_op[name] = backend
+        elif name:
+            defaults.append(name)
+    if len(defaults) > 1:
+        raise ValueError(f"ONEREF_BACKEND={value!r} names {len(defaults)} backends for every "
+                         "op; name one, and op=backend for the others")
+    default = _validate(defaults[0] if defaults else "auto", "ONEREF_BACKEND")
+    return _per_op(per_op, "ONEREF_BACKEND").get(op, default)
 
 
 def current_backend(op: str | None = None) -> str:
@@ -73,23 +105,15 @@ def current_backend(op: str | None = None) -> str:
             return setting
         if op in setting:
             return setting[op]
-    return _validate(os.environ.get("ONEREF_BACKEND", "auto"), "ONEREF_BACKEND")
+    return _environment_setting(op)
 
 
 @contextlib.contextmanager
 def use_backend(name: str | dict[str, str]) -> Iterator[None]:
     """Run the ops inside the block on backend ``name`` (``auto``, cuda, triton, torch), or
     with ``{op: backend}`` only the ops it names, the others as outside the block."""
-    if isinstance(name, str):
-        setting = _validate(name, "use_backend")
-    else:
-        unknown = sorted(set(name) - set(OPS))
-        if unknown:
-            raise ValueError(f"use_backend: unknown op(s) {', '.join(unknown)}; ops: "
-                             f"{', '.join(OPS)}")
-        setting = {op: _validate(backend, f"use_backend[{op!r}]")
-                   for op, backend in name.items()}
-    _settings.append(setting)
+    _settings.append(_validate(name, "use_backend") if isinstance(name, str)
+                     else _per_op(name, "use_backend"))
     try:
         yield
     finally:
@@ -151,8 +175,8 @@ def _resolve_candidates(op: str, device: torch.device, setting: str, training: b
     if setting != "auto":
         reasons = unavailable_reasons(setting, op, device)
         if reasons:
-            raise RuntimeError(f"oneref.ops.{op}: backend {setting!r} cannot run here: "
-                               + "; ".join(reasons))
+            raise BackendUnavailableError(
+                f"oneref.ops.{op}: backend {setting!r} cannot run here: " + "; ".join(reasons))
         return (_entry(op, setting),)
     _load("torch")
     return tuple(_entry(op, backend) for backend, _ in choices(op, device, training))
@@ -172,8 +196,9 @@ def resolve(op: str, device: torch.device, backend: str | None = None,
         if not reasons:
             return function
         if setting != "auto":
-            raise RuntimeError(f"oneref.ops.{op}: backend {name!r} cannot take these inputs: "
-                               + "; ".join(reasons))
+            raise BackendUnavailableError(
+                f"oneref.ops.{op}: backend {name!r} cannot take these inputs: "
+                + "; ".join(reasons))
     raise RuntimeError(f"oneref.ops.{op}: no backend takes {device.type} {dtype} inputs")
 
 

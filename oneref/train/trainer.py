@@ -23,6 +23,7 @@ from oneref.config import ModelConfig, get_config
 from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
 from oneref.io import write_json
+from oneref import ops
 from oneref.model import OneRef
 from oneref.model.validation import check_text
 from oneref.sources import ModelSource
@@ -58,7 +59,9 @@ class Trainer:
             threads = config.threads if config.threads > 0 else auto_threads()
             torch.set_num_threads(max(1, threads // self.info.world_size))
             log.info("CPU threads: %d", torch.get_num_threads())
-        # Data paths and start weights are checked before any model is built.
+        # The op backends (ONEREF_BACKEND) and data paths and start weights are checked
+        # before any data is read or model built.
+        ops.prepare(self.device)
         data = config.data
         splits = [data.train_split]
         if config.task != "pretrain":

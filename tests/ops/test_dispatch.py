@@ -44,6 +44,30 @@ def test_per_op_backends_layer_over_the_outer_setting(monkeypatch):
     assert ops.current_backend(norm) == "auto"
 
 
+def test_per_op_backends_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ONEREF_BACKEND", " torch , multiway_layer_norm = triton ")
+    assert ops.current_backend("multiway_layer_norm") == "triton"
+    assert ops.current_backend("multiway_linear") == ops.current_backend() == "torch"
+    with ops.use_backend({"multiway_linear": "cuda"}):
+        assert ops.current_backend("multiway_linear") == "cuda"
+        assert ops.current_backend("multiway_layer_norm") == "triton"
+    monkeypatch.setenv("ONEREF_BACKEND", "multiway_attention=torch")
+    assert ops.current_backend("multiway_attention") == "torch"
+    assert ops.current_backend("multiway_linear") == "auto"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("torch,cuda", "names 2 backends for every op"),
+    ("multiway_norm=triton", "ONEREF_BACKEND: unknown op.*multiway_norm"),
+    ("multiway_linear=fast", r"ONEREF_BACKEND\['multiway_linear'\]: unknown backend 'fast'"),
+    ("gpu,multiway_linear=torch", "ONEREF_BACKEND: unknown backend 'gpu'"),
+])
+def test_environment_setting_errors_name_the_item(monkeypatch, value, message):
+    monkeypatch.setenv("ONEREF_BACKEND", value)
+    with pytest.raises(ValueError, match=message):
+        ops.current_backend("multiway_linear")
+
+
 def test_per_op_backend_is_what_resolves(monkeypatch):
     """The op named in the mapping resolves to its backend (here one that cannot run, so it
     raises); the others go on under the outer setting."""

@@ -75,12 +75,16 @@ def test_inference_forward_is_one_graph(model_and_batch, entry):
             torch.testing.assert_close(got, want)
 
 
-def test_per_op_backend_setting_traces_whole(model_and_batch):
-    """Dispatch under a per-op ``use_backend`` mapping (as bench engine (d*) runs) is still
-    a lookup that Dynamo folds."""
+@pytest.mark.parametrize("where", ["use_backend", "environment"])
+def test_per_op_backend_setting_traces_whole(model_and_batch, monkeypatch, where):
+    """Dispatch under a per-op setting (a ``use_backend`` mapping, as bench engine (d*)
+    runs, or ``ONEREF_BACKEND`` items) is still a lookup that Dynamo folds."""
     model, batch = model_and_batch
     args = (batch["images"], batch["text_ids"], batch["text_lengths"])
-    with torch.no_grad(), ops.use_backend({"multiway_layer_norm": "torch"}):
+    per_op = {"multiway_layer_norm": "torch"}
+    if where == "environment":
+        monkeypatch.setenv("ONEREF_BACKEND", "auto,multiway_layer_norm=torch")
+    with torch.no_grad(), ops.use_backend(per_op if where == "use_backend" else {}):
         ops.prepare("cpu")
         explained = torch._dynamo.explain(model.forward_rec)(*args)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
