@@ -33,6 +33,7 @@ from oneref.compile import compile_step
 from oneref.config import ModelConfig
 from oneref.model import OneRef
 from oneref.ops import reference, use_backend
+from oneref.ops.dispatch import unavailable_reasons
 
 __all__ = ["ENGINES", "COMPILED", "UNMEASURED_KERNELS", "Engine", "build_engine", "make_batch",
            "train_step", "infer_step", "TRAIN_TASKS", "INFER_TASKS", "TASK_FNS", "field_of"]
@@ -125,7 +126,7 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
     """Build the model of row ``key`` on ``device`` (fresh weights from ``seed``).
 
     Raises RuntimeError with the reason when the row cannot run here (missing torchscale,
-    torch.compile unusable)."""
+    torch.compile unusable, (d*) without Triton on CUDA tensors)."""
     if key not in ENGINES:
         raise ValueError(f"unknown engine {key!r}; choose from {sorted(ENGINES)}")
     device = torch.device(device)
@@ -151,8 +152,10 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
         autocast = torch.bfloat16 if gpu else None
         backend = "torch" if key == "c" else "auto"
         if key == "d*":
-            if not gpu:
-                raise _unavailable(key, "its Triton kernels run on CUDA tensors")
+            reasons = (unavailable_reasons("triton", device=device) if gpu
+                       else ["its Triton kernels run on CUDA tensors"])
+            if reasons:
+                raise _unavailable(key, "; ".join(reasons))
             backend = dict.fromkeys(UNMEASURED_KERNELS, "triton")
         if key in ("d", "e", "f") and not gpu:
             notes.append("on CPU the auto backend resolves every op to torch")

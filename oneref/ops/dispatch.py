@@ -30,6 +30,7 @@ import contextlib
 import importlib
 import logging
 import os
+from collections.abc import Mapping
 from typing import Callable, Iterator
 
 import torch
@@ -69,47 +70,70 @@ def _validate(name: str, source: str) -> str:
     return name
 
 
-def _per_op(mapping: dict[str, str], source: str) -> dict[str, str]:
+def _per_op(mapping, source: str) -> dict[str, str]:
     """``mapping`` checked: every key an op, every value a backend choice."""
-    unknown = sorted(set(mapping) - set(OPS))
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{source}: expected a backend name or {{op: backend}}, got "
+                        f"{type(mapping).__name__}")
+    unknown = [op for op in mapping if op not in OPS]
     if unknown:
-        raise ValueError(f"{source}: unknown op(s) {', '.join(unknown)}; ops: {', '.join(OPS)}")
+        raise ValueError(f"{source}: unknown op(s) {', '.join(map(repr, unknown))}; ops: "
+                         f"{', '.join(OPS)}")
     return {op: _validate(backend, f"{source}[{op!r}]") for op, backend in mapping.items()}
 
 
-def _environment_setting(op: str | None) -> str:
-    """``ONEREF_BACKEND``'s backend for ``op``: a comma list of one backend for every op
-    and ``op=backend`` items for some, e.g. ``auto,multiway_layer_norm=triton``."""
-    value = os.environ.get("ONEREF_BACKEND", "auto")
-    if value in _CHOICES:
-        return value
+def _parse_environment(value: str) -> tuple[str, dict[str, str]]:
+    """``ONEREF_BACKEND``'s comma list: at most one backend for every op (default
+    ``auto``) and ``op=backend`` items for some, e.g. ``auto,multiway_layer_norm=triton``.
+    Empty items are skipped, so an empty value means ``auto``."""
     defaults, per_op = [], {}
     for item in value.split(","):
-        name, is_pair, backend = (part.strip() for part in item.partition("="))
-        if is_pair:
+        name, sep, backend = item.partition("=")
+        name, backend = name.strip(), backend.strip()
+        if sep and not (name and backend):
+            raise ValueError(f"ONEREF_BACKEND item {item.strip()!r}: write op=backend")
+        if sep and name in per_op:
+            raise ValueError(f"ONEREF_BACKEND={value!r} sets {name!r} twice")
+        if sep:
             per_op[name] = backend
+        elif name in OPS:
+            raise ValueError(f"ONEREF_BACKEND item {name!r} is an op: write {name}=backend")
         elif name:
             defaults.append(name)
     if len(defaults) > 1:
         raise ValueError(f"ONEREF_BACKEND={value!r} names {len(defaults)} backends for every "
                          "op; name one, and op=backend for the others")
     default = _validate(defaults[0] if defaults else "auto", "ONEREF_BACKEND")
-    return _per_op(per_op, "ONEREF_BACKEND").get(op, default)
+    return default, _per_op(per_op, "ONEREF_BACKEND")
 
 
 def current_backend(op: str | None = None) -> str:
-    """The backend in force for ``op`` (for every op when None): the innermost
-    :func:`use_backend` that sets it, else ``ONEREF_BACKEND``, else ``auto``."""
+    """The backend in force for ``op``: the innermost :func:`use_backend` that sets it,
+    else ``ONEREF_BACKEND``, else ``auto``. With no op: the setting of the ops that no
+    per-op setting names."""
     for setting in reversed(_settings):
         if isinstance(setting, str):
             return setting
         if op in setting:
             return setting[op]
-    return _environment_setting(op)
+    value = os.environ.get("ONEREF_BACKEND", "auto")
+    if value in _CHOICES:
+        return value
+    default, per_op = _parse_environment(value)
+    return per_op.get(op, default)
+
+
+def _source_of(op: str, backend: str | None) -> str:
+    """Where the backend setting of ``op`` comes from, for error messages."""
+    if backend is not None:
+        return "backend="
+    if any(isinstance(s, str) or op in s for s in _settings):
+        return "use_backend"
+    return f"ONEREF_BACKEND={os.environ.get('ONEREF_BACKEND', '')!r}"
 
 
 @contextlib.contextmanager
-def use_backend(name: str | dict[str, str]) -> Iterator[None]:
+def use_backend(name: str | Mapping[str, str]) -> Iterator[None]:
     """Run the ops inside the block on backend ``name`` (``auto``, cuda, triton, torch), or
     with ``{op: backend}`` only the ops it names, the others as outside the block."""
     _settings.append(_validate(name, "use_backend") if isinstance(name, str)
@@ -166,7 +190,8 @@ def choices(op: str, device: torch.device, training: bool) -> list[tuple[str, st
     return [("torch", why)]
 
 
-def _resolve_candidates(op: str, device: torch.device, setting: str, training: bool):
+def _resolve_candidates(op: str, device: torch.device, setting: str, training: bool,
+                        backend: str | None = None):
     if torch.compiler.is_compiling():
         log.warning("oneref.ops.%s resolved while compiling (a graph break): call "
                     "oneref.ops.prepare(device) before torch.compile", op)
@@ -176,7 +201,8 @@ def _resolve_candidates(op: str, device: torch.device, setting: str, training: b
         reasons = unavailable_reasons(setting, op, device)
         if reasons:
             raise BackendUnavailableError(
-                f"oneref.ops.{op}: backend {setting!r} cannot run here: " + "; ".join(reasons))
+                f"oneref.ops.{op}: backend {setting!r} ({_source_of(op, backend)}) cannot run "
+                f"here: {'; '.join(reasons)}")
         return (_entry(op, setting),)
     _load("torch")
     return tuple(_entry(op, backend) for backend, _ in choices(op, device, training))
@@ -190,20 +216,20 @@ def resolve(op: str, device: torch.device, backend: str | None = None,
     key = (op, device.type, setting, torch.is_grad_enabled())
     found = _candidates.get(key)
     if found is None:
-        found = _candidates[key] = _resolve_candidates(op, device, *key[2:])
+        found = _candidates[key] = _resolve_candidates(op, device, *key[2:], backend)
     for name, impl, function in found:
         reasons = impl.reasons(device.type, dtype, head_dim)
         if not reasons:
             return function
         if setting != "auto":
             raise BackendUnavailableError(
-                f"oneref.ops.{op}: backend {name!r} cannot take these inputs: "
-                + "; ".join(reasons))
+                f"oneref.ops.{op}: backend {name!r} ({_source_of(op, backend)}) cannot take "
+                f"these inputs: {'; '.join(reasons)}")
     raise RuntimeError(f"oneref.ops.{op}: no backend takes {device.type} {dtype} inputs")
 
 
 def prepare(device: torch.device | str) -> None:
-    """Resolve every op for ``device`` under the current setting, for training and
+    """Resolve every op for ``device`` under its current setting, for training and
     inference, so no resolution happens inside a compiled step."""
     device = torch.device(device)
     for op in OPS:

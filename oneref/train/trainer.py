@@ -1,13 +1,13 @@
 """The training loop: REC / RES fine-tuning and MRefM pre-training, staged, resumable.
 
-Order of set-up (logged): process group -> threads -> data paths and start weights checked
--> datasets -> seed -> model -> task module (device) -> features (grad checkpointing, FSDP
-sharding: :mod:`oneref.train.features`) -> optimizer -> resume -> per stage: freeze, then the
-features' DDP wrap and torch.compile. Each step: the
-batch checked on the host, lr from the plan, batch to device (MRefM: draw masks, tokenizer
-targets), autocast forward, backward, clip, a finite check, AdamW; every
-``log_interval`` steps the loss parts are averaged over ranks and written to CSV /
-TensorBoard / the progress bar.
+Order of set-up (logged): process group -> threads -> op backends resolved (a setting that
+cannot run here fails now) -> data paths and start weights checked -> datasets -> seed ->
+model -> task module (device) -> features (grad checkpointing, FSDP sharding:
+:mod:`oneref.train.features`) -> optimizer -> resume -> per stage: freeze, then the
+features' DDP wrap and torch.compile. Each step: the batch checked on the host, lr from
+the plan, batch to device (MRefM: draw masks, tokenizer targets), autocast forward,
+backward, clip, a finite check, AdamW; every ``log_interval`` steps the loss parts are
+averaged over ranks and written to CSV / TensorBoard / the progress bar.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from oneref import ops
 from oneref.config import ModelConfig, get_config
 from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
 from oneref.io import write_json
-from oneref import ops
 from oneref.model import OneRef
 from oneref.model.validation import check_text
 from oneref.sources import ModelSource

@@ -17,8 +17,8 @@ from oneref.bench.main import add_arguments, main, plan_cost_rows
 from oneref.bench.report import (cost_markdown, environment, plot_attention, plot_throughput,
                                  profile_markdown)
 from oneref.bench.timing import measure, profile_ops
+from oneref import ops
 from oneref.config import get_config
-import oneref.ops as ops
 from oneref.ops import dispatch
 
 CPU = torch.device("cpu")

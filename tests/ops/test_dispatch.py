@@ -45,7 +45,7 @@ def test_per_op_backends_layer_over_the_outer_setting(monkeypatch):
 
 
 def test_per_op_backends_from_the_environment(monkeypatch):
-    monkeypatch.setenv("ONEREF_BACKEND", " torch , multiway_layer_norm = triton ")
+    monkeypatch.setenv("ONEREF_BACKEND", " torch , multiway_layer_norm = triton ,")
     assert ops.current_backend("multiway_layer_norm") == "triton"
     assert ops.current_backend("multiway_linear") == ops.current_backend() == "torch"
     with ops.use_backend({"multiway_linear": "cuda"}):
@@ -54,13 +54,20 @@ def test_per_op_backends_from_the_environment(monkeypatch):
     monkeypatch.setenv("ONEREF_BACKEND", "multiway_attention=torch")
     assert ops.current_backend("multiway_attention") == "torch"
     assert ops.current_backend("multiway_linear") == "auto"
+    for empty in ("", " , "):  # an exported but empty setting is the default
+        monkeypatch.setenv("ONEREF_BACKEND", empty)
+        assert ops.current_backend("multiway_linear") == "auto"
 
 
 @pytest.mark.parametrize("value, message", [
     ("torch,cuda", "names 2 backends for every op"),
-    ("multiway_norm=triton", "ONEREF_BACKEND: unknown op.*multiway_norm"),
+    ("multiway_norm=triton", "ONEREF_BACKEND: unknown op.*'multiway_norm'"),
     ("multiway_linear=fast", r"ONEREF_BACKEND\['multiway_linear'\]: unknown backend 'fast'"),
     ("gpu,multiway_linear=torch", "ONEREF_BACKEND: unknown backend 'gpu'"),
+    ("=triton", "ONEREF_BACKEND item '=triton': write op=backend"),
+    ("auto,multiway_linear=", "ONEREF_BACKEND item 'multiway_linear=': write op=backend"),
+    ("multiway_linear", "'multiway_linear' is an op: write multiway_linear=backend"),
+    ("multiway_linear=torch,multiway_linear=cuda", "sets 'multiway_linear' twice"),
 ])
 def test_environment_setting_errors_name_the_item(monkeypatch, value, message):
     monkeypatch.setenv("ONEREF_BACKEND", value)
@@ -68,31 +75,48 @@ def test_environment_setting_errors_name_the_item(monkeypatch, value, message):
         ops.current_backend("multiway_linear")
 
 
-def test_per_op_backend_is_what_resolves(monkeypatch):
-    """The op named in the mapping resolves to its backend (here one that cannot run, so it
-    raises); the others go on under the outer setting."""
+def _triton_cannot_run(monkeypatch):
+    """Resolve afresh, with the triton backend unable to run anything."""
     monkeypatch.delenv("ONEREF_BACKEND", raising=False)
     monkeypatch.setattr(dispatch, "_candidates", {})
     real = dispatch.unavailable_reasons
     monkeypatch.setattr(dispatch, "unavailable_reasons",
                         lambda backend, op=None, device=None: ["no kernels here"]
                         if backend == "triton" else real(backend, op, device))
+
+
+def test_per_op_backend_is_what_resolves(monkeypatch):
+    """The op named in the mapping resolves to its backend (here one that cannot run, so it
+    raises, naming where the setting came from); the others go on under the outer setting;
+    the same op under another mapping is resolved apart."""
+    _triton_cannot_run(monkeypatch)
     q, k, v, lengths = _attention_inputs()
     x, weight = torch.randn(2, 5, 4), torch.randn(3, 4)
+    with ops.use_backend({"multiway_attention": "torch"}):
+        ops.multiway_attention(q, k, v, lengths, 6)
     with ops.use_backend({"multiway_attention": "triton"}):
-        with pytest.raises(RuntimeError, match="multiway_attention: backend 'triton' cannot"):
+        with pytest.raises(ops.BackendUnavailableError,
+                           match=r"multiway_attention: backend 'triton' \(use_backend\) cannot"):
             ops.multiway_attention(q, k, v, lengths, 6)
         out = ops.multiway_linear(x, 2, weight, None, weight, None)
     torch.testing.assert_close(out, x @ weight.T)
+    monkeypatch.setenv("ONEREF_BACKEND", "multiway_attention=triton")
+    with pytest.raises(ops.BackendUnavailableError,
+                       match=r"\(ONEREF_BACKEND='multiway_attention=triton'\) cannot run here"):
+        ops.prepare("cpu")
 
 
 def test_per_op_backend_names_unknown_ops_and_backends():
-    with pytest.raises(ValueError, match="unknown op.*multiway_norm; ops: multiway_attention"):
+    with pytest.raises(ValueError, match="unknown op.*'multiway_norm'; ops: multiway_attention"):
         with ops.use_backend({"multiway_norm": "triton"}):
             pass
     with pytest.raises(ValueError, match=r"use_backend\['multiway_linear'\]: unknown backend "
                                          "'fast'"):
         with ops.use_backend({"multiway_linear": "fast"}):
+            pass
+    with pytest.raises(TypeError, match=r"use_backend: expected a backend name or \{op: "
+                                        r"backend\}, got NoneType"):
+        with ops.use_backend(None):
             pass
 
 
@@ -106,11 +130,10 @@ def test_unknown_backend_names_the_choices(monkeypatch):
 
 
 def test_explicit_backend_that_cannot_run_raises_with_reasons(monkeypatch):
-    monkeypatch.setattr(dispatch, "_candidates", {})  # resolved afresh
-    monkeypatch.setattr(dispatch, "unavailable_reasons",
-                        lambda backend, op=None, device=None: ["no kernels here"])
+    _triton_cannot_run(monkeypatch)
     q, k, v, lengths = _attention_inputs()
-    with pytest.raises(RuntimeError, match="backend 'triton' cannot run here: no kernels here"):
+    with pytest.raises(ops.BackendUnavailableError,
+                       match=r"backend 'triton' \(backend=\) cannot run here: no kernels here"):
         ops.multiway_attention(q, k, v, lengths, 6, backend="triton")
 
 

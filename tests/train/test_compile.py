@@ -3,6 +3,8 @@ loss, referring MIM with visual-token targets and VTS, referring MLM with STS) c
 ``fullgraph=True`` through inductor and match eager in loss and every gradient; the
 inference forwards trace whole too."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -81,10 +83,12 @@ def test_per_op_backend_setting_traces_whole(model_and_batch, monkeypatch, where
     runs, or ``ONEREF_BACKEND`` items) is still a lookup that Dynamo folds."""
     model, batch = model_and_batch
     args = (batch["images"], batch["text_ids"], batch["text_lengths"])
-    per_op = {"multiway_layer_norm": "torch"}
+    block = contextlib.nullcontext()
     if where == "environment":
         monkeypatch.setenv("ONEREF_BACKEND", "auto,multiway_layer_norm=torch")
-    with torch.no_grad(), ops.use_backend(per_op if where == "use_backend" else {}):
+    else:
+        block = ops.use_backend({"multiway_layer_norm": "torch"})
+    with torch.no_grad(), block:
         ops.prepare("cpu")
         explained = torch._dynamo.explain(model.forward_rec)(*args)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
