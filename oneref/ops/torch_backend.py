@@ -210,6 +210,10 @@ class _MultiwayAddLayerNorm(torch.autograd.Function):
         ctx.save_for_backward(*saved, branch_scale, branch if needs[2] else None)
         ctx.num_vision, ctx.dtypes = num_vision, (x.dtype, branch.dtype, h.dtype)
         ctx.set_materialize_grads(False)
+        # Fresh views as the outputs: torch 2.11's Dynamo can route an output's gradient to
+        # the wrong slot when a tensor it traced before an in-place write is also returned
+        # (pytorch#180642, fixed in 2.12); a compiled step then lost h's gradient.
+        h, y = h.view_as(h), y.view_as(y)
         if not any(needs[:3]):
             ctx.mark_non_differentiable(h)
         return h, y
