@@ -363,9 +363,10 @@ def _cmd_info(args) -> int:
           f"{cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, ffn {cfg.ffn_dim}, "
           f"text {cfg.max_text_len}, sequence {cfg.seq_len}")
     print(f"  parameters: total {total:,}, backbone {backbone:,}, heads {total - backbone:,}")
-    per_op = "".join(f"; {op}: {current_backend(op)}" for op in OPS
-                     if current_backend(op) != current_backend())
-    print(f"op backend setting: {current_backend()}{per_op} (ONEREF_BACKEND / use_backend)")
+    default = current_backend()
+    per_op = "".join(f"; {op}: {setting}" for op in OPS
+                     if (setting := current_backend(op)) != default)
+    print(f"op backend setting: {default}{per_op} (ONEREF_BACKEND / use_backend)")
     info()
     return 0
 

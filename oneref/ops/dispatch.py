@@ -123,9 +123,10 @@ def current_backend(op: str | None = None) -> str:
     return per_op.get(op, default)
 
 
-def _source_of(op: str, backend: str | None) -> str:
-    """Where the backend setting of ``op`` comes from, for error messages."""
-    if backend is not None:
+def _source_of(op: str, call_backend: str | None) -> str:
+    """Where the backend setting of ``op`` comes from (``call_backend``: the call's
+    ``backend=``), for error messages."""
+    if call_backend is not None:
         return "backend="
     if any(isinstance(s, str) or op in s for s in _settings):
         return "use_backend"
@@ -191,7 +192,7 @@ def choices(op: str, device: torch.device, training: bool) -> list[tuple[str, st
 
 
 def _resolve_candidates(op: str, device: torch.device, setting: str, training: bool,
-                        backend: str | None = None):
+                        call_backend: str | None = None):
     if torch.compiler.is_compiling():
         log.warning("oneref.ops.%s resolved while compiling (a graph break): call "
                     "oneref.ops.prepare(device) before torch.compile", op)
@@ -201,7 +202,7 @@ def _resolve_candidates(op: str, device: torch.device, setting: str, training: b
         reasons = unavailable_reasons(setting, op, device)
         if reasons:
             raise BackendUnavailableError(
-                f"oneref.ops.{op}: backend {setting!r} ({_source_of(op, backend)}) cannot run "
+                f"oneref.ops.{op}: backend {setting!r} ({_source_of(op, call_backend)}) cannot run "
                 f"here: {'; '.join(reasons)}")
         return (_entry(op, setting),)
     _load("torch")
