@@ -116,6 +116,17 @@ def use_sdpa(model: nn.Module) -> nn.Module:
     return model
 
 
+def _python_drop_rates(model: nn.Module) -> nn.Module:
+    """torchscale keeps each layer's drop-path rate as a numpy float, which Dynamo cannot
+    branch on (a graph break in every layer under ``torch.compile``); the same rates as
+    Python floats, so that row (b+) compiles to one graph as a user's fix would."""
+    from torchscale.component.droppath import DropPath
+    for module in model.modules():
+        if isinstance(module, DropPath) and module.drop_prob is not None:
+            module.drop_prob = float(module.drop_prob)
+    return model
+
+
 def _mlp(dim: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(),
                          nn.Linear(dim, out))
@@ -175,7 +186,7 @@ class BaselineOneRef(nn.Module):
         config = get_config(config)
         self.config = config
         BEiT3, _ = import_beit3()
-        self.beit3 = BEiT3(encoder_config(config))
+        self.beit3 = _python_drop_rates(BEiT3(encoder_config(config)))
         dim = config.embed_dim
         self.vision_head = nn.Linear(dim, dim, bias=False)
         self.language_head = nn.Linear(dim, dim, bias=False)

@@ -9,6 +9,7 @@
 | d | ours, ``auto`` backend (the measured per-op policy, :mod:`oneref.ops.policy`) |
 | d* | (d) + the Triton kernels of :data:`UNMEASURED_KERNELS`, before the policy has them (GPU) |
 | e | (d) + ``torch.compile`` of the loss / forward function (one graph per step) |
+| e* | (e) + the Triton kernels of (d*) |
 | f | (e) + CUDA graphs (``reduce-overhead``: one captured graph per batch size; CPU: (e)) |
 
 Every engine runs the same tasks on the same synthetic batches: ``rec`` / ``res`` fine-tune
@@ -36,7 +37,8 @@ from oneref.ops import reference, use_backend
 from oneref.ops.dispatch import unavailable_reasons
 
 __all__ = ["ENGINES", "COMPILED", "UNMEASURED_KERNELS", "Engine", "build_engine", "make_batch",
-           "train_step", "infer_step", "TRAIN_TASKS", "INFER_TASKS", "TASK_FNS", "field_of"]
+           "train_step", "backward_step", "optimizer_step", "infer_step", "TRAIN_TASKS",
+           "INFER_TASKS", "TASK_FNS", "field_of"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,11 @@ ENGINES = {
     "d": "ours, auto backend (kernels)",
     "d*": "(d) + the Triton LayerNorms (not yet in the policy)",
     "e": "(d) + torch.compile",
+    "e*": "(e) + the Triton LayerNorms (not yet in the policy)",
     "f": "(e) + CUDA graphs",
 }
-COMPILED = ("b+", "e", "f")
-#: Triton kernels with no measured policy row yet: engine (d*) runs them.
+COMPILED = ("b+", "e", "e*", "f")
+#: Triton kernels with no measured policy row yet: engines (d*) and (e*) run them.
 UNMEASURED_KERNELS = ("multiway_layer_norm", "multiway_add_layer_norm")
 TRAIN_TASKS = ("rec", "res", "mim", "mlm")
 GRAD_CLIP = 1.0  # every engine clips to this norm, as the trainer does by default
@@ -69,6 +72,7 @@ class Engine:
     autocast: torch.dtype | None = None
     backend: str | dict[str, str] | None = None
     compile: bool = False
+    fullgraph: bool = False
     cuda_graphs: bool = False
     notes: list[str] = field(default_factory=list)
     _compiled: dict = field(default_factory=dict)
@@ -99,7 +103,7 @@ class Engine:
         if task not in self._compiled:
             fn = functools.partial(TASK_FNS[task], self.model)
             if self.compile:
-                options = {"dynamic": False}
+                options = {"dynamic": False, "fullgraph": self.fullgraph}
                 if self.cuda_graphs:
                     options["mode"] = "reduce-overhead"
                 fn = (compile_step(fn, self.device, **options) if self.backend is not None
@@ -126,7 +130,7 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
     """Build the model of row ``key`` on ``device`` (fresh weights from ``seed``).
 
     Raises RuntimeError with the reason when the row cannot run here (missing torchscale,
-    torch.compile unusable, (d*) without Triton on CUDA tensors)."""
+    torch.compile unusable, (d*) and (e*) without Triton on CUDA tensors)."""
     if key not in ENGINES:
         raise ValueError(f"unknown engine {key!r}; choose from {sorted(ENGINES)}")
     device = torch.device(device)
@@ -151,7 +155,7 @@ def build_engine(key: str, config: ModelConfig, device: torch.device | str,
         model.validate_inputs = False
         autocast = torch.bfloat16 if gpu else None
         backend = "torch" if key == "c" else "auto"
-        if key == "d*":
+        if key in ("d*", "e*"):
             reasons = (unavailable_reasons("triton", device=device) if gpu
                        else ["its Triton kernels run on CUDA tensors"])
             if reasons:
@@ -216,19 +220,30 @@ def _new_step(engine: Engine) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def train_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
-    """One optimisation step of ``task``: forward + loss, backward, clipping, fused AdamW.
-    Returns the loss (detached; with CUDA graphs valid until the engine's next step: clone it
-    to keep it)."""
-    model, opt = engine.model, engine.optimizer()
-    model.train()
+def backward_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
+    """Forward + loss and backward of ``task`` into freshly unset gradients; returns the
+    loss."""
+    engine.model.train()
     _new_step(engine)
-    opt.zero_grad(set_to_none=True)
+    engine.optimizer().zero_grad(set_to_none=True)
     with engine.context():
         loss = engine.function(task)(batch)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
-    opt.step()
+    return loss
+
+
+def optimizer_step(engine: Engine) -> None:
+    """Clip the gradients to :data:`GRAD_CLIP` and take one fused AdamW step."""
+    torch.nn.utils.clip_grad_norm_(engine.model.parameters(), GRAD_CLIP, foreach=True)
+    engine.optimizer().step()
+
+
+def train_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
+    """One optimisation step of ``task``: :func:`backward_step`, then
+    :func:`optimizer_step`. Returns the loss (detached; with CUDA graphs valid until the
+    engine's next step: clone it to keep it)."""
+    loss = backward_step(engine, task, batch)
+    optimizer_step(engine)
     return loss.detach()
 
 

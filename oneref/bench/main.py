@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--presets", default=None,
                         help="override the model presets of the model rows (e.g. tiny,small)")
     parser.add_argument("--engines", default=None,
-                        help="override the engine rows, subset of a,b,b+,c,d,d*,e,f")
+                        help="override the engine rows, subset of a,b,b+,c,d,d*,e,e*,f")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per run")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per run")
     parser.add_argument("--sweep-batches", type=_batch_list, default=None,
@@ -68,9 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="results folder (default runs/bench-<date>)")
     parser.add_argument("--cost", action="store_true",
                         help="speed-of-light report instead of timings: per-op FLOPs, bytes and "
-                             "launches of one REC training step (counted on CPU tensors) and "
-                             "the predicted H100/H200 step time and MFU of engines b, c, d "
-                             "(--presets: default base; --engines; --batch: default 64)")
+                             "launches of one REC training step (counted on CPU tensors; the "
+                             "compiled engines b+, e, e* per inductor kernel) and the predicted "
+                             "H100/H200 step time and MFU (--presets: default base; --engines: "
+                             "default b,c,d,d*; --batch: default 64)")
     parser.add_argument("--batch", type=int, default=64, help="batch of the --cost prediction")
     parser.add_argument("--write-policy", nargs="+", default=None, metavar="JSON",
                         help="write the per-op backend policy of auto (oneref/ops/policy.json) "
@@ -113,7 +114,8 @@ def plan_cost_rows(row: str, gpu: bool, args) -> CostSettings:
                          sweep_batch={"tiny": (1, 8, 32), "small": (1, 4, 16)},
                          split_samples=32, warmup=2, repeats=5, passes=2)
     elif row == "G4":
-        s = CostSettings(presets=("base",), engines=("a", "b", "b+", "c", "d", "d*", "e", "f"),
+        s = CostSettings(presets=("base",),
+                         engines=("a", "b", "b+", "c", "d", "d*", "e", "e*", "f"),
                          train_tasks=("rec",), infer_tasks=(), warmup=2, repeats=4)
     elif row == "G5":
         s = CostSettings(presets=("base",), engines=("a", "b", "b+", "c", "d", "e", "f"),

@@ -17,15 +17,24 @@ at the matmul peak, everything else at copy bandwidth), kernels do not overlap, 
 never starves the GPU, one launch gap of :data:`LAUNCH_GAP_US`, and the CPU dispatcher's
 eager op sequence is the GPU's. It is not exactly: the attention kernel differs, and CPU
 autocast keeps softmax, layer_norm, sums and norms in bf16 where CUDA autocast runs them in
-fp32 (the multiway LayerNorm casts to fp32 itself). Engine (e) (torch.compile) fuses what
-eager runs op by op, so it is not predicted.
+fp32 (the multiway LayerNorm casts to fp32 itself).
+
+The compiled engines (b+), (e) and (e*) are compiled on the CPU with inductor, as one graph
+per step, and counted kernel by kernel as it schedules them
+(:mod:`oneref.bench.inductor_count`): its extern GEMMs and SDPA as the eager ops, each
+fused kernel as one launch reading and writing its buffers once; clipping and the
+optimizer, which run eagerly around the compiled graphs, as above.
+This also assumes that inductor's CPU scheduler fuses what its GPU one would (both fuse
+pointwise ops and reductions into their consumers and producers; the GPU one may split a
+long reduction in two).
 
 Engine (d) runs each op on the backend the committed policy picks for training
 (:mod:`oneref.ops.policy`), with the backends that have CPU kernels. ``d*`` is (d) with the
 Triton kernels of :data:`oneref.bench.engines.UNMEASURED_KERNELS` as well, which the policy
 cannot pick before a GPU measures them: each counts as one kernel per call, reading its
 tensor arguments and writing its outputs (the ops compute the same values with PyTorch on
-CPU tensors, see ``oneref/kernels/layer_norm.py``).
+CPU tensors, see ``oneref/kernels/layer_norm.py``). ``e*`` is (e) with the same kernels:
+custom ops that inductor calls as extern kernels.
 """
 
 from __future__ import annotations
@@ -42,11 +51,12 @@ from torch.utils.flop_counter import flop_registry
 
 from oneref import ops
 from oneref.bench.baseline import use_sdpa
-from oneref.bench.engines import (COMPILED, ENGINES, UNMEASURED_KERNELS, build_engine,
-                                  make_batch, train_step)
+from oneref.bench.engines import (COMPILED, ENGINES, UNMEASURED_KERNELS, backward_step,
+                                  build_engine, make_batch, optimizer_step, train_step)
+from oneref.bench.inductor_count import INDUCTOR, KernelRecorder, empty_counts, touched_bytes
 from oneref.config import get_config
 from oneref.ops import dispatch, policy
-from oneref.ops.registry import OPS, not_supported_reasons
+from oneref.ops.registry import OPS
 
 __all__ = ["CARDS", "LAUNCH_GAP_US", "GAP_TO_EXPLAIN", "OpCounter",
            "count_step", "predict", "roofline_rows", "roofline_markdown", "card_of",
@@ -76,6 +86,8 @@ _GEMMS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution",
 def op_class(name: str) -> str:
     """``gemm`` (matmuls, convolutions), ``attention`` (fused SDPA kernels), ``optimizer``
     (AdamW and clipping's foreach norm and scale), or ``memory`` (everything else)."""
+    if name.startswith(f"{INDUCTOR}."):
+        return "memory"
     base = name.split(".")[-1]
     if "attention" in base or base.startswith(("_flash_", "_efficient_")):
         return "attention"
@@ -84,19 +96,6 @@ def op_class(name: str) -> str:
     if "adam" in base or base.startswith("_foreach"):
         return "optimizer"
     return "memory"
-
-
-def _nbytes(values) -> int:
-    """Bytes a kernel touches: each tensor's elements over its non-broadcast dims (a
-    stride-0 expanded dim is read once)."""
-    total = 0
-    for t in values:
-        if isinstance(t, torch.Tensor):
-            elements = 1
-            for size, stride in zip(t.shape, t.stride()):
-                elements *= size if stride != 0 else 1
-            total += elements * t.element_size()
-    return total
 
 
 def _in_fp32(func, args, kwargs):
@@ -141,8 +140,7 @@ class OpCounter(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops: dict[str, dict[str, float]] = defaultdict(
-            lambda: {"calls": 0, "flops": 0.0, "read": 0.0, "written": 0.0})
+        self.ops: dict[str, dict[str, float]] = empty_counts()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -171,11 +169,11 @@ class OpCounter(TorchDispatchMode):
             written_args.append(value)
             if not arg.kwarg_only and name not in ("copy_", "fill_", "zero_"):
                 read_args.append(value)  # in place: read, then written
-        record["read"] += _nbytes(tree_flatten(read_args)[0])
+        record["read"] += touched_bytes(tree_flatten(read_args)[0])
         inputs = tree_flatten((args, kwargs))[0]
         fresh = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
                  and not any(t is i for i in inputs)]
-        record["written"] += _nbytes(fresh) + _nbytes(tree_flatten(written_args)[0])
+        record["written"] += touched_bytes(fresh) + touched_bytes(tree_flatten(written_args)[0])
         counter = flop_registry.get(func.overloadpacket)
         if counter is not None:
             record["flops"] += counter(*args, **kwargs, out_val=out)
@@ -198,51 +196,87 @@ def _saved_bytes(total: list[int]):
         yield
 
 
+#: Cost engines that run the Triton ops of :data:`UNMEASURED_KERNELS` (their CPU stand-ins),
+#: and the engine they are otherwise.
+_ASSUMING = {"d*": "d", "e*": "e"}
+
+
 def count_step(engine_key: str, preset: str, batch: int, seed: int = 0) -> dict:
-    """Per-op counts of one REC training step of engine ``engine_key`` on the CPU (``d*``:
-    (d) with its Triton ops computed by PyTorch), bf16 autocast for the engines that use it
-    on a GPU, and the saved-activation bytes."""
+    """Per-op counts of one REC training step of engine ``engine_key`` on the CPU (``d*``,
+    ``e*``: (d), (e) with their Triton ops computed by PyTorch), bf16 autocast for the
+    engines that use it on a GPU, and the saved-activation bytes."""
     config = get_config(preset)
-    assume = UNMEASURED_KERNELS if engine_key == "d*" else ()
-    engine_key = "d" if assume else engine_key
+    assume = UNMEASURED_KERNELS if engine_key in _ASSUMING else ()
+    engine_key = _ASSUMING.get(engine_key, engine_key)
     engine = build_engine(engine_key, config, "cpu", seed=seed)
     if engine_key != "a":  # what the engine runs on a GPU: bf16 autocast (and (b) SDPA)
         engine.autocast = torch.bfloat16
-    if engine_key == "b":
+    if engine_key in ("b", "b+"):
         use_sdpa(engine.model)
     if engine_key in ("d", "e"):
-        engine.backend = None  # resolved per op below
+        engine.backend = _policy_settings(engine.device)
     inputs = make_batch(config, batch, "cpu", seed=seed, task="rec")
-    with OpCounter():  # uncounted; the optimizer state exists from the second step on
-        train_step(engine, "rec", inputs)
-    counter, saved = OpCounter(), [0]
-    with _policy_on_cpu(assume) if engine_key == "d" else contextlib.nullcontext():
+    with _triton_on_cpu(assume):
+        if engine_key in COMPILED:
+            engine.fullgraph = True  # a graph run more than once per step would count once
+            return _count_compiled_step(engine, inputs, batch)
+        with OpCounter():  # uncounted; the optimizer state exists from the second step on
+            train_step(engine, "rec", inputs)
+        counter, saved = OpCounter(), [0]
         with counter, _saved_bytes(saved):
             train_step(engine, "rec", inputs)
     return {"ops": dict(counter.ops), "saved_bytes": saved[0], "batch": batch}
 
 
+def _count_compiled_step(engine, inputs: dict, batch: int) -> dict:
+    """:func:`count_step` of a compiled engine: the kernels inductor builds for the step's
+    graphs as it compiles them in a first step, and the eager clipping and optimizer of a
+    second step."""
+    recorder = KernelRecorder()
+    with recorder:
+        train_step(engine, "rec", inputs)
+    backward_step(engine, "rec", inputs)
+    counter = OpCounter()
+    with counter:
+        optimizer_step(engine)
+    ops = {name: dict(counts) for name, counts in recorder.ops.items()}
+    for name, counts in counter.ops.items():
+        merged = ops.setdefault(name, dict.fromkeys(counts, 0.0))
+        for key, value in counts.items():
+            merged[key] += value
+    return {"ops": ops, "saved_bytes": recorder.saved_bytes, "batch": batch}
+
+
+def _policy_settings(device: torch.device, gen: str = "sm90") -> dict[str, str]:
+    """Engine (d) on CPU tensors, as per-op backend settings: each op on the backend the
+    ``gen`` policy picks for training when that backend has CPU kernels (the extension's C++
+    ones), else the torch composite (``auto`` on a CPU)."""
+    settings = {}
+    for op in OPS:
+        backend = policy.choice(op, gen, training=True)[0]
+        if backend not in ("torch", "triton") and not dispatch.unavailable_reasons(
+                backend, op, device):
+            settings[op] = backend
+    return settings
+
+
 @contextlib.contextmanager
-def _policy_on_cpu(assume: tuple[str, ...] = (), gen: str = "sm90"):
-    """Engine (d) on CPU tensors: each op on the backend the ``gen`` policy picks for
-    training when that backend has CPU kernels (the extension's C++ ones), else torch; the
-    ops of ``assume`` on their Triton kernels."""
-    real = dispatch.resolve
+def _triton_on_cpu(assume: tuple[str, ...]):
+    """The ops of ``assume`` on their Triton kernels, which compute with PyTorch on CPU
+    tensors (loaded here: inside a compiled step the lookup is a dict's)."""
+    real = ops.resolve
+    kernels = {op: OPS[op].impls["triton"].load() for op in assume}
 
     def resolve(op, device, backend=None, dtype=None, head_dim=None):
-        if op in assume:
-            return OPS[op].impls["triton"].load()
-        choice = policy.choice(op, gen, torch.is_grad_enabled())[0]
-        usable = (choice != "triton" and not dispatch.unavailable_reasons(choice, op, device)
-                  and not not_supported_reasons(op, choice, device.type, dtype, head_dim))
-        return real(op, device, choice if usable else "torch", dtype, head_dim)
+        if op in kernels:
+            return kernels[op]
+        return real(op, device, backend, dtype, head_dim)
 
-    saved = ops.resolve
     ops.resolve = resolve
     try:
         yield
     finally:
-        ops.resolve = saved
+        ops.resolve = real
 
 
 FIT_BATCHES = (2, 3)
@@ -293,10 +327,11 @@ def predict(counts: dict[str, dict[str, float]], card: str, top: int = 12) -> di
 def roofline_rows(preset: str = "base", batch: int = 64, engines=("b", "c", "d", "d*"),
                   cards=("H100", "H200")) -> list[dict]:
     """One row per (engine, card): the prediction at ``batch`` and the top ops by time."""
+    unknown = [key for key in engines if key not in ENGINES or key == "f"]
+    if unknown:
+        raise ValueError(f"--cost predicts engines a, b, b+, c, d, d*, e, e*, got {unknown}")
     rows = []
     for key in engines:
-        if key not in ENGINES or key in COMPILED:
-            raise ValueError(f"--cost predicts eager engines b, c, d, d* (and a), got {key!r}")
         low, high = (count_step(key, preset, b) for b in FIT_BATCHES)
         counts = _at(low["ops"], high["ops"], batch)
         saved = (high["saved_bytes"] - low["saved_bytes"]) / (FIT_BATCHES[1] - FIT_BATCHES[0])

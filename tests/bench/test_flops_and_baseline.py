@@ -89,3 +89,16 @@ def test_our_encoder_matches_torchscale_baseline_with_the_same_weights():
     pytest.importorskip("oneref.checkpoints")
     from oneref.bench.engines import encoder_agreement
     assert encoder_agreement(get_config("tiny"), "cpu") < 1e-4
+
+
+def test_baseline_with_drop_path_traces_as_one_graph():
+    """torchscale's numpy drop-path rates broke the compiled (b+) graph in every layer."""
+    config = get_config("tiny", drop_path=0.1)
+    model = use_sdpa(BaselineOneRef(config)).train()
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert len(rates) == config.depth and all(type(r) is float for r in rates)
+    batch = make_batch(config, 2, "cpu", seed=0)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(
+        lambda: model.forward_rec(batch["images"], batch["text_ids"])["sim_logits"].sum())()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0

@@ -74,9 +74,9 @@ def test_bench_cost_writes_the_report(tmp_path, capsys):
     assert all(r["step_ms"] > 0 and 0 < r["mfu"] < 1 and r["top_ops"] for r in rows)
     table = (tmp_path / "roofline.md").read_text()
     assert table == roofline_markdown(rows) + "\n" and "| tiny, 8 | (d) | H200 |" in table
-    assert main(["bench", "--cost", "--engines", "e", "--presets", "tiny",
+    assert main(["bench", "--cost", "--engines", "f", "--presets", "tiny",
                  "--out", str(tmp_path)]) == 2
-    assert "predicts eager engines" in capsys.readouterr().err
+    assert "predicts engines a, b, b+, c, d, d*, e, e*" in capsys.readouterr().err
 
 
 def test_unmeasured_kernels_count_as_one_kernel_each():
