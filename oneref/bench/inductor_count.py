@@ -21,10 +21,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch._inductor import config as inductor_config
-from torch._inductor.ir import MultiOutput
-from torch._inductor.scheduler import ExternKernelSchedulerNode, NopKernelSchedulerNode
-from torch._inductor.virtualized import V
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
@@ -34,8 +30,8 @@ __all__ = ["KernelRecorder", "empty_counts", "touched_bytes", "INDUCTOR"]
 INDUCTOR = "inductor"
 #: Ops that only relabel memory: left out of a fused kernel's name.
 _LAYOUT_OPS = {"view", "reshape", "permute", "expand", "squeeze", "unsqueeze", "t",
-               "transpose", "slice", "select", "alias", "_unsafe_view", "getitem",
-               "as_strided", "unbind", "split", "split_with_sizes"}
+               "transpose", "slice", "select", "alias", "_unsafe_view", "as_strided",
+               "unbind", "split", "split_with_sizes"}
 _NAME_OPS = 3
 
 
@@ -98,7 +94,11 @@ class KernelRecorder:
         # must record here.
         return self
 
+    # Inductor's scheduler is imported when a recorder is used: it adds about half a second
+    # to the start of every ``oneref bench`` run otherwise.
     def __enter__(self) -> "KernelRecorder":
+        from torch._inductor import config as inductor_config
+
         self._patch = inductor_config.patch(_post_fusion_custom_pass=self._record,
                                             force_disable_caches=True)
         self._patch.__enter__()
@@ -108,6 +108,9 @@ class KernelRecorder:
         self._patch.__exit__(*exc)
 
     def _record(self, nodes: list) -> list:
+        from torch._inductor.scheduler import ExternKernelSchedulerNode, NopKernelSchedulerNode
+        from torch._inductor.virtualized import V
+
         for node in nodes:
             if isinstance(node, NopKernelSchedulerNode):
                 continue
@@ -121,6 +124,8 @@ class KernelRecorder:
         return nodes
 
     def _record_extern(self, node) -> None:
+        from torch._inductor.ir import MultiOutput
+
         if isinstance(node.node, MultiOutput):  # one output of a kernel counted already
             return
         op = getattr(node.node, "op_overload", None)
@@ -149,6 +154,8 @@ class KernelRecorder:
     @staticmethod
     def _forward_saved_bytes() -> int:
         """Bytes of the forward graph's outputs but its first (the loss)."""
+        from torch._inductor.virtualized import V
+
         output = next(n for n in V.graph.module.graph.nodes if n.op == "output")
         values = tree_flatten(_values(output.args[0]))[0]
         return touched_bytes(values[1:])

@@ -239,12 +239,10 @@ def _count_compiled_step(engine, inputs: dict, batch: int) -> dict:
     counter = OpCounter()
     with counter:
         optimizer_step(engine)
-    ops = {name: dict(counts) for name, counts in recorder.ops.items()}
     for name, counts in counter.ops.items():
-        merged = ops.setdefault(name, dict.fromkeys(counts, 0.0))
         for key, value in counts.items():
-            merged[key] += value
-    return {"ops": ops, "saved_bytes": recorder.saved_bytes, "batch": batch}
+            recorder.ops[name][key] += value
+    return {"ops": dict(recorder.ops), "saved_bytes": recorder.saved_bytes, "batch": batch}
 
 
 def _policy_settings(device: torch.device, gen: str = "sm90") -> dict[str, str]:
