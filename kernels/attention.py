@@ -545,18 +545,21 @@ def _checked_scale(scale: float | None, head_dim: int) -> float:
     return scale
 
 
-def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | None = None):
+def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | None = None,
+                       *, key_mask=None):
     """Triton multiway attention (the ``triton`` backend of :func:`oneref.ops.multiway_attention`).
 
     q, k, v: (B, S, H, Dh) fp32/fp16/bf16 with any strides, Dh in {16, 32, 64, 128};
-    text_lengths: (B,) int; keys at positions >= num_vision + text_lengths[b] are ignored.
+    text_lengths: (B,) int; keys at positions >= num_vision + text_lengths[b] are ignored
+    (the kernels read the lengths, so a prebuilt ``key_mask`` is not used).
     Returns (B, S, H, Dh) sequence-major in q's dtype; differentiable in q, k, v.
     """
     scale = _checked_scale(scale, q.shape[-1])
     return _attention_op(q, k, v, text_lengths, int(num_vision), scale)[0]
 
 
-def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float | None = None):
+def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float | None = None,
+                              *, key_mask=None):
     """:func:`multiway_attention` of ``qkv.unbind(2)`` for a packed (B, S, 3, H, Dh) ``qkv``
     (the ``triton`` backend of :func:`oneref.ops.packed_multiway_attention`). Its backward
     writes the (B, S, 3, H, Dh) gradient with ``qkv``'s strides."""

@@ -13,7 +13,9 @@ takes the previous block's FFN branch still to be added, and returns its own. Th
 is added by the final norm. Same function, fewer passes over memory (docs/perf.md).
 
 The q/k/v projections of each expert are packed into one (3D, D) weight; the attention reads
-(B, S, H, Dh) views of the packed output (no copies).
+(B, S, H, Dh) views of the packed output (no copies). The key padding mask is built once per
+forward and read by every layer's attention (the Triton kernels read the text lengths
+instead).
 
 Precision under bf16 autocast: the GEMMs and attention run in bf16; the LayerNorms compute
 fp32 statistics and return bf16 (what the next GEMM reads; the final norm returns the
@@ -46,11 +48,13 @@ class MultiwayAttention(nn.Module):
         self.sub_norm = MultiwayLayerNorm(dim, eps)
         self.proj = MultiwayLinear(dim, dim)
 
-    def forward(self, x: torch.Tensor, text_lengths: torch.Tensor, num_vision: int) -> torch.Tensor:
-        """x: (B, S, D); text_lengths: (B,). Returns (B, S, D)."""
+    def forward(self, x: torch.Tensor, text_lengths: torch.Tensor, num_vision: int,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, S, D); text_lengths: (B,); key_mask: their (B, S) key padding mask, when
+        built already. Returns (B, S, D)."""
         batch, seq, dim = x.shape
         qkv = self.qkv(x, num_vision).view(batch, seq, 3, self.num_heads, self.head_dim)
-        out = ops.packed_multiway_attention(qkv, text_lengths, num_vision)
+        out = ops.packed_multiway_attention(qkv, text_lengths, num_vision, key_mask=key_mask)
         out = out.reshape(batch, seq, dim)
         return self.proj(self.sub_norm(out, num_vision), num_vision)
 
@@ -82,17 +86,19 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, text_lengths: torch.Tensor, num_vision: int,
-                branch: torch.Tensor | None = None, branch_scale: torch.Tensor | None = None
+                branch: torch.Tensor | None = None, branch_scale: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x: (B, S, D) residual stream; branch, branch_scale: the previous block's FFN
-        branch and drop-path factors, added here (None: x is the block's input).
+        branch and drop-path factors, added here (None: x is the block's input); key_mask:
+        as :class:`MultiwayAttention`.
         Returns (the stream after the attention branch, this block's FFN branch, its
         drop-path factors): the next block, or the final norm, adds them."""
         if branch is None:
             y = self.norm1(x, num_vision)
         else:
             x, y = self.norm1.add(x, branch, num_vision, branch_scale)
-        attn = self.attn(y, text_lengths, num_vision)
+        attn = self.attn(y, text_lengths, num_vision, key_mask)
         x, y = self.norm2.add(x, attn, num_vision, self.drop_path.scale(attn))
         ffn = self.mlp(y, num_vision)
         return x, ffn, self.drop_path.scale(ffn)
@@ -118,13 +124,14 @@ class MultiwayEncoder(nn.Module):
         """x: (B, S, D) embeddings; text_lengths: (B,). Returns (B, S, D), stored
         sequence-major (see :mod:`oneref.ops.layout`)."""
         x = ops.sequence_major(x)
+        key_mask = ops.key_padding_mask(text_lengths, num_vision, x.shape[1])  # for all layers
         branch = scale = None
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x, branch, scale = checkpoint(block, x, text_lengths, num_vision, branch, scale,
-                                              use_reentrant=False)
+                                              key_mask, use_reentrant=False)
             else:
-                x, branch, scale = block(x, text_lengths, num_vision, branch, scale)
+                x, branch, scale = block(x, text_lengths, num_vision, branch, scale, key_mask)
         if branch is None:  # depth 0
             return self.norm(x, num_vision, out_dtype=x.dtype)
         return self.norm.add(x, branch, num_vision, scale, out_dtype=x.dtype)[1]

@@ -15,7 +15,7 @@ from oneref.ops.dispatch import (BACKENDS, BackendUnavailableError, backend_stat
                                  current_backend, prepare, resolve, use_backend)
 from oneref.ops.flops import register_cpu_attention_flops
 from oneref.ops.layout import is_sequence_major, sequence_major
-from oneref.ops.reference import DICE_WEIGHT, FOCAL_ALPHA, FOCAL_WEIGHT
+from oneref.ops.reference import DICE_WEIGHT, FOCAL_ALPHA, FOCAL_WEIGHT, key_padding_mask
 from oneref.ops.registry import OPS
 
 register_cpu_attention_flops()
@@ -23,12 +23,12 @@ register_cpu_attention_flops()
 # The dispatched ops are the registry's; the rest are helpers around them.
 __all__ = ["BACKENDS", "BackendUnavailableError", "backend_status", "current_backend",
            "use_backend", "prepare",
-           "sequence_major", "is_sequence_major", "draw_mask_noise",
+           "sequence_major", "is_sequence_major", "draw_mask_noise", "key_padding_mask",
            *OPS]
 
 
 def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | None = None,
-                       *, backend: str | None = None):
+                       *, key_mask=None, backend: str | None = None):
     """Attention over the joint [vision | text] sequence with per-sample text length.
 
     Args:
@@ -38,6 +38,10 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
             of real text tokens; keys past ``num_vision + text_lengths[b]`` are ignored.
         num_vision: vision tokens at the start of the sequence (577 for OneRef-B).
         scale: softmax scale, default ``Dh ** -0.5``.
+        key_mask: (B, S) bool, True for the keys to attend to: :func:`key_padding_mask` of
+            ``(text_lengths, num_vision, S)``, when the caller has built it (the encoder builds
+            it once for all its layers). The torch composite reads it instead of building
+            its own; the Triton kernels read ``text_lengths`` and ignore it.
 
     Returns:
         (B, S, H, Dh) in the dtype of q.
@@ -46,18 +50,18 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
     batch, seq, heads, head_dim = q.shape
     check_shape("k", k, (batch, seq, heads, head_dim), like=q)
     check_shape("v", v, (batch, seq, heads, head_dim), like=q)
-    _check_attention_extent(text_lengths, batch, seq, num_vision, q.device)
+    _check_attention_extent(text_lengths, batch, seq, num_vision, q.device, key_mask)
     return resolve("multiway_attention", q.device, backend, q.dtype, head_dim)(
-        q, k, v, text_lengths, num_vision, scale)
+        q, k, v, text_lengths, num_vision, scale, key_mask=key_mask)
 
 
 def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float | None = None,
-                              *, backend: str | None = None):
+                              *, key_mask=None, backend: str | None = None):
     """:func:`multiway_attention` of the packed QKV projection, as the encoder calls it.
 
     Args:
         qkv: (B, S, 3, H, Dh), q, k and v along dim 2 (any strides).
-        text_lengths, num_vision, scale: as :func:`multiway_attention`.
+        text_lengths, num_vision, scale, key_mask: as :func:`multiway_attention`.
 
     Returns:
         (B, S, H, Dh) in the dtype of qkv. The backward returns the gradient of qkv as one
@@ -69,18 +73,20 @@ def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float |
     if three != 3:
         raise ValueError(f"qkv must be (B, S, 3, H, Dh) with q, k, v along dim 2, got shape "
                          f"{tuple(qkv.shape)}")
-    _check_attention_extent(text_lengths, batch, seq, num_vision, qkv.device)
+    _check_attention_extent(text_lengths, batch, seq, num_vision, qkv.device, key_mask)
     return resolve("packed_multiway_attention", qkv.device, backend, qkv.dtype, head_dim)(
-        qkv, text_lengths, num_vision, scale)
+        qkv, text_lengths, num_vision, scale, key_mask=key_mask)
 
 
 def _check_attention_extent(text_lengths, batch: int, seq: int, num_vision: int,
-                            device: torch.device) -> None:
-    """The text lengths and the vision/text split of an attention call."""
+                            device: torch.device, key_mask=None) -> None:
+    """The text lengths, the vision/text split and the key mask of an attention call."""
     check_tensor("text_lengths", text_lengths, ndim=1, integer=True, device=device)
     check_shape("text_lengths", text_lengths, (batch,))
     if not 0 < num_vision < seq:
         raise ValueError(f"num_vision must be in [1, S) = [1, {seq}), got {num_vision}")
+    if key_mask is not None:
+        check_bool_mask("key_mask", key_mask, (batch, seq), device)
 
 
 def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,

@@ -52,26 +52,30 @@ def key_padding_mask(text_lengths: torch.Tensor, num_vision: int, seq_len: int) 
     return positions[None, :] < (num_vision + text_lengths.long())[:, None]
 
 
-def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | None = None):
+def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | None = None,
+                       *, key_mask=None):
     """Softmax attention over the joint image+text sequence.
 
     q, k, v: (B, S, H, Dh); text_lengths: (B,) int. Returns (B, S, H, Dh).
     Keys past ``num_vision + text_lengths[b]`` get zero weight; every query (padded ones
-    included) attends to the valid keys. The softmax runs in fp32.
+    included) attends to the valid keys. The softmax runs in fp32. ``key_mask``: the
+    :func:`key_padding_mask` of these lengths when the caller has built it.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, Dh)
     scores = _acc(torch.matmul(qh, kh.transpose(-1, -2))) * scale
-    valid = key_padding_mask(text_lengths, num_vision, q.shape[1])
+    valid = (key_padding_mask(text_lengths, num_vision, q.shape[1]) if key_mask is None
+             else key_mask)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)
     return torch.matmul(probs, vh).transpose(1, 2)
 
 
-def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float | None = None):
+def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float | None = None,
+                              *, key_mask=None):
     """:func:`multiway_attention` of the packed projection: qkv (B, S, 3, H, Dh) holds q, k
     and v along dim 2. Returns (B, S, H, Dh)."""
-    return multiway_attention(*qkv.unbind(2), text_lengths, num_vision, scale)
+    return multiway_attention(*qkv.unbind(2), text_lengths, num_vision, scale, key_mask=key_mask)
 
 
 def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,

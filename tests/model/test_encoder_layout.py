@@ -33,6 +33,21 @@ def test_sequence_major_encoder_matches_batch_major_run(monkeypatch):
         torch.testing.assert_close(got, expected)
 
 
+def test_key_mask_is_built_once_per_forward():
+    """Every layer's attention reads the one key mask the encoder builds: the ops that build
+    it run as often with three layers as with one."""
+    from oneref.bench.roofline import OpCounter
+
+    calls = []
+    for depth in (1, 3):
+        config = get_config("tiny", depth=depth)
+        x = torch.randn(2, 17 + config.max_text_len, config.embed_dim)
+        with OpCounter() as counter, torch.no_grad():
+            MultiwayEncoder(config)(x, torch.tensor([3, config.max_text_len]), 17)
+        calls.append({op: counter.ops[op]["calls"] for op in ("aten.arange", "aten.lt")})
+    assert calls[0] == calls[1] == {"aten.arange": 1, "aten.lt": 1}
+
+
 @pytest.mark.interpret
 def test_kernels_read_sequence_major_hidden_states():
     config = get_config("tiny")

@@ -160,6 +160,19 @@ def test_attention_argument_errors(change, error, message):
         ops.multiway_attention(*change(*_attention_inputs()), 6)
 
 
+@pytest.mark.parametrize("op", ["multiway_attention", "packed_multiway_attention"])
+@pytest.mark.parametrize("mask, error, message", [
+    (torch.ones(2, 8, dtype=torch.bool), ValueError, r"key_mask must have shape \(2, 9\)"),
+    (torch.ones(2, 9), TypeError, "key_mask must be a bool tensor"),
+    ([[True] * 9] * 2, TypeError, "key_mask"),
+])
+def test_key_mask_errors_name_it(op, mask, error, message):
+    q, k, v, lengths = _attention_inputs()
+    args = (q, k, v) if op == "multiway_attention" else (torch.stack([q, k, v], dim=2),)
+    with pytest.raises(error, match=message):
+        getattr(ops, op)(*args, lengths, 6, key_mask=mask)
+
+
 @pytest.mark.parametrize(
     "change, error, message",
     [

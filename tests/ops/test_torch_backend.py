@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from oneref.ops import is_sequence_major, reference, sequence_major, torch_backend
+from oneref.ops.cases import CASES
 
 
 def _packed_qkv(batch, seq, heads, dim, dtype):
@@ -30,6 +31,21 @@ def test_attention_matches_reference(seq, num_vision, heads, dim, lengths):
     ref_out, ref_dqkv = run(reference.multiway_attention)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(dqkv, ref_dqkv)
+
+
+@pytest.mark.parametrize("fn", [torch_backend.packed_multiway_attention,
+                                reference.packed_multiway_attention])
+def test_attention_reads_a_prebuilt_key_mask(fn):
+    """Given the key mask, the composite and the reference attend to its keys: the lengths'
+    own mask gives the lengths' result, and a mask one key shorter the shorter lengths'."""
+    packed, _ = _packed_qkv(2, 12, 2, 8, torch.float64)
+    lengths = torch.tensor([2, 5])
+    expected = fn(packed, lengths, 6)
+    torch.testing.assert_close(
+        fn(packed, lengths, 6, key_mask=reference.key_padding_mask(lengths, 6, 12)), expected)
+    shorter = reference.key_padding_mask(lengths - 1, 6, 12)
+    torch.testing.assert_close(fn(packed, lengths, 6, key_mask=shorter),
+                               fn(packed, lengths - 1, 6))
 
 
 def test_attention_output_is_sequence_major():
@@ -354,3 +370,59 @@ def test_layer_norm_backwards_write_each_gradient_once():
     calls = {name: op["calls"] for name, op in counter.ops.items()}
     assert calls.get("aten.add") == 2 and calls.get("aten.mul") == 1
     assert "aten.copy_" not in calls
+
+
+@pytest.mark.parametrize("op", ["gelu_layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_16bit_layer_norms_compute_in_their_input_dtype(monkeypatch, op, device):
+    """Where the native kernels keep fp32 sums for a bf16 input (CUDA; here the CPU as well),
+    the sub-LN of a bf16 GELU and the add-LN of a bf16 stream run them in bf16: about half
+    the bytes of the fp32-copy path, with the fp64 reference's values to bf16 rounding. The
+    parameter gradients meet the bf16 tolerance on CUDA; the CPU's bf16 kernel sums them
+    with more error, which is why the CPU keeps the fp32 copy."""
+    from oneref.bench.roofline import OpCounter
+
+    batch, seq, width, num_vision = (8, 641, 768, 577) if device == "cuda" else (3, 41, 48, 37)
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen) * scale + shift).to(device)
+
+    x = sequence_major(draw(batch, seq, width, scale=2.0, shift=0.5).bfloat16())
+    branch = sequence_major(draw(batch, seq, width).bfloat16())
+    params = [draw(width, scale=0.3, shift=1.0), draw(width)] * 2
+    grad = draw(batch, seq, width).bfloat16()
+
+    def run(fn, x, branch, params, grad):
+        x, branch, *params = (t.detach().clone().requires_grad_() for t in (x, branch, *params))
+        if op == "gelu_layer_norm":
+            leaves, y = [x, *params], fn(x, num_vision, *params, activation="gelu")
+        else:
+            leaves, (_, y) = [x, branch, *params], fn(x, branch, num_vision, *params)
+        return [y, *torch.autograd.grad(y, leaves, grad)]
+
+    fast_fn, ref_fn = ((torch_backend.multiway_layer_norm, reference.multiway_layer_norm)
+                       if op == "gelu_layer_norm" else
+                       (torch_backend.multiway_add_layer_norm, reference.multiway_add_layer_norm))
+    moved, results = {}, {}
+    for native in (False, True):
+        monkeypatch.setattr(torch_backend, "NATIVE_16BIT_DEVICES",
+                            frozenset({device} if native else ()))
+        with OpCounter() as counter:
+            results[native] = run(fast_fn, x, branch, params, grad)
+        moved[native] = sum(o["read"] + o["written"] for o in counter.ops.values())
+    assert moved[True] < 0.6 * moved[False]
+    ref = run(ref_fn, *(t.double() for t in (x, branch)), [p.double() for p in params],
+              grad.double())
+    rtol, atol = CASES["multiway_layer_norm"].tolerance(torch.bfloat16)
+    for got, fp32_copy, want in zip(results[True], results[False], ref):
+        assert got.dtype == fp32_copy.dtype
+        error = (got.double() - want).abs().mean()
+        if want.dim() == 1 and device == "cpu":  # a parameter's gradient
+            assert (got.double() - want).norm() < 3e-2 * want.norm()
+        elif want.dim() == 1:
+            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+        else:  # a bf16 activation: within twice the fp32 path's error (the input gradient
+            # is rounded to bf16 once more, before the GELU's derivative or the residual)
+            assert error <= 2 * (fp32_copy.double() - want).abs().mean()
+            torch.testing.assert_close(got.double(), want, rtol=1.6e-2, atol=2e-2)
