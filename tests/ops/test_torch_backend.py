@@ -344,6 +344,22 @@ def test_add_layer_norm_fusion_is_exact_for_an_fp32_stream():
     assert not h.requires_grad and y.requires_grad
 
 
+@pytest.mark.parametrize("num_vision", [9, 2])
+def test_layer_norm_in_its_output_dtype_copies_only_the_smaller_expert(num_vision):
+    """Output in the compute dtype: the larger expert's rows are written where they stand,
+    and only the other expert's rows are copied into the output."""
+    from oneref.bench.roofline import OpCounter
+
+    x = sequence_major(torch.randn(2, 12, 16))
+    params = [torch.randn(16) for _ in range(4)]
+    with OpCounter() as counter:
+        y = torch_backend.multiway_layer_norm(x, num_vision, *params)
+    smaller = 2 * min(num_vision, 12 - num_vision) * 16 * 4  # rows x width x fp32 bytes
+    assert counter.ops["aten.copy_"]["written"] == smaller
+    torch.testing.assert_close(y, reference.multiway_layer_norm(x, num_vision, *params))
+    assert is_sequence_major(y)
+
+
 def test_layer_norm_backwards_write_each_gradient_once():
     """What the composites are for: the backward of the FFN's sub-LN writes x's gradient
     through the GELU's derivative, and the residual add's writes the sum and the scaled
