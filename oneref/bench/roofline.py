@@ -74,7 +74,7 @@ LAUNCH_GAP_US = 2.0
 _NAMESPACES = ("aten", "oneref", "oneref_triton")
 _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
          "alias", "lift_fresh", "device", "set_", "resize_", "is_same_size", "_local_scalar_dense",
-         "_unsafe_view", "_reshape_alias", "view", "as_strided"}
+         "_unsafe_view", "_reshape_alias", "view", "as_strided", "promote_types", "result_type"}
 
 
 # Arguments the schema marks as written that the kernel only reads.

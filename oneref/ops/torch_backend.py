@@ -84,13 +84,32 @@ def _empty_joint(like: torch.Tensor, width: int, num_vision: int, dtype=None
                                  out[num_vision:].view(-1, width))
 
 
-def _linear_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None) -> None:
-    """out = rows @ weight (+ bias), written into the 2-D view ``out``."""
-    if bias is None:
-        torch.mm(rows, weight, out=out)
-    else:
-        torch.addmm(bias, rows, weight, out=out)
+def _by_expert(like: torch.Tensor, width: int, num_vision: int, dtype, block) -> torch.Tensor:
+    """A new sequence-major (B, S, width) tensor of ``dtype`` (B, S: ``like``'s) whose
+    expert ``i`` rows are ``block(i, out)``. Eager, ``block`` writes them into ``out``, a
+    view of the result (no copy). Compiled, it returns them (``out`` is None) and one
+    ``cat`` joins the two, which inductor has each kernel write in place: a write into a view
+    would be functionalised into a copy of the whole tensor (``slice_scatter``)."""
+    if torch.compiler.is_compiling():
+        batch, seq = like.shape[:2]
+        joined = torch.cat([block(i, None).to(dtype) for i in range(2)])
+        return joined.view(seq, batch, width).transpose(0, 1)
+    y, blocks = _empty_joint(like, width, num_vision, dtype)
+    for i, out in enumerate(blocks):
+        block(i, out)
+    return y
+
+
+def _joint_matmul(like: torch.Tensor, num_vision: int, rows, weights, biases=(None, None)
+                  ) -> torch.Tensor:
+    """The sequence-major (B, S, N) tensor (``like``'s dtype) whose expert blocks are
+    ``rows[i] @ weights[i] (+ biases[i])``, each GEMM writing its block (:func:`_by_expert`)."""
+    def block(i, out):
+        if biases[i] is None:
+            return torch.mm(rows[i], weights[i], out=out)
+        return torch.addmm(biases[i], rows[i], weights[i], out=out)
+
+    return _by_expert(like, weights[0].shape[1], num_vision, like.dtype, block)
 
 
 class _MultiwayLinear(torch.autograd.Function):
@@ -102,9 +121,7 @@ class _MultiwayLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_vision: int, weight_a, bias_a, weight_b, bias_b):
         rows = _expert_rows(x, num_vision)
-        y, blocks = _empty_joint(x, weight_a.shape[0], num_vision)
-        for out, r, w, b in zip(blocks, rows, (weight_a, weight_b), (bias_a, bias_b)):
-            _linear_into(out, r, w.t(), b)
+        y = _joint_matmul(x, num_vision, rows, (weight_a.t(), weight_b.t()), (bias_a, bias_b))
         ctx.save_for_backward(*rows, weight_a, weight_b)
         ctx.num_vision, ctx.has_bias = num_vision, (bias_a is not None, bias_b is not None)
         return y
@@ -114,11 +131,8 @@ class _MultiwayLinear(torch.autograd.Function):
         rows_a, rows_b, weight_a, weight_b = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_rows = _expert_rows(grad_y, ctx.num_vision)
-        grad_x = None
-        if needs[0]:
-            grad_x, blocks = _empty_joint(grad_y, weight_a.shape[1], ctx.num_vision)
-            for out, grad, weight in zip(blocks, grad_rows, (weight_a, weight_b)):
-                _linear_into(out, grad, weight, None)
+        grad_x = (_joint_matmul(grad_y, ctx.num_vision, grad_rows, (weight_a, weight_b))
+                  if needs[0] else None)
         grads = []
         for grad, rows, has_bias, (need_w, need_b) in zip(
                 grad_rows, (rows_a, rows_b), ctx.has_bias, (needs[2:4], needs[4:6])):
@@ -154,61 +168,72 @@ def _norm_forward(x, num_vision: int, params, eps: float, out_dtype):
     parameters' too), as a new sequence-major output of ``out_dtype``. Returns the output
     and what :func:`_norm_backward` reads.
 
-    When the output is in the compute dtype, one call over all rows with the larger
+    Eager, when the output is in the compute dtype, one call over all rows with the larger
     expert's parameters writes the output as it stands, and only the other expert's rows
     are normalised again and copied into their block; otherwise each expert's output is
-    copied into its block, the copy being the cast."""
+    copied into its block, the copy being the cast (:func:`_by_expert`)."""
     batch, seq, width = x.shape
     x = x.to(_norm_dtype(x.dtype, x.device))
     rows = x.transpose(0, 1).reshape(-1, width)  # position-major: a view when sequence-major
     split = num_vision * batch
     experts = [[rows[:split], params[0], params[1]], [rows[split:], params[2], params[3]]]
-    if out_dtype == x.dtype:
+    if out_dtype == x.dtype and not torch.compiler.is_compiling():
         base = 0 if 2 * split >= rows.shape[0] else 1
-        out, mean, rstd = torch.native_layer_norm(rows, (width,), *experts[base][1:], eps)
-        y = out.view(seq, batch, width).transpose(0, 1)
-        base_rows = slice(None, split) if base == 0 else slice(split, None)
-        experts[base] += [mean[base_rows], rstd[base_rows]]
-        blocks = [None, out[split:]] if base == 0 else [out[:split], None]
+        joint, mean, rstd = torch.native_layer_norm(rows, (width,), *experts[base][1:], eps)
+        y = joint.view(seq, batch, width).transpose(0, 1)
+        halves = (slice(None, split), slice(split, None))
+        experts[base] += [mean[halves[base]], rstd[halves[base]]]
+        other = experts[1 - base]
+        out, *stats = torch.native_layer_norm(other[0], (width,), *other[1:], eps)
+        joint[halves[1 - base]].copy_(out)
+        other += stats
     else:
-        y, blocks = _empty_joint(x, width, num_vision, out_dtype)
-    saved = []
-    for block, (expert_rows, weight, bias, *stats) in zip(blocks, experts):
-        if block is not None:  # this expert's output is still to be written
-            out, *stats = torch.native_layer_norm(expert_rows, (width,), weight, bias, eps)
-            block.copy_(out)
-        saved += [expert_rows, *stats, weight, bias]
+        outs = []
+        for expert in experts:
+            out, *stats = torch.native_layer_norm(expert[0], (width,), *expert[1:], eps)
+            outs.append(out)
+            expert += stats
+        y = _by_expert(x, width, num_vision, out_dtype,
+                       lambda i, block: outs[i] if block is None else block.copy_(outs[i]))
+    saved = [t for rows_, weight, bias, *stats in experts for t in (rows_, *stats, weight, bias)]
     return y, saved
 
 
 def _norm_backward(saved, grad_y, num_vision: int, needs_input: bool, needs_params,
                    input_dtype, residual=None, gelu_input=None):
     """Input gradient of :func:`_norm_forward`, written block by block into a new
-    sequence-major tensor of ``input_dtype``: with ``residual`` added, or taken back through
-    the GELU of ``gelu_input`` (the LayerNorm's input was GELU(gelu_input)) as it is
-    written. Returns it and the four parameter gradients."""
-    shape = (grad_y.shape[-1],)
-    grad_x, blocks = (_empty_joint(grad_y, shape[0], num_vision, input_dtype) if needs_input
-                      else (None, (None, None)))
+    sequence-major tensor of ``input_dtype`` (:func:`_by_expert`): with ``residual`` added,
+    or taken back through the GELU of ``gelu_input`` (the LayerNorm's input was
+    GELU(gelu_input)) as it is written. Returns it and the four parameter gradients."""
+    width = grad_y.shape[-1]
+    grad_rows = _expert_rows(grad_y.to(saved[0].dtype), num_vision)
     extra = residual if residual is not None else gelu_input
-    extra_rows = ((None, None) if extra is None or not needs_input
-                  else _expert_rows(extra, num_vision))
-    grad_y = grad_y.to(saved[0].dtype)
-    grads = []
-    for block, grad, extra_block, (rows, mean, rstd, weight, bias), (need_w, need_b) in zip(
-            blocks, _expert_rows(grad_y, num_vision), extra_rows, (saved[:5], saved[5:]),
-            (needs_params[:2], needs_params[2:])):
-        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-            grad, rows, shape, mean, rstd, weight, bias,
+    extra_rows = _expert_rows(extra, num_vision) if extra is not None and needs_input else None
+    grads = [None] * 4
+
+    def expert(i, out=None):
+        """Expert i's backward: its parameter gradients into ``grads``, its input gradient
+        written into ``out`` (or returned)."""
+        rows, mean, rstd, weight, bias = saved[5 * i:5 * i + 5]
+        need_w, need_b = needs_params[2 * i:2 * i + 2]
+        dx, grads[2 * i], grads[2 * i + 1] = torch.ops.aten.native_layer_norm_backward(
+            grad_rows[i], rows, (width,), mean, rstd, weight, bias,
             [needs_input, need_w and weight is not None, need_b and bias is not None])
-        if block is not None and residual is not None:
-            torch.add(dx, extra_block, out=block)
-        elif block is not None and gelu_input is not None:
-            torch.ops.aten.gelu_backward.grad_input(dx, extra_block, grad_input=block)
-        elif block is not None:
-            block.copy_(dx)
-        grads += [dw, db]
-    return grad_x, grads
+        if dx is None:
+            return None
+        if residual is not None:
+            return torch.add(dx, extra_rows[i], out=out)
+        if gelu_input is not None and out is None:
+            return torch.ops.aten.gelu_backward(dx, extra_rows[i])
+        if gelu_input is not None:
+            return torch.ops.aten.gelu_backward.grad_input(dx, extra_rows[i], grad_input=out)
+        return dx if out is None else out.copy_(dx)
+
+    if not needs_input:
+        for i in range(2):
+            expert(i)
+        return None, grads
+    return _by_expert(grad_y, width, num_vision, input_dtype, expert), grads
 
 
 class _MultiwayLayerNorm(torch.autograd.Function):

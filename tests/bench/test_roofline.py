@@ -22,10 +22,12 @@ def test_counter_records_flops_bytes_and_launches():
         y = torch.addmm(bias, a, b)
         y.t().contiguous()  # a view (free) and a copy (one launch)
         y.add_(1.0)  # in place: read and written
+        torch.promote_types(y.dtype, torch.bfloat16)  # dispatched, but no kernel
     mm = counter.ops["aten.addmm"]
     assert mm["calls"] == 1 and mm["flops"] == 2 * 8 * 16 * 4
     assert mm["read"] == 4 * (4 + 8 * 16 + 16 * 4) and mm["written"] == 4 * 8 * 4
     assert "aten.t" not in counter.ops and counter.ops["aten.clone"]["calls"] == 1
+    assert "aten.promote_types" not in counter.ops
     assert counter.ops["aten.add_"]["written"] == 4 * 8 * 4
     assert counter.ops["aten.add_"]["read"] == 4 * 8 * 4  # in place: read, then written
 
