@@ -17,8 +17,9 @@ at the matmul peak, everything else at copy bandwidth), kernels do not overlap, 
 never starves the GPU, one launch gap of :data:`LAUNCH_GAP_US`, and the CPU dispatcher's
 eager op sequence is the GPU's. It is not exactly: the attention kernel differs, and CPU
 autocast keeps softmax, layer_norm, sums and norms in bf16 where CUDA autocast runs them in
-fp32. The multiway LayerNorms pick their compute dtype themselves, and are counted in the
-one they pick on CUDA: bf16 for a bf16 input, fp32 for the fp32 residual stream.
+fp32. The multiway LayerNorms pick their compute dtype themselves (with autocast off) and
+are counted in the one they pick on CUDA: bf16 for a bf16 sub-LN, fp32 for the fp32
+residual stream.
 
 The compiled engines (b+), (e) and (e*) are compiled on the CPU with inductor, as one graph
 per step, and counted kernel by kernel as it schedules them
@@ -217,7 +218,7 @@ def count_step(engine_key: str, preset: str, batch: int, seed: int = 0) -> dict:
     if engine_key in ("d", "e"):
         engine.backend = _policy_settings(engine.device)
     inputs = make_batch(config, batch, "cpu", seed=seed, task="rec")
-    with _triton_on_cpu(assume), _gpu_norm_dtypes():
+    with _triton_on_cpu(assume), torch_backend.native_bf16_on("cpu"):
         if engine_key in COMPILED:
             engine.fullgraph = True  # a graph run more than once per step would count once
             return _count_compiled_step(engine, inputs, batch)
@@ -276,18 +277,6 @@ def _triton_on_cpu(assume: tuple[str, ...]):
         yield
     finally:
         ops.resolve = real
-
-
-@contextlib.contextmanager
-def _gpu_norm_dtypes():
-    """The torch composites' LayerNorms of 16-bit inputs in the dtype they run in on a GPU
-    (:data:`oneref.ops.torch_backend.NATIVE_16BIT_DEVICES`), not on an fp32 copy."""
-    devices = torch_backend.NATIVE_16BIT_DEVICES
-    torch_backend.NATIVE_16BIT_DEVICES = devices | {"cpu"}
-    try:
-        yield
-    finally:
-        torch_backend.NATIVE_16BIT_DEVICES = devices
 
 
 FIT_BATCHES = (2, 3)

@@ -38,10 +38,12 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
             of real text tokens; keys past ``num_vision + text_lengths[b]`` are ignored.
         num_vision: vision tokens at the start of the sequence (577 for OneRef-B).
         scale: softmax scale, default ``Dh ** -0.5``.
-        key_mask: (B, S) bool, True for the keys to attend to: :func:`key_padding_mask` of
-            ``(text_lengths, num_vision, S)``, when the caller has built it (the encoder builds
-            it once for all its layers). The torch composite reads it instead of building
-            its own; the Triton kernels read ``text_lengths`` and ignore it.
+        key_mask: (B, S) bool, exactly :func:`key_padding_mask` of ``(text_lengths,
+            num_vision, S)`` when the caller has built it (the encoder builds it once for
+            all its layers). The torch composite reads it instead of building its own; the
+            Triton kernels read ``text_lengths`` and ignore it. It is not checked against
+            the lengths (that would read them on the host): a different mask gives results
+            that depend on the backend.
 
     Returns:
         (B, S, H, Dh) in the dtype of q.
@@ -147,7 +149,8 @@ def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
         x: (B, S, D), any strides with a contiguous last dim for the kernels.
         num_vision: rows of each sample that belong to the vision expert (0..S).
         weight_a, weight_b, bias_a, bias_b: (D,) or None (fp32 master parameters under
-            autocast: they are not cast).
+            autocast: the op does not cast them to the autocast dtype; the torch composite
+            on CUDA rounds them to bf16 for the native kernels of a bf16 input and output).
         eps: added to the variance.
         activation: ``"none"`` or ``"gelu"``: normalise GELU(x) (exact erf), the FFN's
             sub-LN fused with the activation before it (recomputed in the backward).

@@ -21,9 +21,9 @@ with the same contract (tested against the reference):
   writes its input gradient. Counted by ``oneref bench --cost``, that took a OneRef-B step
   at batch 64 from 268 to 214 GB moved (docs/perf.md, "Bytes").
 * On CUDA the native LayerNorm kernels take a bf16 input as it is (fp32 statistics and
-  parameter-gradient sums): the sub-LNs, whose inputs are bf16, run on them in bf16 instead
-  of on an fp32 copy (:data:`NATIVE_16BIT_DEVICES`); the fp32 residual stream stays fp32.
-  That took the same step from 214 to 165 GB. Where the output is in the compute dtype
+  parameter-gradient sums): the sub-LNs, bf16 in and out, run on them in bf16 instead of on
+  an fp32 copy (:data:`NATIVE_BF16_DEVICES`; called with autocast off, which would run them
+  in fp32); the fp32 residual stream stays fp32. That took the same step from 214 to 165 GB. Where the output is in the compute dtype
   (those sub-LNs; an fp32 model), one LayerNorm call over all rows with the larger
   expert's parameters writes the output where it stands, and only the other expert's rows
   are normalised again and copied: 159 GB.
@@ -36,6 +36,8 @@ with the same contract (tested against the reference):
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -147,20 +149,57 @@ def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
     return F.gelu(y) if activation == "gelu" else y
 
 
-#: Device types whose native LayerNorm kernels take a 16-bit input as it is: fp32 statistics,
-#: and fp32 sums for the parameter gradients (CUDA's). Elsewhere the LayerNorms run
-#: on an fp32 copy: the CPU's bf16 backward sums the parameter gradients with about 5%
-#: relative error (fp32: 1e-6; 4096 rows of 3072, measured 2026-12-07).
-NATIVE_16BIT_DEVICES = frozenset({"cuda"})
+#: Device types whose native LayerNorm kernels take a bf16 input as it is: fp32 statistics,
+#: and fp32 sums for the parameter gradients (CUDA's). Elsewhere the LayerNorms run on an
+#: fp32 copy: the CPU's bf16 backward sums the parameter gradients with about 5% relative
+#: error (fp32: 1e-6; 4096 rows of 3072, measured 2026-12-07).
+NATIVE_BF16_DEVICES = frozenset({"cuda"})
 
 
-def _norm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype the native LayerNorm kernels compute in for a ``dtype`` input on ``device``
-    (its parameters are cast to it): a 16-bit input's own where the kernels keep fp32 sums
-    (:data:`NATIVE_16BIT_DEVICES`), else fp32 (fp64 stays)."""
-    if dtype in (torch.float16, torch.bfloat16) and device.type in NATIVE_16BIT_DEVICES:
+def _norm_dtype(dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device
+                ) -> torch.dtype:
+    """The dtype the native LayerNorm kernels compute in for a ``dtype`` input and an
+    ``out_dtype`` output on ``device`` (the parameters are cast to it): bf16 for bf16 in and
+    out on :data:`NATIVE_BF16_DEVICES`, else fp32 (fp64 stays). fp16 stays off the native
+    path: its parameter gradients, summed over every row, could overflow."""
+    if dtype == out_dtype == torch.bfloat16 and device.type in NATIVE_BF16_DEVICES:
         return dtype
     return torch.promote_types(dtype, torch.float32)
+
+
+@contextlib.contextmanager
+def native_bf16_on(device_type: str):
+    """Run the LayerNorms of bf16 inputs natively on ``device_type`` as well (the cost count
+    of ``oneref bench --cost`` counts the CUDA step on CPU tensors)."""
+    global NATIVE_BF16_DEVICES
+    devices = NATIVE_BF16_DEVICES
+    NATIVE_BF16_DEVICES = devices | {device_type}
+    try:
+        yield
+    finally:
+        NATIVE_BF16_DEVICES = devices
+
+
+def _without_autocast(device: torch.device):
+    """CUDA autocast runs ``native_layer_norm`` in fp32: the composites pick its dtype."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _norm_in_place(rows, experts, split: int, eps: float):
+    """LayerNorm of the position-major ``rows`` into one new tensor: a call over all of them
+    with the larger expert's parameters, then the other expert's rows again, copied over
+    their block. Returns it and each expert's (mean, rstd)."""
+    width = rows.shape[-1]
+    base = 0 if 2 * split >= rows.shape[0] else 1
+    halves = (slice(None, split), slice(split, None))
+    joint, mean, rstd = torch.native_layer_norm(rows, (width,), *experts[base][1:], eps)
+    other_rows, weight, bias = experts[1 - base]
+    out, *other_stats = torch.native_layer_norm(other_rows, (width,), weight, bias, eps)
+    joint[halves[1 - base]].copy_(out)
+    stats = [(mean[halves[base]], rstd[halves[base]]), tuple(other_stats)]
+    return joint, stats if base == 0 else stats[::-1]
 
 
 def _norm_forward(x, num_vision: int, params, eps: float, out_dtype):
@@ -168,34 +207,30 @@ def _norm_forward(x, num_vision: int, params, eps: float, out_dtype):
     parameters' too), as a new sequence-major output of ``out_dtype``. Returns the output
     and what :func:`_norm_backward` reads.
 
-    Eager, when the output is in the compute dtype, one call over all rows with the larger
-    expert's parameters writes the output as it stands, and only the other expert's rows
-    are normalised again and copied into their block; otherwise each expert's output is
-    copied into its block, the copy being the cast (:func:`_by_expert`)."""
+    Eager with the output in the compute dtype, the output is written where it stands
+    (:func:`_norm_in_place`); otherwise each expert's output is copied into its block, the
+    copy being the cast (:func:`_by_expert`)."""
     batch, seq, width = x.shape
-    x = x.to(_norm_dtype(x.dtype, x.device))
-    rows = x.transpose(0, 1).reshape(-1, width)  # position-major: a view when sequence-major
-    split = num_vision * batch
-    experts = [[rows[:split], params[0], params[1]], [rows[split:], params[2], params[3]]]
-    if out_dtype == x.dtype and not torch.compiler.is_compiling():
-        base = 0 if 2 * split >= rows.shape[0] else 1
-        joint, mean, rstd = torch.native_layer_norm(rows, (width,), *experts[base][1:], eps)
-        y = joint.view(seq, batch, width).transpose(0, 1)
-        halves = (slice(None, split), slice(split, None))
-        experts[base] += [mean[halves[base]], rstd[halves[base]]]
-        other = experts[1 - base]
-        out, *stats = torch.native_layer_norm(other[0], (width,), *other[1:], eps)
-        joint[halves[1 - base]].copy_(out)
-        other += stats
-    else:
-        outs = []
-        for expert in experts:
-            out, *stats = torch.native_layer_norm(expert[0], (width,), *expert[1:], eps)
-            outs.append(out)
-            expert += stats
-        y = _by_expert(x, width, num_vision, out_dtype,
-                       lambda i, block: outs[i] if block is None else block.copy_(outs[i]))
-    saved = [t for rows_, weight, bias, *stats in experts for t in (rows_, *stats, weight, bias)]
+    with _without_autocast(x.device):
+        x = x.to(_norm_dtype(x.dtype, out_dtype, x.device))
+        rows = x.transpose(0, 1).reshape(-1, width)  # position-major: a view when seq-major
+        split = num_vision * batch
+        experts = ((rows[:split], *params[:2]), (rows[split:], *params[2:]))
+        if out_dtype == x.dtype and not torch.compiler.is_compiling():
+            joint, stats = _norm_in_place(rows, experts, split, eps)
+            y = joint.view(seq, batch, width).transpose(0, 1)
+        else:
+            outs, stats = [], []
+            for expert_rows, weight, bias in experts:
+                out, *expert_stats = torch.native_layer_norm(expert_rows, (width,), weight,
+                                                             bias, eps)
+                outs.append(out)
+                stats.append(expert_stats)
+            y = _by_expert(x, width, num_vision, out_dtype,
+                           lambda i, block: outs[i] if block is None else block.copy_(outs[i]))
+    saved = []
+    for (expert_rows, weight, bias), (mean, rstd) in zip(experts, stats):
+        saved += [expert_rows, mean, rstd, weight, bias]
     return y, saved
 
 
@@ -239,8 +274,8 @@ def _norm_backward(saved, grad_y, num_vision: int, needs_input: bool, needs_para
 class _MultiwayLayerNorm(torch.autograd.Function):
     """Native LayerNorm per expert over its row range (forward and backward kernels) of x,
     or of GELU(x) taken in x's dtype; the output and the input gradient are sequence-major,
-    like :class:`_MultiwayLinear`'s, and each is written once, in its final dtype. The
-    GELU's backward reads the LayerNorm's input gradient and writes x's gradient."""
+    like :class:`_MultiwayLinear`'s, and written in their final dtype (no separate cast).
+    The GELU's backward reads the LayerNorm's input gradient and writes x's gradient."""
 
     @staticmethod
     def forward(ctx, x, num_vision: int, weight_a, bias_a, weight_b, bias_b, eps: float,
@@ -321,9 +356,10 @@ def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
                         eps: float = 1e-5, activation: str = "none", out_dtype=None):
     """Native LayerNorm per expert (in the dtype of :func:`_norm_dtype`) of x, or of its
     exact GELU (taken in x's dtype, as the unfused GELU would be)."""
-    params = _norm_params((weight_a, bias_a, weight_b, bias_b), _norm_dtype(x.dtype, x.device))
-    return _MultiwayLayerNorm.apply(x, num_vision, *params, eps, activation,
-                                    out_dtype or x.dtype)
+    out_dtype = out_dtype or x.dtype
+    params = _norm_params((weight_a, bias_a, weight_b, bias_b),
+                          _norm_dtype(x.dtype, out_dtype, x.device))
+    return _MultiwayLayerNorm.apply(x, num_vision, *params, eps, activation, out_dtype)
 
 
 def multiway_add_layer_norm(x, branch, num_vision: int, weight_a, bias_a, weight_b, bias_b,
@@ -332,9 +368,11 @@ def multiway_add_layer_norm(x, branch, num_vision: int, weight_a, bias_a, weight
     LayerNorm of :func:`multiway_layer_norm`; h keeps x's layout (sequence-major in the
     encoder)."""
     dtype = torch.promote_types(x.dtype, branch.dtype)
-    params = _norm_params((weight_a, bias_a, weight_b, bias_b), _norm_dtype(dtype, x.device))
+    out_dtype = out_dtype or dtype
+    params = _norm_params((weight_a, bias_a, weight_b, bias_b),
+                          _norm_dtype(dtype, out_dtype, x.device))
     return _MultiwayAddLayerNorm.apply(x, branch, branch_scale, num_vision, *params, eps, dtype,
-                                       out_dtype or dtype)
+                                       out_dtype)
 
 
 def unavailable_reasons(device: torch.device | None) -> list[str]:

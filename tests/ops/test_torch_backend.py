@@ -187,14 +187,17 @@ def test_flop_counter_sees_the_attention():
     assert counter.get_total_flops() == forward * 3.5
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_row_ops_compile_without_graph_breaks(backend):
+@pytest.mark.parametrize("backend, layout", [("aot_eager", "sequence-major"),
+                                             ("inductor", "sequence-major"),
+                                             ("inductor", "batch-major")])
+def test_row_ops_compile_without_graph_breaks(backend, layout):
     """fullgraph torch.compile of a block's row ops matches eager, forward and backward:
     layer norm -> linear -> sub-LN of GELU -> linear, then the residual add + LN with a
     drop-path scale, and one whose h is not used (the final norm). With inductor, the graph
     copies no whole tensor to write one expert's block into it (``slice_scatter``): the
     blocks are joined by a cat that the kernels write in place."""
-    x = sequence_major(torch.randn(2, 9, 6)).requires_grad_()
+    x = torch.randn(2, 9, 6)
+    x = (sequence_major(x) if layout == "sequence-major" else x).requires_grad_()
     norm = [torch.randn(6, requires_grad=True) for _ in range(4)]
     sub_norm = [torch.randn(8, requires_grad=True) for _ in range(4)]
     fc1 = [torch.randn(*shape, requires_grad=True) for shape in ((8, 6), (8,), (8, 6), (8,))]
@@ -406,7 +409,7 @@ def test_layer_norm_backwards_write_each_gradient_once():
 
 @pytest.mark.parametrize("op", ["gelu_layer_norm", "add_layer_norm"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_16bit_layer_norms_compute_in_their_input_dtype(monkeypatch, op, device):
+def test_bf16_layer_norms_compute_in_their_input_dtype(monkeypatch, op, device):
     """Where the native kernels keep fp32 sums for a bf16 input (CUDA; here the CPU as well),
     the sub-LN of a bf16 GELU and the add-LN of a bf16 stream run them in bf16: about half
     the bytes of the fp32-copy path, with the fp64 reference's values to bf16 rounding. The
@@ -422,7 +425,8 @@ def test_16bit_layer_norms_compute_in_their_input_dtype(monkeypatch, op, device)
 
     x = sequence_major(draw(batch, seq, width, scale=2.0, shift=0.5).bfloat16())
     branch = sequence_major(draw(batch, seq, width).bfloat16())
-    params = [draw(width, scale=0.3, shift=1.0), draw(width)] * 2
+    params = [draw(width, scale=0.3, shift=1.0), draw(width), draw(width, scale=0.3, shift=1.0),
+              draw(width)]
     grad = draw(batch, seq, width).bfloat16()
 
     def run(fn, x, branch, params, grad):
@@ -438,7 +442,7 @@ def test_16bit_layer_norms_compute_in_their_input_dtype(monkeypatch, op, device)
                        (torch_backend.multiway_add_layer_norm, reference.multiway_add_layer_norm))
     moved, results = {}, {}
     for native in (False, True):
-        monkeypatch.setattr(torch_backend, "NATIVE_16BIT_DEVICES",
+        monkeypatch.setattr(torch_backend, "NATIVE_BF16_DEVICES",
                             frozenset({device} if native else ()))
         with OpCounter() as counter:
             results[native] = run(fast_fn, x, branch, params, grad)
@@ -458,3 +462,34 @@ def test_16bit_layer_norms_compute_in_their_input_dtype(monkeypatch, op, device)
             # is rounded to bf16 once more, before the GELU's derivative or the residual)
             assert error <= 2 * (fp32_copy.double() - want).abs().mean()
             torch.testing.assert_close(got.double(), want, rtol=1.6e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_layer_norms_choose_their_dtype_under_autocast(monkeypatch, device):
+    """CUDA autocast runs native_layer_norm in fp32 whatever its inputs: the composites call
+    it with autocast off, so under autocast a bf16 sub-LN still computes in the dtype they
+    chose and returns the bf16 it was asked for, and the fp32 stream's add-LN stays fp32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(torch_backend, "NATIVE_BF16_DEVICES", frozenset({device}))
+
+    class NormCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.native_layer_norm.default:
+                self.calls.append((args[0].dtype, torch.is_autocast_enabled(device)))
+            return func(*args, **(kwargs or {}))
+
+    x = sequence_major(torch.randn(2, 9, 16, device=device).bfloat16())
+    stream = sequence_major(torch.randn(2, 9, 16, device=device))
+    params = [torch.randn(16, device=device) for _ in range(4)]
+    with torch.autocast(device, torch.bfloat16), NormCalls() as mode:
+        y = torch_backend.multiway_layer_norm(x, 5, *params, activation="gelu",
+                                              out_dtype=torch.bfloat16)
+        h, z = torch_backend.multiway_add_layer_norm(stream, x, 5, *params,
+                                                     out_dtype=torch.bfloat16)
+    assert y.dtype == z.dtype == torch.bfloat16 and h.dtype == torch.float32
+    assert mode.calls == [(torch.bfloat16, False)] * 2 + [(torch.float32, False)] * 2
