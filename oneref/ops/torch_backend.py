@@ -23,10 +23,10 @@ with the same contract (tested against the reference):
 * On CUDA the native LayerNorm kernels take a bf16 input as it is (fp32 statistics and
   parameter-gradient sums): the sub-LNs, bf16 in and out, run on them in bf16 instead of on
   an fp32 copy (:data:`NATIVE_BF16_DEVICES`; called with autocast off, which would run them
-  in fp32); the fp32 residual stream stays fp32. That took the same step from 214 to 165 GB. Where the output is in the compute dtype
-  (those sub-LNs; an fp32 model), one LayerNorm call over all rows with the larger
-  expert's parameters writes the output where it stands, and only the other expert's rows
-  are normalised again and copied: 159 GB.
+  in fp32); the fp32 residual stream stays fp32. That took the same step from 214 to 165
+  GB. Where the output is in the compute dtype (those sub-LNs; an fp32 model), one
+  LayerNorm call over all rows with the larger expert's parameters writes the output where
+  it stands, and only the other expert's rows are normalised again and copied: 159 GB.
 * The outputs of these three ops, and the input gradients of the multiway linear and
   LayerNorm, are sequence-major (:mod:`oneref.ops.layout`), the layout the encoder keeps
   its hidden states in. On such inputs each expert's rows are a contiguous block: the GEMMs
