@@ -68,11 +68,17 @@ def packed_multiway_attention(qkv, text_lengths, num_vision: int, scale: float |
     return multiway_attention(q, k, v, text_lengths, num_vision, scale, key_mask=key_mask)
 
 
+def _position_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, D) -> its (S * B, D) rows in position-major order: a view when x is
+    sequence-major, else a copy."""
+    return x.transpose(0, 1).reshape(-1, x.shape[-1])
+
+
 def _expert_rows(x: torch.Tensor, num_vision: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, S, D) -> the vision rows (num_vision * B, D) and the text rows, in position-major
-    order: views when x is sequence-major, else copies of the strided ranges."""
-    x = x.transpose(0, 1)
-    return x[:num_vision].reshape(-1, x.shape[-1]), x[num_vision:].reshape(-1, x.shape[-1])
+    """(B, S, D) -> the vision rows (num_vision * B, D) and the text rows of
+    :func:`_position_rows`."""
+    rows, split = _position_rows(x), num_vision * x.shape[0]
+    return rows[:split], rows[split:]
 
 
 def _empty_joint(like: torch.Tensor, width: int, num_vision: int, dtype=None
@@ -213,8 +219,7 @@ def _norm_forward(x, num_vision: int, params, eps: float, out_dtype):
     batch, seq, width = x.shape
     with _without_autocast(x.device):
         x = x.to(_norm_dtype(x.dtype, out_dtype, x.device))
-        rows = x.transpose(0, 1).reshape(-1, width)  # position-major: a view when seq-major
-        split = num_vision * batch
+        rows, split = _position_rows(x), num_vision * batch
         experts = ((rows[:split], *params[:2]), (rows[split:], *params[2:]))
         if out_dtype == x.dtype and not torch.compiler.is_compiling():
             joint, stats = _norm_in_place(rows, experts, split, eps)
