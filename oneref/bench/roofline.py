@@ -15,11 +15,12 @@ bandwidth)`` plus a fixed gap per launch, the ceilings of :data:`CARDS`; MFU = c
 FLOPs / (predicted time x peak). What it assumes: every kernel runs at the roofline (GEMMs
 at the matmul peak, everything else at copy bandwidth), kernels do not overlap, the host
 never starves the GPU, one launch gap of :data:`LAUNCH_GAP_US`, and the CPU dispatcher's
-eager op sequence is the GPU's. It is not exactly: the attention kernel differs, and CPU
-autocast keeps softmax, layer_norm, sums and norms in bf16 where CUDA autocast runs them in
-fp32. The multiway LayerNorms pick their compute dtype themselves (with autocast off) and
-are counted in the one they pick on CUDA: bf16 for a bf16 sub-LN, fp32 for the fp32
-residual stream.
+eager op sequence is the GPU's, one kernel per op but where CUDA's op takes two passes that
+the CPU's takes in one (:func:`_read_twice`: the LayerNorm backward). It is not exactly:
+the attention kernel differs, and CPU autocast keeps softmax, layer_norm, sums and norms in
+bf16 where CUDA autocast runs them in fp32. The multiway LayerNorms pick their compute
+dtype themselves (with autocast off) and are counted in the one they pick on CUDA: bf16 for
+a bf16 sub-LN, fp32 for the fp32 residual stream.
 
 The compiled engines (b+), (e) and (e*) are compiled on the CPU with inductor, as one graph
 per step, and counted kernel by kernel as it schedules them
@@ -87,7 +88,8 @@ _GEMMS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution",
 
 def op_class(name: str) -> str:
     """``gemm`` (matmuls, convolutions), ``attention`` (fused SDPA kernels), ``optimizer``
-    (AdamW and clipping's foreach norm and scale), or ``memory`` (everything else)."""
+    (AdamW and clipping's foreach norm and scale), or ``memory`` (everything else, the
+    operands' foreach casts too)."""
     if name.startswith(f"{INDUCTOR}."):
         return "memory"
     base = name.split(".")[-1]
@@ -95,7 +97,7 @@ def op_class(name: str) -> str:
         return "attention"
     if base in _GEMMS:
         return "gemm"
-    if "adam" in base or base.startswith("_foreach"):
+    if "adam" in base or (base.startswith("_foreach") and base != "_foreach_copy_"):
         return "optimizer"
     return "memory"
 
@@ -126,6 +128,18 @@ def _in_fp32(func, args, kwargs):
     out_flat, spec = tree_flatten(out)
     return spec.unflatten([o.to(next(dtypes)) if isinstance(o, torch.Tensor) else o
                            for o in out_flat])
+
+
+def _read_twice(name: str, values: dict) -> list:
+    """The tensors an op's CUDA implementation reads again in a second kernel of its own:
+    its LayerNorm backward computes the input gradient and the parameter gradients in two
+    kernels (``layer_norm_kernel.cu``: the input gradient's, then ``GammaBetaBackward``'s),
+    each reading the output gradient and the input. The CPU kernel takes one pass."""
+    if name == "native_layer_norm_backward":
+        needs_input, needs_weight, needs_bias = values["output_mask"]
+        if needs_input and (needs_weight or needs_bias):
+            return [values["grad_out"], values["input"]]
+    return []
 
 
 def _has_bf16(args, kwargs) -> bool:
@@ -169,9 +183,13 @@ class OpCounter(TorchDispatchMode):
                 read_args.append(value)
                 continue
             written_args.append(value)
-            if not arg.kwarg_only and name not in ("copy_", "fill_", "zero_"):
+            if not arg.kwarg_only and name not in ("copy_", "_foreach_copy_", "fill_", "zero_"):
                 read_args.append(value)  # in place: read, then written
         record["read"] += touched_bytes(tree_flatten(read_args)[0])
+        again = _read_twice(name, values)
+        if again:  # a second kernel of the op
+            record["calls"] += 1
+            record["read"] += touched_bytes(again)
         inputs = tree_flatten((args, kwargs))[0]
         fresh = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
                  and not any(t is i for i in inputs)]

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from oneref.ops.cast import cast_floating
+
 __all__ = ["check_tensor", "check_shape", "check_bool_mask", "check_boxes", "check_row_split",
            "autocast_inputs"]
 
@@ -65,10 +67,10 @@ def autocast_inputs(*tensors):
     """Cast floating tensors to the autocast dtype when autocast is on for their device.
 
     The fused matmul ops are custom ops that autocast does not see; casting here gives every
-    backend the operands ``F.linear`` would get (fp32 master weights, bf16 compute).
+    backend the operands ``F.linear`` would get (fp32 master weights, bf16 compute), all in
+    one cast (:func:`oneref.ops.cast.cast_floating`).
     """
     first = tensors[0]
     if not torch.is_autocast_enabled(first.device.type):
         return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    return cast_floating(tensors, torch.get_autocast_dtype(first.device.type))

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from oneref.ops import reference
+from oneref.ops.cast import cast_floating
 
 def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | None = None,
                        *, key_mask=None):
@@ -353,17 +354,13 @@ class _MultiwayAddLayerNorm(torch.autograd.Function):
         return (grad_x, grad_branch, grad_scale, None, *grads, None, None, None)
 
 
-def _norm_params(params, dtype):
-    return [None if p is None else p.to(dtype) for p in params]
-
-
 def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
                         eps: float = 1e-5, activation: str = "none", out_dtype=None):
     """Native LayerNorm per expert (in the dtype of :func:`_norm_dtype`) of x, or of its
     exact GELU (taken in x's dtype, as the unfused GELU would be)."""
     out_dtype = out_dtype or x.dtype
-    params = _norm_params((weight_a, bias_a, weight_b, bias_b),
-                          _norm_dtype(x.dtype, out_dtype, x.device))
+    params = cast_floating((weight_a, bias_a, weight_b, bias_b),
+                           _norm_dtype(x.dtype, out_dtype, x.device))
     return _MultiwayLayerNorm.apply(x, num_vision, *params, eps, activation, out_dtype)
 
 
@@ -374,8 +371,8 @@ def multiway_add_layer_norm(x, branch, num_vision: int, weight_a, bias_a, weight
     encoder)."""
     dtype = torch.promote_types(x.dtype, branch.dtype)
     out_dtype = out_dtype or dtype
-    params = _norm_params((weight_a, bias_a, weight_b, bias_b),
-                          _norm_dtype(dtype, out_dtype, x.device))
+    params = cast_floating((weight_a, bias_a, weight_b, bias_b),
+                           _norm_dtype(dtype, out_dtype, x.device))
     return _MultiwayAddLayerNorm.apply(x, branch, branch_scale, num_vision, *params, eps, dtype,
                                        out_dtype)
 

@@ -45,6 +45,23 @@ def test_counter_destinations_and_broadcasts():
                                          "written": 512.0}
 
 
+def test_layer_norm_backward_counts_cudas_two_kernels():
+    """CUDA computes a LayerNorm's input gradient and its parameter gradients in two
+    kernels, each reading the output gradient and the input; the input's alone in one."""
+    x, weight, bias = torch.randn(6, 8), torch.randn(8), torch.randn(8)
+    y, mean, rstd = torch.native_layer_norm(x, (8,), weight, bias, 1e-5)
+    grad, one_pass = torch.randn(6, 8), 4 * (2 * 48 + 8 + 8 + 6 + 6)
+    for mask, calls, read in (([True, True, True], 2, one_pass + 4 * 2 * 48),
+                              ([True, False, False], 1, one_pass),
+                              ([False, True, True], 1, one_pass)):
+        counter = OpCounter()
+        with counter:
+            torch.ops.aten.native_layer_norm_backward(grad, x, (8,), mean, rstd, weight,
+                                                      bias, mask)
+        record = counter.ops["aten.native_layer_norm_backward"]
+        assert (record["calls"], record["read"]) == (calls, read), mask
+
+
 def test_extrapolation_and_prediction():
     two = {"aten.mm": {"calls": 2, "flops": 2e12, "read": 1.5e9, "written": 1e9}}
     three = {"aten.mm": {"calls": 3, "flops": 3e12, "read": 2e9, "written": 1e9}}
@@ -56,8 +73,9 @@ def test_extrapolation_and_prediction():
     assert out["mfu"] == pytest.approx(5e12 / (out["step_ms"] * 1e-3 * 787e12))
     assert [op_class(n) for n in ("aten.mm", "aten.convolution_backward",
                                   "aten._scaled_dot_product_flash_attention_for_cpu",
-                                  "aten._fused_adamw_", "aten.native_layer_norm")] == [
-        "gemm", "gemm", "attention", "optimizer", "memory"]
+                                  "aten._fused_adamw_", "aten.native_layer_norm",
+                                  "aten._foreach_norm", "aten._foreach_copy_")] == [
+        "gemm", "gemm", "attention", "optimizer", "memory", "optimizer", "memory"]
 
 
 def test_count_step_grows_with_the_batch():
