@@ -99,7 +99,7 @@ def _norm_fwd_kernel(X, BR, SCALE, H, Y, WA, BA, WB, BB, MEAN, RSTD,
 
 
 @triton.jit
-def _norm_bwd_kernel(DY, SRC, DH, SCALE, DSRC, DBR, MEAN, RSTD, WA, WB, DW, DB,
+def _norm_bwd_kernel(DY, SRC, DH, SCALE, DSRC, DBR, MEAN, RSTD, WA, WB, PARTS,
                      stride_yb, stride_ys, stride_sb, stride_ss, stride_hb, stride_hs,
                      batch, rows, num_vision, width, rows_per_program,
                      HAS_DH: tl.constexpr, WRITE_BRANCH: tl.constexpr,
@@ -150,11 +150,11 @@ def _norm_bwd_kernel(DY, SRC, DH, SCALE, DSRC, DBR, MEAN, RSTD, WA, WB, DW, DB,
         dba += tl.sum(on_a, axis=0)
         dwb += tl.sum(on_b * xhat, axis=0)
         dbb += tl.sum(on_b, axis=0)
-    base = pid * 2 * width
-    tl.store(DW + base + cols, dwa, mask=col_ok)
-    tl.store(DW + base + width + cols, dwb, mask=col_ok)
-    tl.store(DB + base + cols, dba, mask=col_ok)
-    tl.store(DB + base + width + cols, dbb, mask=col_ok)
+    base = PARTS + pid * 4 * width + cols  # this program's partial: dw_a, db_a, dw_b, db_b
+    tl.store(base, dwa, mask=col_ok)
+    tl.store(base + width, dba, mask=col_ok)
+    tl.store(base + 2 * width, dwb, mask=col_ok)
+    tl.store(base + 3 * width, dbb, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -224,8 +224,9 @@ def _programs(rows: int, per_program: int, device: torch.device) -> tuple[int, i
 
 def norm_backward(dy, dh, src, scale, mean, rstd, weight_a, weight_b, num_vision: int,
                   gelu: bool, branch_dtype: torch.dtype | None):
-    """Launch the backward. Returns (dsrc, dbranch, dw_a, db_a, dw_b, db_b); dbranch is
-    empty unless ``branch_dtype`` is given."""
+    """Launch the backward. Returns (dsrc, dbranch, the (4, D) fp32 parameter gradients
+    dw_a, db_a, dw_b, db_b); dbranch is empty unless ``branch_dtype`` is given. Two
+    launches: the kernel, which writes one fp32 partial per program, and their sum."""
     batch, seq, width = src.shape
     rows = batch * seq
     dy = _last_dim_contiguous(dy)
@@ -236,21 +237,20 @@ def norm_backward(dy, dh, src, scale, mean, rstd, weight_a, weight_b, num_vision
     dbranch = _sequence_major(src, branch_dtype) if write_branch else src.new_empty((0,))
     per_program, block, warps = _config(width)
     programs, rows_per_program = _programs(rows, per_program, src.device)
-    dw = torch.zeros((programs, 2, width), dtype=torch.float32, device=src.device)
-    db = torch.zeros_like(dw)
-    if rows:
+    parts = src.new_empty((programs, 4, width), dtype=torch.float32)
+    if not rows:
+        parts.zero_()
+    else:
         meta = {} if interpreter_active() else {"num_warps": warps}
         _norm_bwd_kernel[(programs,)](
             dy, src, dh if dh is not None else dy, scale if scale is not None else mean,
-            dsrc, dbranch if write_branch else dsrc, mean, rstd, weight_a, weight_b, dw, db,
+            dsrc, dbranch if write_branch else dsrc, mean, rstd, weight_a, weight_b, parts,
             dy.stride(0), dy.stride(1), src.stride(0), src.stride(1),
             *(dh.stride()[:2] if dh is not None else (0, 0)),
             batch, rows, num_vision, width, rows_per_program, HAS_DH=dh is not None,
             WRITE_BRANCH=write_branch, HAS_SCALE=scale is not None, GELU=gelu,
             ROWS=per_program, BLOCK_D=block, **meta)
-    # one sum per expert: custom-op outputs must not alias each other
-    return (dsrc, dbranch, *(part[:, e].sum(0).to(w.dtype)
-                             for e, w in ((0, weight_a), (1, weight_b)) for part in (dw, db)))
+    return dsrc, dbranch, parts.sum(0)
 
 
 # ----------------------------------------------------- PyTorch outputs for the cost counter
@@ -303,10 +303,9 @@ def _torch_backward(dy, dh, src, scale, mean, rstd, weight_a, weight_b, num_visi
     if branch_dtype is not None:
         dbranch = (da if scale is None else da * scale.float()[:, None, None]).to(branch_dtype)
     grads = []
-    for rows, weight in ((slice(None, num_vision), weight_a), (slice(num_vision, None), weight_b)):
-        grads += [(dy[:, rows] * xhat[:, rows]).sum((0, 1)).to(weight.dtype),
-                  dy[:, rows].sum((0, 1)).to(weight.dtype)]
-    return (da.to(src.dtype), dbranch, *grads)
+    for rows in (slice(None, num_vision), slice(num_vision, None)):
+        grads += [(dy[:, rows] * xhat[:, rows]).sum((0, 1)), dy[:, rows].sum((0, 1))]
+    return da.to(src.dtype), dbranch, torch.stack(grads)
 
 
 def _on_kernel(kernel, cpu_stand_in):
@@ -350,8 +349,7 @@ def _norm_backward_op(dy: torch.Tensor, dh: torch.Tensor | None, src: torch.Tens
                       scale: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
                       weight_a: torch.Tensor, weight_b: torch.Tensor, num_vision: int,
                       gelu: bool, branch_dtype: torch.dtype | None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(dy, dh, src, scale, mean, rstd, weight_a, weight_b, num_vision, gelu,
                      branch_dtype)
 
@@ -361,8 +359,8 @@ def _norm_backward_fake(dy, dh, src, scale, mean, rstd, weight_a, weight_b, num_
                         branch_dtype):
     dbranch = (_sequence_major(src, branch_dtype) if branch_dtype is not None
                else src.new_empty((0,)))
-    return (_sequence_major(src, src.dtype), dbranch, torch.empty_like(weight_a),
-            torch.empty_like(weight_a), torch.empty_like(weight_b), torch.empty_like(weight_b))
+    return (_sequence_major(src, src.dtype), dbranch,
+            src.new_empty((4, src.shape[-1]), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -382,9 +380,12 @@ def _backward_rule(ctx, grad_h, grad_y, grad_mean, grad_rstd):
     src, scale, mean, rstd, weight_a, weight_b = ctx.saved_tensors
     if grad_y is None:
         grad_y = torch.zeros_like(src)
-    dsrc, dbranch, dwa, dba, dwb, dbb = _norm_backward_op(
+    dsrc, dbranch, param_grads = _norm_backward_op(
         grad_y, grad_h, src, scale, mean, rstd, weight_a, weight_b, ctx.num_vision, ctx.gelu,
         ctx.branch_dtype)
+    # Rows of one tensor (the op's outputs may not alias each other; these may).
+    dwa, dba, dwb, dbb = (grad.to(weight.dtype) for grad, weight in
+                          zip(param_grads, (weight_a, weight_a, weight_b, weight_b)))
     if ctx.has_branch and ctx.branch_dtype is None:
         dbranch = dsrc
     return (dsrc, dbranch if ctx.has_branch else None, None, None, dwa, dba, dwb, dbb, None,
