@@ -237,7 +237,7 @@ def norm_backward(dy, dh, src, scale, mean, rstd, weight_a, weight_b, num_vision
     dbranch = _sequence_major(src, branch_dtype) if write_branch else src.new_empty((0,))
     per_program, block, warps = _config(width)
     programs, rows_per_program = _programs(rows, per_program, src.device)
-    parts = src.new_empty((programs, 4, width), dtype=torch.float32)
+    parts = torch.empty((programs, 4, width), dtype=torch.float32, device=src.device)
     if not rows:
         parts.zero_()
     else:

@@ -2,7 +2,7 @@
 
 Under bf16 autocast every multiway op casts its fp32 master parameters (and any fp32
 activation) to bf16, and autograd casts their gradients back: one kernel per tensor each
-way, about 580 of the 1,835 launches of a OneRef-B training step. :func:`cast_floating`
+way, 576 of the 1,835 launches of a OneRef-B training step. :func:`cast_floating`
 casts an op's operands with one ``torch._foreach_copy_`` per source dtype, and their
 gradients back with one more: on CUDA a single multi-tensor kernel for tensors whose sizes
 and strides pairwise match, which the outputs here are given. Compiled steps keep plain
