@@ -383,7 +383,9 @@ def _backward_rule(ctx, grad_h, grad_y, grad_mean, grad_rstd):
     dsrc, dbranch, param_grads = _norm_backward_op(
         grad_y, grad_h, src, scale, mean, rstd, weight_a, weight_b, ctx.num_vision, ctx.gelu,
         ctx.branch_dtype)
-    # Rows of one tensor (the op's outputs may not alias each other; these may).
+    # Rows of one tensor (the op's outputs may not alias each other; these may): the four
+    # parameters' .grad share its storage, which in-place accumulation and the optimizers
+    # take as it is.
     dwa, dba, dwb, dbb = (grad.to(weight.dtype) for grad, weight in
                           zip(param_grads, (weight_a, weight_a, weight_b, weight_b)))
     if ctx.has_branch and ctx.branch_dtype is None:

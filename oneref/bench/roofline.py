@@ -15,12 +15,12 @@ bandwidth)`` plus a fixed gap per launch, the ceilings of :data:`CARDS`; MFU = c
 FLOPs / (predicted time x peak). What it assumes: every kernel runs at the roofline (GEMMs
 at the matmul peak, everything else at copy bandwidth), kernels do not overlap, the host
 never starves the GPU, one launch gap of :data:`LAUNCH_GAP_US`, and the CPU dispatcher's
-eager op sequence is the GPU's, one kernel per op but where CUDA's op takes two passes that
-the CPU's takes in one (:func:`_read_twice`: the LayerNorm backward). It is not exactly:
-the attention kernel differs, and CPU autocast keeps softmax, layer_norm, sums and norms in
-bf16 where CUDA autocast runs them in fp32. The multiway LayerNorms pick their compute
-dtype themselves (with autocast off) and are counted in the one they pick on CUDA: bf16 for
-a bf16 sub-LN, fp32 for the fp32 residual stream.
+eager op sequence is the GPU's, one kernel per op (two for CUDA's LayerNorm backward,
+:func:`_second_kernel_reads`). It is not exactly: the attention kernel differs, and CPU
+autocast keeps softmax, layer_norm, sums and norms in bf16 where CUDA autocast runs them in
+fp32. The multiway LayerNorms pick their compute dtype themselves (with autocast off) and
+are counted in the one they pick on CUDA: bf16 for a bf16 sub-LN, fp32 for the fp32
+residual stream.
 
 The compiled engines (b+), (e) and (e*) are compiled on the CPU with inductor, as one graph
 per step, and counted kernel by kernel as it schedules them
@@ -97,7 +97,7 @@ def op_class(name: str) -> str:
         return "attention"
     if base in _GEMMS:
         return "gemm"
-    if "adam" in base or (base.startswith("_foreach") and base != "_foreach_copy_"):
+    if "adam" in base or (base.startswith("_foreach") and not base.startswith("_foreach_copy")):
         return "optimizer"
     return "memory"
 
@@ -130,11 +130,14 @@ def _in_fp32(func, args, kwargs):
                            for o in out_flat])
 
 
-def _read_twice(name: str, values: dict) -> list:
+def _second_kernel_reads(name: str, values: dict) -> list:
     """The tensors an op's CUDA implementation reads again in a second kernel of its own:
     its LayerNorm backward computes the input gradient and the parameter gradients in two
     kernels (``layer_norm_kernel.cu``: the input gradient's, then ``GammaBetaBackward``'s),
-    each reading the output gradient and the input. The CPU kernel takes one pass."""
+    each reading the output gradient and the input. The CPU kernel takes one pass. Over
+    65,536 rows of a narrow width (fewer than 32 columns per two SMs: 768 on an H100, not
+    3,072), recent PyTorch also sums partials in small launches of their own, uncounted
+    here: OneRef-B's vision rows pass that bound at batch 114."""
     if name == "native_layer_norm_backward":
         needs_input, needs_weight, needs_bias = values["output_mask"]
         if needs_input and (needs_weight or needs_bias):
@@ -186,7 +189,7 @@ class OpCounter(TorchDispatchMode):
             if not arg.kwarg_only and name not in ("copy_", "_foreach_copy_", "fill_", "zero_"):
                 read_args.append(value)  # in place: read, then written
         record["read"] += touched_bytes(tree_flatten(read_args)[0])
-        again = _read_twice(name, values)
+        again = _second_kernel_reads(name, values)
         if again:  # a second kernel of the op
             record["calls"] += 1
             record["read"] += touched_bytes(again)

@@ -2,11 +2,13 @@
 
 Under bf16 autocast every multiway op casts its fp32 master parameters (and any fp32
 activation) to bf16, and autograd casts their gradients back: one kernel per tensor each
-way, 576 of the 1,835 launches of a OneRef-B training step. :func:`cast_floating`
-casts an op's operands with one ``torch._foreach_copy_`` per source dtype, and their
-gradients back with one more: on CUDA a single multi-tensor kernel for tensors whose sizes
-and strides pairwise match, which the outputs here are given. Compiled steps keep plain
-casts, which inductor schedules itself.
+way, several hundred launches of a OneRef-B training step. :func:`cast_floating` casts an
+op's operands with one ``torch._foreach_copy_`` per source dtype, and their gradients back
+with one more. On CUDA that is one multi-tensor kernel when every tensor is dense (no gaps,
+no overlaps) and each pair has the same sizes and strides, which the casts here are given;
+a non-dense tensor (a strided slice, an expanded gradient) gets a contiguous cast, and
+CUDA then copies the group tensor by tensor. Compiled steps keep plain casts, which
+inductor schedules itself.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ __all__ = ["cast_floating"]
 
 class _CastTogether(torch.autograd.Function):
     """The tensors (all of one dtype) cast to ``dtype`` by one ``_foreach_copy_``; their
-    gradients cast back to the tensors' dtype by another."""
+    gradients cast back to the tensors' dtype the same way (so twice differentiable). The
+    cast of a tensor that needs no gradient does not require one either, as with ``t.to``."""
 
     @staticmethod
     def forward(ctx, dtype, *tensors):
@@ -26,17 +29,16 @@ class _CastTogether(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         out = [torch.empty_like(t, dtype=dtype) for t in tensors]
         torch._foreach_copy_(out, tensors)
+        ctx.mark_non_differentiable(*(o for o, needs in zip(out, ctx.needs_input_grad[1:])
+                                      if not needs))
         return tuple(out)
 
     @staticmethod
     def backward(ctx, *grads):
-        wanted = [g if g is not None and need else None
-                  for g, need in zip(grads, ctx.needs_input_grad[1:])]
+        wanted = [g if g is not None and needs else None
+                  for g, needs in zip(grads, ctx.needs_input_grad[1:])]
         present = [g for g in wanted if g is not None]
-        back = [torch.empty_like(g, dtype=ctx.source_dtype) for g in present]
-        if back:
-            torch._foreach_copy_(back, present)
-        cast = iter(back)
+        cast = iter(_CastTogether.apply(ctx.source_dtype, *present) if present else ())
         return (None, *(None if g is None else next(cast) for g in wanted))
 
 

@@ -67,8 +67,8 @@ def autocast_inputs(*tensors):
     """Cast floating tensors to the autocast dtype when autocast is on for their device.
 
     The fused matmul ops are custom ops that autocast does not see; casting here gives every
-    backend the operands ``F.linear`` would get (fp32 master weights, bf16 compute), all in
-    one cast (:func:`oneref.ops.cast.cast_floating`).
+    backend the operands ``F.linear`` would get (fp32 master weights, bf16 compute), in one
+    cast per source dtype (:func:`oneref.ops.cast.cast_floating`).
     """
     first = tensors[0]
     if not torch.is_autocast_enabled(first.device.type):

@@ -165,3 +165,29 @@ def test_unsupported_dtype_names_the_argument():
     x = torch.randn(1, 3, 4, dtype=torch.float64)
     with pytest.raises(TypeError, match="x has dtype torch.float64"):
         ln.norm_forward(x, None, None, 1, *[torch.ones(4)] * 4, 1e-5, False, torch.float64)
+
+
+@pytest.mark.interpret
+def test_empty_batch_gives_zero_parameter_gradients(poison_empty):
+    """No rows: no kernel runs, and the parameter gradients are zeros, not the poisoned
+    partials."""
+    x = torch.randn(0, 5, 16, requires_grad=True)
+    branch = torch.randn(0, 5, 16, requires_grad=True)
+    params = [torch.randn(16, requires_grad=True) for _ in range(4)]
+    h, y = ln.multiway_add_layer_norm(x, branch, 3, *params, 1e-5, None, torch.float32)
+    assert h.shape == y.shape == (0, 5, 16)
+    grads = torch.autograd.grad((h.sum() + y.sum()), params)
+    assert all(torch.equal(g, torch.zeros(16)) for g in grads)
+
+
+def test_backward_op_passes_opcheck(monkeypatch):
+    """The backward custom op's fake (meta) outputs, schema and dispatch agree with what it
+    computes (on the CPU stand-in)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 16, generator=gen)
+    params = [torch.randn(16, generator=gen) for _ in range(4)]
+    _, _, mean, rstd = ln._norm_op(x, None, None, 4, *params, 1e-5, True, torch.float32)
+    dy = torch.randn(2, 7, 16, generator=gen)
+    torch.library.opcheck(ln._norm_backward_op, (dy, None, x, None, mean, rstd, params[0],
+                                                 params[2], 4, True, None))

@@ -6,6 +6,7 @@ import torch
 
 from oneref import ops
 from oneref.bench.roofline import OpCounter
+from oneref.ops import torch_backend
 from oneref.ops.cast import cast_floating
 
 
@@ -36,7 +37,19 @@ def test_values_and_gradients_are_those_of_to():
         if src is not None and src.requires_grad:
             assert src.grad.dtype == src.dtype
             torch.testing.assert_close(src.grad, w.to(torch.bfloat16).to(src.dtype))
-    assert tensors[2].grad is None
+    assert not cast[2].requires_grad  # a frozen tensor's cast asks for no gradient
+
+
+def test_twice_differentiable_as_to():
+    weight = torch.randn(4, 3, requires_grad=True)
+    twin = weight.detach().clone().requires_grad_()
+    grads = []
+    for leaf, cast in ((weight, cast_floating((weight,), torch.bfloat16)[0]),
+                       (twin, twin.to(torch.bfloat16))):
+        first, = torch.autograd.grad(cast.float().pow(3).sum(), leaf, create_graph=True)
+        grads += [first, *torch.autograd.grad(first.sum(), leaf)]
+    torch.testing.assert_close(grads[0], grads[2])
+    torch.testing.assert_close(grads[1], grads[3])
 
 
 def test_one_foreach_copy_per_source_dtype_each_way():
@@ -64,6 +77,8 @@ def test_strides_are_kept_where_they_can_be():
 
 
 def test_multiway_linear_casts_its_operands_together_under_autocast():
+    """x (no gradient) and four parameters in one cast; the backward computes no input
+    gradient for x: two GEMMs, the experts' weight gradients."""
     x = torch.randn(2, 5, 8)
     params = [torch.randn(4, 8, requires_grad=True), torch.randn(4, requires_grad=True),
               torch.randn(4, 8, requires_grad=True), torch.randn(4, requires_grad=True)]
@@ -71,12 +86,30 @@ def test_multiway_linear_casts_its_operands_together_under_autocast():
         y = ops.multiway_linear(x, 3, *params)
     assert counter.ops["aten._foreach_copy_"]["calls"] == 1  # x and four parameters
     assert "aten._to_copy" not in counter.ops
-    y.float().sum().backward()
+    with OpCounter() as backward:
+        y.sum().backward()
+    assert backward.ops["aten.mm"]["calls"] == 2
+    assert backward.ops["aten._foreach_copy_"]["calls"] == 1
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
 
 
+def test_bf16_layer_norm_casts_its_parameters_together():
+    """The sub-LN composite on the native bf16 path (as on CUDA): its four fp32 parameters
+    cast to bf16 in one copy, their gradients back in one more."""
+    x = torch.randn(2, 6, 8, dtype=torch.bfloat16, requires_grad=True)
+    params = [torch.randn(8, requires_grad=True) for _ in range(4)]
+    with torch_backend.native_bf16_on("cpu"):
+        with OpCounter() as forward:
+            y = torch_backend.multiway_layer_norm(x, 4, *params)
+        with OpCounter() as backward:
+            y.float().square().sum().backward()
+    assert forward.ops["aten._foreach_copy_"]["calls"] == 1
+    assert backward.ops["aten._foreach_copy_"]["calls"] == 1
+    assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in params)
+
+
 @pytest.mark.parametrize("needs_grad", [True, False])
-def test_traces_as_one_graph(needs_grad):
+def test_traces_as_one_graph_of_plain_casts(needs_grad):
     weight = torch.randn(4, 3, requires_grad=needs_grad)
     bias = torch.randn(4, requires_grad=needs_grad)
 
