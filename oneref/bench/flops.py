@@ -29,7 +29,8 @@ def count_flops(fn: Callable[[], object]) -> dict:
     with counter:
         fn()
     total = counter.get_total_flops()
-    by_op = {str(op): flops / 1e9 for op, flops in counter.get_flop_counts().get("Global", {}).items()}
+    per_op = counter.get_flop_counts().get("Global", {})
+    by_op = {str(op): flops / 1e9 for op, flops in per_op.items()}
     return {"flops": total, "gflops": total / 1e9, "gmacs": total / 2e9, "by_op": by_op}
 
 

@@ -363,8 +363,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``python -m oneref.bench [args]`` (and ``oneref bench``)."""
-    parser = add_arguments(argparse.ArgumentParser(prog="oneref bench", description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="oneref bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return run_bench(args)

@@ -134,7 +134,8 @@ def cost_markdown(rows: list[dict]) -> str:
             f"| {_preset(r)} | ({r['engine']}) {r.get('dtype', '')} | {params} | {flops} | "
             f"{_tasks(r, TRAIN_KEYS)} | {_with_ratio(r, 'rec_infer_b1_sps')} | "
             f"{_tasks(r, INFER_KEYS)} | {split} | "
-            f"{fmt(r.get('rec_train_peak_mem_gb'))} | {'-' if mfu is None else fmt(100 * mfu) + '%'} |")
+            f"{fmt(r.get('rec_train_peak_mem_gb'))} | "
+            f"{'-' if mfu is None else fmt(100 * mfu) + '%'} |")
     return "\n".join(lines)
 
 

@@ -85,10 +85,8 @@ def multiway_linear(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,
     x: (B, S, Din); weight_*: (Dout, Din); bias_*: (Dout,) or None. Returns (B, S, Dout),
     followed by exact (erf) GELU when ``activation == "gelu"``.
     """
-    y = torch.cat(
-        [F.linear(x[:, :num_vision], weight_a, bias_a), F.linear(x[:, num_vision:], weight_b, bias_b)],
-        dim=1,
-    )
+    y = torch.cat([F.linear(x[:, :num_vision], weight_a, bias_a),
+                   F.linear(x[:, num_vision:], weight_b, bias_b)], dim=1)
     return F.gelu(y) if activation == "gelu" else y
 
 
