@@ -146,3 +146,28 @@ def test_compiled_multiway_linear_under_autocast_matches_eager():
     for g, w in zip(got, want):
         assert g.dtype == w.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_one_cuda_kernel_each_way():
+    """On CUDA a multiway linear's four parameters are cast by one multi-tensor kernel, and
+    their gradients back by one more: the fast path of ``_foreach_copy_`` that the launch
+    count assumes."""
+    shapes = ((2304, 768), (2304,), (2304, 768), (2304,))
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in shapes]
+    grads = [torch.ones(s, device="cuda", dtype=torch.bfloat16) for s in shapes]
+
+    def kernels(fn):
+        fn()  # warm-up
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA
+                and not e.name.startswith(("Memcpy", "Memset"))]
+
+    assert len(kernels(lambda: cast_floating(params, torch.bfloat16))) == 1
+    both = kernels(lambda: torch.autograd.grad(cast_floating(params, torch.bfloat16), params,
+                                               grads))
+    assert len(both) == 2, both
