@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from oneref.ops import reference
 from oneref.ops.cast import cast_floating
 
+
 def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | None = None,
                        *, key_mask=None):
     """SDPA over (B, H, S, Dh) views with a (B, 1, 1, S) bool mask (True = attend): the
