@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from oneref.kernels.geometry import norm_backward_programs, norm_rows_per_program
 from oneref.kernels.utils import (check_supported, erf_gelu, erf_gelu_grad, interpreter_active,
                                   num_sms)
 
@@ -166,7 +167,7 @@ def _config(width: int) -> tuple[int, int, int]:
     block = triton.next_power_of_2(width)
     if interpreter_active():
         return 16, block, 1
-    return max(1, 4096 // block), block, 4 if block <= 1024 else 8
+    return norm_rows_per_program(width), block, 4 if block <= 1024 else 8
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -217,9 +218,9 @@ def norm_forward(x, branch, scale, num_vision: int, weight_a, bias_a, weight_b, 
 def _programs(rows: int, per_program: int, device: torch.device) -> tuple[int, int]:
     """(programs, rows per program) of the backward: about two per SM on the GPU (each
     writes a 4 x width fp32 partial), 2 in the interpreter (to exercise the partial sums)."""
-    chunks = triton.cdiv(rows, per_program)
-    programs = max(1, min(chunks, 2 if interpreter_active() else 2 * num_sms(device)))
-    return programs, triton.cdiv(chunks, programs) * per_program
+    slots = 2 if interpreter_active() else 2 * num_sms(device)
+    programs = norm_backward_programs(rows, per_program, slots)
+    return programs, triton.cdiv(triton.cdiv(rows, per_program), programs) * per_program
 
 
 def norm_backward(dy, dh, src, scale, mean, rstd, weight_a, weight_b, num_vision: int,

@@ -5,8 +5,10 @@ A :class:`KernelRecorder` hooks inductor's scheduler right after fusion, where e
 is one kernel of the compiled step:
 
 * an extern kernel (the GEMMs, SDPA, custom ops) is counted as the eager counter counts
-  the aten op it calls: FLOPs from ``torch.utils.flop_counter``'s formulas, its tensor
-  arguments read and its outputs written, shapes and dtypes from the traced graph;
+  the op it calls: FLOPs from ``torch.utils.flop_counter``'s formulas, its tensor
+  arguments read and its outputs written (and the further kernels of
+  :func:`oneref.bench.kernel_bytes.further_kernels`), shapes and dtypes from the traced
+  graph;
 * a fused kernel (inductor's generated code: pointwise ops, reductions, casts, in any
   number) is one launch that reads and writes the buffers inductor says it does, each
   once. It is named after the aten ops it fuses (``inductor.add+native_layer_norm``);
@@ -24,7 +26,9 @@ import torch
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-__all__ = ["KernelRecorder", "empty_counts", "touched_bytes", "INDUCTOR"]
+from oneref.bench.kernel_bytes import further_kernels, touched_bytes
+
+__all__ = ["KernelRecorder", "empty_counts", "INDUCTOR"]
 
 #: Namespace of the fused kernels inductor generates, in the counts' op names.
 INDUCTOR = "inductor"
@@ -38,19 +42,6 @@ _NAME_OPS = 3
 def empty_counts() -> defaultdict:
     """Per op name: calls (launches), FLOPs, bytes read, bytes written."""
     return defaultdict(lambda: {"calls": 0, "flops": 0.0, "read": 0.0, "written": 0.0})
-
-
-def touched_bytes(values) -> int:
-    """Bytes a kernel touches: each tensor's elements over its non-broadcast dims (a
-    stride-0 expanded dim is read once)."""
-    total = 0
-    for t in values:
-        if isinstance(t, torch.Tensor):
-            elements = 1
-            for size, stride in zip(t.shape, t.stride()):
-                elements *= size if stride != 0 else 1
-            total += elements * t.element_size()
-    return total
 
 
 def _values(arg):
@@ -140,13 +131,16 @@ class KernelRecorder:
         args, kwargs, out = _values(origin.args), _values(origin.kwargs), origin.meta.get("val")
         counter = flop_registry.get(packet)
         flops = counter(*args, **kwargs, out_val=out) if counter is not None else 0
-        self._add(f"{op.namespace}.{packet.__name__}", flops,
-                  touched_bytes(tree_flatten((args, kwargs))[0]),
-                  touched_bytes(tree_flatten(out)[0]))
+        name = f"{op.namespace}.{packet.__name__}"
+        values = dict(zip((a.name for a in op._schema.arguments), args)) | kwargs
+        launches, read, written = further_kernels(name, values)
+        self._add(name, flops, touched_bytes(tree_flatten((args, kwargs))[0]) + read,
+                  touched_bytes(tree_flatten(out)[0]) + written, 1 + launches)
 
-    def _add(self, name: str, flops: float, read: float, written: float) -> None:
+    def _add(self, name: str, flops: float, read: float, written: float,
+             launches: int = 1) -> None:
         record = self.ops[name]
-        record["calls"] += 1
+        record["calls"] += launches
         record["flops"] += flops
         record["read"] += read
         record["written"] += written

@@ -15,9 +15,9 @@ bandwidth)`` plus a fixed gap per launch, the ceilings of :data:`CARDS`; MFU = c
 FLOPs / (predicted time x peak). What it assumes: every kernel runs at the roofline (GEMMs
 at the matmul peak, everything else at copy bandwidth), kernels do not overlap, the host
 never starves the GPU, one launch gap of :data:`LAUNCH_GAP_US`, and the CPU dispatcher's
-eager op sequence is the GPU's, one kernel per op (two for CUDA's LayerNorm backward,
-:func:`_second_kernel_reads`). It is not exactly: the attention kernel differs, and CPU
-autocast keeps softmax, layer_norm, sums and norms in bf16 where CUDA autocast runs them in
+eager op sequence is the GPU's, one kernel per op (two for CUDA's LayerNorm backward and
+for the Triton one: :func:`oneref.bench.kernel_bytes.further_kernels`). It is not exactly:
+the attention kernel differs, and CPU autocast keeps softmax, layer_norm, sums and norms in bf16 where CUDA autocast runs them in
 fp32. The multiway LayerNorms pick their compute dtype themselves (with autocast off) and
 are counted in the one they pick on CUDA: bf16 for a bf16 sub-LN, fp32 for the fp32
 residual stream.
@@ -34,8 +34,8 @@ long reduction in two).
 Engine (d) runs each op on the backend the committed policy picks for training
 (:mod:`oneref.ops.policy`), with the backends that have CPU kernels. ``d*`` is (d) with the
 Triton kernels of :data:`oneref.bench.engines.UNMEASURED_KERNELS` as well, which the policy
-cannot pick before a GPU measures them: each counts as one kernel per call, reading its
-tensor arguments and writing its outputs (the ops compute the same values with PyTorch on
+cannot pick before a GPU measures them: each counts as its kernels (one per call, two for
+the backward), reading its tensor arguments and writing its outputs (the ops compute the same values with PyTorch on
 CPU tensors, see ``oneref/kernels/layer_norm.py``). ``e*`` is (e) with the same kernels:
 custom ops that inductor calls as extern kernels.
 """
@@ -56,7 +56,8 @@ from oneref import ops
 from oneref.bench.baseline import use_sdpa
 from oneref.bench.engines import (COMPILED, ENGINES, UNMEASURED_KERNELS, backward_step,
                                   build_engine, make_batch, optimizer_step, train_step)
-from oneref.bench.inductor_count import INDUCTOR, KernelRecorder, empty_counts, touched_bytes
+from oneref.bench.inductor_count import INDUCTOR, KernelRecorder, empty_counts
+from oneref.bench.kernel_bytes import further_kernels, touched_bytes
 from oneref.config import get_config
 from oneref.ops import dispatch, policy, torch_backend
 from oneref.ops.registry import OPS
@@ -130,21 +131,6 @@ def _in_fp32(func, args, kwargs):
                            for o in out_flat])
 
 
-def _second_kernel_reads(name: str, values: dict) -> list:
-    """The tensors an op's CUDA implementation reads again in a second kernel of its own:
-    its LayerNorm backward computes the input gradient and the parameter gradients in two
-    kernels (``layer_norm_kernel.cu``: the input gradient's, then ``GammaBetaBackward``'s),
-    each reading the output gradient and the input. The CPU kernel takes one pass. Over
-    65,536 rows of a narrow width (fewer than 32 columns per two SMs: 768 on an H100, not
-    3,072), recent PyTorch also sums partials in small launches of their own, uncounted
-    here: OneRef-B's vision rows pass that bound at batch 114."""
-    if name == "native_layer_norm_backward":
-        needs_input, needs_weight, needs_bias = values["output_mask"]
-        if needs_input and (needs_weight or needs_bias):
-            return [values["grad_out"], values["input"]]
-    return []
-
-
 def _has_bf16(args, kwargs) -> bool:
     return any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
                for t in tree_flatten((args, kwargs))[0])
@@ -188,15 +174,14 @@ class OpCounter(TorchDispatchMode):
             written_args.append(value)
             if not arg.kwarg_only and name not in ("copy_", "_foreach_copy_", "fill_", "zero_"):
                 read_args.append(value)  # in place: read, then written
-        record["read"] += touched_bytes(tree_flatten(read_args)[0])
-        again = _second_kernel_reads(name, values)
-        if again:  # a second kernel of the op
-            record["calls"] += 1
-            record["read"] += touched_bytes(again)
+        launches, read, written = further_kernels(f"{func.namespace}.{name}", values)
+        record["calls"] += launches
+        record["read"] += touched_bytes(tree_flatten(read_args)[0]) + read
         inputs = tree_flatten((args, kwargs))[0]
         fresh = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
                  and not any(t is i for i in inputs)]
-        record["written"] += touched_bytes(fresh) + touched_bytes(tree_flatten(written_args)[0])
+        record["written"] += (touched_bytes(fresh) + touched_bytes(tree_flatten(written_args)[0])
+                              + written)
         counter = flop_registry.get(func.overloadpacket)
         if counter is not None:
             record["flops"] += counter(*args, **kwargs, out_val=out)

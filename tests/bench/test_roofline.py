@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from oneref.bench.main import main as bench_main
+from oneref.kernels.geometry import norm_backward_programs, norm_rows_per_program
 from oneref.bench.report import environment
 from oneref.bench.roofline import (CARDS, LAUNCH_GAP_US, OpCounter, _at, against_prediction,
                                    against_prediction_markdown, card_of, count_step, op_class,
@@ -62,6 +63,32 @@ def test_layer_norm_backward_counts_cudas_two_kernels():
         assert (record["calls"], record["read"]) == (calls, read), mask
 
 
+def test_triton_layer_norm_backward_counts_its_partial_sums():
+    """The Triton LayerNorm backward: its kernel, which also writes one fp32 (4, D) partial
+    per program (one per 512 rows of 8 on a GPU, at most two per SM), then their sum."""
+    import oneref.kernels.layer_norm  # noqa: F401 - registers the ops
+
+    x, weight = torch.randn(2, 513, 8), torch.randn(8)
+    _, y, mean, rstd = torch.ops.oneref_triton.multiway_norm(
+        x, None, None, 3, weight, weight, weight, weight, 1e-5, False, torch.float32)
+    dy = torch.randn_like(y)
+    counter = OpCounter()
+    with counter:
+        dx, _, grads = torch.ops.oneref_triton.multiway_norm_backward(
+            dy, None, x, None, mean, rstd, weight, weight, 3, False, None)
+    rows = 2 * 513
+    parts = 3 * 4 * 8 * 4
+    args = 4 * (2 * rows * 8 + 2 * rows + 2 * 8)
+    assert counter.ops["oneref_triton.multiway_norm_backward"] == {
+        "calls": 2, "flops": 0.0, "read": args + parts,
+        "written": 4 * rows * 8 + 4 * 4 * 8 + parts}
+    assert grads.shape == (4, 8) and dx.shape == x.shape
+    # OneRef-B at batch 64: two programs per SM; a few rows: one per chunk of rows
+    assert norm_backward_programs(64 * 641, norm_rows_per_program(768), 264) == 264
+    assert norm_rows_per_program(3072) == 1 and norm_rows_per_program(641) == 4
+    assert norm_backward_programs(10, 1, 264) == 10
+
+
 def test_extrapolation_and_prediction():
     two = {"aten.mm": {"calls": 2, "flops": 2e12, "read": 1.5e9, "written": 1e9}}
     three = {"aten.mm": {"calls": 3, "flops": 3e12, "read": 2e9, "written": 1e9}}
@@ -99,15 +126,16 @@ def test_bench_cost_writes_the_report(tmp_path, capsys):
     assert "predicts engines a, b, b+, c, d, d*, e, e*" in capsys.readouterr().err
 
 
-def test_unmeasured_kernels_count_as_one_kernel_each():
-    """``d*``: each fused LayerNorm call is one launch of the Triton op (forward and
-    backward), and the step moves fewer bytes in fewer launches than (d)."""
+def test_unmeasured_kernels_count_as_their_launches():
+    """``d*``: each fused LayerNorm call is one launch of the Triton forward and two of its
+    backward (the kernel, then the sum of its fp32 partials, written and read once), and
+    the step moves fewer bytes in fewer launches than (d)."""
     plain, fused = count_step("d", "tiny", 2), count_step("d*", "tiny", 2)
     ops = fused["ops"]
     depth = 2  # tiny: 2 blocks x (norm1, sub-LN, norm2, FFN sub-LN) + the final norm
-    assert ops["oneref_triton.multiway_norm"]["calls"] == 4 * depth + 1
-    assert ops["oneref_triton.multiway_norm_backward"]["calls"] == 4 * depth + 1
-    assert "aten.native_layer_norm" not in ops
+    calls = 4 * depth + 1
+    assert ops["oneref_triton.multiway_norm"]["calls"] == calls
+    assert ops["oneref_triton.multiway_norm_backward"]["calls"] == 2 * calls
     total = lambda counts, key: sum(c[key] for c in counts.values())  # noqa: E731
     assert total(ops, "calls") < total(plain["ops"], "calls")
     moved = lambda counts: total(counts, "read") + total(counts, "written")  # noqa: E731

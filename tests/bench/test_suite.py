@@ -56,6 +56,31 @@ def test_cost_row_of_baseline_has_measured_figures():
     assert set(row["infer_sweep"]) == {1, 2}
 
 
+def test_steps_switch_the_mode_only_when_it_changes(monkeypatch):
+    """Module.train walks every submodule: a timed step pays for it only when the mode
+    changes, and each step still runs in its own mode."""
+    config = get_config("tiny")
+    engine = build_engine("c", config, CPU)
+    calls, train = [], torch.nn.Module.train
+
+    def counted(module, mode=True):
+        calls.append(mode)
+        return train(module, mode)
+
+    monkeypatch.setattr(type(engine.model), "train", counted)
+    rec = make_batch(config, 2, CPU, seed=0, task="rec")
+    infer = make_batch(config, 2, CPU, seed=0, task="rec_infer")
+    for _ in range(2):
+        train_step(engine, "rec", rec)
+    assert calls == [] and engine.model.training
+    for _ in range(2):
+        infer_step(engine, "rec_infer", infer)
+    assert calls == [False] and not engine.model.training
+    assert not any(m.training for m in engine.model.modules())
+    train_step(engine, "rec", rec)
+    assert calls == [False, True] and engine.model.training
+
+
 def test_unmeasured_kernel_engine_is_a_skipped_row_on_the_cpu():
     """(d*) runs Triton kernels on CUDA tensors: on a CPU its row says so and measures
     nothing; on a GPU it is the G4 row beside (d)."""
