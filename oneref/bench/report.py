@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from oneref import io
+from oneref.bench.kernels import ATTENTION_OPS
 
 __all__ = ["environment", "write_json", "cost_markdown", "profile_markdown", "kernel_markdown",
            "loader_markdown", "plot_throughput", "plot_attention", "fmt"]
@@ -237,18 +238,21 @@ def plot_throughput(rows: list[dict], path: Path, title: str) -> Path | None:
 
 
 def plot_attention(rows: list[dict], path: Path, title: str) -> Path | None:
-    """multiway_attention TFLOP/s vs text length, one line per (implementation, pass)."""
-    rows = [r for r in rows if r.get("op") == "multiway_attention" and "tflops" in r]
+    """Attention TFLOP/s vs text length, one line per (op, implementation, pass, batch):
+    q, k, v given apart solid, the packed projection (what the encoder calls) dashed."""
+    rows = [r for r in rows if r.get("op") in ATTENTION_OPS and "tflops" in r]
     if not rows:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    keys = sorted({(r["impl"], r["pass"], r["batch"]) for r in rows})
-    for impl, pas, batch in keys:
+    keys = sorted({(r["op"], r["impl"], r["pass"], r["batch"]) for r in rows})
+    for op, impl, pas, batch in keys:
         pts = sorted((r["text_len"], r["tflops"]) for r in rows
-                     if (r["impl"], r["pass"], r["batch"]) == (impl, pas, batch))
+                     if (r["op"], r["impl"], r["pass"], r["batch"]) == (op, impl, pas, batch))
+        packed = op == "packed_multiway_attention"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=f"{impl} {pas} B={batch}")
+                linestyle="--" if packed else "-",
+                label=f"{impl}{' packed' if packed else ''} {pas} B={batch}")
     ax.set_xlabel("text length (keys = vision + text)")
     ax.set_ylabel("TFLOP/s")
     ax.grid(True, alpha=0.3)

@@ -200,6 +200,10 @@ def test_environment_and_plots(tmp_path):
     att = [{"op": "multiway_attention", "impl": "x", "pass": "fwd", "batch": 1,
             "text_len": t, "tflops": t / 10} for t in (8, 16)]
     assert plot_attention(att, tmp_path / "a.png", "y").read_bytes()[:4] == b"\x89PNG"
+    packed = [dict(row, op="packed_multiway_attention") for row in att]  # the encoder's form
+    assert plot_attention(packed, tmp_path / "p.png", "y").read_bytes()[:4] == b"\x89PNG"
+    assert plot_attention([dict(att[0], op="linear_cross_entropy")], tmp_path / "n.png",
+                          "y") is None
 
 
 @pytest.mark.slow
