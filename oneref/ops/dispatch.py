@@ -56,6 +56,8 @@ _load_errors: dict[str, str] = {}
 # {op: backend} for some. A plain list, not a ContextVar: Dynamo traces a module global on
 # every torch version this package supports.
 _settings: list[str | dict[str, str]] = []
+# ONEREF_BACKEND comma lists -> their parsed (default, {op: backend}), parsed once each.
+_environment_settings: dict[str, tuple[str, dict[str, str]]] = {}
 # (op, device type, setting, training) -> candidates [(backend, impl, function)], in order.
 _candidates: dict[tuple[str, str, str, bool], tuple[tuple[str, Impl, Callable], ...]] = {}
 
@@ -119,7 +121,10 @@ def current_backend(op: str | None = None) -> str:
     value = os.environ.get("ONEREF_BACKEND", "auto")
     if value in _CHOICES:
         return value
-    default, per_op = _parse_environment(value)
+    parsed = _environment_settings.get(value)
+    if parsed is None:
+        parsed = _environment_settings[value] = _parse_environment(value)
+    default, per_op = parsed
     return per_op.get(op, default)
 
 

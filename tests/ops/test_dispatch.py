@@ -59,6 +59,19 @@ def test_per_op_backends_from_the_environment(monkeypatch):
         assert ops.current_backend("multiway_linear") == "auto"
 
 
+def test_an_environment_list_is_parsed_once(monkeypatch):
+    """Every op call looks its backend up: a comma list is parsed at its first lookup only."""
+    parse, calls = dispatch._parse_environment, []
+    monkeypatch.setattr(dispatch, "_parse_environment",
+                        lambda value: calls.append(value) or parse(value))
+    monkeypatch.setattr(dispatch, "_environment_settings", {})
+    monkeypatch.setenv("ONEREF_BACKEND", "torch,multiway_linear=auto")
+    for _ in range(3):
+        assert ops.current_backend("multiway_linear") == "auto"
+        assert ops.current_backend("multiway_attention") == "torch"
+    assert calls == ["torch,multiway_linear=auto"]
+
+
 @pytest.mark.parametrize("value, message", [
     ("torch,cuda", "names 2 backends for every op"),
     ("multiway_norm=triton", "ONEREF_BACKEND: unknown op.*'multiway_norm'"),
