@@ -386,9 +386,11 @@ def _backward_rule(ctx, grad_h, grad_y, grad_mean, grad_rstd):
         ctx.branch_dtype)
     # Rows of one tensor (the op's outputs may not alias each other; these may): the four
     # parameters' .grad share its storage, which in-place accumulation and the optimizers
-    # take as it is.
-    dwa, dba, dwb, dbb = (grad.to(weight.dtype) for grad, weight in
-                          zip(param_grads, (weight_a, weight_a, weight_b, weight_b)))
+    # take as it is. Experts of one dtype take one cast (none for fp32 parameters).
+    dtypes = (weight_a.dtype, weight_a.dtype, weight_b.dtype, weight_b.dtype)
+    if weight_a.dtype == weight_b.dtype:
+        param_grads = param_grads.to(weight_a.dtype)
+    dwa, dba, dwb, dbb = (grad.to(dtype) for grad, dtype in zip(param_grads, dtypes))
     if ctx.has_branch and ctx.branch_dtype is None:
         dbranch = dsrc
     return (dsrc, dbranch if ctx.has_branch else None, None, None, dwa, dba, dwb, dbb, None,

@@ -150,6 +150,26 @@ def test_cpu_stand_in_matches_reference(monkeypatch):
             torch.testing.assert_close(g, r)
 
 
+def test_parameter_gradients_take_each_parameters_dtype(monkeypatch):
+    """The four parameter gradients come back in their parameters' dtypes (one cast when
+    both experts share one), with the values of fp32 parameters' gradients."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, _, _, params = _inputs(2, 9, 16, "plain", False, torch.float32, torch.device("cpu"))
+    cotangent = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2))
+    low = [p.half() for p in params]  # fp16 values: the fp32 reference sees the same
+    params32 = [p.float().requires_grad_() for p in low]
+    expected = torch.autograd.grad(_stand_in_plain(x, 4, *params32, 1e-5, "none",
+                                                   torch.float32), params32, cotangent)
+    for dtype_a, dtype_b in ((torch.float16, torch.float16), (torch.float32, torch.float16)):
+        leaves = [p.to(d).requires_grad_()
+                  for p, d in zip(low, (dtype_a, dtype_a, dtype_b, dtype_b))]
+        y = _stand_in_plain(x, 4, *leaves, 1e-5, "none", torch.float32)
+        for grad, leaf, want in zip(torch.autograd.grad(y, leaves, cotangent), leaves,
+                                    expected):
+            assert grad.dtype == leaf.dtype
+            torch.testing.assert_close(grad, want.to(leaf.dtype))
+
+
 def _stand_in_plain(x, num_vision, wa, ba, wb, bb, eps, activation, out_dtype):
     return ln._norm_op(x, None, None, num_vision, wa, ba, wb, bb, eps, activation == "gelu",
                        out_dtype)[1]
