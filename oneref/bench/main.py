@@ -68,11 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="results folder (default runs/bench-<date>)")
     parser.add_argument("--cost", action="store_true",
                         help="speed-of-light report instead of timings: per-op FLOPs, bytes and "
-                             "launches of one REC training step (counted on CPU tensors; the "
-                             "compiled engines b+, e, e* per inductor kernel) and the predicted "
-                             "H100/H200 step time and MFU (--presets: default base; --engines: "
-                             "default b,c,d,d*; --batch: default 64)")
-    parser.add_argument("--batch", type=int, default=64, help="batch of the --cost prediction")
+                             "launches of one REC training step and one REC inference forward "
+                             "(counted on CPU tensors; the compiled engines b+, e, e* per "
+                             "inductor kernel) and the predicted H100/H200 time and MFU "
+                             "(--presets: default base; --engines: default b,c,d,d*; --batch: "
+                             "default 64; --infer-batch: default 256)")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="training batch of the --cost prediction")
+    parser.add_argument("--infer-batch", type=int, default=256,
+                        help="inference batch of the --cost prediction (0: no inference "
+                             "prediction)")
     parser.add_argument("--write-policy", nargs="+", default=None, metavar="JSON",
                         help="write the per-op backend policy of auto (oneref/ops/policy.json) "
                              "from the kernel rows of these results.json files, and exit")
@@ -284,10 +289,13 @@ def _run_cost(args: argparse.Namespace) -> int:
     """``--cost``: the speed-of-light rows, written as roofline.json and roofline.md."""
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.infer_batch < 0:
+        raise ValueError(f"--infer-batch must be >= 0 (0: none), got {args.infer_batch}")
     out = Path(args.out or f"runs/cost-{time.strftime('%Y%m%d-%H%M%S')}")
     presets = _split(args.presets) or ("base",)
     engines = _split(args.engines) or ("b", "c", "d", "d*")
-    rows = [r for preset in presets for r in roofline_rows(preset, args.batch, engines)]
+    rows = [r for preset in presets
+            for r in roofline_rows(preset, args.batch, engines, infer_batch=args.infer_batch)]
     table = roofline_markdown(rows)
     write_json({"environment": environment(torch.device("cpu")), "rows": rows},
                out / "roofline.json")

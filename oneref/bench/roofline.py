@@ -1,11 +1,11 @@
-"""``oneref bench --cost``: a speed-of-light report of one training step, on any machine
-(docs/perf.md, "Speed of light").
+"""``oneref bench --cost``: a speed-of-light report of one training step and one inference
+forward, on any machine (docs/perf.md, "Speed of light").
 
-The REC training step of an engine (forward, loss, backward, clipping, fused AdamW) runs on
-CPU tensors at batches 2 and 3 under a dispatch mode that records, per aten op: FLOPs
-(``torch.utils.flop_counter``'s formulas), bytes read and written (tensor arguments read,
-outputs and in-place arguments written; views and allocations are free) and kernel
-launches (one per recorded op). Each figure is linear in the batch (weights, their casts
+The REC training step of an engine (forward, loss, backward, clipping, fused AdamW), or its
+REC inference forward (the G5 row), runs on CPU tensors at batches 2 and 3 under a dispatch
+mode that records, per aten op: FLOPs (``torch.utils.flop_counter``'s formulas), bytes read
+and written (tensor arguments read, outputs and in-place arguments written; views and
+allocations are free) and kernel launches (one per recorded op). Each figure is linear in the batch (weights, their casts
 and the optimizer are per step, activations per sample; launches do not grow with it), so
 two batches give it at any batch. Batch 1 is not one of them: some ops take other paths
 for a single row. Saved-activation bytes per sample come from ``saved_tensors_hooks``.
@@ -209,10 +209,19 @@ def _saved_bytes(total: list[int]):
 _ASSUMING = {"d*": "d", "e*": "e"}
 
 
-def count_step(engine_key: str, preset: str, batch: int, seed: int = 0) -> dict:
-    """Per-op counts of one REC training step of engine ``engine_key`` on the CPU (``d*``,
-    ``e*``: (d), (e) with their Triton ops computed by PyTorch), bf16 autocast for the
-    engines that use it on a GPU, and the saved-activation bytes."""
+#: The passes the count takes: one REC training step (forward, loss, backward, clipping,
+#: AdamW), and one REC inference forward (the G5 row), with the task each runs.
+PASSES = {"train": "rec", "infer": "rec_infer"}
+
+
+def count_step(engine_key: str, preset: str, batch: int, seed: int = 0,
+               pass_: str = "train") -> dict:
+    """Per-op counts of one REC training step (``pass_="train"``) or inference forward
+    (``"infer"``) of engine ``engine_key`` on the CPU (``d*``, ``e*``: (d), (e) with their
+    Triton ops computed by PyTorch), bf16 autocast for the engines that use it on a GPU, and
+    the saved-activation bytes (none in inference)."""
+    if pass_ not in PASSES:
+        raise ValueError(f"pass_ must be one of {sorted(PASSES)}, got {pass_!r}")
     config = get_config(preset)
     assume = UNMEASURED_KERNELS if engine_key in _ASSUMING else ()
     engine_key = _ASSUMING.get(engine_key, engine_key)
@@ -221,18 +230,26 @@ def count_step(engine_key: str, preset: str, batch: int, seed: int = 0) -> dict:
         engine.autocast = torch.bfloat16
     if engine_key in ("b", "b+"):
         use_sdpa(engine.model)
+    training = pass_ == "train"
     if engine_key in ("d", "e"):
-        engine.backend = _policy_settings(engine.device)
-    inputs = make_batch(config, batch, "cpu", seed=seed, task="rec")
+        engine.backend = _policy_settings(engine.device, training)
+    task = PASSES[pass_]
+    step = train_step if training else _inference_forward
+    inputs = make_batch(config, batch, "cpu", seed=seed, task=task)
     with _triton_on_cpu(assume), torch_backend.native_bf16_on("cpu"):
         if engine_key in COMPILED:
             engine.fullgraph = True  # a graph run more than once per step would count once
-            return _count_compiled_step(engine, inputs, batch)
+            if training:
+                return _count_compiled_step(engine, inputs, batch)
+            recorder = KernelRecorder()
+            with recorder:
+                step(engine, task, inputs)
+            return {"ops": dict(recorder.ops), "saved_bytes": 0, "batch": batch}
         with OpCounter():  # uncounted; the optimizer state exists from the second step on
-            train_step(engine, "rec", inputs)
+            step(engine, task, inputs)
         counter, saved = OpCounter(), [0]
         with counter, _saved_bytes(saved):
-            train_step(engine, "rec", inputs)
+            step(engine, task, inputs)
     return {"ops": dict(counter.ops), "saved_bytes": saved[0], "batch": batch}
 
 
@@ -253,13 +270,23 @@ def _count_compiled_step(engine, inputs: dict, batch: int) -> dict:
     return {"ops": dict(recorder.ops), "saved_bytes": recorder.saved_bytes, "batch": batch}
 
 
-def _policy_settings(device: torch.device, gen: str = "sm90") -> dict[str, str]:
+def _inference_forward(engine, task: str, batch: dict):
+    """The forward of :func:`oneref.bench.engines.infer_step` under ``no_grad`` rather than
+    ``inference_mode``: there a dispatch mode sees composite ops (``aten.linear``) before
+    they decompose into the kernels that run (``aten.addmm``), which the count needs."""
+    engine.model.eval()
+    with torch.no_grad(), engine.context():
+        return engine.function(task)(batch)
+
+
+def _policy_settings(device: torch.device, training: bool,
+                     gen: str = "sm90") -> dict[str, str]:
     """Engine (d) on CPU tensors, as per-op backend settings: each op on the backend the
-    ``gen`` policy picks for training when that backend has CPU kernels (the extension's C++
-    ones), else the torch composite (``auto`` on a CPU)."""
+    ``gen`` policy picks for training (or inference) when that backend has CPU kernels (the
+    extension's C++ ones), else the torch composite (``auto`` on a CPU)."""
     settings = {}
     for op in OPS:
-        backend = policy.choice(op, gen, training=True)[0]
+        backend = policy.choice(op, gen, training=training)[0]
         if backend not in ("torch", "triton") and not dispatch.unavailable_reasons(
                 backend, op, device):
             settings[op] = backend
@@ -331,45 +358,79 @@ def predict(counts: dict[str, dict[str, float]], card: str, top: int = 12) -> di
 
 
 def roofline_rows(preset: str = "base", batch: int = 64, engines=("b", "c", "d", "d*"),
-                  cards=("H100", "H200")) -> list[dict]:
-    """One row per (engine, card): the prediction at ``batch`` and the top ops by time."""
+                  cards=("H100", "H200"), infer_batch: int = 0) -> list[dict]:
+    """One row per (pass, engine, card): the prediction of the training step at ``batch``
+    and, when ``infer_batch`` is set, of the inference forward at it, with the top ops by
+    time."""
     unknown = [key for key in engines if key not in ENGINES or key == "f"]
     if unknown:
         raise ValueError(f"--cost predicts engines a, b, b+, c, d, d*, e, e*, got {unknown}")
     rows = []
-    for key in engines:
-        low, high = (count_step(key, preset, b) for b in FIT_BATCHES)
-        counts = _at(low["ops"], high["ops"], batch)
-        saved = (high["saved_bytes"] - low["saved_bytes"]) / (FIT_BATCHES[1] - FIT_BATCHES[0])
-        for card in cards:
-            row = {"engine": key, "engine_name": ENGINES[key], "preset": preset, "batch": batch,
-                   "saved_mb_per_sample": saved / 2 ** 20, **predict(counts, card)}
-            rows.append(row)
-            log.info("cost %s (%s) %s: %.1f ms, MFU %.1f%%", preset, key, card, row["step_ms"],
-                     100 * row["mfu"])
+    for pass_, at in (("train", batch), ("infer", infer_batch)):
+        if not at:
+            continue
+        for key in engines:
+            low, high = (count_step(key, preset, b, pass_=pass_) for b in FIT_BATCHES)
+            counts = _at(low["ops"], high["ops"], at)
+            saved = ((high["saved_bytes"] - low["saved_bytes"])
+                     / (FIT_BATCHES[1] - FIT_BATCHES[0]))
+            for card in cards:
+                row = {"pass": pass_, "engine": key, "engine_name": ENGINES[key],
+                       "preset": preset, "batch": at, "saved_mb_per_sample": saved / 2 ** 20,
+                       **predict(counts, card)}
+                rows.append(row)
+                log.info("cost %s %s (%s) %s: %.1f ms, MFU %.1f%%", pass_, preset, key, card,
+                         row["step_ms"], 100 * row["mfu"])
     return rows
 
 
+_TITLES = {"train": "one REC training step (forward, loss, backward, clipping, AdamW)",
+           "infer": "one REC inference forward (the G5 row)"}
+
+
+def _pass_of(row: dict) -> str:
+    return row.get("pass", "train")  # roofline.json files before the inference pass
+
+
+def _speedups(rows: list[dict]) -> dict[int, float]:
+    """Each row's predicted speed over engine (b)'s at its pass, preset, batch and card."""
+    def key(row):
+        return _pass_of(row), row["preset"], row["batch"], row["card"]
+
+    baseline = {key(r): r["step_ms"] for r in rows if r["engine"] == "b"}
+    return {id(r): baseline[key(r)] / r["step_ms"] for r in rows
+            if key(r) in baseline and r["step_ms"]}
+
+
 def roofline_markdown(rows: list[dict]) -> str:
-    """The prediction table (one line per engine and card) and each engine's top ops."""
+    """Per pass, the prediction table (one line per engine and card, with its speed over
+    (b) when (b) was counted) and each engine's top ops."""
     classes = ("gemm", "attention", "memory", "optimizer")
-    head = ("| preset, batch | engine | card | " + " | ".join(f"{c} ms" for c in classes)
-            + " | step ms | MFU | TFLOP | GB moved | launches | saved MB/sample |")
-    lines = ["Speed of light of one REC training step (counted on CPU tensors, roofline on "
-             f"the card; {LAUNCH_GAP_US:g} us per launch; see oneref/bench/roofline.py)", "",
-             head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        per = " | ".join(f"{r['classes'].get(c, {}).get('ms', 0.0):.1f}" for c in classes)
-        lines.append(f"| {r['preset']}, {r['batch']} | ({r['engine']}) | {r['card']} | {per} | "
-                     f"{r['step_ms']:.1f} | {100 * r['mfu']:.1f}% | {r['tflop']:.1f} | "
-                     f"{r['gb']:.0f} | {r['launches']:.0f} | {r['saved_mb_per_sample']:.0f} |")
-    for r in rows:
-        if r["card"] != rows[0]["card"]:
+    speedups, lines = _speedups(rows), []
+    for pass_, title in _TITLES.items():
+        group = [r for r in rows if _pass_of(r) == pass_]
+        if not group:
             continue
-        lines += ["", f"({r['engine']}) top ops on {r['card']}:", "",
-                  "| op | class | launches | GB | ms |", "|---|---|---|---|---|"]
-        lines += [f"| {o['op']} | {o['class']} | {o['calls']:.0f} | {o['gb']:.2f} | "
-                  f"{o['ms']:.2f} |" for o in r["top_ops"]]
+        head = ("| preset, batch | engine | card | " + " | ".join(f"{c} ms" for c in classes)
+                + " | step ms | vs (b) | MFU | TFLOP | GB moved | launches | saved MB/sample |")
+        lines += ([""] if lines else []) + [
+            f"Speed of light of {title} (counted on CPU tensors, roofline on the card; "
+            f"{LAUNCH_GAP_US:g} us per launch; see oneref/bench/roofline.py)", "",
+            head, "|" + "---|" * (head.count("|") - 1)]
+        for r in group:
+            per = " | ".join(f"{r['classes'].get(c, {}).get('ms', 0.0):.1f}" for c in classes)
+            speedup = f"{speedups[id(r)]:.2f}x" if id(r) in speedups else "-"
+            lines.append(f"| {r['preset']}, {r['batch']} | ({r['engine']}) | {r['card']} | "
+                         f"{per} | {r['step_ms']:.1f} | {speedup} | {100 * r['mfu']:.1f}% | "
+                         f"{r['tflop']:.1f} | {r['gb']:.0f} | {r['launches']:.0f} | "
+                         f"{r['saved_mb_per_sample']:.0f} |")
+        for r in group:
+            if r["card"] != group[0]["card"]:
+                continue
+            lines += ["", f"({r['engine']}) {pass_} top ops on {r['card']}:", "",
+                      "| op | class | launches | GB | ms |", "|---|---|---|---|---|"]
+            lines += [f"| {o['op']} | {o['class']} | {o['calls']:.0f} | {o['gb']:.2f} | "
+                      f"{o['ms']:.2f} |" for o in r["top_ops"]]
     return "\n".join(lines)
 
 
@@ -387,26 +448,33 @@ def card_of(device_name: str | None) -> str | None:
     return next((card for card in CARDS if re.search(rf"\b{card}\b", name)), None)
 
 
+#: Per pass, the measured row's fields: its batch, and its timed step.
+_MEASURED = {"train": ("rec_train_batch", "rec_train_step_s"),
+             "infer": ("rec_infer_large_batch", "rec_infer_large_s")}
+
+
 def against_prediction(model_rows: list[dict], predicted: list[dict],
                        device_name: str | None) -> list[dict]:
-    """Each measured REC training step that ``predicted`` (rows of ``oneref bench --cost``)
-    has a prediction for, on this card, at its preset, batch and engine: the measured
-    median, the GPU-busy time of its profile (when profiled) and the predicted step."""
+    """Each measured REC training step and large-batch inference forward that ``predicted``
+    (rows of ``oneref bench --cost``) has a prediction for, on this card, at its preset,
+    batch and engine: the measured median, the GPU-busy time of its profile (training, when
+    profiled) and the predicted time."""
     card = card_of(device_name)
-    lookup = {(p["preset"], p["batch"], p["engine"]): p for p in predicted
+    lookup = {(_pass_of(p), p["preset"], p["batch"], p["engine"]): p for p in predicted
               if p.get("card") == card}
     out = []
     for r in model_rows:
-        step = r.get("rec_train_step_s")
-        p = lookup.get((r.get("preset"), r.get("rec_train_batch"), r.get("engine")))
-        if p is None or not step:
-            continue
-        measured = 1e3 * step["median_s"]
-        out.append({"preset": r["preset"], "batch": p["batch"], "engine": r["engine"],
-                    "card": card, "measured_ms": measured,
-                    "busy_ms": r.get("rec_train_profile", {}).get("busy_ms"),
-                    "predicted_ms": p["step_ms"], "predicted_mfu": p["mfu"],
-                    "ratio": measured / p["step_ms"]})
+        for pass_, (batch_key, time_key) in _MEASURED.items():
+            step = r.get(time_key)
+            p = lookup.get((pass_, r.get("preset"), r.get(batch_key), r.get("engine")))
+            if p is None or not step:
+                continue
+            measured = 1e3 * step["median_s"]
+            busy = r.get("rec_train_profile", {}).get("busy_ms") if pass_ == "train" else None
+            out.append({"pass": pass_, "preset": r["preset"], "batch": p["batch"],
+                        "engine": r["engine"], "card": card, "measured_ms": measured,
+                        "busy_ms": busy, "predicted_ms": p["step_ms"],
+                        "predicted_mfu": p["mfu"], "ratio": measured / p["step_ms"]})
     return out
 
 
@@ -418,12 +486,13 @@ def against_prediction_markdown(rows: list[dict], source: str) -> list[str]:
     lines = ["", f"Measured against the speed-of-light prediction ({source}, {rows[0]['card']}): "
                  f"a step over {GAP_TO_EXPLAIN:g}x its prediction is a gap to explain; GPU busy "
                  "well under the measured step means the host starves the GPU.", "",
-             "| preset, batch | engine | measured ms | GPU busy ms | predicted ms "
-             "(MFU) | measured / predicted |", "|---|---|---|---|---|---|"]
+             "| pass | preset, batch | engine | measured ms | GPU busy ms | predicted ms "
+             "(MFU) | measured / predicted |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         busy = "-" if r["busy_ms"] is None else f"{r['busy_ms']:.1f}"
         gap = " **gap**" if r["ratio"] > GAP_TO_EXPLAIN else ""
-        lines.append(f"| {r['preset']}, {r['batch']} | ({r['engine']}) | {r['measured_ms']:.1f} "
+        lines.append(f"| {_pass_of(r)} | {r['preset']}, {r['batch']} | ({r['engine']}) | "
+                     f"{r['measured_ms']:.1f} "
                      f"| {busy} | {r['predicted_ms']:.1f} ({100 * r['predicted_mfu']:.1f}%) | "
                      f"{r['ratio']:.2f}x{gap} |")
     return lines

@@ -73,6 +73,20 @@ def test_compiled_step_against_its_eager_twin():
     assert 0 < compiled["saved_bytes"]
 
 
+def test_compiled_inference_forward_against_its_eager_twin():
+    """The inference pass of (e): one forward graph, its matmuls those of (d)'s forward, in
+    fewer launches; no optimizer, nothing saved."""
+    eager, compiled = (count_step(key, "tiny", 2, pass_="infer") for key in ("d", "e"))
+    gemm_flops = lambda counts: sum(c["flops"] for n, c in counts.items()  # noqa: E731
+                                    if op_class(n) == "gemm")
+    assert gemm_flops(compiled["ops"]) == pytest.approx(gemm_flops(eager["ops"]), rel=1e-2)
+    total = lambda counts, key: sum(c[key] for c in counts.values())  # noqa: E731
+    assert total(compiled["ops"], "calls") < total(eager["ops"], "calls")
+    assert any(name.startswith("inductor.") for name in compiled["ops"])
+    assert not any("adam" in name for name in compiled["ops"])
+    assert compiled["saved_bytes"] == 0
+
+
 def test_compiled_step_calls_the_triton_layer_norms_as_extern_kernels():
     """``e*``: inductor calls each fused LayerNorm (forward and backward) as one custom op,
     counted as its launches (two for the backward, as eager), and generates no LayerNorm

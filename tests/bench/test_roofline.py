@@ -112,15 +112,41 @@ def test_count_step_grows_with_the_batch():
     assert 0 < one["saved_bytes"] < two["saved_bytes"]
 
 
+def test_inference_forward_is_counted_as_its_kernels():
+    """The inference pass: the forward alone (no backward, no optimizer, nothing saved), its
+    composites counted as the kernels they decompose into, linear in the batch."""
+    one, two = (count_step("d", "tiny", b, pass_="infer") for b in (1, 2))
+    train = count_step("d", "tiny", 2)
+    assert "aten.addmm" in two["ops"] and "aten.linear" not in two["ops"]
+    assert not any("backward" in name or "adam" in name for name in two["ops"])
+    assert one["saved_bytes"] == two["saved_bytes"] == 0
+    flops = lambda c: sum(op["flops"] for op in c["ops"].values())  # noqa: E731
+    assert flops(one) < flops(two) and 2.5 < flops(train) / flops(two) < 3.5
+    with pytest.raises(ValueError, match="pass_ must be one of"):
+        count_step("d", "tiny", 2, pass_="eval")
+
+
 def test_bench_cost_writes_the_report(tmp_path, capsys):
-    assert main(["bench", "--cost", "--presets", "tiny", "--engines", "c,d", "--batch", "8",
-                 "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--cost", "--presets", "tiny", "--engines", "b,d", "--batch", "8",
+                 "--infer-batch", "16", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "roofline.json").read_text())["rows"]
-    assert [(r["engine"], r["card"]) for r in rows] == [
-        ("c", "H100"), ("c", "H200"), ("d", "H100"), ("d", "H200")]
+    assert [(r["pass"], r["engine"], r["card"], r["batch"]) for r in rows] == [
+        (p, e, c, b) for p, b in (("train", 8), ("infer", 16)) for e in "bd"
+        for c in ("H100", "H200")]
     assert all(r["step_ms"] > 0 and 0 < r["mfu"] < 1 and r["top_ops"] for r in rows)
     table = (tmp_path / "roofline.md").read_text()
     assert table == roofline_markdown(rows) + "\n" and "| tiny, 8 | (d) | H200 |" in table
+    assert "one REC training step" in table and "one REC inference forward" in table
+    (b_infer,) = [r for r in rows if r["pass"] == "infer" and r["card"] == "H100"
+                  and r["engine"] == "b"]
+    (d_infer,) = [r for r in rows if r["pass"] == "infer" and r["card"] == "H100"
+                  and r["engine"] == "d"]
+    speedup = b_infer["step_ms"] / d_infer["step_ms"]
+    assert "| tiny, 16 | (d) | H100 |" in table and f" | {speedup:.2f}x | " in table
+    assert main(["bench", "--cost", "--presets", "tiny", "--engines", "c", "--batch", "8",
+                 "--infer-batch", "0", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "roofline.json").read_text())["rows"]
+    assert {r["pass"] for r in rows} == {"train"} and "| - |" in roofline_markdown(rows)
     assert main(["bench", "--cost", "--engines", "f", "--presets", "tiny",
                  "--out", str(tmp_path)]) == 2
     assert "predicts engines a, b, b+, c, d, d*, e, e*" in capsys.readouterr().err
@@ -161,9 +187,11 @@ def _predicted(engine, card, step_ms):
             "mfu": 0.3}
 
 
-def _measured(engine, step_s, busy_ms=None, batch=64):
+def _measured(engine, step_s, busy_ms=None, batch=64, infer_s=None):
     row = {"preset": "base", "engine": engine, "rec_train_batch": batch,
            "rec_train_step_s": {"median_s": step_s}, "row": "G4"}
+    if infer_s is not None:  # a G5 row: inference at batch 256
+        row |= {"rec_infer_large_batch": 256, "rec_infer_large_s": {"median_s": infer_s}}
     if busy_ms is not None:
         row["rec_train_profile"] = {"busy_ms": busy_ms, "wall_ms": 1e3 * step_s, "top": []}
     return row
@@ -180,13 +208,27 @@ def test_measured_steps_beside_their_predictions():
     assert rows[0]["ratio"] == pytest.approx(1.2) and rows[0]["busy_ms"] == 110.0
     assert rows[1]["ratio"] == pytest.approx(2.0) and rows[1]["busy_ms"] is None
     table = "\n".join(against_prediction_markdown(rows, "cost.json"))
-    assert "| base, 64 | (c) | 120.0 | 110.0 | 100.0 (30.0%) | 1.20x |" in table
-    assert "| base, 64 | (d) | 180.0 | - | 90.0 (30.0%) | 2.00x **gap** |" in table
+    assert "| train | base, 64 | (c) | 120.0 | 110.0 | 100.0 (30.0%) | 1.20x |" in table
+    assert "| train | base, 64 | (d) | 180.0 | - | 90.0 (30.0%) | 2.00x **gap** |" in table
     assert "cost.json, H100" in table
     assert card_of("NVIDIA H200") == "H200" and card_of("AMD EPYC 7B13") is None
     assert card_of("NVIDIA H100 PCIe") is None and card_of("NVIDIA GH200 480GB") is None
     assert against_prediction(measured, predicted, "AMD EPYC 7B13") == []
     assert against_prediction_markdown([], "cost.json") == []
+
+
+def test_measured_inference_beside_its_prediction():
+    """G5's batch-256 forward against the inference pass's prediction at that batch; the
+    training prediction of a file without passes is matched as training."""
+    old_format = _predicted("d", "H100", 90.0)
+    infer = _predicted("d", "H100", 40.0) | {"pass": "infer", "batch": 256}
+    measured = [_measured("d", 0.090, infer_s=0.060)]
+    rows = against_prediction(measured, [old_format, infer], "NVIDIA H100 80GB HBM3")
+    assert [(r["pass"], r["predicted_ms"], r["ratio"]) for r in rows] == [
+        ("train", 90.0, pytest.approx(1.0)), ("infer", 40.0, pytest.approx(1.5))]
+    assert rows[1]["busy_ms"] is None
+    table = "\n".join(against_prediction_markdown(rows, "cost.json"))
+    assert "| infer | base, 256 | (d) | 60.0 | - | 40.0 (30.0%) | 1.50x **gap** |" in table
 
 
 def test_bench_merge_sets_the_committed_prediction_beside_the_measurement(tmp_path):
