@@ -126,7 +126,7 @@ echo
 echo "elapsed $(( $(date +%s) - T0 ))s; ${XF}"
 printf '%s\n' "${STATUS[@]}"
 # The newest speed-of-light prediction in the tree goes beside each measured training step
-# (without it if it cannot be read: the merge must not be lost).
+# and G5 forward (without it if it cannot be read: the merge must not be lost).
 PREDICTED=$(ls benchmarks/results/cost-*/roofline.json 2>/dev/null | sort | tail -1)
 if [ -n "$PARTS" ]; then
     # shellcheck disable=SC2086

@@ -40,7 +40,10 @@ def further_kernels(name: str, values: dict) -> tuple[int, int, int]:
       here: OneRef-B's vision rows pass that bound at batch 114.
     * ``oneref_triton.multiway_norm_backward``: its kernel also writes one fp32 (4, width)
       partial of the parameter gradients per program, and a sum reads them
-      (``kernels/layer_norm.py``), on a GPU of :data:`GPU_SMS` SMs."""
+      (``kernels/layer_norm.py``), on a GPU of :data:`GPU_SMS` SMs. The programs grow with
+      the rows up to two per SM, which OneRef-B's rows reach at the counted batches 2 and 3,
+      so its line through them holds at any batch; for narrow presets (``tiny``, ``small``)
+      it stays under the cap at those batches, and the extrapolated partials are low."""
     if name == "aten.native_layer_norm_backward":
         needs_input, needs_weight, needs_bias = values["output_mask"]
         if needs_input and (needs_weight or needs_bias):

@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "from the kernel rows of these results.json files, and exit")
     parser.add_argument("--predicted", default=None, metavar="JSON",
                         help="a roofline.json of --cost: the summary sets each measured "
-                             "training step beside its predicted step on this card")
+                             "training step (G4) and batch-256 inference forward (G5) beside "
+                             "its prediction on this card")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="merge results.json files of earlier runs into --out instead of "
                              "measuring (tables and plots redone from them)")

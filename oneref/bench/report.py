@@ -246,11 +246,13 @@ def plot_attention(rows: list[dict], path: Path, title: str) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     keys = sorted({(r["op"], r["impl"], r["pass"], r["batch"]) for r in rows})
+    colours = {}  # one colour per (implementation, pass, batch), both forms alike
     for op, impl, pas, batch in keys:
         pts = sorted((r["text_len"], r["tflops"]) for r in rows
                      if (r["op"], r["impl"], r["pass"], r["batch"]) == (op, impl, pas, batch))
         packed = op == "packed_multiway_attention"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+        colour = colours.setdefault((impl, pas, batch), f"C{len(colours) % 10}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour,
                 linestyle="--" if packed else "-",
                 label=f"{impl}{' packed' if packed else ''} {pas} B={batch}")
     ax.set_xlabel("text length (keys = vision + text)")

@@ -5,10 +5,11 @@ The REC training step of an engine (forward, loss, backward, clipping, fused Ada
 REC inference forward (the G5 row), runs on CPU tensors at batches 2 and 3 under a dispatch
 mode that records, per aten op: FLOPs (``torch.utils.flop_counter``'s formulas), bytes read
 and written (tensor arguments read, outputs and in-place arguments written; views and
-allocations are free) and kernel launches (one per recorded op). Each figure is linear in the batch (weights, their casts
-and the optimizer are per step, activations per sample; launches do not grow with it), so
-two batches give it at any batch. Batch 1 is not one of them: some ops take other paths
-for a single row. Saved-activation bytes per sample come from ``saved_tensors_hooks``.
+allocations are free) and kernel launches (one per recorded op). Each figure is linear in
+the batch (weights, their casts and the optimizer are per step, activations per sample;
+launches do not grow with it), so two batches give it at any batch. Batch 1 is not one of
+them: some ops take other paths for a single row. Saved-activation bytes per sample come
+from ``saved_tensors_hooks``.
 
 The prediction at ``batch`` on a card: each op takes ``max(FLOPs / peak, bytes /
 bandwidth)`` plus a fixed gap per launch, the ceilings of :data:`CARDS`; MFU = counted
@@ -17,10 +18,10 @@ at the matmul peak, everything else at copy bandwidth), kernels do not overlap, 
 never starves the GPU, one launch gap of :data:`LAUNCH_GAP_US`, and the CPU dispatcher's
 eager op sequence is the GPU's, one kernel per op (two for CUDA's LayerNorm backward and
 for the Triton one: :func:`oneref.bench.kernel_bytes.further_kernels`). It is not exactly:
-the attention kernel differs, and CPU autocast keeps softmax, layer_norm, sums and norms in bf16 where CUDA autocast runs them in
-fp32. The multiway LayerNorms pick their compute dtype themselves (with autocast off) and
-are counted in the one they pick on CUDA: bf16 for a bf16 sub-LN, fp32 for the fp32
-residual stream.
+the attention kernel differs, and CPU autocast keeps softmax, layer_norm, sums and norms in
+bf16 where CUDA autocast runs them in fp32. The multiway LayerNorms pick their compute
+dtype themselves (with autocast off) and are counted in the one they pick on CUDA: bf16 for
+a bf16 sub-LN, fp32 for the fp32 residual stream.
 
 The compiled engines (b+), (e) and (e*) are compiled on the CPU with inductor, as one graph
 per step, and counted kernel by kernel as it schedules them
@@ -31,13 +32,13 @@ This also assumes that inductor's CPU scheduler fuses what its GPU one would (bo
 pointwise ops and reductions into their consumers and producers; the GPU one may split a
 long reduction in two).
 
-Engine (d) runs each op on the backend the committed policy picks for training
+Engine (d) runs each op on the backend the committed policy picks for the pass
 (:mod:`oneref.ops.policy`), with the backends that have CPU kernels. ``d*`` is (d) with the
 Triton kernels of :data:`oneref.bench.engines.UNMEASURED_KERNELS` as well, which the policy
 cannot pick before a GPU measures them: each counts as its kernels (one per call, two for
-the backward), reading its tensor arguments and writing its outputs (the ops compute the same values with PyTorch on
-CPU tensors, see ``oneref/kernels/layer_norm.py``). ``e*`` is (e) with the same kernels:
-custom ops that inductor calls as extern kernels.
+the backward), reading its tensor arguments and writing its outputs (the ops compute the
+same values with PyTorch on CPU tensors, see ``oneref/kernels/layer_norm.py``). ``e*`` is
+(e) with the same kernels: custom ops that inductor calls as extern kernels.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def count_step(engine_key: str, preset: str, batch: int, seed: int = 0,
             with recorder:
                 step(engine, task, inputs)
             return {"ops": dict(recorder.ops), "saved_bytes": 0, "batch": batch}
-        with OpCounter():  # uncounted; the optimizer state exists from the second step on
+        with OpCounter():  # uncounted: first-call work, and AdamW's state (made at step 1)
             step(engine, task, inputs)
         counter, saved = OpCounter(), [0]
         with counter, _saved_bytes(saved):
@@ -384,8 +385,8 @@ def roofline_rows(preset: str = "base", batch: int = 64, engines=("b", "c", "d",
     return rows
 
 
-_TITLES = {"train": "one REC training step (forward, loss, backward, clipping, AdamW)",
-           "infer": "one REC inference forward (the G5 row)"}
+_TITLES = {"train": "one REC training step: forward, loss, backward, clipping, AdamW",
+           "infer": "one REC inference forward: the G5 row"}
 
 
 def _pass_of(row: dict) -> str:
@@ -414,7 +415,7 @@ def roofline_markdown(rows: list[dict]) -> str:
         head = ("| preset, batch | engine | card | " + " | ".join(f"{c} ms" for c in classes)
                 + " | step ms | vs (b) | MFU | TFLOP | GB moved | launches | saved MB/sample |")
         lines += ([""] if lines else []) + [
-            f"Speed of light of {title} (counted on CPU tensors, roofline on the card; "
+            f"Speed of light of {title} (counted on CPU tensors, roofline on the card, "
             f"{LAUNCH_GAP_US:g} us per launch; see oneref/bench/roofline.py)", "",
             head, "|" + "---|" * (head.count("|") - 1)]
         for r in group:

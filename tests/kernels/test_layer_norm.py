@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from oneref.bench.roofline import OpCounter
 from oneref.ops import reference, torch_backend
 
 ln = pytest.importorskip("oneref.kernels.layer_norm")
@@ -152,7 +153,8 @@ def test_cpu_stand_in_matches_reference(monkeypatch):
 
 def test_parameter_gradients_take_each_parameters_dtype(monkeypatch):
     """The four parameter gradients come back in their parameters' dtypes (one cast when
-    both experts share one), with the values of fp32 parameters' gradients."""
+    both experts share one, into one storage; a cast per expert else), with the values of
+    fp32 parameters' gradients."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, _, _, params = _inputs(2, 9, 16, "plain", False, torch.float32, torch.device("cpu"))
     cotangent = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2))
@@ -160,12 +162,18 @@ def test_parameter_gradients_take_each_parameters_dtype(monkeypatch):
     params32 = [p.float().requires_grad_() for p in low]
     expected = torch.autograd.grad(_stand_in_plain(x, 4, *params32, 1e-5, "none",
                                                    torch.float32), params32, cotangent)
-    for dtype_a, dtype_b in ((torch.float16, torch.float16), (torch.float32, torch.float16)):
+    for dtype_a, dtype_b, casts in ((torch.float16, torch.float16, 1),
+                                    (torch.float32, torch.float16, 2)):
         leaves = [p.to(d).requires_grad_()
                   for p, d in zip(low, (dtype_a, dtype_a, dtype_b, dtype_b))]
         y = _stand_in_plain(x, 4, *leaves, 1e-5, "none", torch.float32)
-        for grad, leaf, want in zip(torch.autograd.grad(y, leaves, cotangent), leaves,
-                                    expected):
+        counter = OpCounter()
+        with counter:
+            grads = torch.autograd.grad(y, leaves, cotangent)
+        assert counter.ops["aten._to_copy"]["calls"] == casts
+        if casts == 1:
+            assert len({g.untyped_storage().data_ptr() for g in grads}) == 1
+        for grad, leaf, want in zip(grads, leaves, expected):
             assert grad.dtype == leaf.dtype
             torch.testing.assert_close(grad, want.to(leaf.dtype))
 
