@@ -255,12 +255,15 @@ def train_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
     return loss.detach()
 
 
-def infer_step(engine: Engine, task: str, batch: dict) -> torch.Tensor:
-    """One inference forward (eval mode, inference_mode). With CUDA graphs the output is
-    valid until the engine's next step: clone it to keep it."""
+def infer_step(engine: Engine, task: str, batch: dict, *,
+               grad_mode=torch.inference_mode) -> torch.Tensor:
+    """One inference forward (eval mode, under ``grad_mode``: the speed-of-light count
+    passes ``torch.no_grad``, since under inference_mode a dispatch mode sees composite ops
+    such as ``aten.linear`` before they decompose into the kernels that run). With CUDA
+    graphs the output is valid until the engine's next step: clone it to keep it."""
     _set_mode(engine.model, False)
     _new_step(engine)
-    with torch.inference_mode(), engine.context():
+    with grad_mode(), engine.context():
         return engine.function(task)(batch)
 
 

@@ -44,6 +44,7 @@ same values with PyTorch on CPU tensors, see ``oneref/kernels/layer_norm.py``). 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 from collections import defaultdict
@@ -56,7 +57,8 @@ from torch.utils.flop_counter import flop_registry
 from oneref import ops
 from oneref.bench.baseline import use_sdpa
 from oneref.bench.engines import (COMPILED, ENGINES, UNMEASURED_KERNELS, backward_step,
-                                  build_engine, make_batch, optimizer_step, train_step)
+                                  build_engine, infer_step, make_batch, optimizer_step,
+                                  train_step)
 from oneref.bench.inductor_count import INDUCTOR, KernelRecorder, empty_counts
 from oneref.bench.kernel_bytes import further_kernels, touched_bytes
 from oneref.config import get_config
@@ -235,7 +237,7 @@ def count_step(engine_key: str, preset: str, batch: int, seed: int = 0,
     if engine_key in ("d", "e"):
         engine.backend = _policy_settings(engine.device, training)
     task = PASSES[pass_]
-    step = train_step if training else _inference_forward
+    step = train_step if training else functools.partial(infer_step, grad_mode=torch.no_grad)
     inputs = make_batch(config, batch, "cpu", seed=seed, task=task)
     with _triton_on_cpu(assume), torch_backend.native_bf16_on("cpu"):
         if engine_key in COMPILED:
@@ -269,15 +271,6 @@ def _count_compiled_step(engine, inputs: dict, batch: int) -> dict:
         for key, value in counts.items():
             recorder.ops[name][key] += value
     return {"ops": dict(recorder.ops), "saved_bytes": recorder.saved_bytes, "batch": batch}
-
-
-def _inference_forward(engine, task: str, batch: dict):
-    """The forward of :func:`oneref.bench.engines.infer_step` under ``no_grad`` rather than
-    ``inference_mode``: there a dispatch mode sees composite ops (``aten.linear``) before
-    they decompose into the kernels that run (``aten.addmm``), which the count needs."""
-    engine.model.eval()
-    with torch.no_grad(), engine.context():
-        return engine.function(task)(batch)
 
 
 def _policy_settings(device: torch.device, training: bool,
