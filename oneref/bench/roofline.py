@@ -398,15 +398,18 @@ def _speedups(rows: list[dict]) -> dict[int, float]:
 
 def roofline_markdown(rows: list[dict]) -> str:
     """Per pass, the prediction table (one line per engine and card, with its speed over
-    (b) when (b) was counted) and each engine's top ops."""
-    classes = ("gemm", "attention", "memory", "optimizer")
+    (b) when (b) was counted) and each engine's top ops. The inference table has no
+    optimizer or saved-activation column: a forward under ``no_grad`` has neither."""
     speedups, lines = _speedups(rows), []
     for pass_, title in _TITLES.items():
         group = [r for r in rows if _pass_of(r) == pass_]
         if not group:
             continue
+        training = pass_ == "train"
+        classes = ("gemm", "attention", "memory") + (("optimizer",) if training else ())
         head = ("| preset, batch | engine | card | " + " | ".join(f"{c} ms" for c in classes)
-                + " | step ms | vs (b) | MFU | TFLOP | GB moved | launches | saved MB/sample |")
+                + f" | {'step' if training else 'forward'} ms | vs (b) | MFU | TFLOP"
+                + " | GB moved | launches |" + (" saved MB/sample |" if training else ""))
         lines += ([""] if lines else []) + [
             f"Speed of light of {title} (counted on CPU tensors, roofline on the card, "
             f"{LAUNCH_GAP_US:g} us per launch; see oneref/bench/roofline.py)", "",
@@ -414,10 +417,10 @@ def roofline_markdown(rows: list[dict]) -> str:
         for r in group:
             per = " | ".join(f"{r['classes'].get(c, {}).get('ms', 0.0):.1f}" for c in classes)
             speedup = f"{speedups[id(r)]:.2f}x" if id(r) in speedups else "-"
+            saved = f" {r['saved_mb_per_sample']:.0f} |" if training else ""
             lines.append(f"| {r['preset']}, {r['batch']} | ({r['engine']}) | {r['card']} | "
                          f"{per} | {r['step_ms']:.1f} | {speedup} | {100 * r['mfu']:.1f}% | "
-                         f"{r['tflop']:.1f} | {r['gb']:.0f} | {r['launches']:.0f} | "
-                         f"{r['saved_mb_per_sample']:.0f} |")
+                         f"{r['tflop']:.1f} | {r['gb']:.0f} | {r['launches']:.0f} |{saved}")
         for r in group:
             if r["card"] != group[0]["card"]:
                 continue

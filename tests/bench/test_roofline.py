@@ -137,6 +137,11 @@ def test_bench_cost_writes_the_report(tmp_path, capsys):
     table = (tmp_path / "roofline.md").read_text()
     assert table == roofline_markdown(rows) + "\n" and "| tiny, 8 | (d) | H200 |" in table
     assert "one REC training step" in table and "one REC inference forward" in table
+    train_head, infer_head = (line for line in table.splitlines()
+                              if line.startswith("| preset, batch"))
+    assert "optimizer ms | step ms" in train_head and train_head.endswith("saved MB/sample |")
+    assert "optimizer" not in infer_head and "memory ms | forward ms" in infer_head
+    assert infer_head.endswith("| launches |") and "saved" not in infer_head
     (b_infer,) = [r for r in rows if r["pass"] == "infer" and r["card"] == "H100"
                   and r["engine"] == "b"]
     (d_infer,) = [r for r in rows if r["pass"] == "infer" and r["card"] == "H100"
