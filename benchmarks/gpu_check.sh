@@ -11,11 +11,14 @@
 #     benchmarks/gpu_check.sh OUTDIR
 #
 # STEPS=build,bench-G4 (comma list of step names) runs only those steps; DEADLINE_S caps the
-# whole script (default 540 s).
-# OUTDIR receives at most 7 files: build.log, tests.log, bench.log, results.json,
+# whole script (default 520 s; the merge after it has a box of its own).
+# OUTDIR receives at most 8 files: build.log, tests.log, bench.log, parts.json (every part's
+# rows, rewritten after each part, so a run stopped before the merge keeps them: merge it
+# later with `oneref bench --merge parts.json`; removed once the merge has run), results.json,
 # summary.md, throughput.png, attention.png. The short table is printed last.
-# Wheels found in wheels/ (e.g. torchscale, fairscale, xformers built for the machine's
-# torch) are installed first with --no-deps into /tmp/oneref-site (no network needed).
+# Wheels found in wheels/ are installed first with --no-deps into /tmp/oneref-site (the GPU
+# image has no package index). benchmarks/fetch_wheels.sh downloads the two the image lacks
+# (torchscale for the baselines, pycocotools): carry wheels/ with the working tree.
 set -u -o pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
@@ -26,7 +29,7 @@ TMP=$(mktemp -d /tmp/oneref-gpu-check.XXXXXX)
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 # Whole-script budget: no step runs past it, so the merge at the end always happens.
-DEADLINE=${DEADLINE_S:-540}
+DEADLINE=${DEADLINE_S:-520}
 STATUS=()
 
 # step NAME LIMIT_S LOGFILE CMD... : run CMD under a time box, append to LOGFILE, record rc
@@ -61,6 +64,14 @@ if ls wheels/*.whl >/dev/null 2>&1; then
         --no-cache-dir --upgrade --target /tmp/oneref-site wheels/*.whl
     export PYTHONPATH=/tmp/oneref-site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# What the image lacks and no wheel brought: the rows and tests that need it are lost.
+for module in torchscale pycocotools; do
+    "$PY" -c "import ${module}" 2>/dev/null || {
+        echo "MISSING: ${module} (run benchmarks/fetch_wheels.sh here and carry wheels/)" \
+            | tee -a "$OUT/build.log"
+        STATUS+=("missing package: ${module}")
+    }
+done
 XF=$("$PY" -c "import xformers, xformers.ops; print('xformers', xformers.__version__)" 2>&1 | tail -1)
 echo "xformers import: ${XF}" | tee -a "$OUT/build.log"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/build.log"
@@ -76,11 +87,14 @@ step build 200 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-d
 "$PY" -c "import oneref.ops as o; print(o.backend_status('cuda'))" 2>&1 | tee -a "$OUT/build.log"
 
 # 2. benchmark rows and tests: one process per part, merged at the end -------------------
-bench() {  # bench NAME LIMIT ARGS...
+bench() {  # bench NAME LIMIT ARGS...; then every part's rows so far into $OUT/parts.json
     local name=$1 limit=$2
     shift 2
     step "bench-${name}" "$limit" "$OUT/bench.log" "$PY" -m oneref.bench --device cuda \
         --out "$TMP/${name}" "$@"
+    # shellcheck disable=SC2046
+    "$PY" benchmarks/collect_parts.py "$OUT/parts.json" $(ls "$TMP"/*/results.json 2>/dev/null) \
+        2>>"$OUT/bench.log"
 }
 # The headline rows first. Each part rewrites its results.json after every row, so a part
 # stopped by its time box still contributes what it measured.
@@ -98,10 +112,11 @@ bench G1 50 --rows G1 --quick  # ours on q, k, v and packed, SDPA, xformers
 # compilations of the test shapes run in 8 processes.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+# A module that cannot be imported (a package the image lacks) loses its own tests only.
 step gpu-tests 120 "$OUT/tests.log" "$PY" -m pytest -m gpu -v -rfE --maxfail=40 \
-    -p no:cacheprovider "${XDIST[@]}" tests/
+    --continue-on-collection-errors -p no:cacheprovider "${XDIST[@]}" tests/
 if [ -f benchmarks/gpu_sanitizer.sh ]; then
-    step sanitizer 45 "$OUT/tests.log" bash benchmarks/gpu_sanitizer.sh
+    step sanitizer 90 "$OUT/tests.log" bash benchmarks/gpu_sanitizer.sh
 else
     echo "== sanitizer: skipped (benchmarks/gpu_sanitizer.sh not present)" | tee -a "$OUT/tests.log"
 fi
@@ -127,12 +142,13 @@ echo "elapsed $(( $(date +%s) - T0 ))s; ${XF}"
 printf '%s\n' "${STATUS[@]}"
 # The newest speed-of-light prediction in the tree goes beside each measured training step
 # and G5 forward (without it if it cannot be read: the merge must not be lost).
-PREDICTED=$(ls benchmarks/results/cost-*/roofline.json 2>/dev/null | sort | tail -1)
+PREDICTED=$(ls benchmarks/results/cost-*/roofline.json 2>/dev/null | LC_ALL=C sort | tail -1)
 if [ -n "$PARTS" ]; then
     # shellcheck disable=SC2086
-    "$PY" -m oneref.bench --merge $PARTS --out "$OUT" ${PREDICTED:+--predicted "$PREDICTED"} \
-        2>>"$OUT/bench.log" \
-        || "$PY" -m oneref.bench --merge $PARTS --out "$OUT" 2>>"$OUT/bench.log"
+    { timeout 45 "$PY" -m oneref.bench --merge $PARTS --out "$OUT" \
+          ${PREDICTED:+--predicted "$PREDICTED"} 2>>"$OUT/bench.log" \
+      || timeout 30 "$PY" -m oneref.bench --merge $PARTS --out "$OUT" 2>>"$OUT/bench.log"; } \
+        && rm -f "$OUT/parts.json"
 else
     echo "no benchmark results were written (see $OUT/bench.log)"
 fi

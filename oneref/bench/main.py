@@ -86,8 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "training step (G4) and batch-256 inference forward (G5) beside "
                              "its prediction on this card")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                        help="merge results.json files of earlier runs into --out instead of "
-                             "measuring (tables and plots redone from them)")
+                        help="merge results.json files of earlier runs (or the GPU check's "
+                             "parts.json, a list of them) into --out instead of measuring "
+                             "(tables and plots redone from them)")
     return parser
 
 
@@ -270,11 +271,21 @@ def _load_predicted(path: str | None) -> dict:
     return {"predicted": {"source": str(path), "rows": rows}}
 
 
+def _parts(paths: list[str]):
+    """``(name, results)`` of each file: a results.json, or a list of them (the GPU check's
+    parts.json, which it rewrites after each part so that a killed run keeps its rows)."""
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if isinstance(data, list):
+            yield from ((f"{path}[{i}]", part) for i, part in enumerate(data))
+        else:
+            yield path, data
+
+
 def _merge(paths: list[str], out: Path, predicted: dict) -> str:
     merged: dict = {"model_rows": [], "kernel_rows": [], "loader_rows": [], "rows": [],
                     "parts": [], **predicted}
-    for path in paths:
-        part = json.loads(Path(path).read_text())
+    for path, part in _parts(paths):
         merged.setdefault("environment", part["environment"])
         merged.setdefault("ceilings", part.get("ceilings", {}))
         merged["model_rows"] += part.get("model_rows", [])

@@ -2,6 +2,8 @@
 ``oneref bench --cost`` end to end on the tiny preset."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -255,6 +257,27 @@ def test_bench_merge_sets_the_committed_prediction_beside_the_measurement(tmp_pa
     assert "2.00x **gap**" in summary
     merged = json.loads((out / "results.json").read_text())
     assert merged["against_prediction"][0]["ratio"] == pytest.approx(2.0)
+
+
+def test_parts_collected_by_the_gpu_check_merge_later(tmp_path):
+    """``benchmarks/collect_parts.py`` (run by the GPU check after each part) gathers the
+    readable parts into one list, naming one it cannot read; ``--merge`` takes that list."""
+    env = environment(torch.device("cpu")) | {"device_name": "NVIDIA H100 80GB HBM3"}
+    paths = [tmp_path / f"{engine}.json" for engine in ("c", "d")] + [tmp_path / "cut.json"]
+    for path, engine in zip(paths, "cd"):
+        path.write_text(json.dumps({"environment": env, "rows": ["G4"],
+                                    "model_rows": [_measured(engine, 0.1)]}))
+    paths[2].write_text('{"environment": ')  # a part killed as it wrote
+    parts = tmp_path / "parts.json"
+    script = Path(__file__).parents[2] / "benchmarks" / "collect_parts.py"
+    done = subprocess.run([sys.executable, str(script), str(parts), *map(str, paths)],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and f"{paths[2]}: not read" in done.stderr
+    assert len(json.loads(parts.read_text())) == 2
+    assert bench_main(["--merge", str(parts), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert [r["engine"] for r in merged["model_rows"]] == ["c", "d"]
+    assert [p["path"] for p in merged["parts"]] == [f"{parts}[0]", f"{parts}[1]"]
 
 
 def test_bench_rejects_a_predicted_file_that_is_not_a_cost_report(tmp_path, capsys):
