@@ -59,9 +59,18 @@ step() {
 }
 
 # 0. carried wheels ---------------------------------------------------------------------
+# One wheel at a time: one that does not fit the machine does not stop the others.
+install_wheels() {
+    local wheel rc=0
+    for wheel in wheels/*.whl; do
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/oneref-site "$wheel" || rc=1
+    done
+    return $rc
+}
 if ls wheels/*.whl >/dev/null 2>&1; then
-    step wheels 60 "$OUT/build.log" "$PY" -m pip install -q --no-index --no-deps --no-compile \
-        --no-cache-dir --upgrade --target /tmp/oneref-site wheels/*.whl
+    export -f install_wheels
+    PY="$PY" step wheels 60 "$OUT/build.log" bash -c install_wheels
     export PYTHONPATH=/tmp/oneref-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # What the image lacks and no wheel brought: the rows and tests that need it are lost.
