@@ -11,7 +11,7 @@
 #     benchmarks/gpu_check.sh OUTDIR
 #
 # STEPS=build,bench-G4 (comma list of step names) runs only those steps; DEADLINE_S caps the
-# whole script (default 520 s; the merge after it has a box of its own).
+# whole script (default 520 s; the merge after it has boxes of its own: <= 595 s in all).
 # OUTDIR receives at most 8 files: build.log, tests.log, bench.log, parts.json (every part's
 # rows, rewritten after each part, so a run stopped before the merge keeps them: merge it
 # later with `oneref bench --merge parts.json`; removed once the merge has run), results.json,
@@ -154,9 +154,9 @@ printf '%s\n' "${STATUS[@]}"
 PREDICTED=$(ls benchmarks/results/cost-*/roofline.json 2>/dev/null | LC_ALL=C sort | tail -1)
 if [ -n "$PARTS" ]; then
     # shellcheck disable=SC2086
-    { timeout 45 "$PY" -m oneref.bench --merge $PARTS --out "$OUT" \
+    { timeout 40 "$PY" -m oneref.bench --merge $PARTS --out "$OUT" \
           ${PREDICTED:+--predicted "$PREDICTED"} 2>>"$OUT/bench.log" \
-      || timeout 30 "$PY" -m oneref.bench --merge $PARTS --out "$OUT" 2>>"$OUT/bench.log"; } \
+      || timeout 20 "$PY" -m oneref.bench --merge $PARTS --out "$OUT" 2>>"$OUT/bench.log"; } \
         && rm -f "$OUT/parts.json"
 else
     echo "no benchmark results were written (see $OUT/bench.log)"
