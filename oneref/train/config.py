@@ -509,6 +509,27 @@ def command_flags(command: str) -> Iterator[tuple[str, Flag, type]]:
                 yield prefix + f.name, flag, _VALUE_TYPES[f.type]
 
 
+_TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number",
+               "str": "a string"}
+
+
+def _typed(value, type_name: str, key: str):
+    """``value`` as a field of scalar type ``type_name`` (others pass through): an int for a
+    float field, a whole float for an int one, and "true"/"false" in any case for a bool
+    (``--set compile=False``); anything else is a ValueError naming ``key``."""
+    if type_name == "bool" and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if type_name == "int" and number and float(value).is_integer():
+        return int(value)
+    if type_name == "float" and number:
+        return float(value)
+    if ((type_name == "bool" and isinstance(value, bool))
+            or (type_name == "str" and isinstance(value, str)) or type_name not in _TYPE_WORDS):
+        return value
+    raise ValueError(f"{key} must be {_TYPE_WORDS[type_name]}, got {value!r}")
+
+
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise TypeError(f"config section {where or '<root>'} must be a mapping, got "
@@ -526,8 +547,14 @@ def _build(cls, values: dict, where: str):
             if not isinstance(value, list):
                 raise TypeError("stages must be a list of stage mappings")
             value = [_build(StageConfig, s, f"stages[{i}].") for i, s in enumerate(value)]
+        elif cls is TrainConfig and key == "model_overrides" and isinstance(value, dict):
+            types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+            value = {k: _typed(v, types.get(k, ""), f"model_overrides.{k}")
+                     for k, v in value.items()}
         elif key == "betas":
             value = tuple(value)
+        else:
+            value = _typed(value, known[key].type, where + key)
         kwargs[key] = value
     return cls(**kwargs)
 

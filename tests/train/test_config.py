@@ -50,6 +50,35 @@ def test_roundtrip_and_overrides(tmp_path):
         load_config_file(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("compile=maybe", "compile must be true or false, got 'maybe'"),
+    ("seed=abc", "seed must be an integer, got 'abc'"),
+    ("seed=1.5", "seed must be an integer, got 1.5"),
+    ("optim.grad_clip=abc", "optim.grad_clip must be a number"),
+    ("data.eval_size=abc", "data.eval_size must be an integer"),
+    ("stages.0.freeze_backbone=1", r"stages\[0\].freeze_backbone must be true or false"),
+    ("output_dir=3", "output_dir must be a string, got 3"),
+    ("model_overrides.depth=2.5", "model_overrides.depth must be an integer"),
+])
+def test_overrides_are_checked_against_the_field_types(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(refshapes_recipe(), [override])
+
+
+def test_overrides_take_the_spellings_of_their_types(tmp_path):
+    """Python's True/False for a bool, a whole number for an int, an int for a float; a
+    config file's values are checked the same way."""
+    cfg = apply_overrides(refshapes_recipe(), ["compile=False", "final_test=FALSE",
+                                               "seed=1e3", "stages.0.lr=1"])
+    assert cfg.compile is False and cfg.final_test is False
+    assert cfg.seed == 1000 and isinstance(cfg.seed, int)
+    assert cfg.stages[0].lr == 1.0 and isinstance(cfg.stages[0].lr, float)
+    path = tmp_path / "c.json"
+    path.write_text('{"data": {"eval_size": "all"}}')
+    with pytest.raises(ValueError, match=f"config file {path}: data.eval_size must be an int"):
+        load_config_file(path)
+
+
 def test_stage_plan_layout_and_lr():
     stages = [StageConfig(name="frozen", epochs=2, lr=1.0, batch_size=10, freeze_backbone=True),
               StageConfig(name="full", epochs=1, lr=0.5, batch_size=5, warmup_steps=2)]
