@@ -246,10 +246,36 @@ def _recipe(args, pretrain: bool, real: bool):
     return tc.load_config_file(args.config, base=cfg) if args.config else cfg
 
 
+def _recorded_config(args, recipe: tc.TrainConfig) -> tc.TrainConfig | None:
+    """With ``--resume``, the settings its run recorded (``train_config.json`` of the run
+    folder: ``-o``, else the one the checkpoint path lies in, else the recipe's), onto which
+    ``--config`` and the flags apply as they would onto a recipe; None for a new run."""
+    if not args.resume:
+        return None
+    if args.output_dir:
+        folder = Path(args.output_dir)
+    elif args.resume != "auto" and Path(args.resume).is_file():
+        folder = Path(args.resume).parent
+        folder = folder.parent if folder.name == "checkpoints" else folder
+    elif args.resume != "auto":
+        folder = Path(args.resume)
+    else:
+        folder = Path(recipe.output_dir)
+    path = folder / "train_config.json"
+    if not path.is_file():
+        return None
+    try:
+        recorded = tc.TrainConfig.from_dict(json.loads(path.read_text()))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a run's settings ({exc})") from exc
+    return tc.load_config_file(args.config, base=recorded) if args.config else recorded
+
+
 def _train_config(args, pretrain: bool):
     command = "pretrain" if pretrain else "train"
     data = _data_values(args, command)
     cfg = _recipe(args, pretrain, data.get("dataset", "refshapes") != "refshapes")
+    cfg = _recorded_config(args, cfg) or cfg
     values = _flag_values(args, command, len(cfg.stages))
     values.update({f"data.{name}": value for name, value in data.items()})
     flags = [f"{key}={json.dumps(value)}" for key, value in values.items()]
@@ -267,8 +293,10 @@ def _cmd_train(args, pretrain: bool = False) -> int:
         return 0
     wall = time.perf_counter() - t0
     print(f"run folder: {cfg.output_dir}")
-    print(f"steps {results['steps']}, {results['samples_per_s']:.1f} samples/s, "
-          f"train {results['train_seconds']:.0f} s, wall {wall:.0f} s")
+    speed = results["samples_per_s"]
+    print(f"steps {results['steps']}, "
+          + (f"{speed:.1f} samples/s, " if speed is not None else "")
+          + f"train {results['train_seconds']:.0f} s, wall {wall:.0f} s")
     if cfg.task == "pretrain":
         print(f"final loss {results.get('final_loss', float('nan')):.4f}")
         return 0
@@ -423,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as exc:
         print(f"oneref {command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # a training run says where it stopped (TrainingInterrupted)
+        print(f"oneref {command}: interrupted" + (f": {exc}" if str(exc) else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@
 
 Images are checked when the dataset is built (header only: missing or unreadable files and
 boxes outside the image are reported with the record, or skipped and counted with
-``on_error="skip"``); a file that breaks later raises an error naming it.
+``on_error="skip"``; with ``use_masks``, a segmentation that covers no pixel of its image is
+dropped with a warning and the rasterised box stands in). An image that fails to decode
+later (a truncated file passes the header check) raises an error naming the split, the
+record and the file, or, with ``on_error="skip"``, is logged once and replaced by the next
+record that loads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -23,7 +28,8 @@ from torch.utils.data import Dataset
 
 from oneref.data.collate import make_sample, unpack_index
 from oneref.data.parsing import subject_object_words
-from oneref.data.records import ErrorPolicy, RefRecord, check_box_inside, check_sts_labels
+from oneref.data.records import (ErrorPolicy, RecordError, RefRecord, check_box_inside,
+                                 check_sts_labels)
 from oneref.data.refer_toolkit import load_refer
 from oneref.data.splitfiles import load_split_file
 from oneref.data.tokenizer import Tokenizer
@@ -34,21 +40,44 @@ __all__ = ["ReferringDataset", "decode_segmentation"]
 log = logging.getLogger(__name__)
 
 
-def decode_segmentation(record: RefRecord, height: int, width: int) -> np.ndarray | None:
-    """(H, W) uint8 mask from the record's polygons or RLE (pycocotools), None if neither."""
+def _segmentation_rle(record: RefRecord, height: int, width: int) -> dict | None:
+    """The record's polygons or RLE as one compressed COCO RLE, None if neither."""
     if record.polygons is None and record.rle is None:
         return None
     from pycocotools import mask as mask_utils
 
     if record.polygons is not None:
-        rles = mask_utils.frPyObjects(record.polygons, height, width)
-        rle = mask_utils.merge(rles)
-    else:
-        rle = record.rle
-        if isinstance(rle.get("counts"), list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(rle, *rle["size"])
-        elif isinstance(rle.get("counts"), str):
-            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+        return mask_utils.merge(mask_utils.frPyObjects(record.polygons, height, width))
+    rle = record.rle
+    if isinstance(rle.get("counts"), list):  # uncompressed RLE
+        return mask_utils.frPyObjects(rle, *rle["size"])
+    if isinstance(rle.get("counts"), str):
+        return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    return rle
+
+
+def _empty_segmentation(record: RefRecord, height: int, width: int) -> str | None:
+    """Why the record's segmentation covers no pixel of its ``width`` x ``height`` image, or
+    None when it covers some (or there is none). Run-length only: no mask is decoded."""
+    rle = _segmentation_rle(record, height, width)
+    if rle is None:
+        return None
+    from pycocotools import mask as mask_utils
+
+    if mask_utils.area(rle) > 0:
+        return None
+    if record.polygons is not None:
+        return f"its polygons lie outside the {width}x{height} image"
+    return "its RLE covers no pixel"
+
+
+def decode_segmentation(record: RefRecord, height: int, width: int) -> np.ndarray | None:
+    """(H, W) uint8 mask from the record's polygons or RLE (pycocotools), None if neither."""
+    rle = _segmentation_rle(record, height, width)
+    if rle is None:
+        return None
+    from pycocotools import mask as mask_utils
+
     with warnings.catch_warnings():
         # pycocotools' decoder trips numpy 2's copy-keyword deprecation; nothing to act on.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -72,6 +101,22 @@ def _image_size(path: str) -> tuple[int, int]:
         raise ValueError(f"cannot read image file {path!r}: {err}") from err
 
 
+def _read_rgb(path: str) -> Image.Image:
+    """The decoded RGB image; ValueError naming the file and saying whether it is missing,
+    unreadable or truncated/corrupt (the header can be fine while the pixel data is not)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"image file {path!r} does not exist")
+    try:
+        handle = Image.open(path)
+    except OSError as err:
+        raise ValueError(f"cannot read image file {path!r}: {err}") from None
+    with handle:
+        try:
+            return handle.convert("RGB")
+        except (OSError, SyntaxError, EOFError, ValueError) as err:
+            raise ValueError(f"image file {path!r} is truncated or corrupt: {err}") from None
+
+
 class ReferringDataset(Dataset):
     """Samples (Data contract dict) from :class:`RefRecord` lists.
 
@@ -85,8 +130,11 @@ class ReferringDataset(Dataset):
         mask_root: folder of per-sample mask files (older TransVG files), optional.
         use_masks: decode segmentations (else the box is rasterised as the mask).
         parse_words: subject/object words from spaCy when installed (else -1).
-        check_images: read every image header now (missing/corrupt files, boxes outside).
-        on_error: "raise" or "skip" for records failing those checks.
+        check_images: read every image header now (missing/corrupt files, boxes outside;
+            with ``use_masks``, segmentations covering no pixel are dropped with a warning).
+        on_error: "raise" or "skip" for records failing those checks, and for records whose
+            files fail to load later: "skip" logs each such file once and returns the next
+            record that loads instead (indices kept per process in ``unloadable``).
         seed: seeds the per-sample augmentation stream (with the index and epoch).
         sts_labels: samples carry ``sts_targets`` (T,) from each record's 6th element (STS
             labels, one per token; every record must have them).
@@ -110,7 +158,12 @@ class ReferringDataset(Dataset):
         self.parse_words = parse_words
         self.seed = seed
         self.epoch = 0
-        self.records = self._check(records, on_error, name) if check_images else list(records)
+        self.name = name
+        self.on_error = on_error
+        policy = ErrorPolicy(on_error, name)
+        self.records = self._check(records, policy) if check_images else list(records)
+        self.unloadable: dict[int, str] = {}
+        self._warned_files: set[str] = set()
         if not self.records:
             raise ValueError(f"{name}: no usable records")
         self.sts_labels = sts_labels
@@ -144,10 +197,10 @@ class ReferringDataset(Dataset):
             root = root[record.source]
         return os.path.join(os.fspath(root), record.image_file)
 
-    def _check(self, records, on_error: str, name: str) -> list[RefRecord]:
-        policy = ErrorPolicy(on_error, name)
+    def _check(self, records, policy: ErrorPolicy) -> list[RefRecord]:
         sizes: dict[str, tuple[int, int] | str] = {}
         kept = []
+        empty = []
         for index, record in enumerate(records):
             try:
                 path = self.image_path(record)
@@ -163,8 +216,15 @@ class ReferringDataset(Dataset):
             except ValueError as err:
                 policy.fail(record.where or f"record {index}", str(err))
                 continue
+            why = _empty_segmentation(record, size[1], size[0]) if self.use_masks else None
+            if why:
+                empty.append(f"{record.where or f'record {index}'}: {why}")
+                record = dataclasses.replace(record, polygons=None, rle=None)
             kept.append(record)
         policy.report()
+        if empty:
+            log.warning("%s: %d record(s) have an empty segmentation mask; their rasterised box "
+                        "stands in; first: %s", policy.source, len(empty), empty[0])
         return kept
 
     # ---- samples ---------------------------------------------------------------------
@@ -174,15 +234,41 @@ class ReferringDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _load_from(self, index: int) -> tuple[int, Example]:
+        """(index, example) of record ``index``. A record that fails to load raises a
+        :class:`RecordError` naming the dataset, the record and the file; with
+        ``on_error="skip"`` it is remembered in ``unloadable`` and the next record (wrapping
+        around) that loads is returned instead, the same one in every process."""
+        size = len(self.records)
+        for candidate in ((index + step) % size for step in range(size)):
+            if candidate in self.unloadable:
+                continue
+            try:
+                return candidate, self._load(self.records[candidate])
+            except ValueError as err:
+                message = f"{self.name}: {err}"
+                if self.on_error == "raise":
+                    raise RecordError(message) from None
+                self._skip(candidate, message)
+        first = self.unloadable[min(self.unloadable)]
+        raise RecordError(f"{self.name}: none of the {size} records loads; first: {first}")
+
+    def _skip(self, index: int, message: str) -> None:
+        """Count record ``index`` as unloadable; warn once per image file."""
+        self.unloadable[index] = message
+        path = self.image_path(self.records[index])
+        if path not in self._warned_files:
+            self._warned_files.add(path)
+            log.warning("%s; skipped with on_error=skip, the next record that loads stands "
+                        "in (%d record(s) skipped while loading in this process)", message,
+                        len(self.unloadable))
+
     def _load(self, record: RefRecord) -> Example:
         path = self.image_path(record)
         try:
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
-        except FileNotFoundError:
-            raise ValueError(f"{record.where}: image file {path!r} does not exist") from None
-        except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"{record.where}: cannot read image file {path!r}: {err}") from err
+            image = _read_rgb(path)
+        except ValueError as err:
+            raise ValueError(f"{record.where}: {err}") from None
         width, height = image.size
         try:
             box = np.array(check_box_inside(record.box, width, height), dtype=np.float64)
@@ -208,15 +294,18 @@ class ReferringDataset(Dataset):
         return mask
 
     def __getitem__(self, item) -> dict:
-        """Sample ``item``: an index, or an ``(index, epoch)`` pair (the augmentation epoch)."""
+        """Sample ``item``: an index, or an ``(index, epoch)`` pair (the augmentation epoch).
+        With ``on_error="skip"``, a record that fails to load gives the sample of the next
+        one that loads (its ``index`` says which)."""
         index, epoch = unpack_index(item, self.epoch)
         size = len(self.records)
         if not -size <= index < size:
             raise IndexError(f"index {index} out of range for a ReferringDataset of size {size}")
         index %= size  # a negative index would be an invalid seed for the random draws
+        index, example = self._load_from(index)
         record = self.records[index]
         rng = np.random.default_rng([self.seed, index, epoch])
-        out = self.transform(self._load(record), rng)
+        out = self.transform(example, rng)
         words = subject_object_words(out.text) if self.parse_words else (-1, -1)
         sample = make_sample(out, self.tokenizer, self.max_text_len, words, index)
         if self.sts_labels:

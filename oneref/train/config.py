@@ -329,6 +329,9 @@ class CheckpointConfig:
 
     interval: int = _option(0, "--checkpoint-interval",
                             help="save every N optimizer steps (0: only at the end)")
+    every_epoch: bool = _option(False, "--checkpoint-every-epoch", const=True,
+                                help="also save at the end of every epoch (the real-data "
+                                     "recipes do)")
     #: Keep the newest K step checkpoints (older ones are deleted); the final model is kept.
     keep_last: int = 2
     resume: str = _option("", "--resume", const="auto", optional_value=True, metavar="PATH",
@@ -412,6 +415,10 @@ class TrainConfig:
     output_dir: str = _option("runs/oneref", "--output-dir", "-o", path=True,
                               help="run folder: checkpoints, metrics.csv, TensorBoard events, "
                                    "final model, curve PNG")
+    overwrite: bool = _option(False, "--overwrite", const=True,
+                              help="train afresh into a run folder that already holds a run "
+                                   "(its files are replaced; without it such a folder is only "
+                                   "continued, with --resume)")
     progress: bool = _option(True, "--no-progress", const=False,
                              help="a tqdm progress bar on rank 0 (--no-progress: none)")
     # With a budget the last stage's steps is an upper bound and its cosine follows the share
@@ -707,6 +714,7 @@ def reference_recipe(model: str = "base", **changes) -> TrainConfig:
         dist=DistConfig(strategy="fsdp" if model == "large" else "ddp"),
         output_dir=f"runs/{model}_rec",
         final_test=False,  # `oneref eval` reports every test split of the dataset
+        checkpoint=CheckpointConfig(every_epoch=True),
     )
     return dataclasses.replace(config, **changes) if changes else config
 
@@ -727,6 +735,7 @@ def reference_pretrain_recipe(model: str = "base", **changes) -> TrainConfig:
         dist=DistConfig(strategy="fsdp" if model == "large" else "ddp"),
         output_dir=f"runs/{model}_mrefm",
         final_test=False,
+        checkpoint=CheckpointConfig(every_epoch=True),
     )
     return dataclasses.replace(config, **changes) if changes else config
 

@@ -21,6 +21,7 @@ from oneref.data.synthetic import RefShapes
 from oneref.data.tokenizer import Tokenizer
 from oneref.sts import load_refshapes_labels
 from oneref.train.config import DataConfig, TrainConfig
+from oneref.train.interrupt import ignore_interrupts
 from oneref.train.sampler import ResumableSampler, ShardSampler
 
 __all__ = ["build_dataset", "dataset_info", "check_data", "train_loader", "eval_loader",
@@ -119,7 +120,8 @@ def _loader(dataset: Dataset, sampler, batch_size: int, data: DataConfig, device
     workers = loader_workers(data, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     kwargs = {}
     if workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=data.prefetch_factor)
+        kwargs.update(persistent_workers=True, prefetch_factor=data.prefetch_factor,
+                      worker_init_fn=ignore_interrupts)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate, pin_memory=device.type == "cuda",
                       drop_last=drop_last, generator=generator, **kwargs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from oneref.train.distributed import (all_reduce_max, all_reduce_mean, barrier, 
                                       seed_everything, unwrap)
 from oneref.train.features import apply_features
 from oneref.train.init import initialise
+from oneref.train.interrupt import StopRequest, TrainingInterrupted
 from oneref.train.logger import RunLogger, plot_curve
 from oneref.train.optim import StagePlan, build_optimizer, set_lr
 from oneref.train.runtime import auto_threads
@@ -71,9 +73,7 @@ class Trainer:
                                    trust=config.checkpoint.trust)
                        if config.checkpoint.init_from else None)
         self.run_dir = Path(config.output_dir)
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "train_config.json", config.to_dict())
+        _check_run_folder(self.run_dir, config)
         model_config = (self.source.config if self.source else
                         get_config(config.model, **config.model_overrides))
         t0 = time.perf_counter()
@@ -105,6 +105,11 @@ class Trainer:
         self.resumed_from: Path | None = None
         if config.checkpoint.resume:
             self._resume(config.checkpoint.resume)
+        if self.main:  # once every check has passed: a failed start leaves no run folder
+            if config.overwrite and not config.checkpoint.resume:
+                _clear_run_outputs(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "train_config.json", config.to_dict())
         self.wrapped: torch.nn.Module | None = None
         self._stage_index = -1
 
@@ -188,15 +193,22 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks; "
                              f"resume with the same number (now {self.info.world_size})")
         self._check_resumed_model(path, state.get("model_config", {}))
+        task = state.get("config", {}).get("task", self.config.task)
+        if task != self.config.task:
+            raise ValueError(f"checkpoint {path} was written by a {task} run; it cannot be "
+                             f"resumed as {self.config.task} (start a new run from its "
+                             f"weights: --init-from {path} -o ANOTHER_FOLDER)")
+        done, budget = int(state["step"]), self.config.time_budget_s
+        if done >= self.plan.total_steps or 0 < budget <= float(state.get("elapsed_s", 0.0)):
+            raise ValueError(f"the run in {self.run_dir} has already finished (step {done} of "
+                             f"{self.plan.total_steps}): evaluate it with oneref eval "
+                             f"--checkpoint {self.run_dir}, or continue it with more --steps, "
+                             "--epochs or --time-budget")
         changes = [c for c in self.config.changes_from(state.get("config", {}))
                    if not c.startswith("checkpoint.resume")]
         if changes:  # e.g. a recipe default that changed since the run started
             log.warning("resuming %s with settings other than its run's (the new ones apply "
                         "from here): %s", path, "; ".join(changes))
-        if self.mrefm is not None and "mask_generator" not in state:
-            raise ValueError(f"checkpoint {path} holds no masking state: it was written by a "
-                             f"{state.get('config', {}).get('task', 'non-pretraining')} run, "
-                             f"not by pre-training; resume a pretrain run folder")
         load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -331,29 +343,62 @@ class Trainer:
         window = _LossWindow(t_start)
         start_step, epoch = self.step, 0
         self.losses: list[tuple[int, float]] = []
-        for span, epoch, batch in self._batches():
-            if span.index != self._stage_index:
-                self._apply_stage(span.index)
-            frac = self._budget_fraction(t_budget)
-            if frac is not None and frac >= 1.0:
-                log.info("time budget of %.0f s used after %d steps: stopping",
-                         cfg.time_budget_s, self.step)
-                break
-            set_lr(self.optimizer, self.plan.lr_at(self.step, frac))
-            window.add(self._train_step(batch), span.stage.batch_size * self.info.world_size)
-            self.step += 1  # a skipped step still consumed its batch
-            if self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps:
-                self._log_window(window, logger, progress, t_budget)
-            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.eval_set:
-                logger.log(self.step, self.evaluate(cfg.data.eval_split), split="val")
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                self.save(epoch, time.perf_counter() - t_budget)
+        with StopRequest() as stop:
+            for span, epoch, batch in self._batches():
+                if not self._step(span, epoch, batch, window, logger, progress, t_budget):
+                    break
+                if self._stop_agreed(stop):
+                    self.save(epoch, time.perf_counter() - t_budget)
+                    progress.close()
+                    logger.close()
+                    command = "pretrain" if cfg.task == "pretrain" else "train"
+                    raise TrainingInterrupted(
+                        f"{stop.signal_name or 'a signal to another rank'} at step "
+                        f"{self.step}: checkpoint written to {self.run_dir / 'checkpoints'}; "
+                        f"continue with: oneref {command} -o {self.run_dir} --resume")
         progress.close()
         train_seconds = time.perf_counter() - t_start
         results = self._finish(logger, epoch, train_seconds, self.step - start_step,
                                train_seconds + self.elapsed_before)
         logger.close()
         return results
+
+    def _step(self, span, epoch: int, batch: dict, window: "_LossWindow", logger: RunLogger,
+              progress: "_Progress", t_budget: float) -> bool:
+        """One optimizer step and what falls due after it: a log row, an evaluation, a
+        checkpoint (every ``checkpoint.interval`` steps, and at an epoch's end with
+        ``checkpoint.every_epoch``). False, with no step taken, once the time budget is
+        used up."""
+        cfg = self.config
+        if span.index != self._stage_index:
+            self._apply_stage(span.index)
+        frac = self._budget_fraction(t_budget)
+        if frac is not None and frac >= 1.0:
+            log.info("time budget of %.0f s used after %d steps: stopping",
+                     cfg.time_budget_s, self.step)
+            return False
+        set_lr(self.optimizer, self.plan.lr_at(self.step, frac))
+        window.add(self._train_step(batch), span.stage.batch_size * self.info.world_size)
+        self.step += 1  # a skipped step still consumed its batch
+        if self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps:
+            self._log_window(window, logger, progress, t_budget)
+        if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.eval_set:
+            logger.log(self.step, self.evaluate(cfg.data.eval_split), split="val")
+        epoch_end = (cfg.checkpoint.every_epoch and self.step < self.plan.total_steps
+                     and self.plan.locate(self.step)[2] == 0)
+        if epoch_end or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+            self.save(epoch, time.perf_counter() - t_budget)
+        return True
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether a signal asked the run to stop after this step: on one process at once;
+        with several ranks, any rank's request, agreed every ``log_interval`` steps (one
+        reduction then rather than a host sync per step)."""
+        if self.info.world_size == 1:
+            return stop.requested
+        if self.step % self.config.log_interval:
+            return False
+        return bool(all_reduce_max(torch.tensor([float(stop.requested)])).item())
 
     def _log_window(self, window: "_LossWindow", logger: RunLogger, progress: "_Progress",
                     t_budget: float) -> None:
@@ -377,7 +422,7 @@ class Trainer:
                 elapsed: float) -> dict:
         cfg = self.config
         if cfg.checkpoint.interval == 0 or self.step % cfg.checkpoint.interval:
-            if cfg.checkpoint.interval or cfg.checkpoint.keep_last:
+            if cfg.checkpoint.interval or cfg.checkpoint.keep_last or cfg.checkpoint.every_epoch:
                 self.save(epoch, elapsed)
         samples = self._samples_until(self.step)
         trained = samples - self._samples_until(self.step - steps)  # by this process's run
@@ -386,7 +431,7 @@ class Trainer:
                    "elapsed_s": elapsed,
                    "data_seconds": self.data_seconds, "world_size": self.info.world_size,
                    "samples_per_s": trained / train_seconds if steps and train_seconds > 0
-                   else float("nan"),
+                   else None,  # JSON null: no step trained by this process
                    "samples_seen": samples, "skipped_steps": self.skipped_steps}
         if self.losses:
             results["final_loss"] = self.losses[-1][1]
@@ -407,6 +452,35 @@ class Trainer:
                        title=f"OneRef {cfg.model} {cfg.task} on {cfg.data.dataset}")
         barrier()
         return results
+
+
+#: What a run writes into its folder (``--overwrite`` removes these, and only these).
+_RUN_OUTPUTS = ("train_config.json", "checkpoints", "model", "metrics.csv", "metrics.json",
+                "tb", "curve.png")
+
+
+def _check_run_folder(run_dir: Path, config: TrainConfig) -> None:
+    """A new run (no ``--resume``) does not write into another run's folder unless
+    ``--overwrite`` says so: its checkpoints would be resumed as this run's."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--output-dir {run_dir} is a file, not a folder")
+    if config.checkpoint.resume or config.overwrite or not run_dir.exists():
+        return
+    found = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
+    if found:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}): continue it "
+                         "with --resume, start it afresh with --overwrite, or choose another "
+                         "--output-dir")
+
+
+def _clear_run_outputs(run_dir: Path) -> None:
+    """Remove an earlier run's outputs from ``run_dir`` (other files stay)."""
+    for name in _RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 class _LossWindow:
@@ -474,4 +548,3 @@ def train(config: TrainConfig) -> dict:
     """Run a whole training job; returns the final metrics."""
     trainer = Trainer(config)
     return trainer.fit()
-

@@ -78,6 +78,7 @@ def test_resume_names_the_settings_that_changed_since_the_checkpoint(tmp_path, c
     """A resume with other settings than the run's (a flag, or a recipe default changed by
     an upgrade) continues with them, and the warning names each changed field."""
     Trainer(_config(tmp_path, steps=2, checkpoint=CheckpointConfig(interval=1))).fit()
+    (tmp_path / "checkpoints" / "step_00000002.pt").unlink()  # resume the unfinished run
     with caplog.at_level(logging.WARNING, logger="oneref.train.trainer"):
         Trainer(_config(tmp_path, steps=2, checkpoint=CheckpointConfig(interval=1,
                                                                        resume="auto")))
@@ -87,7 +88,7 @@ def test_resume_names_the_settings_that_changed_since_the_checkpoint(tmp_path, c
     changed.stages[0].lr = 1e-3
     with caplog.at_level(logging.WARNING, logger="oneref.train.trainer"):
         Trainer(changed)
-    assert "step_00000002.pt with settings other than its run's" in caplog.text
+    assert "step_00000001.pt with settings other than its run's" in caplog.text
     assert "res_loss.focal_alpha: 0.25 -> 0.5" in caplog.text
     assert "stages.0.lr: " in caplog.text and "-> 0.001" in caplog.text
 
@@ -103,5 +104,6 @@ def test_resume_refuses_a_checkpoint_of_another_model_or_task(tmp_path):
                                          r"model_overrides.res_upsamples=3"):
         Trainer(changed)
     pretrain = _config(tmp_path, checkpoint=CheckpointConfig(resume="auto"), task="pretrain")
-    with pytest.raises(ValueError, match="holds no masking state: it was written by a rec run"):
+    with pytest.raises(ValueError, match="written by a rec run; it cannot be resumed as "
+                                         "pretrain .start a new run from its weights"):
         Trainer(pretrain)

@@ -148,6 +148,7 @@ def test_cli_labels_then_pretrains_with_sts(tmp_path, capsys):
     sts = [float(r["sts"]) for r in rows if r.get("sts") not in (None, "")]
     assert sts and all(math.isfinite(v) and v >= 0 for v in sts)
     capsys.readouterr()
+    pre[pre.index("-o") + 1] = str(tmp_path / "pre2")  # pre holds a run now
     assert main([*pre, "--set", "data.train_size=24"]) == 2
     assert "--sts needs teacher scores" in capsys.readouterr().err
     assert main([*pre, "--set", "data.train_size=30", "--sts-labels", str(labels)]) == 2

@@ -1,0 +1,58 @@
+"""Stopping a training run cleanly on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption).
+
+The first signal asks for a stop: the step in flight finishes, the trainer writes a
+checkpoint and raises :class:`TrainingInterrupted`, and ``--resume`` continues exactly from
+there. A second signal stops at once (``KeyboardInterrupt``, no checkpoint). Loader worker
+processes ignore SIGINT (:func:`ignore_interrupts`), so that a Ctrl-C in the terminal, which
+reaches the whole process group, does not kill them under a step that is still finishing.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by a signal after writing a checkpoint; the message says how to resume."""
+
+
+class StopRequest:
+    """While entered, SIGINT / SIGTERM set :attr:`signal_name` instead of stopping the
+    process; a second signal raises ``KeyboardInterrupt``. Outside the main thread (where
+    Python cannot take signals) it does nothing."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in _SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, number: int, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"second {signal.Signals(number).name}: stopped at once")
+        self.signal_name = signal.Signals(number).name
+        log.warning("%s: the current step finishes and a checkpoint is written; send it again "
+                    "to stop at once", self.signal_name)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loaders: the main process handles SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,110 @@
+"""A run folder's life: stopped by a signal and resumed exactly, saved at epoch ends, not
+trained over by accident, resumed from its own recorded settings."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from oneref.cli import main
+from oneref.train.config import CheckpointConfig, DataConfig, StageConfig, refshapes_recipe
+from oneref.train.interrupt import StopRequest, TrainingInterrupted
+from oneref.train.trainer import Trainer
+
+
+def _config(out, steps=6, **changes):
+    return refshapes_recipe(
+        model="tiny", output_dir=str(out), progress=False, log_interval=1, final_test=False,
+        threads=1, time_budget_s=0.0,
+        stages=[StageConfig(steps=steps, lr=2e-3, batch_size=4, warmup_steps=1)],
+        data=DataConfig(train_size=16, eval_size=8, test_size=8, eval_batch_size=8),
+        **changes)
+
+
+def _signal_at_step(trainer: Trainer, step: int, number=signal.SIGINT) -> None:
+    """Send ``number`` to this process while the trainer computes step ``step`` (1-based)."""
+    train_step = trainer._train_step
+
+    def step_then_signal(batch):
+        losses = train_step(batch)
+        if trainer.step + 1 == step:
+            signal.raise_signal(number)
+        return losses
+
+    trainer._train_step = step_then_signal
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_step_and_the_resume_is_exact(tmp_path, number):
+    straight = Trainer(_config(tmp_path / "straight"))
+    straight.fit()
+    stopped = Trainer(_config(tmp_path / "stopped"))
+    _signal_at_step(stopped, 3, number)
+    with pytest.raises(TrainingInterrupted, match=f"{number.name} at step 3: checkpoint "
+                                                  r"written .*oneref train -o .* --resume"):
+        stopped.fit()
+    assert signal.getsignal(number) is not stopped  # the handlers are restored
+    assert (tmp_path / "stopped" / "checkpoints" / "step_00000003.pt").is_file()
+    resumed = Trainer(_config(tmp_path / "stopped",
+                              checkpoint=CheckpointConfig(resume="auto")))
+    assert resumed.step == 3
+    assert resumed.fit()["steps"] == 6
+    for (name, a), b in zip(straight.model.state_dict().items(),
+                            resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_second_signal_stops_at_once():
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_every_epoch_saves_at_each_epoch_end(tmp_path):
+    """16 samples in batches of 4: epochs end after steps 4 and 8; the last step's
+    checkpoint is the final one."""
+    Trainer(_config(tmp_path, steps=10,
+                    checkpoint=CheckpointConfig(every_epoch=True, keep_last=0))).fit()
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt"))
+    assert saved == ["step_00000004.pt", "step_00000008.pt", "step_00000010.pt"]
+
+
+def test_a_run_folder_is_continued_or_replaced_only_when_asked(tmp_path, capsys):
+    tiny = ["train", "--model", "tiny", "--steps", "3", "--batch-size", "4", "--threads", "1",
+            "--no-progress", "--set", "data.train_size=16", "--set", "data.eval_size=8",
+            "--set", "final_test=false", "--set", "time_budget_s=0"]
+    run = tmp_path / "run"
+    assert main([*tiny, "-o", str(run)]) == 0
+    capsys.readouterr()
+    assert main([*tiny, "-o", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert main(["train", "-o", str(run), "--resume"]) == 2  # the recorded settings apply
+    assert "has already finished (step 3 of 3)" in capsys.readouterr().err
+    # --resume alone continues with the run's own settings (model, data, steps) and flags
+    # change them from there.
+    assert main(["train", "-o", str(run), "--resume", "--steps", "5", "--no-progress"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 5
+    assert json.loads((run / "train_config.json").read_text())["model"] == "tiny"
+    assert main(["train", "-o", str(run), "--resume", "--steps", "7", "--task", "res"]) == 2
+    assert "written by a rec run; it cannot be resumed as res" in capsys.readouterr().err
+    stale = run / "checkpoints" / "step_00000005.pt"
+    assert main([*tiny, "-o", str(run), "--overwrite"]) == 0
+    assert not stale.exists()
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 3
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main([*tiny, "-o", str(afile)]) == 2
+    assert f"--output-dir {afile} is a file" in capsys.readouterr().err
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "tiny", "--batch-size", "64", "--set",
+                 "data.train_size=16", "-o", str(run)]) == 2
+    assert "batch" in capsys.readouterr().err
+    assert not run.exists()
