@@ -156,10 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --input: skip a bad line or image (default), or stop")
     p.add_argument("--task", choices=("rec", "res"), help="default: the run's task")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p = sub.add_parser("convert", help="official .pth -> save_pretrained folder",
-                       description="Convert an official BEiT-3 / OneRef .pth into a folder of "
-                                   "model.safetensors + config.json and print the load report.")
-    p.add_argument("source", metavar="IN.pth", help="official checkpoint")
+    p = sub.add_parser("convert", help=".pth -> save_pretrained folder",
+                       description="Convert an official BEiT-3 / OneRef .pth (printing the "
+                                   "load report) or one of our training checkpoints "
+                                   "(step_*.pt) into a folder of model.safetensors + "
+                                   "config.json.")
+    p.add_argument("source", metavar="IN.pth",
+                   help="official checkpoint or training checkpoint (step_*.pt)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write")
     p.add_argument("--model", help="preset (default: from the tensor shapes)")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -325,8 +328,6 @@ def _cmd_eval(args) -> int:
         device=args.device, trust=args.trust_checkpoint, out=args.out)
     if report is None:  # not rank 0
         return 0
-    for line in report.notes:
-        print(f"oneref eval: {line}", file=sys.stderr)
     if report.load_summary:
         print(report.load_summary)
     print(report.table)
@@ -370,10 +371,12 @@ def _cmd_predict(args) -> int:
 
 def _cmd_convert(args) -> int:
     if not Path(args.source).is_file():
-        raise ValueError(f"{args.source} is not a file (an official .pth is expected)")
+        raise ValueError(f"{args.source} is not a file (an official .pth or a training "
+                         "checkpoint step_*.pt is expected)")
     source = ModelSource(args.source, preset=args.model, trust=args.trust_checkpoint)
     model = source.build()
-    print(source.report.summary(args.source))
+    if source.report is not None:  # an official file's renaming and resizing
+        print(source.report.summary(args.source))
     model.save_pretrained(args.out_dir)
     print(f"wrote {args.out_dir} ({model.config.name}: model.safetensors + config.json)")
     return 0

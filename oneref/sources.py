@@ -91,6 +91,18 @@ class ModelSource:
             return self.path.parent.parent
         return self.model_dir.parent if self.train_config else None
 
+    def task_for(self, requested: str | None) -> str:
+        """The head to run: ``requested``, else the one the run trained (else REC). A run
+        fine-tuned for the other task never trained the requested head: an error."""
+        trained = self.train_config.get("task")
+        if trained not in ("rec", "res"):  # an official file, a pre-training run
+            return requested or "rec"
+        if requested and requested != trained:
+            raise ValueError(f"{self.path} was fine-tuned for {trained}: its {requested} head "
+                             f"never trained (use --task {trained}, or a run trained with "
+                             f"--task {requested})")
+        return trained
+
     def build(self) -> OneRef:
         """The model with its weights (an official file: all heads, converted names)."""
         if self._state is None:

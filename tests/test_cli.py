@@ -1,6 +1,7 @@
 """The `oneref` command: help on every subcommand, predict / eval / info, clear errors."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -143,11 +144,23 @@ def test_predict_writes_png_with_box(run_dir, scene_png, tmp_path, capsys):
 
 
 def test_predict_res_draws_mask(run_dir, scene_png, tmp_path, capsys):
+    """A REC run's RES head never trained: asking it for masks is an error; a RES run (here
+    the same weights, recorded as one) draws them without being asked."""
     out = tmp_path / "mask.png"
-    assert main(["predict", "--image", str(scene_png), "--text", "the blue square",
-                 "--checkpoint", str(run_dir / "model"), "--out", str(out), "--task", "res",
-                 "--device", "cpu"]) == 0
-    assert Image.open(out).size == (120, 96)
+    predict = ["predict", "--image", str(scene_png), "--text", "the blue square", "--out",
+               str(out), "--task", "res", "--device", "cpu", "--checkpoint"]
+    assert main([*predict, str(run_dir / "model")]) == 2
+    assert "was fine-tuned for rec: its res head never trained" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run_dir), "--task", "res", "--size", "8"]) == 2
+    assert "use --task rec" in capsys.readouterr().err
+    res_run = tmp_path / "res_run"
+    shutil.copytree(run_dir, res_run)
+    recorded = json.loads((res_run / "train_config.json").read_text())
+    (res_run / "train_config.json").write_text(json.dumps({**recorded, "task": "res"}))
+    predict.remove("--task")
+    predict.remove("res")
+    assert main([*predict, str(res_run)]) == 0
+    assert "mask" in capsys.readouterr().out and Image.open(out).size == (120, 96)
 
 
 def test_predict_bad_inputs(run_dir, scene_png, tmp_path, capsys):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from oneref.config import ModelConfig

@@ -160,10 +160,9 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu",
                    preset: str | None = None, trust: bool = False) -> Predictor:
     """Predictor from a run folder, a ``save_pretrained`` folder or an official ``.pth``."""
     source = ModelSource(path, preset=preset, trust=trust)
+    task = source.task_for(task)
     tok = _tokenizer(source, tokenizer).check_fits(source.config.vocab_size)
-    model = source.build()
-    task = task or source.train_config.get("task", "rec")
-    predictor = Predictor(model, tok, task if task in ("rec", "res") else "rec", device)
+    predictor = Predictor(source.build(), tok, task, device)
     predictor.report = source.report
     return predictor
 

@@ -21,7 +21,7 @@ from oneref.eval.metrics import PREC_THRESHOLDS
 from oneref.eval.published import published
 from oneref.io import write_json, write_text
 from oneref.sources import ModelSource
-from oneref.train.config import DataConfig, TrainConfig
+from oneref.train.config import DataConfig
 from oneref.train.data import (build_dataset, check_data, dataset_info, eval_loader,
                                load_tokenizer, recorded_data)
 from oneref.train.distributed import init_distributed, shutdown
@@ -116,7 +116,6 @@ class EvalReport:
     table: str
     meta: dict
     paths: list[Path]
-    notes: list[str]
     load_summary: str = ""
 
 
@@ -131,15 +130,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
     current folder). Under ``torchrun`` every rank evaluates its shard and rank 0 reports;
     other ranks get None."""
     source = ModelSource(checkpoint, preset=preset, trust=trust)
-    run = TrainConfig.from_dict(source.train_config) if source.train_config else None
     data = recorded_data(source.train_config, data_changes or {}, eval_batch_size=batch_size)
     if size is not None:
         data = dataclasses.replace(data, eval_size=size, test_size=size)
-    notes = []
-    task = task or (run.task if run and run.task in ("rec", "res") else "rec")
-    if run and run.task in ("rec", "res") and task != run.task:
-        notes.append(f"note: {checkpoint} was trained for {run.task}; its {task} head is "
-                     f"scored as it is")
+    task = source.task_for(task)
     splits = [s for s in splits if s] if splits is not None else list(default_splits(data))
     if not splits:
         raise ValueError("--split names no split")
@@ -161,4 +155,4 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
             else "cpu", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     paths = write_eval(Path(out) if out else (source.run_dir or Path(".")), rows, meta, table)
     summary = source.report.summary(str(checkpoint)) if source.report is not None else ""
-    return EvalReport(rows, table, meta, paths, notes, summary)
+    return EvalReport(rows, table, meta, paths, summary)

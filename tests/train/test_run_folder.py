@@ -6,6 +6,7 @@ import signal
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from oneref.cli import main
 from oneref.train.config import CheckpointConfig, DataConfig, StageConfig, refshapes_recipe
@@ -90,6 +91,12 @@ def test_a_run_folder_is_continued_or_replaced_only_when_asked(tmp_path, capsys)
     assert main(["train", "-o", str(run), "--resume", "--steps", "5", "--no-progress"]) == 0
     assert json.loads((run / "metrics.json").read_text())["steps"] == 5
     assert json.loads((run / "train_config.json").read_text())["model"] == "tiny"
+    converted = tmp_path / "converted"  # a training checkpoint converts like an official file
+    assert main(["convert", str(run / "checkpoints" / "step_00000005.pt"), str(converted)]) == 0
+    weights, final = (load_file(folder / "model.safetensors")
+                      for folder in (converted, run / "model"))
+    assert weights.keys() == final.keys()
+    assert all(torch.equal(weights[name], final[name]) for name in final)
     assert main(["train", "-o", str(run), "--resume", "--steps", "7", "--task", "res"]) == 2
     assert "written by a rec run; it cannot be resumed as res" in capsys.readouterr().err
     stale = run / "checkpoints" / "step_00000005.pt"

@@ -66,7 +66,8 @@ def test_res_step_uses_the_run_loss_weights(tmp_path, rec_weight):
 
 def _csv_losses(run):
     with open(run / "metrics.csv", newline="") as handle:
-        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(handle) if r["split"] == "train"]
+        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(handle)
+                if r["split"] == "train"]
 
 
 def test_resume_after_kill_is_exact(tmp_path, monkeypatch):
