@@ -123,6 +123,13 @@ class Trainer:
 
     def _build_model(self, model_config):
         if self.source is None:
+            if self.config.data.real and not self.config.checkpoint.resume:
+                frozen = any(stage.freeze_backbone for stage in self.config.stages)
+                log.warning("training on %s from randomly initialised weights (%s)%s: the "
+                            "recipes start from pre-trained ones (--init-from "
+                            "beit3_base_indomain_patch16_224.pth, or a OneRef / MRefM "
+                            "checkpoint)", self.config.data.dataset, self.config.init,
+                            ", with the backbone frozen in a stage" if frozen else "")
             model = OneRef(model_config)
             initialise(model, self.config.init)
             return model

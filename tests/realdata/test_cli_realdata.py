@@ -3,6 +3,7 @@ the official-layout set of conftest.py: two-stage training from a BEiT-3 .pth, r
 over two splits, predict (run folder, official .pth, JSON lines), convert; then the errors."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -255,6 +256,19 @@ def test_every_layout_builds(realdata, dataset, split, extra):
         assert {r.source for r in ds.records} == {"coco", "referit", "flickr"}
     if cfg.task == "res" or cfg.data.seg_mask:
         assert any(ds[i]["has_mask"] for i in range(len(ds)))
+
+
+def test_real_data_from_random_weights_is_warned(realdata, tmp_path, caplog):
+    from oneref.cli import _train_config
+    from oneref.train.trainer import Trainer
+
+    args = build_parser().parse_args(["train", *realdata.flags("unc"), "--model", "tiny",
+                                      "--batch-size", "2", "--set", "stages.0.batch_size=2",
+                                      "--device", "cpu", "-o", str(tmp_path / "run")])
+    with caplog.at_level(logging.WARNING, logger="oneref.train.trainer"):
+        Trainer(_train_config(args, pretrain=False))
+    assert "training on unc from randomly initialised weights" in caplog.text
+    assert "with the backbone frozen in a stage" in caplog.text and "--init-from" in caplog.text
 
 
 def test_real_dataset_selects_the_reference_recipe(realdata):
