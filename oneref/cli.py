@@ -14,14 +14,17 @@ metadata, so their help is the fields' documentation.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from oneref.ablation import VARIANTS, AblationSettings, run_ablation, summary_markdown
 from oneref.bench import add_arguments as add_bench_arguments
@@ -336,6 +339,15 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _image_format(path: Path) -> str:
+    """The image format PIL writes for ``path``'s suffix; ValueError for one it does not know
+    (checked before the model is loaded)."""
+    known = Image.registered_extensions()
+    if path.suffix.lower() not in known:
+        raise ValueError(f"--out {path}: unknown image suffix {path.suffix!r}; use .png or .jpg")
+    return known[path.suffix.lower()]
+
+
 def _cmd_predict(args) -> int:
     if args.input is None and (args.image is None or args.text is None):
         raise ValueError("give --image and --text, or --input pairs.jsonl with --out-dir")
@@ -345,6 +357,8 @@ def _cmd_predict(args) -> int:
         raise ValueError("--input needs --out-dir (where predictions.jsonl and the PNGs go)")
     if args.text is not None and not args.text.strip():
         raise ValueError("--text must be a non-empty expression")
+    if args.out:
+        _image_format(Path(args.out))
     image = load_image(args.image) if args.image else None
     predictor = load_predictor(args.checkpoint, resolve_device(args.device), args.task,
                                tokenizer=args.tokenizer, preset=args.model,
@@ -364,7 +378,8 @@ def _cmd_predict(args) -> int:
           + ("" if pred.mask is None else f", mask {int(pred.mask.sum())} pixels"))
     out = Path(args.out) if args.out else Path(args.image).with_name(
         Path(args.image).stem + "_pred.png")
-    draw_prediction(image, pred, args.text).save(out, format="PNG")
+    drawn = draw_prediction(image, pred, args.text)
+    (drawn.convert("RGB") if _image_format(out) == "JPEG" else drawn).save(out)
     print(f"wrote {out}")
     return 0
 
@@ -437,14 +452,32 @@ def _cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; an unknown option is reported by its subcommand's parser (with that
+    command's usage) beside the closest options it has."""
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    if args.command is not None:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[args.command]
+    options = [option for action in parser._actions for option in action.option_strings]
+    hints = []
+    for item in unknown:
+        close = difflib.get_close_matches(item.split("=")[0], options, n=2)
+        hints.append(f"{item} (did you mean {' or '.join(close)}?)" if close else item)
+    parser.error(f"unrecognized arguments: {' '.join(hints)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(parser, argv)
+    if args.command is None:  # `oneref` alone (or with -v) runs the main job
+        args = _parse(parser, ["train"] + argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    command = args.command or "train"
-    if args.command is None:
-        args = parser.parse_args(["train"] + (argv if argv is not None else sys.argv[1:]))
+    command = args.command
     handlers = {"train": lambda a: _cmd_train(a), "pretrain": lambda a: _cmd_train(a, True),
                 "eval": _cmd_eval, "predict": _cmd_predict, "convert": _cmd_convert,
                 "info": _cmd_info, "bench": _cmd_bench, "ablate": _cmd_ablate,
@@ -452,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[command](args)
     except (ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as exc:
+        if args.verbose:  # where it was raised, for a report
+            traceback.print_exc()
         print(f"oneref {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # a training run says where it stopped (TrainingInterrupted)

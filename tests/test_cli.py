@@ -163,6 +163,27 @@ def test_predict_res_draws_mask(run_dir, scene_png, tmp_path, capsys):
     assert "mask" in capsys.readouterr().out and Image.open(out).size == (120, 96)
 
 
+def test_predict_writes_the_format_its_suffix_names(run_dir, scene_png, tmp_path, capsys):
+    predict = ["predict", "--image", str(scene_png), "--text", "the blue square",
+               "--checkpoint", str(run_dir), "--device", "cpu", "--out"]
+    assert main([*predict, str(tmp_path / "drawn.jpg")]) == 0
+    assert Image.open(tmp_path / "drawn.jpg").format == "JPEG"
+    assert main([*predict, str(tmp_path / "drawn.xyz")]) == 2
+    assert "unknown image suffix '.xyz'; use .png or .jpg" in capsys.readouterr().err
+
+
+def test_an_unknown_option_is_named_by_its_command_with_the_closest(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--stpes", "3"])
+    err = capsys.readouterr().err
+    assert "usage: oneref train" in err
+    assert "unrecognized arguments: --stpes (did you mean --steps" in err
+    with pytest.raises(SystemExit):
+        main(["eval", "--chekpoint", "x"])
+    assert "oneref eval: error: unrecognized arguments: --chekpoint (did you mean " \
+           "--checkpoint" in capsys.readouterr().err
+
+
 def test_predict_bad_inputs(run_dir, scene_png, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")

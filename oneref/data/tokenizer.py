@@ -32,6 +32,9 @@ class Tokenizer:
 
     def __init__(self, model_path: str | os.PathLike):
         model_path = os.fspath(model_path)
+        if os.path.isdir(model_path):
+            raise ValueError(f"sentencepiece model {model_path!r} is a folder; give the model "
+                             "file (e.g. beit3.spm)")
         if not os.path.isfile(model_path):
             raise ValueError(f"sentencepiece model {model_path!r} does not exist")
         self.model_path = model_path

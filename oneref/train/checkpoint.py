@@ -74,6 +74,9 @@ def load_latest(path: str | Path, trust: bool = False) -> tuple[Path, dict]:
     its contents. Newer files that cannot be read (torn by a crash, say) are skipped with a
     warning naming each and why; ValueError when none is readable."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"--resume: {path} does not exist (a run folder or a step_*.pt "
+                         "checkpoint is expected)")
     candidates = [path] if path.is_file() else (list_checkpoints(path / "checkpoints")
                                                or list_checkpoints(path))[::-1]
     if not candidates:

@@ -204,8 +204,9 @@ class DataConfig:
                               help="refer-toolkit layout (refcoco/instances.json + "
                                    "refs(unc).p), instead of --split-root")
     split_by: str = _option("", "--split-by", "--split_by", commands=_DATA_COMMANDS,
-                            help="refer-toolkit split scheme: unc, google, umd (default: the "
-                                 "dataset's usual)")
+                            choices=("", "unc", "google", "umd"),
+                            flag_choices=("unc", "google", "umd"),
+                            help="refer-toolkit split scheme (default: the dataset's usual)")
     tokenizer: str = _option("", "--tokenizer", "--sentencepiece_model", metavar="SPM",
                              path=True, commands=_DATA_COMMANDS,
                              help="sentencepiece model of real data (beit3.spm); RefShapes "

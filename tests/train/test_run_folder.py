@@ -103,6 +103,9 @@ def test_a_run_folder_is_continued_or_replaced_only_when_asked(tmp_path, capsys)
     assert main([*tiny, "-o", str(run), "--overwrite"]) == 0
     assert not stale.exists()
     assert json.loads((run / "metrics.json").read_text())["steps"] == 3
+    assert main(["train", "-o", str(tmp_path / "new"), "--resume",
+                 str(tmp_path / "nope" / "step_1.pt")]) == 2
+    assert "nope/step_1.pt does not exist (a run folder or a step_*.pt" in capsys.readouterr().err
     afile = tmp_path / "afile"
     afile.write_text("")
     assert main([*tiny, "-o", str(afile)]) == 2
