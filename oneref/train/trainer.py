@@ -125,7 +125,7 @@ class Trainer:
         if self.source is None:
             if self.config.data.real and not self.config.checkpoint.resume:
                 frozen = any(stage.freeze_backbone for stage in self.config.stages)
-                log.warning("training on %s from randomly initialised weights (%s)%s: the "
+                log.warning("training on %s from randomly initialised weights (init=%s)%s: the "
                             "recipes start from pre-trained ones (--init-from "
                             "beit3_base_indomain_patch16_224.pth, or a OneRef / MRefM "
                             "checkpoint)", self.config.data.dataset, self.config.init,

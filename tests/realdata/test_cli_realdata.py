@@ -153,6 +153,7 @@ def test_sts_labels_into_a_split_file_then_pretrain(trained, realdata, capsys):
     assert main([*pretrain, "--split-root", str(out)]) == 0
     assert "sts" in (work / "sts_pre" / "metrics.csv").read_text().splitlines()[0]
     capsys.readouterr()
+    pretrain[-1] = str(work / "sts_pre2")  # sts_pre holds a run now
     assert main([*pretrain, "--split-root", str(realdata.splits)]) == 2
     assert "unc_train.pth[0]: has no 6th element (STS labels)" in capsys.readouterr().err
     assert main(["sts-labels", "--teacher", str(run), "--out", str(work / "x"), "--dataset",
