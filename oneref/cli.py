@@ -400,9 +400,12 @@ def _cmd_convert(args) -> int:
 def _cmd_info(args) -> int:
     if args.model not in PRESETS:
         raise ValueError(f"--model must be one of {sorted(PRESETS)}, got {args.model!r}")
-    cfg = PRESETS[args.model]
-    with torch.device("meta"):
-        model = OneRef.from_config(cfg)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        models = {name: OneRef.from_config(preset) for name, preset in PRESETS.items()}
+    print("presets (parameters at image size): " + ", ".join(
+        f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.1f}M at {m.config.img_size} px"
+        for name, m in models.items()))
+    cfg, model = PRESETS[args.model], models[args.model]
     total = sum(p.numel() for p in model.parameters())
     backbone = sum(p.numel() for p in model.backbone_parameters())
     print(f"model {args.model}: img {cfg.img_size}, patch {cfg.patch_size}, dim "

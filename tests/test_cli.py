@@ -245,6 +245,7 @@ def test_eval_and_info(run_dir, capsys):
 
     total = sum(p.numel() for p in OneRef.from_config("tiny").parameters())
     assert f"total {total:,}" in out and "model tiny" in out
+    assert f"tiny {total / 1e6:.1f}M at 64 px" in out and "large " in out  # every preset
     assert "torch" in out and "available" in out
 
 
