@@ -1,6 +1,7 @@
 """A run folder's life: stopped by a signal and resumed exactly, saved at epoch ends, not
 trained over by accident, resumed from its own recorded settings."""
 
+import dataclasses
 import json
 import signal
 
@@ -63,6 +64,24 @@ def test_a_second_signal_stops_at_once():
         with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_loader_workers_leave_sigint_to_the_main_process(tmp_path):
+    """A Ctrl-C reaches the whole process group: the workers must not die under a step that
+    is still finishing."""
+    from oneref.train.data import train_loader
+    from oneref.train.interrupt import ignore_interrupts
+
+    trainer = Trainer(_config(tmp_path))
+    data = dataclasses.replace(trainer.config.data, num_workers=1)
+    loader, _ = train_loader(trainer.train_set, 4, data, torch.device("cpu"), 0, 1, seed=0)
+    assert loader.worker_init_fn is ignore_interrupts
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        ignore_interrupts(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_every_epoch_saves_at_each_epoch_end(tmp_path):
