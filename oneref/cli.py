@@ -66,10 +66,13 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
         group.add_argument(*flag.names, **options)
 
 
-def _absolute(value):
-    """A path flag's value made absolute (``--resume`` without a path stays ``auto``)."""
+def _absolute(value, flag: str):
+    """A path flag's value made absolute (``--resume`` without a path stays ``auto``); an
+    empty one (``-o "$RUN"`` with RUN unset) would mean the current folder: an error."""
     if not isinstance(value, str) or value == "auto":
         return value
+    if not value.strip():
+        raise ValueError(f"{flag}: empty path")
     return os.path.abspath(os.path.expanduser(value))
 
 
@@ -82,7 +85,7 @@ def _flag_values(args, command: str, stages: int = 1) -> dict[str, object]:
         value = getattr(args, flag.dest, None)
         if value is None:
             continue
-        value = _absolute(value) if flag.path else value
+        value = _absolute(value, flag.names[0]) if flag.path else value
         if not flag.stage:
             values[key] = value
             continue
@@ -253,22 +256,20 @@ def _recipe(args, pretrain: bool, real: bool):
 
 
 def _recorded_config(args, recipe: tc.TrainConfig) -> tc.TrainConfig | None:
-    """With ``--resume``, the settings its run recorded (``train_config.json`` of the run
-    folder: ``-o``, else the one the checkpoint path lies in, else the recipe's), onto which
-    ``--config`` and the flags apply as they would onto a recipe; None for a new run."""
+    """With ``--resume``, the settings its run recorded (``train_config.json`` of the first
+    of ``-o``, the run the checkpoint path lies in, the recipe's folder that has one), onto
+    which ``--config`` and the flags apply as they would onto a recipe; None for a new
+    run."""
     if not args.resume:
         return None
-    if args.output_dir:
-        folder = Path(args.output_dir)
-    elif args.resume != "auto" and Path(args.resume).is_file():
-        folder = Path(args.resume).parent
-        folder = folder.parent if folder.name == "checkpoints" else folder
-    elif args.resume != "auto":
-        folder = Path(args.resume)
-    else:
-        folder = Path(recipe.output_dir)
-    path = folder / "train_config.json"
-    if not path.is_file():
+    folders = [Path(args.output_dir)] if args.output_dir else []
+    if args.resume != "auto":  # a step_*.pt of a run (continued into -o), or a run folder
+        named = Path(args.resume)
+        folders.append(named.parent.parent if named.parent.name == "checkpoints" else named)
+    folders.append(Path(recipe.output_dir))
+    path = next((f / "train_config.json" for f in folders
+                 if (f / "train_config.json").is_file()), None)
+    if path is None:
         return None
     try:
         recorded = tc.TrainConfig.from_dict(json.loads(path.read_text()))
@@ -289,11 +290,16 @@ def _train_config(args, pretrain: bool):
 
 
 def _cmd_train(args, pretrain: bool = False) -> int:
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in the folder and --overwrite replaces "
+                         "it: give one of them")
     cfg = _train_config(args, pretrain)
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     if trainer.load_report is not None and is_main():
         print(trainer.load_report.summary(cfg.checkpoint.init_from))
+    if trainer.resumed_from is not None and is_main():
+        print(f"resumed from {trainer.resumed_from} at step {trainer.step}")
     results = trainer.fit()
     if not is_main():
         return 0
@@ -385,6 +391,9 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_convert(args) -> int:
+    if (Path(args.source) / "model" / "config.json").is_file():
+        raise ValueError(f"{args.source} is a run folder: its model/ is a save_pretrained "
+                         "folder already; convert one of its checkpoints/step_*.pt instead")
     if not Path(args.source).is_file():
         raise ValueError(f"{args.source} is not a file (an official .pth or a training "
                          "checkpoint step_*.pt is expected)")
@@ -472,6 +481,16 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     parser.error(f"unrecognized arguments: {' '.join(hints)}")
 
 
+def _own_message(exc: BaseException) -> str:
+    """The error's message; one a DataLoader worker raised comes back holding the worker's
+    traceback, of which the last line is the error itself."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]  # "module.ErrorType: message"
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -490,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as exc:
         if args.verbose:  # where it was raised, for a report
             traceback.print_exc()
-        print(f"oneref {command}: error: {exc}", file=sys.stderr)
+        print(f"oneref {command}: error: {_own_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # a training run says where it stopped (TrainingInterrupted)
         print(f"oneref {command}: interrupted" + (f": {exc}" if str(exc) else ""),

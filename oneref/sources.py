@@ -54,6 +54,11 @@ class ModelSource:
         self.train_config: dict = {}
         self.report: LoadReport | None = None
         self._state = None
+        newest = _unfinished_run_checkpoint(self.path)
+        if newest is not None:
+            log.warning("%s has no final model (a stopped run): using its newest checkpoint %s",
+                        self.path, newest.name)
+            self.path = newest
         if self.path.is_file():
             loaded = load_pth(self.path, trust=trust)
             if isinstance(loaded, dict) and "model_config" in loaded and "model" in loaded:
@@ -113,6 +118,14 @@ class ModelSource:
             return model
         self.report = load_official(model, self._state)
         return model
+
+
+def _unfinished_run_checkpoint(path: Path) -> Path | None:
+    """The newest ``checkpoints/step_*.pt`` of a run folder without a final ``model/``."""
+    if not path.is_dir() or (path / "model" / CONFIG_NAME).is_file():
+        return None
+    steps = sorted((path / "checkpoints").glob("step_*.pt"))  # zero-padded: sorted by step
+    return steps[-1] if steps else None
 
 
 def _read_config(path: Path) -> ModelConfig:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import os
 import time
 from pathlib import Path
 
@@ -69,13 +69,15 @@ class Trainer:
         if config.task != "pretrain":
             splits += [data.eval_split] + ([data.test_split] if config.final_test else [])
         check_data(data, splits)
-        self.source = (ModelSource(config.checkpoint.init_from, preset=config.model,
-                                   trust=config.checkpoint.trust)
-                       if config.checkpoint.init_from else None)
         self.run_dir = Path(config.output_dir)
         _check_run_folder(self.run_dir, config)
-        model_config = (self.source.config if self.source else
-                        get_config(config.model, **config.model_overrides))
+        # A resume reads its checkpoint alone: the start weights are not read again.
+        self._resume_from = (self._latest_checkpoint(config.checkpoint.resume)
+                             if config.checkpoint.resume else None)
+        self.source = (ModelSource(config.checkpoint.init_from, preset=config.model,
+                                   trust=config.checkpoint.trust)
+                       if config.checkpoint.init_from and self._resume_from is None else None)
+        model_config = self._model_config()
         t0 = time.perf_counter()
         self.text_tokenizer = load_tokenizer(data, model_config) if data.real else None
         self.train_set = self._dataset(model_config, data.train_split, train=True)
@@ -103,12 +105,11 @@ class Trainer:
         self.skipped_steps = 0
         self.elapsed_before = 0.0
         self.resumed_from: Path | None = None
-        if config.checkpoint.resume:
-            self._resume(config.checkpoint.resume)
+        if self._resume_from is not None:
+            self._resume(*self._resume_from)
+            self._resume_from = None  # its tensors are the model's and optimizer's now
         if self.main:  # once every check has passed: a failed start leaves no run folder
-            if config.overwrite and not config.checkpoint.resume:
-                _clear_run_outputs(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _start_run_folder(self.run_dir, fresh=not config.checkpoint.resume)
             write_json(self.run_dir / "train_config.json", config.to_dict())
         self.wrapped: torch.nn.Module | None = None
         self._stage_index = -1
@@ -193,9 +194,22 @@ class Trainer:
                                  self.config.checkpoint.keep_last)
         barrier()
 
-    def _resume(self, where: str) -> None:
+    def _latest_checkpoint(self, where: str) -> tuple[Path, dict]:
+        """The checkpoint ``--resume`` names (``auto``: the run folder's newest)."""
         target = self.run_dir if where in ("auto", "latest") else Path(where)
-        path, state = ckpt.load_latest(target, trust=self.config.checkpoint.trust)
+        return ckpt.load_latest(target, trust=self.config.checkpoint.trust)
+
+    def _model_config(self) -> ModelConfig:
+        """The model's shape: the start weights'; for a resumed run that began from such
+        weights, the one its checkpoint recorded; else the preset's."""
+        if self.source is not None:
+            return self.source.config
+        recorded = self._resume_from[1].get("model_config") if self._resume_from else None
+        if recorded and self.config.checkpoint.init_from:
+            return ModelConfig.from_dict(recorded)
+        return get_config(self.config.model, **self.config.model_overrides)
+
+    def _resume(self, path: Path, state: dict) -> None:
         if state.get("world_size", 1) != self.info.world_size:
             raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks; "
                              f"resume with the same number (now {self.info.world_size})")
@@ -212,7 +226,7 @@ class Trainer:
                              f"--checkpoint {self.run_dir}, or continue it with more --steps, "
                              "--epochs or --time-budget")
         changes = [c for c in self.config.changes_from(state.get("config", {}))
-                   if not c.startswith("checkpoint.resume")]
+                   if not c.startswith(("checkpoint.resume", "overwrite", "output_dir"))]
         if changes:  # e.g. a recipe default that changed since the run started
             log.warning("resuming %s with settings other than its run's (the new ones apply "
                         "from here): %s", path, "; ".join(changes))
@@ -461,33 +475,55 @@ class Trainer:
         return results
 
 
-#: What a run writes into its folder (``--overwrite`` removes these, and only these).
-_RUN_OUTPUTS = ("train_config.json", "checkpoints", "model", "metrics.csv", "metrics.json",
-                "tb", "curve.png")
+#: What a run writes into its folder: files, and the files it writes into its subfolders.
+_RUN_FILES = ("train_config.json", "metrics.csv", "metrics.json", "curve.png", "eval.json",
+              "eval.md")
+_RUN_SUBFOLDERS = {"checkpoints": ("step_*.pt", "*.tmp"), "tb": ("events.out.tfevents.*",),
+                   "model": ("config.json", "model.safetensors")}
+
+
+def _holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that can be resumed or has finished: its recorded
+    settings, and a checkpoint or a final model."""
+    return (run_dir / "train_config.json").is_file() and (
+        any((run_dir / "checkpoints").glob("step_*.pt"))
+        or (run_dir / "model" / "config.json").is_file())
 
 
 def _check_run_folder(run_dir: Path, config: TrainConfig) -> None:
-    """A new run (no ``--resume``) does not write into another run's folder unless
-    ``--overwrite`` says so: its checkpoints would be resumed as this run's."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--output-dir {run_dir} is a file, not a folder")
-    if config.checkpoint.resume or config.overwrite or not run_dir.exists():
+    """``--output-dir`` can be created, and a new run (no ``--resume``) does not train over
+    another run unless ``--overwrite`` says so: its checkpoints would be resumed as this
+    run's."""
+    for folder in (run_dir, *run_dir.parents):  # the nearest one that exists
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--output-dir {run_dir}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(f"--output-dir {run_dir}: {folder} is not writable")
+            break
+    if not (config.checkpoint.resume or config.overwrite) and _holds_run(run_dir):
+        raise ValueError(f"{run_dir} already holds a run: continue it with --resume, start it "
+                         "afresh with --overwrite, or choose another --output-dir")
+
+
+def _start_run_folder(run_dir: Path, fresh: bool) -> None:
+    """Create ``run_dir``; for a new run, remove what an earlier run of ours wrote there (one
+    replaced with ``--overwrite``, or one stopped before its first checkpoint). Files of
+    other names stay."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output-dir {run_dir}: cannot create it ({err.strerror})") from err
+    if not fresh or not (run_dir / "train_config.json").is_file():
         return
-    found = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
-    if found:
-        raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}): continue it "
-                         "with --resume, start it afresh with --overwrite, or choose another "
-                         "--output-dir")
-
-
-def _clear_run_outputs(run_dir: Path) -> None:
-    """Remove an earlier run's outputs from ``run_dir`` (other files stay)."""
-    for name in _RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    outputs = [run_dir / name for name in _RUN_FILES]
+    for folder, patterns in _RUN_SUBFOLDERS.items():
+        outputs += [p for pattern in patterns for p in (run_dir / folder).glob(pattern)]
+    for path in outputs:
+        path.unlink(missing_ok=True)
+    for folder in _RUN_SUBFOLDERS:
+        if (run_dir / folder).is_dir() and not any((run_dir / folder).iterdir()):
+            (run_dir / folder).rmdir()
 
 
 class _LossWindow:

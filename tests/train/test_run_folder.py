@@ -128,7 +128,13 @@ def test_a_run_folder_is_continued_or_replaced_only_when_asked(tmp_path, capsys)
     afile = tmp_path / "afile"
     afile.write_text("")
     assert main([*tiny, "-o", str(afile)]) == 2
-    assert f"--output-dir {afile} is a file" in capsys.readouterr().err
+    assert f"--output-dir {afile}: {afile} is a file" in capsys.readouterr().err
+    assert main([*tiny, "-o", str(afile / "sub")]) == 2
+    assert f"--output-dir {afile / 'sub'}: {afile} is a file" in capsys.readouterr().err
+    assert main([*tiny, "-o", ""]) == 2
+    assert "--output-dir: empty path" in capsys.readouterr().err
+    assert main([*tiny, "-o", str(run), "--resume", "--overwrite"]) == 2
+    assert "give one of them" in capsys.readouterr().err
 
 
 def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
@@ -137,3 +143,67 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
                  "data.train_size=16", "-o", str(run)]) == 2
     assert "batch" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_stopped_runs_rerun_resume_elsewhere_and_evaluate(tmp_path, capsys):
+    """A run stopped before its first checkpoint is started again by the same command; one
+    stopped later is evaluated from its newest checkpoint and continued into another folder
+    with its own settings; --overwrite keeps files it did not write."""
+    tiny = ["train", "--model", "tiny", "--batch-size", "4", "--threads", "1", "--no-progress",
+            "--set", "data.train_size=16", "--set", "data.eval_size=8", "--set",
+            "final_test=false", "--set", "time_budget_s=0", "--checkpoint-interval", "2"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text("{}")  # what a start stopped at step 0 leaves
+    (run / "metrics.csv").write_text("step,split\n")
+    (run / "notes.txt").write_text("mine")
+    assert main([*tiny, "--steps", "3", "-o", str(run)]) == 0
+    assert (run / "notes.txt").read_text() == "mine"
+    assert main(["eval", "--checkpoint", str(run), "--size", "8"]) == 0  # the final model
+    (run / "model" / "config.json").unlink()  # as if stopped after its step-2 checkpoint
+    (run / "model" / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--split", "val", "--size", "8"]) == 0
+    assert "| val | 8 |" in capsys.readouterr().out
+    fork = tmp_path / "fork"  # the run's settings (tiny, 16 samples) come with its checkpoint
+    assert main(["train", "-o", str(fork), "--resume",
+                 str(run / "checkpoints" / "step_00000002.pt"), "--no-progress"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert json.loads((fork / "metrics.json").read_text())["steps"] == 3
+    assert main([*tiny, "--steps", "2", "-o", str(run), "--overwrite"]) == 0
+    assert (run / "notes.txt").read_text() == "mine" and not (run / "eval.json").exists()
+
+
+def test_a_resume_does_not_read_the_start_weights_again(tmp_path):
+    from oneref.model import OneRef
+
+    start = tmp_path / "start"
+    OneRef.from_config("tiny").save_pretrained(start)
+    run = tmp_path / "run"
+    trainer = Trainer(_config(run, checkpoint=CheckpointConfig(init_from=str(start),
+                                                               interval=2)))
+    _signal_at_step(trainer, 2)
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    (start / "model.safetensors").unlink()  # moved away after the run began
+    resumed = Trainer(_config(run, checkpoint=CheckpointConfig(init_from=str(start),
+                                                                resume="auto")))
+    assert resumed.step == 2 and resumed.source is None
+
+
+def test_an_error_raised_in_a_loader_worker_reads_as_itself():
+    from torch.utils.data import DataLoader
+
+    from oneref.cli import _own_message
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            raise ValueError("split.pth: record 0: image file 'a.jpg' is truncated")
+
+    with pytest.raises(ValueError) as caught:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert "Original Traceback" in str(caught.value)
+    assert _own_message(caught.value) == "split.pth: record 0: image file 'a.jpg' is truncated"
