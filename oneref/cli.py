@@ -14,10 +14,12 @@ metadata, so their help is the fields' documentation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -267,14 +269,20 @@ def _recorded_config(args, recipe: tc.TrainConfig) -> tc.TrainConfig | None:
         named = Path(args.resume)
         folders.append(named.parent.parent if named.parent.name == "checkpoints" else named)
     folders.append(Path(recipe.output_dir))
-    path = next((f / "train_config.json" for f in folders
-                 if (f / "train_config.json").is_file()), None)
-    if path is None:
+    folder = next((f for f in folders if (f / "train_config.json").is_file()), None)
+    if folder is None:
         return None
+    path = folder / "train_config.json"
     try:
         recorded = tc.TrainConfig.from_dict(json.loads(path.read_text()))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a run's settings ({exc})") from exc
+    if (recorded.task == "pretrain") != (args.command == "pretrain"):
+        other = "pretrain" if recorded.task == "pretrain" else "train"
+        raise ValueError(f"{folder} holds a {recorded.task} run: continue it with oneref "
+                         f"{other} --resume")
+    # The run continues where it is (a copied or moved folder: there, not where it began).
+    recorded = dataclasses.replace(recorded, output_dir=str(folder.resolve()))
     return tc.load_config_file(args.config, base=recorded) if args.config else recorded
 
 
@@ -346,12 +354,12 @@ def _cmd_eval(args) -> int:
 
 
 def _image_format(path: Path) -> str:
-    """The image format PIL writes for ``path``'s suffix; ValueError for one it does not know
+    """The image format PIL writes for ``path``'s suffix; ValueError for one it cannot write
     (checked before the model is loaded)."""
-    known = Image.registered_extensions()
-    if path.suffix.lower() not in known:
-        raise ValueError(f"--out {path}: unknown image suffix {path.suffix!r}; use .png or .jpg")
-    return known[path.suffix.lower()]
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format not in Image.SAVE:  # unknown, or a format PIL only reads
+        raise ValueError(f"--out {path}: cannot write {path.suffix!r} images; use .png or .jpg")
+    return image_format
 
 
 def _cmd_predict(args) -> int:
@@ -384,8 +392,7 @@ def _cmd_predict(args) -> int:
           + ("" if pred.mask is None else f", mask {int(pred.mask.sum())} pixels"))
     out = Path(args.out) if args.out else Path(args.image).with_name(
         Path(args.image).stem + "_pred.png")
-    drawn = draw_prediction(image, pred, args.text)
-    (drawn.convert("RGB") if _image_format(out) == "JPEG" else drawn).save(out)
+    draw_prediction(image, pred, args.text).save(out, format=_image_format(out))
     print(f"wrote {out}")
     return 0
 
@@ -514,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # a training run says where it stopped (TrainingInterrupted)
         print(f"oneref {command}: interrupted" + (f": {exc}" if str(exc) else ""),
               file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signal_number", signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -97,12 +97,14 @@ class ModelSource:
         return self.model_dir.parent if self.train_config else None
 
     def task_for(self, requested: str | None) -> str:
-        """The head to run: ``requested``, else the one the run trained (else REC). A run
-        fine-tuned for the other task never trained the requested head: an error."""
+        """The head to run: ``requested``, else the one the run trained (else REC). A head
+        the run never trained is an error: REC's in a RES run without a box loss
+        (``res_loss.rec_weight`` 0), RES's in a REC run."""
         trained = self.train_config.get("task")
         if trained not in ("rec", "res"):  # an official file, a pre-training run
             return requested or "rec"
-        if requested and requested != trained:
+        box_loss = self.train_config.get("res_loss", {}).get("rec_weight", 0) > 0
+        if requested and requested != trained and not (requested == "rec" and box_loss):
             raise ValueError(f"{self.path} was fine-tuned for {trained}: its {requested} head "
                              f"never trained (use --task {trained}, or a run trained with "
                              f"--task {requested})")

@@ -161,6 +161,11 @@ def test_predict_res_draws_mask(run_dir, scene_png, tmp_path, capsys):
     predict.remove("res")
     assert main([*predict, str(res_run)]) == 0
     assert "mask" in capsys.readouterr().out and Image.open(out).size == (120, 96)
+    assert main([*predict[:-1], "--task", "rec", "--checkpoint", str(res_run)]) == 2
+    assert "fine-tuned for res: its rec head never trained" in capsys.readouterr().err
+    recorded["res_loss"]["rec_weight"] = 1.0  # the RefShapes RES recipe trains boxes too
+    (res_run / "train_config.json").write_text(json.dumps({**recorded, "task": "res"}))
+    assert main([*predict[:-1], "--task", "rec", "--checkpoint", str(res_run)]) == 0
 
 
 def test_predict_writes_the_format_its_suffix_names(run_dir, scene_png, tmp_path, capsys):
@@ -169,7 +174,9 @@ def test_predict_writes_the_format_its_suffix_names(run_dir, scene_png, tmp_path
     assert main([*predict, str(tmp_path / "drawn.jpg")]) == 0
     assert Image.open(tmp_path / "drawn.jpg").format == "JPEG"
     assert main([*predict, str(tmp_path / "drawn.xyz")]) == 2
-    assert "unknown image suffix '.xyz'; use .png or .jpg" in capsys.readouterr().err
+    assert "cannot write '.xyz' images; use .png or .jpg" in capsys.readouterr().err
+    assert main([*predict, str(tmp_path / "drawn.psd")]) == 2  # a format PIL only reads
+    assert "cannot write '.psd' images" in capsys.readouterr().err
 
 
 def test_an_unknown_option_is_named_by_its_command_with_the_closest(capsys):

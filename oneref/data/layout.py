@@ -219,4 +219,4 @@ def build_split(source: SplitSource, tokenizer: Tokenizer, img_size: int, max_te
     return ReferringDataset(records, source.image_dirs, tokenizer, img_size=img_size,
                             max_text_len=max_text_len, transform=transform, use_masks=use_masks,
                             on_error=on_error, seed=seed, name=source.name,
-                            sts_labels=sts_labels)
+                            sts_labels=sts_labels, stand_in=train)

@@ -138,6 +138,9 @@ class ReferringDataset(Dataset):
         seed: seeds the per-sample augmentation stream (with the index and epoch).
         sts_labels: samples carry ``sts_targets`` (T,) from each record's 6th element (STS
             labels, one per token; every record must have them).
+        stand_in: with "skip", a record failing to load is replaced by the next one (a
+            training set); False raises instead (an evaluation set, where the stand-in would
+            be scored twice).
     """
 
     def __init__(self, records: list[RefRecord], image_root, tokenizer: Tokenizer,
@@ -145,7 +148,7 @@ class ReferringDataset(Dataset):
                  mask_root: str | None = None, use_masks: bool = True,
                  parse_words: bool = True, check_images: bool = True,
                  on_error: str = "raise", seed: int = 0, name: str = "dataset",
-                 sts_labels: bool = False):
+                 sts_labels: bool = False, stand_in: bool = True):
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"tokenizer must be a oneref Tokenizer, got {type(tokenizer).__name__}")
         self.image_root = image_root
@@ -160,6 +163,7 @@ class ReferringDataset(Dataset):
         self.epoch = 0
         self.name = name
         self.on_error = on_error
+        self.stand_in = stand_in
         policy = ErrorPolicy(on_error, name)
         self.records = self._check(records, policy) if check_images else list(records)
         self.unloadable: dict[int, str] = {}
@@ -247,8 +251,10 @@ class ReferringDataset(Dataset):
                 return candidate, self._load(self.records[candidate])
             except ValueError as err:
                 message = f"{self.name}: {err}"
-                if self.on_error == "raise":
-                    raise RecordError(message) from None
+                if self.on_error == "raise" or not self.stand_in:
+                    raise RecordError(message + ("" if self.stand_in else " (an evaluation "
+                                      "set does not skip at load time: a stand-in would be "
+                                      "scored twice; fix or remove the file)")) from None
                 self._skip(candidate, message)
         first = self.unloadable[min(self.unloadable)]
         raise RecordError(f"{self.name}: none of the {size} records loads; first: {first}")

@@ -521,12 +521,25 @@ _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number"
                "str": "a string"}
 
 
+def _number(text: str):
+    """A number written as text (YAML 1.1 reads ``1e-4`` as a string), else the text."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _typed(value, type_name: str, key: str):
     """``value`` as a field of scalar type ``type_name`` (others pass through): an int for a
-    float field, a whole float for an int one, and "true"/"false" in any case for a bool
-    (``--set compile=False``); anything else is a ValueError naming ``key``."""
+    float field, a whole float for an int one, a number written as text for either,
+    "true"/"false" in any case for a bool (``--set compile=False``), an int or nothing (YAML
+    ``~``) for a string; anything else is a ValueError naming ``key``."""
     if type_name == "bool" and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
+    if type_name == "str" and (value is None or type(value) is int):
+        return "" if value is None else str(value)  # train_split=2014; init_from: ~
+    if type_name in ("int", "float") and isinstance(value, str):
+        value = _number(value)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if type_name == "int" and number and float(value).is_integer():
         return int(value)
@@ -554,7 +567,7 @@ def _build(cls, values: dict, where: str):
         elif cls is TrainConfig and key == "stages":
             if not isinstance(value, list):
                 raise TypeError("stages must be a list of stage mappings")
-            value = [_build(StageConfig, s, f"stages[{i}].") for i, s in enumerate(value)]
+            value = [_build(StageConfig, s, f"stages.{i}.") for i, s in enumerate(value)]
         elif cls is TrainConfig and key == "model_overrides" and isinstance(value, dict):
             types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
             value = {k: _typed(v, types.get(k, ""), f"model_overrides.{k}")

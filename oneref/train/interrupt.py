@@ -3,8 +3,9 @@
 The first signal asks for a stop: the step in flight finishes, the trainer writes a
 checkpoint and raises :class:`TrainingInterrupted`, and ``--resume`` continues exactly from
 there. A second signal stops at once (``KeyboardInterrupt``, no checkpoint). Loader worker
-processes ignore SIGINT (:func:`ignore_interrupts`), so that a Ctrl-C in the terminal, which
-reaches the whole process group, does not kill them under a step that is still finishing.
+processes ignore both (:func:`ignore_interrupts`), so that a Ctrl-C in the terminal or a
+scheduler's SIGTERM, which reach the whole process group, do not kill them under a step
+that is still finishing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """A run stopped by a signal after writing a checkpoint; the message says how to resume."""
+    """A run stopped by a signal after writing a checkpoint; the message says how to resume.
+    ``signal_number``: the signal (the command exits with 128 + it, as the shell would)."""
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT):
+        super().__init__(message)
+        self.signal_number = int(signal_number)
 
 
 class StopRequest:
@@ -28,7 +34,7 @@ class StopRequest:
     Python cannot take signals) it does nothing."""
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None
+        self.signal_number: int | None = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -43,16 +49,22 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
-        return self.signal_name is not None
+        return self.signal_number is not None
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.signal_number).name if self.requested else None
 
     def _handle(self, number: int, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt(f"second {signal.Signals(number).name}: stopped at once")
-        self.signal_name = signal.Signals(number).name
+        self.signal_number = number
         log.warning("%s: the current step finishes and a checkpoint is written; send it again "
                     "to stop at once", self.signal_name)
 
 
 def ignore_interrupts(worker_id: int) -> None:
-    """``worker_init_fn`` of the training loaders: the main process handles SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """``worker_init_fn`` of the training loaders: the main process handles SIGINT and
+    SIGTERM, which a terminal or a scheduler sends to the whole process group."""
+    for number in _SIGNALS:
+        signal.signal(number, signal.SIG_IGN)

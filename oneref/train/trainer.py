@@ -220,8 +220,9 @@ class Trainer:
                              f"resumed as {self.config.task} (start a new run from its "
                              f"weights: --init-from {path} -o ANOTHER_FOLDER)")
         done, budget = int(state["step"]), self.config.time_budget_s
-        if done >= self.plan.total_steps or 0 < budget <= float(state.get("elapsed_s", 0.0)):
-            raise ValueError(f"the run in {self.run_dir} has already finished (step {done} of "
+        ended = done >= self.plan.total_steps or 0 < budget <= float(state.get("elapsed_s", 0))
+        if ended and (self.run_dir / "metrics.json").is_file():  # else only its end is left
+            raise ValueError(f"the run of {path} has already finished (step {done} of "
                              f"{self.plan.total_steps}): evaluate it with oneref eval "
                              f"--checkpoint {self.run_dir}, or continue it with more --steps, "
                              "--epochs or --time-budget")
@@ -364,25 +365,30 @@ class Trainer:
         window = _LossWindow(t_start)
         start_step, epoch = self.step, 0
         self.losses: list[tuple[int, float]] = []
+        stopped = False
         with StopRequest() as stop:
             for span, epoch, batch in self._batches():
                 if not self._step(span, epoch, batch, window, logger, progress, t_budget):
                     break
-                if self._stop_agreed(stop):
+                # A stop asked for after the last step lets the run finish.
+                if self.step < self.plan.total_steps and self._stop_agreed(stop):
                     self.save(epoch, time.perf_counter() - t_budget)
-                    progress.close()
-                    logger.close()
-                    command = "pretrain" if cfg.task == "pretrain" else "train"
-                    raise TrainingInterrupted(
-                        f"{stop.signal_name or 'a signal to another rank'} at step "
-                        f"{self.step}: checkpoint written to {self.run_dir / 'checkpoints'}; "
-                        f"continue with: oneref {command} -o {self.run_dir} --resume")
+                    stopped = True
+                    break
         progress.close()
-        train_seconds = time.perf_counter() - t_start
-        results = self._finish(logger, epoch, train_seconds, self.step - start_step,
-                               train_seconds + self.elapsed_before)
-        logger.close()
-        return results
+        try:
+            if stopped:
+                command = "pretrain" if cfg.task == "pretrain" else "train"
+                raise TrainingInterrupted(
+                    f"{stop.signal_name or 'a signal to another rank'} at step {self.step}: "
+                    f"checkpoint written to {self.run_dir / 'checkpoints'}; continue with: "
+                    f"oneref {command} -o {self.run_dir} --resume",
+                    signal_number=stop.signal_number)
+            train_seconds = time.perf_counter() - t_start
+            return self._finish(logger, epoch, train_seconds, self.step - start_step,
+                                train_seconds + self.elapsed_before)
+        finally:
+            logger.close()
 
     def _step(self, span, epoch: int, batch: dict, window: "_LossWindow", logger: RunLogger,
               progress: "_Progress", t_budget: float) -> bool:
@@ -414,7 +420,8 @@ class Trainer:
     def _stop_agreed(self, stop: StopRequest) -> bool:
         """Whether a signal asked the run to stop after this step: on one process at once;
         with several ranks, any rank's request, agreed every ``log_interval`` steps (one
-        reduction then rather than a host sync per step)."""
+        reduction then rather than a host sync per step; torchrun kills its workers 30 s
+        after forwarding a signal, so those steps and the checkpoint must fit in that)."""
         if self.info.world_size == 1:
             return stop.requested
         if self.step % self.config.log_interval:
@@ -521,9 +528,9 @@ def _start_run_folder(run_dir: Path, fresh: bool) -> None:
         outputs += [p for pattern in patterns for p in (run_dir / folder).glob(pattern)]
     for path in outputs:
         path.unlink(missing_ok=True)
-    for folder in _RUN_SUBFOLDERS:
-        if (run_dir / folder).is_dir() and not any((run_dir / folder).iterdir()):
-            (run_dir / folder).rmdir()
+    for folder in (run_dir / name for name in _RUN_SUBFOLDERS):
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 class _LossWindow:

@@ -70,6 +70,14 @@ def test_truncated_image_is_skipped_and_warned_once(tmp_path, images, tok, caplo
     assert "skipped with on_error=skip" in warnings[0]
 
 
+def test_an_evaluation_set_does_not_stand_in_for_a_record_it_cannot_load(tmp_path, images,
+                                                                          tok):
+    _, ds = _dataset(tmp_path, images, tok, ["good.jpg", "cut.jpg"], "skip", stand_in=False)
+    with pytest.raises(RecordError, match=r"cut.jpg.*truncated.*an evaluation set does not "
+                                          r"skip at load time"):
+        ds[1]
+
+
 def test_skip_wraps_around_and_is_the_same_in_loader_workers(tmp_path, images, tok):
     _, ds = _dataset(tmp_path, images, tok, ["good.jpg", "cut.jpg"], "skip")
     assert ds[1]["index"] == 0  # the last record wraps to the first

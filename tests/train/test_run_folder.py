@@ -3,6 +3,8 @@ trained over by accident, resumed from its own recorded settings."""
 
 import dataclasses
 import json
+import os
+import shutil
 import signal
 
 import pytest
@@ -207,3 +209,52 @@ def test_an_error_raised_in_a_loader_worker_reads_as_itself():
         next(iter(DataLoader(Broken(), num_workers=1)))
     assert "Original Traceback" in str(caught.value)
     assert _own_message(caught.value) == "split.pth: record 0: image file 'a.jpg' is truncated"
+
+
+def test_a_signal_at_the_last_step_lets_the_run_finish_and_an_unfinished_end_resumes(tmp_path):
+    trainer = Trainer(_config(tmp_path, steps=4))
+    _signal_at_step(trainer, 4)
+    assert trainer.fit()["steps"] == 4 and (tmp_path / "metrics.json").is_file()
+    # A run stopped in its last moments (checkpoint at the end, no final outputs yet): the
+    # resume only finishes it.
+    (tmp_path / "metrics.json").unlink()
+    resumed = Trainer(_config(tmp_path, steps=4, checkpoint=CheckpointConfig(resume="auto")))
+    assert resumed.fit()["steps"] == 4 and (tmp_path / "metrics.json").is_file()
+    with pytest.raises(ValueError, match=r"step_00000004.pt has already finished"):
+        Trainer(_config(tmp_path, steps=4, checkpoint=CheckpointConfig(resume="auto")))
+
+
+def test_resume_continues_the_named_run_where_it_is(tmp_path, capsys):
+    """A copied run folder continues in the copy; pretrain and train do not continue each
+    other's runs; a signal's exit status is 128 + its number."""
+    tiny = ["train", "--model", "tiny", "--batch-size", "4", "--threads", "1", "--no-progress",
+            "--set", "data.train_size=16", "--set", "data.eval_size=8", "--set",
+            "final_test=false", "--set", "time_budget_s=0", "--checkpoint-interval", "2"]
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    assert main([*tiny, "--steps", "2", "-o", str(run)]) == 0
+    shutil.copytree(run, copy)
+    before = (run / "metrics.json").read_text()
+    assert main(["train", "--resume", str(copy), "--steps", "4", "--no-progress"]) == 0
+    assert (run / "metrics.json").read_text() == before
+    assert json.loads((copy / "metrics.json").read_text())["steps"] == 4
+    assert main(["pretrain", "--resume", str(copy), "--steps", "6"]) == 2
+    assert f"{copy} holds a rec run: continue it with oneref train --resume" in \
+        capsys.readouterr().err
+    trainer = Trainer(_config(tmp_path / "term"))
+    _signal_at_step(trainer, 2, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.fit()
+    assert stopped.value.signal_number == signal.SIGTERM
+
+
+def test_loader_workers_outlive_a_signal_to_the_process_group():
+    from torch.utils.data import DataLoader
+
+    from oneref.train.interrupt import ignore_interrupts
+
+    loader = DataLoader(range(64), batch_size=4, num_workers=1, worker_init_fn=ignore_interrupts)
+    batches = iter(loader)
+    next(batches)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        os.kill(batches._workers[0].pid, number)
+    assert len(list(batches)) == 15  # the worker went on
