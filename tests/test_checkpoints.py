@@ -122,8 +122,10 @@ def test_official_oneref_checkpoint_heads_and_unexpected_keys():
     assert sorted(report.unexpected_keys) == ["logit_scale", "text_proj.weight"]
     sd = model.state_dict()
     pairs = {"rec_head.bbox_mlp.layers.2.weight": "bbox_embed.layers.2.weight",
-             "rec_head.visu_proj.bias": "visu_proj.bias", "res_head.conv2.weight": "seg_conv2.weight",
-             "res_head.bn3.running_var": "bn3.running_var", "mim_head.proj.weight": "mim_head.weight",
+             "rec_head.visu_proj.bias": "visu_proj.bias",
+             "res_head.conv2.weight": "seg_conv2.weight",
+             "res_head.bn3.running_var": "bn3.running_var",
+             "mim_head.proj.weight": "mim_head.weight",
              "sts_head.layers.2.weight": "mlm_sts_head.layers.2.weight",
              "vision_head.weight": "vision_head.weight"}
     for ours, theirs in pairs.items():
@@ -207,7 +209,8 @@ def test_infer_model_config_from_shapes():
     converted = renamed_tensors(official_state(tiny.replace(img_size=32)))
     assert infer_model_config(converted) == tiny  # the preset with this width and depth
     assert infer_model_config(converted, "tiny") == tiny
-    with pytest.raises(ValueError, match=r"does not fit preset 'base': embed_dim 64 \(preset 768\)"):
+    with pytest.raises(ValueError,
+                       match=r"does not fit preset 'base': embed_dim 64 \(preset 768\)"):
         infer_model_config(converted, "base")
     odd = renamed_tensors(official_state(tiny.replace(depth=3)))
     with pytest.raises(ValueError, match="depth 3.*no preset.*--model"):

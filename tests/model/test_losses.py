@@ -77,7 +77,8 @@ def test_rec_head_pooling_by_hand():
         head.bbox_mlp.layers[2].weight.copy_(torch.tensor([[1.0, 0], [0, 1], [1, 1], [0, 0]]))
     patches = torch.tensor([[[2.0, 0.0], [0.0, 4.0]]])
     sim = torch.tensor([[0.0, math.log(3.0)]])  # softmax -> [1/4, 3/4]
-    # pooled = [0.5, 3]; visu_proj -> [1.5, 2]; relu(I .) twice -> [1.5, 2]; last -> [1.5, 2, 3.5, 0]
+    # pooled = [0.5, 3]; visu_proj -> [1.5, 2]; relu(I .) twice -> [1.5, 2];
+    # last -> [1.5, 2, 3.5, 0]
     expected = torch.sigmoid(torch.tensor([[1.5, 2.0, 3.5, 0.0]]))
     torch.testing.assert_close(head(patches, sim), expected)
 

@@ -13,7 +13,8 @@ def batch(tiny):
 
 def test_wrong_image_size_and_channels(tiny, batch):
     images, ids, lengths, _ = batch
-    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 64, 64\).*\(2, 3, 32, 32\)"):
+    with pytest.raises(ValueError,
+                       match=r"images must have shape \(B, 3, 64, 64\).*\(2, 3, 32, 32\)"):
         tiny.encode(images[:, :, :32, :32], ids, lengths)
     with pytest.raises(ValueError, match="images must have shape"):
         tiny.encode(images[:, :1], ids, lengths)
@@ -80,7 +81,8 @@ def test_masks_boxes_labels(tiny, batch):
     mask = no_mask.clone()
     mask[:, 0] = True
     targets = torch.full((2, c.num_patches), c.mim_vocab)
-    with pytest.raises(ValueError, match=r"mim_targets at masked patches must be in \[0, mim_vocab\)"):
+    with pytest.raises(ValueError,
+                       match=r"mim_targets at masked patches must be in \[0, mim_vocab\)"):
         tiny.mim_loss(images, ids, lengths, boxes, mask, targets)
     with pytest.raises(ValueError, match="mlm_labels has no masked position"):
         tiny.mlm_loss(images, ids, lengths, boxes, torch.full_like(ids, -100))

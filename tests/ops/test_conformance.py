@@ -41,7 +41,8 @@ def test_backend_matches_reference(op, backend):
         pytest.skip("; ".join(reasons))
     case = CASES[op]
     args = case.inputs(seed=3, device=CPU, dtype=torch.float32)
-    ours_args, ref_args = (_float_leaves(args), _float_leaves(args)) if case.trains else (args, args)
+    ours_args, ref_args = ((_float_leaves(args), _float_leaves(args)) if case.trains
+                           else (args, args))
     grads_ours = [a for a in ours_args if isinstance(a, torch.Tensor) and a.requires_grad]
     grads_ref = [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad]
     out, grads = _run(OPS[op].impls[backend].load(), ours_args, grads_ours)

@@ -51,10 +51,10 @@ def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path):
     from oneref.train.config import apply_overrides, refshapes_recipe
     from oneref.train.trainer import Trainer
 
-    pretrained = OneRef.from_pretrained(tmp_path / "runs" / "referring-seed0" / "pretrain"
-                                        / "model")
+    pretrain_run = tmp_path / "runs" / "referring-seed0" / "pretrain"
+    pretrained = OneRef.from_pretrained(pretrain_run / "model")
     cfg = apply_overrides(refshapes_recipe(), [*TINY, f'output_dir="{tmp_path / "ft"}"',
-                                               f'checkpoint.init_from="{tmp_path / "runs" / "referring-seed0" / "pretrain"}"'])
+                                               f'checkpoint.init_from="{pretrain_run}"'])
     start = Trainer(cfg).model.state_dict()
     for name, value in pretrained.state_dict().items():
         torch.testing.assert_close(start[name], value, rtol=0, atol=0, msg=name)
