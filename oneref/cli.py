@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import io
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from oneref.ops.dispatch import BackendUnavailableError, current_backend
 from oneref.ops.registry import OPS
 from oneref.sources import ModelSource
 from oneref.train import config as tc
+from oneref.train.checkpoint import run_folder_of
 from oneref.train.config import command_flags
 from oneref.train.distributed import is_main, resolve_device
 from oneref.train.sts_labels import make_sts_labels
@@ -258,21 +260,19 @@ def _recipe(args, pretrain: bool, real: bool):
 
 
 def _recorded_config(args, recipe: tc.TrainConfig) -> tc.TrainConfig | None:
-    """With ``--resume``, the settings its run recorded (``train_config.json`` of the first
-    of ``-o``, the run the checkpoint path lies in, the recipe's folder that has one), onto
-    which ``--config`` and the flags apply as they would onto a recipe; None for a new
-    run."""
+    """With ``--resume``, the settings its run recorded (the ``train_config.json`` of the
+    run a named path belongs to; for ``--resume`` alone, of ``-o`` or else the recipe's
+    folder), onto which ``--config`` and the flags apply as they would onto a recipe; None
+    for a new run or a run folder without them."""
     if not args.resume:
         return None
-    folders = [Path(args.output_dir)] if args.output_dir else []
-    if args.resume != "auto":  # a step_*.pt of a run (continued into -o), or a run folder
-        named = Path(args.resume)
-        folders.append(named.parent.parent if named.parent.name == "checkpoints" else named)
-    folders.append(Path(recipe.output_dir))
-    folder = next((f for f in folders if (f / "train_config.json").is_file()), None)
-    if folder is None:
-        return None
+    if args.resume != "auto":
+        folder = run_folder_of(os.path.expanduser(args.resume))
+    else:
+        folder = Path(os.path.expanduser(args.output_dir or recipe.output_dir))
     path = folder / "train_config.json"
+    if not path.is_file():
+        return None
     try:
         recorded = tc.TrainConfig.from_dict(json.loads(path.read_text()))
     except (TypeError, ValueError) as exc:
@@ -281,9 +281,11 @@ def _recorded_config(args, recipe: tc.TrainConfig) -> tc.TrainConfig | None:
         other = "pretrain" if recorded.task == "pretrain" else "train"
         raise ValueError(f"{folder} holds a {recorded.task} run: continue it with oneref "
                          f"{other} --resume")
-    # The run continues where it is (a copied or moved folder: there, not where it began).
-    recorded = dataclasses.replace(recorded, output_dir=str(folder.resolve()))
-    return tc.load_config_file(args.config, base=recorded) if args.config else recorded
+    if args.config:
+        recorded = tc.load_config_file(args.config, base=recorded)
+    # The run continues where it is (a copied or moved folder: there, not where it began);
+    # -o, a flag, still names another.
+    return dataclasses.replace(recorded, output_dir=str(folder.resolve()))
 
 
 def _train_config(args, pretrain: bool):
@@ -355,10 +357,13 @@ def _cmd_eval(args) -> int:
 
 def _image_format(path: Path) -> str:
     """The image format PIL writes for ``path``'s suffix; ValueError for one it cannot write
-    (checked before the model is loaded)."""
+    an RGB picture in (tried on one pixel before the model is loaded)."""
     image_format = Image.registered_extensions().get(path.suffix.lower())
-    if image_format not in Image.SAVE:  # unknown, or a format PIL only reads
-        raise ValueError(f"--out {path}: cannot write {path.suffix!r} images; use .png or .jpg")
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=image_format)
+    except (KeyError, OSError, ValueError):  # unknown, read-only, or not for RGB pictures
+        raise ValueError(f"--out {path}: cannot write {path.suffix!r} images; use .png or "
+                         ".jpg") from None
     return image_format
 
 

@@ -25,6 +25,7 @@ from oneref.conversion import infer_model_config, renamed_tensors
 from oneref.config import ModelConfig
 from oneref.io import load_pth
 from oneref.model import OneRef
+from oneref.train.checkpoint import list_checkpoints
 
 __all__ = ["ModelSource", "official_preset"]
 
@@ -123,10 +124,10 @@ class ModelSource:
 
 
 def _unfinished_run_checkpoint(path: Path) -> Path | None:
-    """The newest ``checkpoints/step_*.pt`` of a run folder without a final ``model/``."""
+    """The newest step checkpoint of a run folder without a final ``model/``."""
     if not path.is_dir() or (path / "model" / CONFIG_NAME).is_file():
         return None
-    steps = sorted((path / "checkpoints").glob("step_*.pt"))  # zero-padded: sorted by step
+    steps = list_checkpoints(path / "checkpoints")
     return steps[-1] if steps else None
 
 

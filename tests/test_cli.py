@@ -175,8 +175,9 @@ def test_predict_writes_the_format_its_suffix_names(run_dir, scene_png, tmp_path
     assert Image.open(tmp_path / "drawn.jpg").format == "JPEG"
     assert main([*predict, str(tmp_path / "drawn.xyz")]) == 2
     assert "cannot write '.xyz' images; use .png or .jpg" in capsys.readouterr().err
-    assert main([*predict, str(tmp_path / "drawn.psd")]) == 2  # a format PIL only reads
-    assert "cannot write '.psd' images" in capsys.readouterr().err
+    for suffix in (".psd", ".xbm"):  # a format PIL only reads; one not for RGB pictures
+        assert main([*predict, str(tmp_path / f"drawn{suffix}")]) == 2
+        assert f"cannot write '{suffix}' images" in capsys.readouterr().err
 
 
 def test_an_unknown_option_is_named_by_its_command_with_the_closest(capsys):

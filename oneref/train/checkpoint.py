@@ -48,6 +48,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def run_folder_of(path: str | Path) -> Path:
+    """The run folder a ``--resume`` path names: itself, or the run whose checkpoints/
+    holds that step file."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == "checkpoints" else path
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Step checkpoints in ``folder``, oldest first."""
     folder = Path(folder)

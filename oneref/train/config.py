@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -445,7 +446,9 @@ class TrainConfig:
         if not self.stages:
             raise ValueError("stages must hold at least one StageConfig")
         for i, stage in enumerate(self.stages):
-            stage.validate(f"stages[{i}]")
+            stage.validate(f"stages.{i}")
+        if not self.output_dir.strip():
+            raise ValueError("output_dir must name a folder, got an empty path")
         _check_choices(self, "")
         _check_model_overrides(self.model_overrides)
         if self.init not in INIT_SCHEMES:
@@ -521,17 +524,20 @@ _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number"
                "str": "a string"}
 
 
-def _number(text: str):
-    """A number written as text (YAML 1.1 reads ``1e-4`` as a string), else the text."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
+def _number(text: str, type_name: str):
+    """A number written as text (YAML 1.1 reads ``1e-4`` as a string), else the text; an
+    int field's digits are read as an int (exact above 2**53)."""
+    for parse in ((int, float) if type_name == "int" else (float,)):
+        try:
+            return parse(text)
+        except ValueError:
+            continue
+    return text
 
 
 def _typed(value, type_name: str, key: str):
     """``value`` as a field of scalar type ``type_name`` (others pass through): an int for a
-    float field, a whole float for an int one, a number written as text for either,
+    float field, a whole float for an int one, a finite number written as text for either,
     "true"/"false" in any case for a bool (``--set compile=False``), an int or nothing (YAML
     ``~``) for a string; anything else is a ValueError naming ``key``."""
     if type_name == "bool" and isinstance(value, str) and value.lower() in ("true", "false"):
@@ -539,8 +545,9 @@ def _typed(value, type_name: str, key: str):
     if type_name == "str" and (value is None or type(value) is int):
         return "" if value is None else str(value)  # train_split=2014; init_from: ~
     if type_name in ("int", "float") and isinstance(value, str):
-        value = _number(value)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = _number(value, type_name)
+    number = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))  # NaN or inf: never a setting
     if type_name == "int" and number and float(value).is_integer():
         return int(value)
     if type_name == "float" and number:

@@ -2,7 +2,7 @@
 
 The first signal asks for a stop: the step in flight finishes, the trainer writes a
 checkpoint and raises :class:`TrainingInterrupted`, and ``--resume`` continues exactly from
-there. A second signal stops at once (``KeyboardInterrupt``, no checkpoint). Loader worker
+there. A second signal stops at once (no checkpoint). Loader worker
 processes ignore both (:func:`ignore_interrupts`), so that a Ctrl-C in the terminal or a
 scheduler's SIGTERM, which reach the whole process group, do not kill them under a step
 that is still finishing.
@@ -20,8 +20,9 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """A run stopped by a signal after writing a checkpoint; the message says how to resume.
-    ``signal_number``: the signal (the command exits with 128 + it, as the shell would)."""
+    """A run stopped by a signal; the message says whether a checkpoint was written and how
+    to resume. ``signal_number``: the signal (the command exits with 128 + it, as a shell
+    would report it)."""
 
     def __init__(self, message: str, signal_number: int = signal.SIGINT):
         super().__init__(message)
@@ -57,7 +58,8 @@ class StopRequest:
 
     def _handle(self, number: int, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt(f"second {signal.Signals(number).name}: stopped at once")
+            raise TrainingInterrupted(f"second {signal.Signals(number).name}: stopped at once, "
+                                      "without a checkpoint", signal_number=number)
         self.signal_number = number
         log.warning("%s: the current step finishes and a checkpoint is written; send it again "
                     "to stop at once", self.signal_name)

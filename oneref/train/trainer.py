@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -72,12 +73,12 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         _check_run_folder(self.run_dir, config)
         # A resume reads its checkpoint alone: the start weights are not read again.
-        self._resume_from = (self._latest_checkpoint(config.checkpoint.resume)
-                             if config.checkpoint.resume else None)
+        resume_from = (self._latest_checkpoint(config.checkpoint.resume)
+                       if config.checkpoint.resume else None)
         self.source = (ModelSource(config.checkpoint.init_from, preset=config.model,
                                    trust=config.checkpoint.trust)
-                       if config.checkpoint.init_from and self._resume_from is None else None)
-        model_config = self._model_config()
+                       if config.checkpoint.init_from and resume_from is None else None)
+        model_config = self._model_config(resume_from[1] if resume_from else None)
         t0 = time.perf_counter()
         self.text_tokenizer = load_tokenizer(data, model_config) if data.real else None
         self.train_set = self._dataset(model_config, data.train_split, train=True)
@@ -105,11 +106,11 @@ class Trainer:
         self.skipped_steps = 0
         self.elapsed_before = 0.0
         self.resumed_from: Path | None = None
-        if self._resume_from is not None:
-            self._resume(*self._resume_from)
-            self._resume_from = None  # its tensors are the model's and optimizer's now
+        if resume_from is not None:
+            self._resume(*resume_from)
         if self.main:  # once every check has passed: a failed start leaves no run folder
-            _start_run_folder(self.run_dir, fresh=not config.checkpoint.resume)
+            _start_run_folder(self.run_dir, fresh=not config.checkpoint.resume,
+                              overwrite=config.overwrite)
             write_json(self.run_dir / "train_config.json", config.to_dict())
         self.wrapped: torch.nn.Module | None = None
         self._stage_index = -1
@@ -199,12 +200,13 @@ class Trainer:
         target = self.run_dir if where in ("auto", "latest") else Path(where)
         return ckpt.load_latest(target, trust=self.config.checkpoint.trust)
 
-    def _model_config(self) -> ModelConfig:
-        """The model's shape: the start weights'; for a resumed run that began from such
-        weights, the one its checkpoint recorded; else the preset's."""
+    def _model_config(self, resumed: dict | None) -> ModelConfig:
+        """The model's shape: the start weights'; for a run resumed from ``resumed`` (its
+        checkpoint) that began from such weights, the one the checkpoint recorded; else the
+        preset's."""
         if self.source is not None:
             return self.source.config
-        recorded = self._resume_from[1].get("model_config") if self._resume_from else None
+        recorded = resumed.get("model_config") if resumed else None
         if recorded and self.config.checkpoint.init_from:
             return ModelConfig.from_dict(recorded)
         return get_config(self.config.model, **self.config.model_overrides)
@@ -221,7 +223,7 @@ class Trainer:
                              f"weights: --init-from {path} -o ANOTHER_FOLDER)")
         done, budget = int(state["step"]), self.config.time_budget_s
         ended = done >= self.plan.total_steps or 0 < budget <= float(state.get("elapsed_s", 0))
-        if ended and (self.run_dir / "metrics.json").is_file():  # else only its end is left
+        if ended and _finished_at(self.run_dir, done):  # else only its end is left to run
             raise ValueError(f"the run of {path} has already finished (step {done} of "
                              f"{self.plan.total_steps}): evaluate it with oneref eval "
                              f"--checkpoint {self.run_dir}, or continue it with more --steps, "
@@ -365,25 +367,25 @@ class Trainer:
         window = _LossWindow(t_start)
         start_step, epoch = self.step, 0
         self.losses: list[tuple[int, float]] = []
-        stopped = False
+        stopped = 0  # the signal that stopped the run, agreed by every rank
         with StopRequest() as stop:
             for span, epoch, batch in self._batches():
                 if not self._step(span, epoch, batch, window, logger, progress, t_budget):
                     break
                 # A stop asked for after the last step lets the run finish.
-                if self.step < self.plan.total_steps and self._stop_agreed(stop):
-                    self.save(epoch, time.perf_counter() - t_budget)
-                    stopped = True
-                    break
+                if self.step < self.plan.total_steps:
+                    stopped = self._stop_signal(stop)
+                    if stopped:
+                        self.save(epoch, time.perf_counter() - t_budget)
+                        break
         progress.close()
         try:
             if stopped:
                 command = "pretrain" if cfg.task == "pretrain" else "train"
                 raise TrainingInterrupted(
-                    f"{stop.signal_name or 'a signal to another rank'} at step {self.step}: "
-                    f"checkpoint written to {self.run_dir / 'checkpoints'}; continue with: "
-                    f"oneref {command} -o {self.run_dir} --resume",
-                    signal_number=stop.signal_number)
+                    f"{signal.Signals(stopped).name} at step {self.step}: checkpoint "
+                    f"written to {self.run_dir / 'checkpoints'}; continue with: oneref "
+                    f"{command} -o {self.run_dir} --resume", signal_number=stopped)
             train_seconds = time.perf_counter() - t_start
             return self._finish(logger, epoch, train_seconds, self.step - start_step,
                                 train_seconds + self.elapsed_before)
@@ -417,16 +419,17 @@ class Trainer:
             self.save(epoch, time.perf_counter() - t_budget)
         return True
 
-    def _stop_agreed(self, stop: StopRequest) -> bool:
-        """Whether a signal asked the run to stop after this step: on one process at once;
-        with several ranks, any rank's request, agreed every ``log_interval`` steps (one
-        reduction then rather than a host sync per step; torchrun kills its workers 30 s
-        after forwarding a signal, so those steps and the checkpoint must fit in that)."""
+    def _stop_signal(self, stop: StopRequest) -> int:
+        """The signal that asks the run to stop after this step, or 0: on one process at
+        once; with several ranks, any rank's (the highest number), agreed every
+        ``log_interval`` steps (one reduction then rather than a host sync per step;
+        torchrun kills its workers 30 s after forwarding a signal, so those steps and the
+        checkpoint must fit in that)."""
         if self.info.world_size == 1:
-            return stop.requested
+            return stop.signal_number or 0
         if self.step % self.config.log_interval:
-            return False
-        return bool(all_reduce_max(torch.tensor([float(stop.requested)])).item())
+            return 0
+        return int(all_reduce_max(torch.tensor([float(stop.signal_number or 0)])).item())
 
     def _log_window(self, window: "_LossWindow", logger: RunLogger, progress: "_Progress",
                     t_budget: float) -> None:
@@ -449,9 +452,9 @@ class Trainer:
     def _finish(self, logger: RunLogger, epoch: int, train_seconds: float, steps: int,
                 elapsed: float) -> dict:
         cfg = self.config
-        if cfg.checkpoint.interval == 0 or self.step % cfg.checkpoint.interval:
+        if steps and (cfg.checkpoint.interval == 0 or self.step % cfg.checkpoint.interval):
             if cfg.checkpoint.interval or cfg.checkpoint.keep_last or cfg.checkpoint.every_epoch:
-                self.save(epoch, elapsed)
+                self.save(epoch, elapsed)  # (none when resumed at the end: that one exists)
         samples = self._samples_until(self.step)
         trained = samples - self._samples_until(self.step - steps)  # by this process's run
         # train_seconds: this process's; elapsed_s: the run's, earlier processes included
@@ -490,17 +493,25 @@ _RUN_SUBFOLDERS = {"checkpoints": ("step_*.pt", "*.tmp"), "tb": ("events.out.tfe
 
 
 def _holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run that can be resumed or has finished: its recorded
-    settings, and a checkpoint or a final model."""
-    return (run_dir / "train_config.json").is_file() and (
-        any((run_dir / "checkpoints").glob("step_*.pt"))
-        or (run_dir / "model" / "config.json").is_file())
+    """Whether ``run_dir`` holds a run that can be resumed or has finished: a step
+    checkpoint, or its recorded settings and a final model."""
+    return bool(ckpt.list_checkpoints(run_dir / "checkpoints")) or (
+        (run_dir / "train_config.json").is_file() and (run_dir / "model" / "config.json").is_file())
+
+
+def _finished_at(run_dir: Path, step: int) -> bool:
+    """Whether the run in ``run_dir`` wrote its final outputs at ``step`` (a metrics.json of
+    an earlier end, before more steps were asked for, does not count)."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("steps") == step
+    except (OSError, ValueError):
+        return False
 
 
 def _check_run_folder(run_dir: Path, config: TrainConfig) -> None:
-    """``--output-dir`` can be created, and a new run (no ``--resume``) does not train over
-    another run unless ``--overwrite`` says so: its checkpoints would be resumed as this
-    run's."""
+    """``--output-dir`` can be created, and a run does not write over another one: a new
+    run (no ``--resume``) only with ``--overwrite``, a resume only into its own folder or an
+    empty one (its checkpoints would mix with the other run's)."""
     for folder in (run_dir, *run_dir.parents):  # the nearest one that exists
         if folder.exists():
             if not folder.is_dir():
@@ -508,20 +519,28 @@ def _check_run_folder(run_dir: Path, config: TrainConfig) -> None:
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise ValueError(f"--output-dir {run_dir}: {folder} is not writable")
             break
-    if not (config.checkpoint.resume or config.overwrite) and _holds_run(run_dir):
-        raise ValueError(f"{run_dir} already holds a run: continue it with --resume, start it "
-                         "afresh with --overwrite, or choose another --output-dir")
+    resume = config.checkpoint.resume
+    if resume in ("", "auto", "latest"):
+        if not (resume or config.overwrite) and _holds_run(run_dir):
+            raise ValueError(f"{run_dir} already holds a run: continue it with --resume, start "
+                             "it afresh with --overwrite, or choose another --output-dir")
+        return
+    source = ckpt.run_folder_of(resume)
+    if source.resolve() != run_dir.resolve() and _holds_run(run_dir):
+        raise ValueError(f"--resume {resume} continues the run of {source}, but --output-dir "
+                         f"{run_dir} holds another run: continue it in {source}, or into an "
+                         "empty folder")
 
 
-def _start_run_folder(run_dir: Path, fresh: bool) -> None:
-    """Create ``run_dir``; for a new run, remove what an earlier run of ours wrote there (one
-    replaced with ``--overwrite``, or one stopped before its first checkpoint). Files of
-    other names stay."""
+def _start_run_folder(run_dir: Path, fresh: bool, overwrite: bool) -> None:
+    """Create ``run_dir``; for a new run, remove what an earlier run wrote there (one
+    replaced with ``--overwrite``, or one of ours stopped before its first checkpoint).
+    Files of other names stay."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"--output-dir {run_dir}: cannot create it ({err.strerror})") from err
-    if not fresh or not (run_dir / "train_config.json").is_file():
+    if not fresh or not (overwrite or (run_dir / "train_config.json").is_file()):
         return
     outputs = [run_dir / name for name in _RUN_FILES]
     for folder, patterns in _RUN_SUBFOLDERS.items():

@@ -59,6 +59,9 @@ def test_roundtrip_and_overrides(tmp_path):
     ("stages.0.freeze_backbone=1", "stages.0.freeze_backbone must be true or false"),
     ("output_dir=true", "output_dir must be a string, got True"),
     ("model_overrides.depth=2.5", "model_overrides.depth must be an integer"),
+    ("stages.0.lr=NaN", "stages.0.lr must be a number, got nan"),
+    ("stages.0.lr=inf", "stages.0.lr must be a number, got inf"),
+    ("output_dir=", "output_dir must name a folder"),
 ])
 def test_overrides_are_checked_against_the_field_types(override, message):
     with pytest.raises(ValueError, match=message):
@@ -80,9 +83,11 @@ def test_overrides_take_the_spellings_of_their_types(tmp_path):
     with pytest.raises(ValueError, match=f"config file {path}: data.eval_size must be an int"):
         load_config_file(path)
     yaml = tmp_path / "c.yaml"  # YAML 1.1 reads 1e-4 as text, ~ as nothing
-    yaml.write_text("stages:\n  - {lr: 1e-4, steps: '5'}\ncheckpoint: {init_from: ~}\n")
+    yaml.write_text("stages:\n  - {lr: 1e-4, steps: '5'}\ncheckpoint: {init_from: ~}\n"
+                    "seed: '9007199254740993'\n")
     loaded = load_config_file(yaml)
     assert loaded.stages[0].lr == 1e-4 and loaded.stages[0].steps == 5
+    assert loaded.seed == 2 ** 53 + 1  # an int's digits read exactly
     assert loaded.checkpoint.init_from == ""
 
 
@@ -139,7 +144,7 @@ def test_sampler_shards_and_resumes():
     ("res_loss.focal_alpha=1.5", r"res_loss: focal_alpha in \[0, 1\].*got focal_alpha 1.5"),
     ("checkpoint.keep_last=-1", "keep_last must be >= 0"),
     ("dist.strategy=zero", "dist.strategy must be one of ddp, fsdp"),
-    ("stages.0.warmup_steps=-3", r"stages\[0\] \(full\).*warmup_steps"),
+    ("stages.0.warmup_steps=-3", r"stages.0 \(full\).*warmup_steps"),
 ])
 def test_every_section_validates_itself(override, message):
     with pytest.raises(ValueError, match=message):

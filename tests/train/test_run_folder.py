@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 
 import pytest
 import torch
@@ -68,9 +69,9 @@ def test_a_second_signal_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_loader_workers_leave_sigint_to_the_main_process(tmp_path):
+def test_the_training_loader_workers_leave_signals_to_the_main_process(tmp_path):
     """A Ctrl-C reaches the whole process group: the workers must not die under a step that
-    is still finishing."""
+    is still finishing (what ignore_interrupts does is tested on a live worker below)."""
     from oneref.train.data import train_loader
     from oneref.train.interrupt import ignore_interrupts
 
@@ -78,12 +79,6 @@ def test_loader_workers_leave_sigint_to_the_main_process(tmp_path):
     data = dataclasses.replace(trainer.config.data, num_workers=1)
     loader, _ = train_loader(trainer.train_set, 4, data, torch.device("cpu"), 0, 1, seed=0)
     assert loader.worker_init_fn is ignore_interrupts
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        ignore_interrupts(0)
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def test_every_epoch_saves_at_each_epoch_end(tmp_path):
@@ -258,3 +253,49 @@ def test_loader_workers_outlive_a_signal_to_the_process_group():
     for number in (signal.SIGINT, signal.SIGTERM):
         os.kill(batches._workers[0].pid, number)
     assert len(list(batches)) == 15  # the worker went on
+
+
+def test_a_rank_stops_on_a_signal_another_rank_received(tmp_path, monkeypatch):
+    """Ranks agree on the signal (the highest number any of them got): one not signalled
+    itself stops with the same one and exits with the same status."""
+    import oneref.train.trainer as trainer_module
+
+    trainer = Trainer(_config(tmp_path))
+    trainer.info = dataclasses.replace(trainer.info, world_size=2)
+    def another_rank_got_sigterm(values):  # the other reductions see one rank's values
+        if sys._getframe(1).f_code.co_name != "_stop_signal":
+            return values
+        return torch.full_like(values, float(signal.SIGTERM))
+
+    monkeypatch.setattr(trainer_module, "all_reduce_max", another_rank_got_sigterm)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 1") as stopped:
+        trainer.fit()
+    assert stopped.value.signal_number == signal.SIGTERM
+
+
+def test_a_resume_refuses_to_mix_two_runs_and_finishes_only_what_is_left(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    Trainer(_config(first, steps=2, checkpoint=CheckpointConfig(interval=1))).fit()
+    Trainer(_config(second, steps=2, checkpoint=CheckpointConfig(interval=1))).fit()
+    with pytest.raises(ValueError, match=f"--output-dir {second} holds another run"):
+        Trainer(_config(second, steps=4, checkpoint=CheckpointConfig(
+            resume=str(first / "checkpoints" / "step_00000001.pt"))))
+    # A finished run asked for more steps, stopped after its new end checkpoint but before
+    # its final outputs: the old metrics.json (2 steps) does not make it look finished.
+    more = Trainer(_config(first, steps=4, checkpoint=CheckpointConfig(interval=1,
+                                                                       resume="auto")))
+    more.fit()
+    (first / "metrics.json").write_text(json.dumps({"steps": 2}))
+    again = Trainer(_config(first, steps=4, checkpoint=CheckpointConfig(resume="auto")))
+    assert again.fit()["steps"] == 4
+    assert [p.name for p in (first / "checkpoints").glob("step_*.pt")].count(
+        "step_00000004.pt") == 1
+
+
+def test_a_folder_with_checkpoints_but_no_settings_is_a_run(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00005000.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="already holds a run"):
+        Trainer(_config(tmp_path))
+    Trainer(_config(tmp_path, overwrite=True))
+    assert not (tmp_path / "checkpoints" / "step_00005000.pt").exists()
