@@ -90,27 +90,27 @@ def decode_segmentation(record: RefRecord, height: int, width: int) -> np.ndarra
     return mask.astype(np.uint8)
 
 
-def _image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the header; ValueError naming the file."""
+def _open_image(path: str) -> Image.Image:
+    """The image file opened, its header read; ValueError naming the file when it is missing
+    or unreadable."""
     if not os.path.isfile(path):
         raise ValueError(f"image file {path!r} does not exist")
     try:
-        with Image.open(path) as image:
-            return image.size
+        return Image.open(path)
     except (OSError, UnidentifiedImageError) as err:
         raise ValueError(f"cannot read image file {path!r}: {err}") from err
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the header; ValueError naming the file."""
+    with _open_image(path) as image:
+        return image.size
 
 
 def _read_rgb(path: str) -> Image.Image:
     """The decoded RGB image; ValueError naming the file and saying whether it is missing,
     unreadable or truncated/corrupt (the header can be fine while the pixel data is not)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"image file {path!r} does not exist")
-    try:
-        handle = Image.open(path)
-    except OSError as err:
-        raise ValueError(f"cannot read image file {path!r}: {err}") from None
-    with handle:
+    with _open_image(path) as handle:
         try:
             return handle.convert("RGB")
         except (OSError, SyntaxError, EOFError, ValueError) as err:
@@ -251,10 +251,12 @@ class ReferringDataset(Dataset):
                 return candidate, self._load(self.records[candidate])
             except ValueError as err:
                 message = f"{self.name}: {err}"
-                if self.on_error == "raise" or not self.stand_in:
-                    raise RecordError(message + ("" if self.stand_in else " (an evaluation "
-                                      "set does not skip at load time: a stand-in would be "
-                                      "scored twice; fix or remove the file)")) from None
+                if self.on_error == "raise":
+                    raise RecordError(message) from None
+                if not self.stand_in:
+                    raise RecordError(f"{message} (an evaluation set does not skip at load "
+                                      "time: a stand-in would be scored twice; fix or remove "
+                                      "the file)") from None
                 self._skip(candidate, message)
         first = self.unloadable[min(self.unloadable)]
         raise RecordError(f"{self.name}: none of the {size} records loads; first: {first}")
