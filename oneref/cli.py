@@ -32,6 +32,7 @@ from PIL import Image
 from oneref.ablation import VARIANTS, AblationSettings, run_ablation, summary_markdown
 from oneref.bench import add_arguments as add_bench_arguments
 from oneref.bench import run_bench
+from oneref.checkpoints import CONFIG_NAME
 from oneref.config import PRESETS
 from oneref.eval.predict import draw_prediction, load_image, load_predictor, predict_file
 from oneref.eval.splits import evaluate_checkpoint
@@ -41,7 +42,7 @@ from oneref.ops.dispatch import BackendUnavailableError, current_backend
 from oneref.ops.registry import OPS
 from oneref.sources import ModelSource
 from oneref.train import config as tc
-from oneref.train.checkpoint import run_folder_of
+from oneref.train.checkpoint import NEWEST, run_folder_of
 from oneref.train.config import command_flags
 from oneref.train.distributed import is_main, resolve_device
 from oneref.train.sts_labels import make_sts_labels
@@ -73,7 +74,7 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
 def _absolute(value, flag: str):
     """A path flag's value made absolute (``--resume`` without a path stays ``auto``); an
     empty one (``-o "$RUN"`` with RUN unset) would mean the current folder: an error."""
-    if not isinstance(value, str) or value == "auto":
+    if not isinstance(value, str) or value in NEWEST:
         return value
     if not value.strip():
         raise ValueError(f"{flag}: empty path")
@@ -266,7 +267,7 @@ def _recorded_config(args, recipe: tc.TrainConfig) -> tc.TrainConfig | None:
     for a new run or a run folder without them."""
     if not args.resume:
         return None
-    if args.resume != "auto":
+    if args.resume not in NEWEST:
         folder = run_folder_of(os.path.expanduser(args.resume))
     else:
         folder = Path(os.path.expanduser(args.output_dir or recipe.output_dir))
@@ -403,7 +404,7 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    if (Path(args.source) / "model" / "config.json").is_file():
+    if (Path(args.source) / "model" / CONFIG_NAME).is_file():
         raise ValueError(f"{args.source} is a run folder: its model/ is a save_pretrained "
                          "folder already; convert one of its checkpoints/step_*.pt instead")
     if not Path(args.source).is_file():

@@ -48,6 +48,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+#: ``--resume`` values that mean the newest checkpoint of the run folder (``--output-dir``).
+NEWEST = ("auto", "latest")
+
+
 def run_folder_of(path: str | Path) -> Path:
     """The run folder a ``--resume`` path names: itself, or the run whose checkpoints/
     holds that step file."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from oneref import ops
+from oneref.checkpoints import CONFIG_NAME, WEIGHTS_NAME
 from oneref.config import ModelConfig, get_config
 from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
@@ -197,7 +198,7 @@ class Trainer:
 
     def _latest_checkpoint(self, where: str) -> tuple[Path, dict]:
         """The checkpoint ``--resume`` names (``auto``: the run folder's newest)."""
-        target = self.run_dir if where in ("auto", "latest") else Path(where)
+        target = self.run_dir if where in ckpt.NEWEST else Path(where)
         return ckpt.load_latest(target, trust=self.config.checkpoint.trust)
 
     def _model_config(self, resumed: dict | None) -> ModelConfig:
@@ -489,14 +490,14 @@ class Trainer:
 _RUN_FILES = ("train_config.json", "metrics.csv", "metrics.json", "curve.png", "eval.json",
               "eval.md")
 _RUN_SUBFOLDERS = {"checkpoints": ("step_*.pt", "*.tmp"), "tb": ("events.out.tfevents.*",),
-                   "model": ("config.json", "model.safetensors")}
+                   "model": (CONFIG_NAME, WEIGHTS_NAME)}
 
 
 def _holds_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run that can be resumed or has finished: a step
     checkpoint, or its recorded settings and a final model."""
     return bool(ckpt.list_checkpoints(run_dir / "checkpoints")) or (
-        (run_dir / "train_config.json").is_file() and (run_dir / "model" / "config.json").is_file())
+        (run_dir / "train_config.json").is_file() and (run_dir / "model" / CONFIG_NAME).is_file())
 
 
 def _finished_at(run_dir: Path, step: int) -> bool:
@@ -520,7 +521,7 @@ def _check_run_folder(run_dir: Path, config: TrainConfig) -> None:
                 raise ValueError(f"--output-dir {run_dir}: {folder} is not writable")
             break
     resume = config.checkpoint.resume
-    if resume in ("", "auto", "latest"):
+    if not resume or resume in ckpt.NEWEST:
         if not (resume or config.overwrite) and _holds_run(run_dir):
             raise ValueError(f"{run_dir} already holds a run: continue it with --resume, start "
                              "it afresh with --overwrite, or choose another --output-dir")
