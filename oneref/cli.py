@@ -247,7 +247,9 @@ def _data_values(args, command: str) -> dict:
 def _recipe(args, pretrain: bool, real: bool):
     """The recipe the flags choose, with ``--config FILE`` merged onto it."""
     model = args.model
-    if model is None and args.init_from:  # the recipe of the start weights' size
+    # The recipe of the start weights' size; a resume takes its run's (and does not read
+    # the start weights again).
+    if model is None and args.init_from and not args.resume:
         model = ModelSource(args.init_from, trust=bool(args.trust_checkpoint)).config.name
     if (args.recipe or ("reference" if real else "refshapes")) == "reference":
         cfg = (tc.reference_pretrain_recipe(model or "base") if pretrain
@@ -377,9 +379,12 @@ def _cmd_predict(args) -> int:
         raise ValueError("--input needs --out-dir (where predictions.jsonl and the PNGs go)")
     if args.text is not None and not args.text.strip():
         raise ValueError("--text must be a non-empty expression")
-    if args.out:
-        _image_format(Path(args.out))
-    image = load_image(args.image) if args.image else None
+    image = out = None
+    if args.image is not None:  # the drawing's file and format, checked before any loading
+        out = Path(args.out) if args.out else Path(args.image).with_name(
+            Path(args.image).stem + "_pred.png")
+        out_format = _image_format(out)
+        image = load_image(args.image)
     predictor = load_predictor(args.checkpoint, resolve_device(args.device), args.task,
                                tokenizer=args.tokenizer, preset=args.model,
                                trust=args.trust_checkpoint)
@@ -396,9 +401,7 @@ def _cmd_predict(args) -> int:
     print(f"box (x1, y1, x2, y2) pixels: {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}")
     print(f"score {pred.score:.3f} (highest patch probability)"
           + ("" if pred.mask is None else f", mask {int(pred.mask.sum())} pixels"))
-    out = Path(args.out) if args.out else Path(args.image).with_name(
-        Path(args.image).stem + "_pred.png")
-    draw_prediction(image, pred, args.text).save(out, format=_image_format(out))
+    draw_prediction(image, pred, args.text).save(out, format=out_format)
     print(f"wrote {out}")
     return 0
 

@@ -182,10 +182,13 @@ def test_a_resume_does_not_read_the_start_weights_again(tmp_path):
     _signal_at_step(trainer, 2)
     with pytest.raises(TrainingInterrupted):
         trainer.fit()
-    (start / "model.safetensors").unlink()  # moved away after the run began
+    shutil.rmtree(start)  # moved away after the run began
     resumed = Trainer(_config(run, checkpoint=CheckpointConfig(init_from=str(start),
                                                                 resume="auto")))
     assert resumed.step == 2 and resumed.source is None
+    # Nor does the command, which reads a new run's start weights for their preset.
+    assert main(["train", "-o", str(run), "--resume", "--init-from", str(start),
+                 "--no-progress"]) == 0
 
 
 def test_an_error_raised_in_a_loader_worker_reads_as_itself():
