@@ -540,6 +540,8 @@ def _typed(value, type_name: str, key: str):
     float field, a whole float for an int one, a finite number written as text for either,
     "true"/"false" in any case for a bool (``--set compile=False``), an int or nothing (YAML
     ``~``) for a string; anything else is a ValueError naming ``key``."""
+    if type_name not in _TYPE_WORDS:  # a section, a list, a mapping: built elsewhere
+        return value
     if type_name == "bool" and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if type_name == "str" and (value is None or type(value) is int):
@@ -552,8 +554,8 @@ def _typed(value, type_name: str, key: str):
         return int(value)
     if type_name == "float" and number:
         return float(value)
-    if ((type_name == "bool" and isinstance(value, bool))
-            or (type_name == "str" and isinstance(value, str)) or type_name not in _TYPE_WORDS):
+    if (type_name == "bool" and isinstance(value, bool)) or (
+            type_name == "str" and isinstance(value, str)):
         return value
     raise ValueError(f"{key} must be {_TYPE_WORDS[type_name]}, got {value!r}")
 

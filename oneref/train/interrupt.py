@@ -2,10 +2,10 @@
 
 The first signal asks for a stop: the step in flight finishes, the trainer writes a
 checkpoint and raises :class:`TrainingInterrupted`, and ``--resume`` continues exactly from
-there. A second signal stops at once (no checkpoint). Loader worker
-processes ignore both (:func:`ignore_interrupts`), so that a Ctrl-C in the terminal or a
-scheduler's SIGTERM, which reach the whole process group, do not kill them under a step
-that is still finishing.
+there. A second signal stops at once (no checkpoint). Loader worker processes ignore both
+(:func:`ignore_interrupts`), so that a Ctrl-C in the terminal or a scheduler's SIGTERM,
+which reach the whole process group, do not kill them under a step that is still
+finishing.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class StopRequest:
-    """While entered, SIGINT / SIGTERM set :attr:`signal_name` instead of stopping the
-    process; a second signal raises ``KeyboardInterrupt``. Outside the main thread (where
-    Python cannot take signals) it does nothing."""
+    """While entered, SIGINT / SIGTERM set :attr:`signal_number` instead of stopping the
+    process; a second signal raises :class:`TrainingInterrupted`. Outside the main thread
+    (where Python cannot take signals) it does nothing."""
 
     def __init__(self) -> None:
         self.signal_number: int | None = None
