@@ -22,7 +22,7 @@ def _run(cmd, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env,
                           cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     return done
 
 
@@ -39,9 +39,10 @@ def single(tmp_path_factory):
     return run
 
 
-def _two_ranks(run, port, *extra):
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-          f"--master_port={port}", "-m", "oneref.cli", *COMMON, "--batch-size", "4",
+def _two_ranks(run, *extra):
+    """torchrun on a free local port (``--standalone``), so parallel runs do not collide."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+          "-m", "oneref.cli", *COMMON, "--batch-size", "4",
           "-o", str(run), *extra], run.parent)
 
 
@@ -58,7 +59,7 @@ def _assert_same_run(two_ranks, single):
 
 @pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path, single):
-    _two_ranks(tmp_path / "ddp", 29533)
+    _two_ranks(tmp_path / "ddp")
     _assert_same_run(tmp_path / "ddp", single)
 
 
@@ -66,7 +67,7 @@ def test_two_ranks_match_one_process(tmp_path, single):
 def test_fsdp_matches_one_process_and_resumes(tmp_path, single):
     run = tmp_path / "fsdp"
     fsdp = ["--set", "dist.strategy=fsdp", "--set", "checkpoint.interval=2"]
-    _two_ranks(run, 29534, *fsdp)
+    _two_ranks(run, *fsdp)
     _assert_same_run(run, single)
     weights = load_file(run / "model" / "model.safetensors")
     reference = load_file(single / "model" / "model.safetensors")
@@ -77,5 +78,5 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, single):
 
     # Lose the last checkpoint and the tail of the log, then resume from step 2.
     (run / "checkpoints" / "step_00000004.pt").unlink()
-    _two_ranks(run, 29535, *fsdp, "--resume", "auto")
+    _two_ranks(run, *fsdp, "--resume", "auto")
     _assert_same_run(run, single)
