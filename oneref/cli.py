@@ -40,7 +40,7 @@ from oneref.info import info
 from oneref.model import OneRef
 from oneref.ops.dispatch import BackendUnavailableError, current_backend
 from oneref.ops.registry import OPS
-from oneref.sources import ModelSource
+from oneref.sources import ModelSource, preset_of
 from oneref.train import config as tc
 from oneref.train.checkpoint import NEWEST, run_folder_of
 from oneref.train.config import command_flags
@@ -125,7 +125,8 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oneref", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback behind an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("train", help="REC/RES fine-tuning (default: REC on RefShapes, small)",
                        description="Train REC or RES. Default: REC on RefShapes, small preset.")
@@ -227,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmark suite: the paper-style cost table and the "
                                    "engine rows (a)-(e); CPU mode on machines without a GPU.")
     add_bench_arguments(p)
+    for command_parser in sub.choices.values():  # -v after the command too; unset keeps the top's
+        command_parser.add_argument("-v", "--verbose", action="store_true",
+                                    default=argparse.SUPPRESS, help="debug logging, and the "
+                                    "traceback behind an error")
     return parser
 
 
@@ -250,7 +255,7 @@ def _recipe(args, pretrain: bool, real: bool):
     # The recipe of the start weights' size; a resume takes its run's (and does not read
     # the start weights again).
     if model is None and args.init_from and not args.resume:
-        model = ModelSource(args.init_from, trust=bool(args.trust_checkpoint)).config.name
+        model = preset_of(args.init_from, trust=bool(args.trust_checkpoint))
     if (args.recipe or ("reference" if real else "refshapes")) == "reference":
         cfg = (tc.reference_pretrain_recipe(model or "base") if pretrain
                else tc.reference_recipe(model or "base"))

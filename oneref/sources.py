@@ -27,18 +27,21 @@ from oneref.io import load_pth
 from oneref.model import OneRef
 from oneref.train.checkpoint import list_checkpoints
 
-__all__ = ["ModelSource", "official_preset"]
+__all__ = ["ModelSource", "preset_of"]
 
 log = logging.getLogger(__name__)
 
 
-def official_preset(path: str | Path, trust: bool = False) -> str:
-    """The preset name whose shape an official ``.pth`` has (ValueError when none)."""
-    return ModelSource(path, trust=trust).config.name
+def preset_of(path: str | Path, trust: bool = False) -> str:
+    """The preset name of the model ``path`` holds (an official ``.pth``: the one its shapes
+    match, else ValueError). Quiet: the load that follows names a stopped run's checkpoint."""
+    return ModelSource(path, trust=trust, quiet=True).config.name
 
 
 class ModelSource:
     """Where a model comes from; :attr:`config` is known before :meth:`build` loads weights.
+    A run folder without a final model stands for its newest step checkpoint, with a warning
+    (none when ``quiet``).
 
     Attributes:
         kind: ``run``, ``pretrained``, ``step`` (a training checkpoint) or ``official``.
@@ -47,7 +50,8 @@ class ModelSource:
         report: the :class:`LoadReport` of an official file after :meth:`build`, else None.
     """
 
-    def __init__(self, path: str | Path, preset: str | None = None, trust: bool = False):
+    def __init__(self, path: str | Path, preset: str | None = None, trust: bool = False,
+                 quiet: bool = False):
         self.path = Path(path)
         if not self.path.exists():
             raise ValueError(f"checkpoint {self.path} does not exist (a run folder, a "
@@ -57,8 +61,9 @@ class ModelSource:
         self._state = None
         newest = _unfinished_run_checkpoint(self.path)
         if newest is not None:
-            log.warning("%s has no final model (a stopped run): using its newest checkpoint %s",
-                        self.path, newest.name)
+            if not quiet:
+                log.warning("%s has no final model (a stopped run): using its newest "
+                            "checkpoint %s", self.path, newest.name)
             self.path = newest
         if self.path.is_file():
             loaded = load_pth(self.path, trust=trust)

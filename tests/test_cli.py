@@ -192,6 +192,18 @@ def test_an_unknown_option_is_named_by_its_command_with_the_closest(capsys):
            "--checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["-v", "convert"], ["convert", "-v"]])
+def test_verbose_before_or_after_the_command_prints_the_traceback(argv, tmp_path, capsys):
+    missing = str(tmp_path / "missing.pth")
+    assert main([*argv, missing, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.rstrip().endswith(f"oneref convert: error: {missing} is not a file (an official "
+                                 ".pth or a training checkpoint step_*.pt is expected)")
+    assert main(["convert", missing, str(tmp_path / "out")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_predict_bad_inputs(run_dir, scene_png, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
