@@ -318,6 +318,11 @@ def _cmd_train(args, pretrain: bool = False) -> int:
         print(trainer.load_report.summary(cfg.checkpoint.init_from))
     if trainer.resumed_from is not None and is_main():
         print(f"resumed from {trainer.resumed_from} at step {trainer.step}")
+    if len(trainer.plan.spans) > 1 and is_main():  # --steps and --epochs set the last one
+        print("stages: " + ", ".join(
+            f"{span.index} ({span.stage.name}) {span.steps} steps" + (
+                " with the backbone frozen" if span.stage.freeze_backbone else "")
+            for span in trainer.plan.spans))
     results = trainer.fit()
     if not is_main():
         return 0

@@ -318,3 +318,19 @@ def test_pretrain_recipe_is_a_budgeted_mrefm_run():
     assert cfg.task == "pretrain" and cfg.time_budget_s > 0 and cfg.pretrain.vts
     assert cfg.pretrain.masking == "referring"
     assert cfg.data.train_size == refshapes_recipe().data.train_size
+
+
+def test_a_budget_that_ends_before_the_last_stage_is_warned_about(tmp_path, capsys, caplog):
+    stages = [{"name": "frozen", "steps": 3, "lr": 1e-3, "batch_size": 4,
+               "freeze_backbone": True}, {"name": "full", "steps": 2, "lr": 1e-3,
+                                          "batch_size": 4}]
+    assert main(["train", "--model", "tiny", "--threads", "1", "--no-progress", "--set",
+                 "data.train_size=16", "--set", "data.eval_size=8", "--set", "final_test=false",
+                 "--set", f"stages={json.dumps(stages)}", "--time-budget", "1e-9",
+                 "-o", str(tmp_path / "run")]) == 0
+    assert "stages: 0 (frozen) 3 steps with the backbone frozen, 1 (full) 2 steps" in \
+        capsys.readouterr().out
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "the time budget of 1e-09 s ran out in stage 0 (frozen) after 0 steps: stage(s) full "
+        "never ran; give a larger --time-budget or shorten this stage (--set "
+        "stages.0.epochs=N)"]

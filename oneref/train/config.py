@@ -428,8 +428,10 @@ class TrainConfig:
     # learning rate. Such runs are not step-for-step reproducible (resume continues, but not
     # bit-exactly).
     time_budget_s: float = _option(0.0, "--time-budget", metavar="SECONDS",
-                                   help="wall-clock budget of the training loop in seconds "
-                                        "(0: off)")
+                                   help="wall-clock budget of the whole training loop in "
+                                        "seconds (0: off); the last stage's cosine follows it, "
+                                        "and it may run out before a later stage starts (a "
+                                        "warning says so)")
     #: Evaluate on ``data.test_split`` at the end (and print the colour-guess baseline).
     final_test: bool = True
     on_nan: str = _option("raise", "--on-nan", choices=("raise", "skip"),

@@ -118,6 +118,7 @@ def plot_curve(rows: list[dict], path: str | Path, title: str = "") -> Path | No
     if train:
         ax.plot([int(r["step"]) for r in train], [float(r["loss"]) for r in train],
                 color="tab:blue", lw=1.2, label="train loss")
+        ax.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -130,7 +131,6 @@ def plot_curve(rows: list[dict], path: str | Path, title: str = "") -> Path | No
         ax2.set_ylabel(f"val {metric}")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="center right")
-    ax.legend(loc="upper right")
     ax.set_title(title)
     fig.tight_layout()
     path = Path(path)

@@ -404,8 +404,16 @@ class Trainer:
             self._apply_stage(span.index)
         frac = self._budget_fraction(t_budget)
         if frac is not None and frac >= 1.0:
-            log.info("time budget of %.0f s used after %d steps: stopping",
-                     cfg.time_budget_s, self.step)
+            later = [s.stage.name for s in self.plan.spans[span.index + 1:]]
+            if later:  # the final model is not what the recipe is for: say so
+                log.warning("the time budget of %g s ran out in stage %d (%s) after %d "
+                            "steps: stage(s) %s never ran; give a larger --time-budget or "
+                            "shorten this stage (--set stages.%d.epochs=N)",
+                            cfg.time_budget_s, span.index, span.stage.name, self.step,
+                            ", ".join(later), span.index)
+            else:
+                log.info("time budget of %.0f s used after %d steps: stopping",
+                         cfg.time_budget_s, self.step)
             return False
         set_lr(self.optimizer, self.plan.lr_at(self.step, frac))
         window.add(self._train_step(batch), span.stage.batch_size * self.info.world_size)
