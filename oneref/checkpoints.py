@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from oneref.config import ModelConfig
@@ -159,10 +159,15 @@ def read_pretrained(directory, map_location="cpu"
             config = ModelConfig.from_dict(json.load(fh))
         except (json.JSONDecodeError, TypeError) as err:
             raise ValueError(f"{str(config_path)!r} is not a valid model config: {err}") from err
-    with safe_open(str(weights), framework="pt") as fh:
-        heads_meta = (fh.metadata() or {}).get("heads")
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            heads_meta = (fh.metadata() or {}).get("heads")
+        state = load_file(str(weights), device=str(map_location))
+    except SafetensorError as err:  # truncated or not safetensors at all
+        raise ValueError(f"cannot read {str(weights)!r} (damaged or not a safetensors "
+                         f"file): {err}") from None
     heads = tuple(h for h in heads_meta.split(",") if h) if heads_meta is not None else None
-    return config, heads, load_file(str(weights), device=str(map_location))
+    return config, heads, state
 
 
 def load_pretrained_state(model, state: Mapping[str, torch.Tensor], directory) -> None:

@@ -54,6 +54,10 @@ def test_load_pretrained_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"shape mismatch.*\(1, 1, 64\).*\(1, 1, 32\)"):
         OneRef.from_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(ValueError, match=f"cannot read '{weights}' \\(damaged or not a "):
+        OneRef.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("prefix", ["beit3.", ""], ids=["prefixed", "bare"])

@@ -226,6 +226,11 @@ def test_train_bad_config_file(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["train", "--config", str(bad)]) == 2
     assert "bad.json" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert f"error: config file {bad} is not valid YAML: while parsing" in \
+        capsys.readouterr().err
 
 
 def test_backend_setting_that_cannot_run_is_an_error_before_training(tmp_path, monkeypatch,

@@ -654,7 +654,11 @@ def load_config_file(path: str | Path, base: TrainConfig | None = None) -> Train
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ValueError(f"config file {path}: reading YAML needs PyYAML "
                              "(pip install pyyaml), or use JSON") from exc
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: "
+                             f"{' '.join(str(exc).split())}") from exc
     elif path.suffix == ".json":
         try:
             values = json.loads(text)
