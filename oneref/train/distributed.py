@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "shutdown", "seed_everything", "wrap_model",
            "shard_model", "gathered", "full_state", "load_full_state", "unwrap", "is_main",
-           "barrier", "all_reduce_mean", "all_reduce_max", "resolve_device"]
+           "barrier", "all_reduce_mean", "all_reduce_max", "average_batch_norm_stats",
+           "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +199,19 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= dist.get_world_size()
     return values
+
+
+def average_batch_norm_stats(module: torch.nn.Module) -> None:
+    """Average the BatchNorm running statistics (the RES head's) over ranks, in place.
+
+    Each rank's training forwards update its own copy (DDP broadcasts rank 0's only at the
+    start of a forward; FSDP not at all), so without this each rank would evaluate with
+    other statistics than the model rank 0 saves. Called before every evaluation and
+    checkpoint, so a resumed run continues from the same state as an unbroken one."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    for norm in module.modules():
+        if isinstance(norm, norms) and norm.running_mean is not None:
+            for stats in (norm.running_mean, norm.running_var):
+                stats.copy_(all_reduce_mean(stats))

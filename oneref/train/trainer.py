@@ -34,9 +34,9 @@ from oneref.train import checkpoint as ckpt
 from oneref.train.config import TrainConfig
 from oneref.train.data import (build_dataset, check_data, eval_loader, load_tokenizer,
                                train_loader)
-from oneref.train.distributed import (all_reduce_max, all_reduce_mean, barrier, full_state,
-                                      gathered, init_distributed, load_full_state,
-                                      seed_everything, unwrap)
+from oneref.train.distributed import (all_reduce_max, all_reduce_mean,
+                                      average_batch_norm_stats, barrier, full_state, gathered,
+                                      init_distributed, load_full_state, seed_everything, unwrap)
 from oneref.train.features import apply_features
 from oneref.train.init import initialise
 from oneref.train.interrupt import StopRequest, TrainingInterrupted
@@ -166,7 +166,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self, epoch: int, elapsed: float) -> dict:
-        """Everything a resume needs (a collective under FSDP: call it on every rank)."""
+        """Everything a resume needs (a collective: call it on every rank)."""
+        average_batch_norm_stats(self.task_module)
         model_state, optim_state = full_state(self.model, self.optimizer)
         state = {
             "model": model_state,
@@ -327,7 +328,8 @@ class Trainer:
         return False
 
     def evaluate(self, split: str) -> dict[str, float]:
-        """Task metrics on ``split`` (reduced over ranks)."""
+        """Task metrics on ``split`` (reduced over ranks; a collective)."""
+        average_batch_norm_stats(self.task_module)
         dataset = self.eval_set if split == self.config.data.eval_split else \
             self._dataset(self.model.config, split)
         loader = eval_loader(dataset, self.config.data, self.device, self.info.rank,
@@ -483,6 +485,7 @@ class Trainer:
                 logger.log(self.step, results[cfg.data.test_split], split="test")
                 if not cfg.data.real:
                     results["colour_guess"] = self._colour_guess(cfg.data.test_split)
+        average_batch_norm_stats(self.task_module)  # what every rank evaluated (pretrain: none)
         weights = full_state(self.model)[0] if self.fsdp else None
         if self.main:
             unwrap(self.model).save_pretrained(self.run_dir / "model", weights)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from oneref.train.distributed import average_batch_norm_stats
+
 COMMON = ["train", "--model", "tiny", "--steps", "4", "--lr", "0.002", "--train-size", "32",
           "--threads", "1", "--no-progress", "--device", "cpu", "--time-budget", "0",
           "--set", "data.eval_size=12", "--set", "final_test=false", "--set", "log_interval=1",
@@ -80,3 +82,30 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, single):
     (run / "checkpoints" / "step_00000004.pt").unlink()
     _two_ranks(run, *fsdp, "--resume", "auto")
     _assert_same_run(run, single)
+
+
+
+def _average_on_rank(rank: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=2)
+    torch.manual_seed(rank)
+    head = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    head[1].running_mean.fill_(rank + 1.0)
+    head[1].running_var.fill_(2.0 * (rank + 1))
+    average_batch_norm_stats(head)
+    torch.save(head.state_dict(), f"{out}/{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_batch_norm_statistics_are_averaged_over_ranks(tmp_path):
+    """Each rank's BatchNorm statistics (the RES head's) become the ranks' mean, so every
+    rank evaluates the model rank 0 saves; nothing else is touched."""
+    torch.multiprocessing.spawn(_average_on_rank, args=(str(tmp_path / "init"), str(tmp_path)),
+                                nprocs=2)
+    states = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    for state in states:
+        assert torch.equal(state["1.running_mean"], torch.full((4,), 1.5))
+        assert torch.equal(state["1.running_var"], torch.full((4,), 3.0))
+        assert state["1.num_batches_tracked"] == 0
+    assert not torch.equal(states[0]["0.weight"], states[1]["0.weight"])
