@@ -172,8 +172,9 @@ def resolve(dataset: str, split: str, data_root: str, split_root: str = "",
     return SplitSource(dataset, split, image_dirs, split_file=path)
 
 
-def _check_images(source: SplitSource, records: list[RefRecord]) -> None:
-    """One ValueError per image folder that is missing or lacks files the records name."""
+def _check_images(source: SplitSource, records: list[RefRecord], on_error: str) -> None:
+    """One ValueError per image folder that is missing or, unless ``on_error`` is ``skip``
+    (the dataset then skips and counts their records), lacks files the records name."""
     by_source: dict[str, set[str]] = {}
     for record in records:
         by_source.setdefault(record.source, set()).add(record.image_file)
@@ -187,7 +188,7 @@ def _check_images(source: SplitSource, records: list[RefRecord]) -> None:
                              f"{source.name} names {len(files)} {collection} images "
                              f"(expected {{data_root}}/{IMAGE_DIRS[collection]})")
         missing = sorted(f for f in files if not os.path.isfile(os.path.join(folder, f)))
-        if missing:
+        if missing and on_error != "skip":
             raise ValueError(f"image folder {folder} lacks {len(missing)} of the {len(files)} "
                              f"images {source.name} names (first: {missing[0]})")
 
@@ -206,7 +207,7 @@ def build_split(source: SplitSource, tokenizer: Tokenizer, img_size: int, max_te
     records = source.records(on_error, trust)
     if not records:
         raise ValueError(f"{source.name}: no records in split {source.split!r}")
-    _check_images(source, records)
+    _check_images(source, records, on_error)
     if use_masks:
         with_masks = sum(r.polygons is not None or r.rle is not None for r in records)
         if with_masks == 0:

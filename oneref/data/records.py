@@ -68,7 +68,7 @@ class ErrorPolicy:
             raise RecordError(message)
         self.skipped += 1
         if self.first is None:
-            self.first = message
+            self.first = f"{where}: {problem}"
 
     def report(self) -> None:
         if self.skipped:

@@ -199,16 +199,21 @@ def test_data_errors_name_the_path(realdata, tmp_path, capsys, flags, message):
     assert not (tmp_path / "run" / "model").exists()  # stopped before any model was built
 
 
-def test_missing_images_and_unknown_split(realdata, tmp_path, capsys):
+def test_missing_images_and_unknown_split(realdata, tmp_path, capsys, caplog):
     image = realdata.images / COCO_IMAGE.replace("000000000001", "000000000002")
     moved = tmp_path / "moved.jpg"
     image.rename(moved)
     try:
         assert _train(realdata, tmp_path, *realdata.flags("unc")) == 2
+        err = capsys.readouterr().err
+        assert "lacks 1 of the 4 images" in err and "COCO_train2014_000000000002.jpg" in err
+        # skip drops and counts the records of a missing image, as those of a bad box
+        assert _train(realdata, tmp_path, *realdata.flags("unc"), "--set",
+                      "data.on_error=skip", "--set", "stages.0.steps=1", "--batch-size", "1") == 0
     finally:
         moved.rename(image)
-    err = capsys.readouterr().err
-    assert "lacks 1 of the 4 images" in err and "COCO_train2014_000000000002.jpg" in err
+    skipped = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert skipped and all(f"image file '{image}' does not exist" in m for m in skipped)
     assert main(["eval", "--checkpoint", str(realdata.oneref), *realdata.flags("unc"),
                  "--split", "val,bogus", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
