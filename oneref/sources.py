@@ -105,9 +105,13 @@ class ModelSource:
     def task_for(self, requested: str | None) -> str:
         """The head to run: ``requested``, else the one the run trained (else REC). A head
         the run never trained is an error: REC's in a RES run without a box loss
-        (``res_loss.rec_weight`` 0), RES's in a REC run."""
+        (``res_loss.rec_weight`` 0), RES's in a REC run, either in a pre-training run."""
         trained = self.train_config.get("task")
-        if trained not in ("rec", "res"):  # an official file, a pre-training run
+        if trained == "pretrain":
+            raise ValueError(f"{self.path} is an MRefM pre-training run: its REC and RES heads "
+                             f"never trained (fine-tune it first: oneref train --init-from "
+                             f"{self.path})")
+        if trained not in ("rec", "res"):  # an official file: its heads are not known
             return requested or "rec"
         box_loss = self.train_config.get("res_loss", {}).get("rec_weight", 0) > 0
         if requested and requested != trained and not (requested == "rec" and box_loss):

@@ -166,6 +166,11 @@ def test_predict_res_draws_mask(run_dir, scene_png, tmp_path, capsys):
     recorded["res_loss"]["rec_weight"] = 1.0  # the RefShapes RES recipe trains boxes too
     (res_run / "train_config.json").write_text(json.dumps({**recorded, "task": "res"}))
     assert main([*predict[:-1], "--task", "rec", "--checkpoint", str(res_run)]) == 0
+    (res_run / "train_config.json").write_text(json.dumps({**recorded, "task": "pretrain"}))
+    assert main([*predict, str(res_run)]) == 2  # no head of a pre-training run trained
+    assert main(["eval", "--checkpoint", str(res_run), "--size", "8"]) == 2
+    assert capsys.readouterr().err.count(f"{res_run} is an MRefM pre-training run: its REC and "
+                                         "RES heads never trained (fine-tune it first") == 2
 
 
 def test_predict_writes_the_format_its_suffix_names(run_dir, scene_png, tmp_path, capsys):
