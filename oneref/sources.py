@@ -25,7 +25,7 @@ from oneref.conversion import infer_model_config, renamed_tensors
 from oneref.config import ModelConfig
 from oneref.io import load_pth
 from oneref.model import OneRef
-from oneref.train.checkpoint import list_checkpoints
+from oneref.train.checkpoint import list_checkpoints, load_latest
 
 __all__ = ["ModelSource", "preset_of"]
 
@@ -59,14 +59,15 @@ class ModelSource:
         self.train_config: dict = {}
         self.report: LoadReport | None = None
         self._state = None
-        newest = _unfinished_run_checkpoint(self.path)
-        if newest is not None:
+        loaded = None
+        if _stopped_run(self.path):  # its newest readable checkpoint
+            newest, loaded = load_latest(self.path, trust=trust, flag=f"stopped run {path}")
             if not quiet:
                 log.warning("%s has no final model (a stopped run): using its newest "
                             "checkpoint %s", self.path, newest.name)
             self.path = newest
         if self.path.is_file():
-            loaded = load_pth(self.path, trust=trust)
+            loaded = load_pth(self.path, trust=trust) if loaded is None else loaded
             if isinstance(loaded, dict) and "model_config" in loaded and "model" in loaded:
                 self.kind, self._state = "step", loaded["model"]
                 self.config = ModelConfig.from_dict(loaded["model_config"])
@@ -132,12 +133,10 @@ class ModelSource:
         return model
 
 
-def _unfinished_run_checkpoint(path: Path) -> Path | None:
-    """The newest step checkpoint of a run folder without a final ``model/``."""
-    if not path.is_dir() or (path / "model" / CONFIG_NAME).is_file():
-        return None
-    steps = list_checkpoints(path / "checkpoints")
-    return steps[-1] if steps else None
+def _stopped_run(path: Path) -> bool:
+    """A run folder with step checkpoints and no final ``model/``."""
+    return (path.is_dir() and not (path / "model" / CONFIG_NAME).is_file()
+            and bool(list_checkpoints(path / "checkpoints")))
 
 
 def _read_config(path: Path) -> ModelConfig:

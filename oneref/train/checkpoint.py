@@ -80,18 +80,19 @@ def save_checkpoint(folder: str | Path, step: int, payload: dict, keep_last: int
     return path
 
 
-def load_latest(path: str | Path, trust: bool = False) -> tuple[Path, dict]:
+def load_latest(path: str | Path, trust: bool = False, flag: str = "--resume"
+                ) -> tuple[Path, dict]:
     """The newest readable checkpoint at ``path`` (a checkpoint file, or a run folder) and
     its contents. Newer files that cannot be read (torn by a crash, say) are skipped with a
-    warning naming each and why; ValueError when none is readable."""
+    warning naming each and why; ValueError, starting with ``flag``, when none is readable."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"--resume: {path} does not exist (a run folder or a step_*.pt "
+        raise ValueError(f"{flag}: {path} does not exist (a run folder or a step_*.pt "
                          "checkpoint is expected)")
     candidates = [path] if path.is_file() else (list_checkpoints(path / "checkpoints")
                                                or list_checkpoints(path))[::-1]
     if not candidates:
-        raise ValueError(f"--resume: no checkpoint found in {path} (looked for "
+        raise ValueError(f"{flag}: no checkpoint found in {path} (looked for "
                          f"checkpoints/step_*.pt)")
     problems = []
     for candidate in candidates:
@@ -104,9 +105,9 @@ def load_latest(path: str | Path, trust: bool = False) -> tuple[Path, dict]:
             log.warning("skipping unreadable checkpoint %s: %s", candidate, err)
             continue
         if problems:
-            log.warning("resuming from %s, the newest readable checkpoint", candidate)
+            log.warning("using %s, the newest readable checkpoint", candidate)
         return candidate, state
-    raise ValueError(f"--resume: no readable checkpoint in {path}: " + "; ".join(problems))
+    raise ValueError(f"{flag}: no readable checkpoint in {path}: " + "; ".join(problems))
 
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> dict:

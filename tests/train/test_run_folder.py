@@ -144,9 +144,9 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
 
 def test_stopped_runs_rerun_resume_elsewhere_and_evaluate(tmp_path, capsys, caplog):
     """A run stopped before its first checkpoint is started again by the same command; one
-    stopped later is evaluated from its newest checkpoint (named once as a start point) and
-    continued into another folder with its own settings; --overwrite keeps files it did not
-    write."""
+    stopped later is evaluated from its newest readable checkpoint (named once as a start
+    point) and continued into another folder with its own settings; --overwrite keeps files
+    it did not write."""
     tiny = ["train", "--model", "tiny", "--batch-size", "4", "--threads", "1", "--no-progress",
             "--set", "data.train_size=16", "--set", "data.eval_size=8", "--set",
             "final_test=false", "--set", "time_budget_s=0", "--checkpoint-interval", "2"]
@@ -169,6 +169,12 @@ def test_stopped_runs_rerun_resume_elsewhere_and_evaluate(tmp_path, capsys, capl
     assert [r.getMessage() for r in caplog.records if "no final model" in r.getMessage()] == [
         f"{run} has no final model (a stopped run): using its newest checkpoint "
         "step_00000003.pt"]
+    newest = run / "checkpoints" / "step_00000003.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn: the one before stands in
+    caplog.clear()
+    assert main(["eval", "--checkpoint", str(run), "--split", "val", "--size", "8"]) == 0
+    assert f"skipping unreadable checkpoint {newest}" in caplog.text
+    assert "using its newest checkpoint step_00000002.pt" in caplog.text
     fork = tmp_path / "fork"  # the run's settings (tiny, 16 samples) come with its checkpoint
     assert main(["train", "-o", str(fork), "--resume",
                  str(run / "checkpoints" / "step_00000002.pt"), "--no-progress"]) == 0
