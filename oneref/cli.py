@@ -407,8 +407,11 @@ def _cmd_predict(args) -> int:
               f"{result['predictions']}")
         return 0
     pred = predictor.predict(image, args.text)
-    x1, y1, x2, y2 = pred.box_xyxy
-    print(f"box (x1, y1, x2, y2) pixels: {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}")
+    if pred.empty:
+        print("box: none (the mask is empty)")
+    else:
+        x1, y1, x2, y2 = pred.box_xyxy
+        print(f"box (x1, y1, x2, y2) pixels: {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}")
     print(f"score {pred.score:.3f} (highest patch probability)"
           + ("" if pred.mask is None else f", mask {int(pred.mask.sum())} pixels"))
     draw_prediction(image, pred, args.text).save(out, format=out_format)

@@ -41,10 +41,14 @@ class Prediction:
     score: float
     mask: np.ndarray | None = None
 
+    @property
+    def empty(self) -> bool:
+        """A RES prediction whose mask covers no pixel: it has no box."""
+        return self.mask is not None and not self.mask.any()
+
     def to_json(self) -> dict:
         """The box (None for an empty RES mask), score and mask area (RES)."""
-        empty = self.mask is not None and not self.mask.any()
-        out = {"box_xyxy": None if empty else [round(v, 2) for v in self.box_xyxy],
+        out = {"box_xyxy": None if self.empty else [round(v, 2) for v in self.box_xyxy],
                "score": round(self.score, 4)}
         if self.mask is not None:
             out["mask_area"] = int(self.mask.sum())
@@ -170,13 +174,14 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu",
 def draw_prediction(image: Image.Image, pred: Prediction, text: str = "") -> Image.Image:
     """Copy of ``image`` with the mask (translucent) and the box drawn, the text on top."""
     canvas = image.convert("RGBA")
-    if pred.mask is not None and pred.mask.any():
+    if pred.mask is not None and not pred.empty:
         overlay = np.zeros((*pred.mask.shape, 4), np.uint8)
         overlay[pred.mask] = (255, 40, 40, 110)
         canvas = Image.alpha_composite(canvas, Image.fromarray(overlay, "RGBA"))
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(max(image.size) / 128))
-    draw.rectangle(pred.box_xyxy, outline=(255, 0, 0, 255), width=width)
+    if not pred.empty:
+        draw.rectangle(pred.box_xyxy, outline=(255, 0, 0, 255), width=width)
     if text:
         draw.text((3, 2), text, fill=(0, 0, 0, 255))
     return canvas.convert("RGB")

@@ -564,7 +564,7 @@ def _typed(value, type_name: str, key: str):
 
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
-        raise TypeError(f"config section {where or '<root>'} must be a mapping, got "
+        raise TypeError(f"config section {where.rstrip('.') or '<root>'} must be a mapping, got "
                         f"{type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))

@@ -46,7 +46,10 @@ def load_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
     if not data.tokenizer:
         raise ValueError(f"dataset {data.dataset!r} needs a sentencepiece model: pass "
                          f"--tokenizer beit3.spm (data.tokenizer)")
-    return Tokenizer(data.tokenizer).check_fits(model.vocab_size)
+    try:
+        return Tokenizer(data.tokenizer).check_fits(model.vocab_size)
+    except ValueError as err:  # the recorded path of a resumed or evaluated run, say
+        raise ValueError(f"--tokenizer: {err}") from None
 
 
 def split_source(data: DataConfig, split: str) -> layout.SplitSource:

@@ -126,7 +126,7 @@ class Trainer:
 
     def _build_model(self, model_config):
         if self.source is None:
-            if self.config.data.real and not self.config.checkpoint.resume:
+            if self.main and self.config.data.real and not self.config.checkpoint.resume:
                 frozen = any(stage.freeze_backbone for stage in self.config.stages)
                 log.warning("training on %s from randomly initialised weights (init=%s)%s: the "
                             "recipes start from pre-trained ones (--init-from "

@@ -36,6 +36,8 @@ def test_roundtrip_and_overrides(tmp_path):
         apply_overrides(cfg, ["optim.grad_clip"])
     with pytest.raises(ValueError, match="task must be"):
         apply_overrides(cfg, ["task=detect"])
+    with pytest.raises(TypeError, match="config section optim must be a mapping, got list"):
+        apply_overrides(cfg, ["optim=[1]"])
     path = tmp_path / "c.yaml"
     path.write_text("task: res\nstages:\n  - {steps: 5, lr: 0.01, batch_size: 4}\n"
                     "optim: {weight_decay: 0.05}\n")
