@@ -19,7 +19,7 @@ import torch
 
 from oneref.io import atomic_write, load_pth
 
-__all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_latest",
+__all__ = ["rng_state", "set_rng_state", "checkpoint_path", "save_checkpoint", "load_latest",
            "load_checkpoint", "list_checkpoints"]
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,15 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_path(folder: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives in ``folder``."""
+    return Path(folder) / f"step_{step:08d}.pt"
+
+
 def save_checkpoint(folder: str | Path, step: int, payload: dict, keep_last: int = 0) -> Path:
     """Write ``payload`` as ``folder/step_{step:08d}.pt``; delete all but the newest
     ``keep_last`` (0 keeps all)."""
-    path = Path(folder) / f"step_{step:08d}.pt"
+    path = checkpoint_path(folder, step)
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
     if keep_last > 0:
         for old in list_checkpoints(folder)[:-keep_last]:

@@ -460,6 +460,18 @@ class Trainer:
         return sum(min(max(step - s.start, 0), s.steps) * s.stage.batch_size
                    for s in self.plan.spans) * self.info.world_size
 
+    def _final_evaluation(self, results: dict, logger: RunLogger) -> None:
+        """The end-of-run metrics: the validation split, and with ``final_test`` the test
+        split (RefShapes: with the colour-guess baseline), into ``results`` and the log."""
+        cfg = self.config
+        results[cfg.data.eval_split] = self.evaluate(cfg.data.eval_split)
+        logger.log(self.step, results[cfg.data.eval_split], split="val")
+        if cfg.final_test:
+            results[cfg.data.test_split] = self.evaluate(cfg.data.test_split)
+            logger.log(self.step, results[cfg.data.test_split], split="test")
+            if not cfg.data.real:
+                results["colour_guess"] = self._colour_guess(cfg.data.test_split)
+
     def _finish(self, logger: RunLogger, epoch: int, train_seconds: float, steps: int,
                 elapsed: float) -> dict:
         cfg = self.config
@@ -478,13 +490,14 @@ class Trainer:
         if self.losses:
             results["final_loss"] = self.losses[-1][1]
         if cfg.task != "pretrain":
-            results[cfg.data.eval_split] = self.evaluate(cfg.data.eval_split)
-            logger.log(self.step, results[cfg.data.eval_split], split="val")
-            if cfg.final_test:
-                results[cfg.data.test_split] = self.evaluate(cfg.data.test_split)
-                logger.log(self.step, results[cfg.data.test_split], split="test")
-                if not cfg.data.real:
-                    results["colour_guess"] = self._colour_guess(cfg.data.test_split)
+            try:
+                self._final_evaluation(results, logger)
+            except ValueError as err:  # bad data in an evaluation split, found only now
+                saved = ckpt.checkpoint_path(self.run_dir / "checkpoints", self.step)
+                then = (f"fix it and run the same command with --resume to evaluate and finish"
+                        if saved.is_file() else "no checkpoint of it was kept")
+                raise ValueError(f"{err} (training itself finished at step {self.step}; "
+                                 f"{then})") from err
         average_batch_norm_stats(self.task_module)  # what every rank evaluated (pretrain: none)
         weights = full_state(self.model)[0] if self.fsdp else None
         if self.main:

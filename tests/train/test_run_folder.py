@@ -315,3 +315,24 @@ def test_a_folder_with_checkpoints_but_no_settings_is_a_run(tmp_path):
         Trainer(_config(tmp_path))
     Trainer(_config(tmp_path, overwrite=True))
     assert not (tmp_path / "checkpoints" / "step_00005000.pt").exists()
+
+
+def test_a_final_evaluation_that_fails_says_the_training_finished(tmp_path, monkeypatch):
+    """Bad data in an evaluation split, found only at the end, leaves a checkpoint of the
+    last step; the error says so and how to finish the run from it."""
+    trainer = Trainer(_config(tmp_path / "run", steps=2,
+                              checkpoint=CheckpointConfig(interval=2, keep_last=0)))
+
+    def unreadable(split):
+        raise ValueError(f"{split}: record 3: image file 'x.jpg' is truncated or corrupt")
+
+    monkeypatch.setattr(trainer, "evaluate", unreadable)
+    with pytest.raises(ValueError) as caught:
+        trainer.fit()
+    assert str(caught.value) == (
+        "val: record 3: image file 'x.jpg' is truncated or corrupt (training itself finished "
+        "at step 2; fix it and run the same command with --resume to evaluate and finish)")
+    monkeypatch.undo()
+    resumed = Trainer(_config(tmp_path / "run", steps=2,
+                              checkpoint=CheckpointConfig(resume="auto", keep_last=0)))
+    assert resumed.step == 2 and resumed.fit()["val"]["n"] == 8
