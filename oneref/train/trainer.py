@@ -494,7 +494,7 @@ class Trainer:
                 self._final_evaluation(results, logger)
             except ValueError as err:  # bad data in an evaluation split, found only now
                 saved = ckpt.checkpoint_path(self.run_dir / "checkpoints", self.step)
-                then = (f"fix it and run the same command with --resume to evaluate and finish"
+                then = ("fix it and run the same command with --resume to evaluate and finish"
                         if saved.is_file() else "no checkpoint of it was kept")
                 raise ValueError(f"{err} (training itself finished at step {self.step}; "
                                  f"{then})") from err
