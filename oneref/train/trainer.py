@@ -230,6 +230,10 @@ class Trainer:
                              f"{self.plan.total_steps}): evaluate it with oneref eval "
                              f"--checkpoint {self.run_dir}, or continue it with more --steps, "
                              "--epochs or --time-budget")
+        if done > self.plan.total_steps:  # fewer --steps than the checkpoint has taken
+            log.warning("%s is at step %d, past the %d steps of this plan: nothing is left to "
+                        "train, the run only finishes (evaluation, final model)", path, done,
+                        self.plan.total_steps)
         changes = [c for c in self.config.changes_from(state.get("config", {}))
                    if not c.startswith(("checkpoint.resume", "overwrite", "output_dir"))]
         if changes:  # e.g. a recipe default that changed since the run started

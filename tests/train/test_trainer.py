@@ -178,3 +178,14 @@ def test_features_are_logged_and_a_dropped_one_says_why(tmp_path, caplog):
     assert "grad checkpointing on -> single process -> compile off" in caplog.text
     trainer._apply_stage(0)
     assert trainer.wrapped is trainer.task_module  # nothing to wrap in one process
+
+
+def test_resuming_past_the_plan_only_finishes_and_says_so(tmp_path, caplog):
+    Trainer(_config(tmp_path / "run", steps=4,
+                    checkpoint=CheckpointConfig(interval=4, keep_last=0))).fit()
+    step4 = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
+    shorter = Trainer(_config(tmp_path / "fork", steps=2,
+                              checkpoint=CheckpointConfig(resume=str(step4), keep_last=0)))
+    assert f"{step4} is at step 4, past the 2 steps of this plan: nothing is left to train" \
+        in caplog.text
+    assert shorter.fit()["steps"] == 4
