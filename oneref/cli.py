@@ -520,6 +520,10 @@ def _own_message(exc: BaseException) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+#: Commands that do not split their work over torchrun's ranks.
+_ONE_PROCESS = ("predict", "convert", "sts-labels")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -534,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                 "info": _cmd_info, "bench": _cmd_bench, "ablate": _cmd_ablate,
                 "sts-labels": _cmd_sts_labels}
     try:
+        if command in _ONE_PROCESS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("runs in one process (every rank would do the whole job and "
+                             "write the same files): run it without torchrun")
         return handlers[command](args)
     except (ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as exc:
         if args.verbose:  # where it was raised, for a report

@@ -344,3 +344,14 @@ def test_a_budget_that_ends_before_the_last_stage_is_warned_about(tmp_path, caps
         "the time budget of 1e-09 s ran out in stage 0 (frozen) after 0 steps: stage(s) full "
         "never ran; give a larger --time-budget or shorten this stage (--set "
         "stages.0.epochs=N)"]
+
+
+@pytest.mark.parametrize("command", ["predict", "convert", "sts-labels"])
+def test_one_process_commands_refuse_torchrun(command, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    arguments = {"predict": ["--checkpoint", "x", "--image", "x.png", "--text", "x"],
+                 "convert": ["x.pth", "out"], "sts-labels": ["--teacher", "x", "--out", "y"]}
+    assert main([command, *arguments[command]]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"oneref {command}: error: runs in one process (every rank would do the whole job and "
+        "write the same files): run it without torchrun")
