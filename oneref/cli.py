@@ -34,6 +34,7 @@ from oneref.bench import add_arguments as add_bench_arguments
 from oneref.bench import run_bench
 from oneref.checkpoints import CONFIG_NAME
 from oneref.config import PRESETS
+from oneref.data.records import own_message
 from oneref.eval.predict import draw_prediction, load_image, load_predictor, predict_file
 from oneref.eval.splits import evaluate_checkpoint
 from oneref.info import info
@@ -51,6 +52,7 @@ from oneref.train.trainer import Trainer
 __all__ = ["main", "build_parser"]
 
 _DATA_GROUP = "data (real-data layout: docs/data.md)"
+_VERBOSE_HELP = "debug logging, and the traceback behind an error"
 
 
 def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
@@ -125,8 +127,7 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oneref", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging, and the traceback behind an error")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("train", help="REC/RES fine-tuning (default: REC on RefShapes, small)",
                        description="Train REC or RES. Default: REC on RefShapes, small preset.")
@@ -230,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     for command_parser in sub.choices.values():  # -v after the command too; unset keeps the top's
         command_parser.add_argument("-v", "--verbose", action="store_true",
-                                    default=argparse.SUPPRESS, help="debug logging, and the "
-                                    "traceback behind an error")
+                                    default=argparse.SUPPRESS, help=_VERBOSE_HELP)
     return parser
 
 
@@ -510,18 +510,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     parser.error(f"unrecognized arguments: {' '.join(hints)}")
 
 
-def _own_message(exc: BaseException) -> str:
-    """The error's message; one a DataLoader worker raised comes back holding the worker's
-    traceback, of which the last line is the error itself."""
-    text = str(exc)
-    if "Original Traceback" not in text:
-        return text
-    last = text.rstrip().splitlines()[-1]  # "module.ErrorType: message"
-    return last.split(": ", 1)[1] if ": " in last else last
-
-
 #: Commands that do not split their work over torchrun's ranks.
-_ONE_PROCESS = ("predict", "convert", "sts-labels")
+_ONE_PROCESS = ("predict", "convert", "sts-labels", "ablate", "bench")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as exc:
         if args.verbose:  # where it was raised, for a report
             traceback.print_exc()
-        print(f"oneref {command}: error: {_own_message(exc)}", file=sys.stderr)
+        print(f"oneref {command}: error: {own_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # a training run says where it stopped (TrainingInterrupted)
         print(f"oneref {command}: interrupted" + (f": {exc}" if str(exc) else ""),

@@ -40,8 +40,8 @@ def preset_of(path: str | Path, trust: bool = False) -> str:
 
 class ModelSource:
     """Where a model comes from; :attr:`config` is known before :meth:`build` loads weights.
-    A run folder without a final model stands for its newest step checkpoint, with a warning
-    (none when ``quiet``).
+    A run folder without a final model stands for its newest readable step checkpoint, with
+    a warning (none when ``quiet``).
 
     Attributes:
         kind: ``run``, ``pretrained``, ``step`` (a training checkpoint) or ``official``.
@@ -61,9 +61,10 @@ class ModelSource:
         self._state = None
         loaded = None
         if _stopped_run(self.path):  # its newest readable checkpoint
-            newest, loaded = load_latest(self.path, trust=trust, flag=f"stopped run {path}")
+            newest, loaded = load_latest(self.path, trust=trust, flag="stopped run",
+                                         quiet=quiet)
             if not quiet:
-                log.warning("%s has no final model (a stopped run): using its newest "
+                log.warning("%s has no final model (a stopped run): using its newest readable "
                             "checkpoint %s", self.path, newest.name)
             self.path = newest
         if self.path.is_file():

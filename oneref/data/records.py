@@ -16,13 +16,23 @@ from typing import Any
 import numpy as np
 
 __all__ = ["RefRecord", "ErrorPolicy", "RecordError", "parse_box", "check_polygons",
-           "check_phrase", "check_box_inside", "check_sts_labels"]
+           "check_phrase", "check_box_inside", "check_sts_labels", "own_message"]
 
 log = logging.getLogger(__name__)
 
 
 class RecordError(ValueError):
     """A malformed record; the message names the file, the record and the problem."""
+
+
+def own_message(exc: BaseException) -> str:
+    """The error's message; one a DataLoader worker raised comes back holding the worker's
+    traceback, of which the last line is the error itself."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]  # "module.ErrorType: message"
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 @dataclass

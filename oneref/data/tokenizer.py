@@ -13,7 +13,7 @@ import os
 import sentencepiece as spm
 import torch
 
-__all__ = ["Tokenizer"]
+__all__ = ["Tokenizer", "open_tokenizer"]
 
 
 class Tokenizer:
@@ -125,3 +125,12 @@ class Tokenizer:
             else:
                 out.append(starts[w])
         return out
+
+
+def open_tokenizer(model_path: str | os.PathLike) -> Tokenizer:
+    """:class:`Tokenizer` of the file ``--tokenizer`` (or a run's recorded setting) names;
+    its errors name the flag."""
+    try:
+        return Tokenizer(model_path)
+    except ValueError as err:
+        raise ValueError(f"--tokenizer: {err}") from None

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from oneref.data.synthetic import refshapes_tokenizer
-from oneref.data.tokenizer import Tokenizer
+from oneref.data.tokenizer import Tokenizer, open_tokenizer
 from oneref.data.transforms import Example, TestTransform
 from oneref.sources import ModelSource
 
@@ -149,10 +149,10 @@ class Predictor:
 
 def _tokenizer(source: ModelSource, path: str | None) -> Tokenizer:
     if path:
-        return Tokenizer(path)
+        return open_tokenizer(path)
     data = source.train_config.get("data", {})
     if data.get("tokenizer"):
-        return Tokenizer(data["tokenizer"])
+        return open_tokenizer(data["tokenizer"])
     if source.train_config and data.get("dataset", "refshapes") == "refshapes":
         return refshapes_tokenizer()
     raise ValueError(f"{source.path}: no tokenizer is recorded with this model; pass "

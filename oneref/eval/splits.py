@@ -10,6 +10,7 @@ of it for a checkpoint path (``oneref eval``).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -129,7 +130,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
     applied; writes eval.json / eval.md to ``out`` (default: the run folder, else the
     current folder). Under ``torchrun`` every rank evaluates its shard and rank 0 reports;
     other ranks get None."""
-    source = ModelSource(checkpoint, preset=preset, trust=trust)
+    # torchrun's RANK: the process group starts once the files are checked
+    source = ModelSource(checkpoint, preset=preset, trust=trust,
+                         quiet=os.environ.get("RANK", "0") != "0")
     data = recorded_data(source.train_config, data_changes or {}, eval_batch_size=batch_size)
     if size is not None:
         data = dataclasses.replace(data, eval_size=size, test_size=size)

@@ -85,11 +85,12 @@ def save_checkpoint(folder: str | Path, step: int, payload: dict, keep_last: int
     return path
 
 
-def load_latest(path: str | Path, trust: bool = False, flag: str = "--resume"
-                ) -> tuple[Path, dict]:
+def load_latest(path: str | Path, trust: bool = False, flag: str = "--resume",
+                quiet: bool = False) -> tuple[Path, dict]:
     """The newest readable checkpoint at ``path`` (a checkpoint file, or a run folder) and
     its contents. Newer files that cannot be read (torn by a crash, say) are skipped with a
-    warning naming each and why; ValueError, starting with ``flag``, when none is readable."""
+    warning naming each and why (none when ``quiet``); ValueError, starting with ``flag``,
+    when none is readable."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{flag}: {path} does not exist (a run folder or a step_*.pt "
@@ -107,9 +108,10 @@ def load_latest(path: str | Path, trust: bool = False, flag: str = "--resume"
             if "pickles" in str(err):  # readable, but only if trusted: the user decides
                 raise
             problems.append(f"{candidate.name}: {err}")
-            log.warning("skipping unreadable checkpoint %s: %s", candidate, err)
+            if not quiet:
+                log.warning("skipping unreadable checkpoint %s: %s", candidate, err)
             continue
-        if problems:
+        if problems and not quiet:
             log.warning("using %s, the newest readable checkpoint", candidate)
         return candidate, state
     raise ValueError(f"{flag}: no readable checkpoint in {path}: " + "; ".join(problems))

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from oneref.config import ModelConfig
 from oneref.data import collate, layout
 from oneref.data.synthetic import RefShapes
-from oneref.data.tokenizer import Tokenizer
+from oneref.data.tokenizer import Tokenizer, open_tokenizer
 from oneref.sts import load_refshapes_labels
 from oneref.train.config import DataConfig, TrainConfig
 from oneref.train.interrupt import ignore_interrupts
@@ -46,10 +46,7 @@ def load_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
     if not data.tokenizer:
         raise ValueError(f"dataset {data.dataset!r} needs a sentencepiece model: pass "
                          f"--tokenizer beit3.spm (data.tokenizer)")
-    try:
-        return Tokenizer(data.tokenizer).check_fits(model.vocab_size)
-    except ValueError as err:  # the recorded path of a resumed or evaluated run, say
-        raise ValueError(f"--tokenizer: {err}") from None
+    return open_tokenizer(data.tokenizer).check_fits(model.vocab_size)
 
 
 def split_source(data: DataConfig, split: str) -> layout.SplitSource:

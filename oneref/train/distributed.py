@@ -210,7 +210,8 @@ def average_batch_norm_stats(module: torch.nn.Module) -> None:
     checkpoint, so a resumed run continues from the same state as an unbroken one."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+             torch.nn.SyncBatchNorm)
     for norm in module.modules():
         if isinstance(norm, norms) and norm.running_mean is not None:
             for stats in (norm.running_mean, norm.running_var):

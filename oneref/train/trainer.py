@@ -24,6 +24,7 @@ import torch
 from oneref import ops
 from oneref.checkpoints import CONFIG_NAME, WEIGHTS_NAME
 from oneref.config import ModelConfig, get_config
+from oneref.data.records import own_message
 from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
 from oneref.io import write_json
@@ -77,7 +78,7 @@ class Trainer:
         resume_from = (self._latest_checkpoint(config.checkpoint.resume)
                        if config.checkpoint.resume else None)
         self.source = (ModelSource(config.checkpoint.init_from, preset=config.model,
-                                   trust=config.checkpoint.trust)
+                                   trust=config.checkpoint.trust, quiet=not self.main)
                        if config.checkpoint.init_from and resume_from is None else None)
         model_config = self._model_config(resume_from[1] if resume_from else None)
         t0 = time.perf_counter()
@@ -230,9 +231,9 @@ class Trainer:
                              f"{self.plan.total_steps}): evaluate it with oneref eval "
                              f"--checkpoint {self.run_dir}, or continue it with more --steps, "
                              "--epochs or --time-budget")
-        if done > self.plan.total_steps:  # fewer --steps than the checkpoint has taken
+        if done > self.plan.total_steps and self.main:  # fewer --steps than it has taken
             log.warning("%s is at step %d, past the %d steps of this plan: nothing is left to "
-                        "train, the run only finishes (evaluation, final model)", path, done,
+                        "train, the run only writes its final outputs", path, done,
                         self.plan.total_steps)
         changes = [c for c in self.config.changes_from(state.get("config", {}))
                    if not c.startswith(("checkpoint.resume", "overwrite", "output_dir"))]
@@ -406,21 +407,12 @@ class Trainer:
         ``checkpoint.every_epoch``). False, with no step taken, once the time budget is
         used up."""
         cfg = self.config
-        if span.index != self._stage_index:
-            self._apply_stage(span.index)
         frac = self._budget_fraction(t_budget)
         if frac is not None and frac >= 1.0:
-            later = [s.stage.name for s in self.plan.spans[span.index + 1:]]
-            if later:  # the final model is not what the recipe is for: say so
-                log.warning("the time budget of %g s ran out in stage %d (%s) after %d "
-                            "steps: stage(s) %s never ran; give a larger --time-budget or "
-                            "shorten this stage (--set stages.%d.epochs=N)",
-                            cfg.time_budget_s, span.index, span.stage.name, self.step,
-                            ", ".join(later), span.index)
-            else:
-                log.info("time budget of %.0f s used after %d steps: stopping",
-                         cfg.time_budget_s, self.step)
+            self._report_budget_end()
             return False
+        if span.index != self._stage_index:
+            self._apply_stage(span.index)
         set_lr(self.optimizer, self.plan.lr_at(self.step, frac))
         window.add(self._train_step(batch), span.stage.batch_size * self.info.world_size)
         self.step += 1  # a skipped step still consumed its batch
@@ -433,6 +425,24 @@ class Trainer:
         if epoch_end or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
             self.save(epoch, time.perf_counter() - t_budget)
         return True
+
+    def _report_budget_end(self) -> None:
+        """Log the end of the time budget; a warning when stages never ran (the final model
+        is then not what the recipe is for), with the stage to shorten."""
+        never = [span for span in self.plan.spans if span.start >= self.step]
+        if not never:
+            log.info("time budget of %g s used after %d steps: stopping",
+                     self.config.time_budget_s, self.step)
+            return
+        hint = "give a larger --time-budget"
+        if self.step > 0:
+            last = self.plan.locate(self.step - 1)[0]
+            field = "steps" if last.stage.steps > 0 else "epochs"
+            hint += f" or shorten stage {last.index} (--set stages.{last.index}.{field}=N)"
+        if self.main:
+            log.warning("the time budget of %g s ran out after %d steps: stage(s) %s never "
+                        "ran; %s", self.config.time_budget_s, self.step,
+                        ", ".join(f"{span.index} ({span.stage.name})" for span in never), hint)
 
     def _stop_signal(self, stop: StopRequest) -> int:
         """The signal that asks the run to stop after this step, or 0: on one process at
@@ -498,11 +508,11 @@ class Trainer:
                 self._final_evaluation(results, logger)
             except ValueError as err:  # bad data in an evaluation split, found only now
                 saved = ckpt.checkpoint_path(self.run_dir / "checkpoints", self.step)
-                then = ("fix it and run the same command with --resume to evaluate and finish"
-                        if saved.is_file() else "no checkpoint of it was kept")
-                raise ValueError(f"{err} (training itself finished at step {self.step}; "
-                                 f"{then})") from err
-        average_batch_norm_stats(self.task_module)  # what every rank evaluated (pretrain: none)
+                then = (f"fix it, then evaluate and finish with: oneref train -o "
+                        f"{self.run_dir} --resume" if saved.is_file()
+                        else "no checkpoint of it was kept")
+                raise ValueError(f"{own_message(err)} (training itself finished at step "
+                                 f"{self.step}; {then})") from err
         weights = full_state(self.model)[0] if self.fsdp else None
         if self.main:
             unwrap(self.model).save_pretrained(self.run_dir / "model", weights)

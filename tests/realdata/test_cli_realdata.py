@@ -238,6 +238,11 @@ def test_predict_needs_a_tokenizer_for_official_files(realdata, capsys):
     assert main(["predict", "--checkpoint", str(realdata.oneref), "--image",
                  str(realdata.images / COCO_IMAGE), "--text", "a man"]) == 2
     assert "pass --tokenizer" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(realdata.oneref), "--image",
+                 str(realdata.images / COCO_IMAGE), "--text", "a man", "--tokenizer",
+                 "gone.model"]) == 2
+    assert "error: --tokenizer: sentencepiece model 'gone.model' does not exist" in \
+        capsys.readouterr().err
     assert main(["predict", "--checkpoint", str(realdata.oneref), "--input", "x.jsonl"]) == 2
     assert "--input needs --out-dir" in capsys.readouterr().err
 

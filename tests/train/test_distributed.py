@@ -84,7 +84,6 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, single):
     _assert_same_run(run, single)
 
 
-
 def _average_on_rank(rank: int, init_file: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=2)

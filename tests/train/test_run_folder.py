@@ -167,14 +167,22 @@ def test_stopped_runs_rerun_resume_elsewhere_and_evaluate(tmp_path, capsys, capl
     child = [*tiny[3:], "--steps", "1", "--init-from", str(run), "-o", str(tmp_path / "a")]
     assert main(["train", *child]) == 0  # its preset (tiny) read from the run
     assert [r.getMessage() for r in caplog.records if "no final model" in r.getMessage()] == [
-        f"{run} has no final model (a stopped run): using its newest checkpoint "
+        f"{run} has no final model (a stopped run): using its newest readable checkpoint "
         "step_00000003.pt"]
     newest = run / "checkpoints" / "step_00000003.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # torn: the one before stands in
     caplog.clear()
     assert main(["eval", "--checkpoint", str(run), "--split", "val", "--size", "8"]) == 0
     assert f"skipping unreadable checkpoint {newest}" in caplog.text
-    assert "using its newest checkpoint step_00000002.pt" in caplog.text
+    assert "using its newest readable checkpoint step_00000002.pt" in caplog.text
+    caplog.clear()
+    assert main(["train", *child[:-1], str(tmp_path / "b")]) == 0  # one warning each
+    skipped, *others = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert skipped.startswith(f"skipping unreadable checkpoint {newest}: ")
+    assert others == [
+        f"using {run / 'checkpoints' / 'step_00000002.pt'}, the newest readable checkpoint",
+        f"{run} has no final model (a stopped run): using its newest readable checkpoint "
+        "step_00000002.pt"]
     fork = tmp_path / "fork"  # the run's settings (tiny, 16 samples) come with its checkpoint
     assert main(["train", "-o", str(fork), "--resume",
                  str(run / "checkpoints" / "step_00000002.pt"), "--no-progress"]) == 0
@@ -207,7 +215,7 @@ def test_a_resume_does_not_read_the_start_weights_again(tmp_path):
 def test_an_error_raised_in_a_loader_worker_reads_as_itself():
     from torch.utils.data import DataLoader
 
-    from oneref.cli import _own_message
+    from oneref.data.records import own_message
 
     class Broken(torch.utils.data.Dataset):
         def __len__(self):
@@ -219,7 +227,7 @@ def test_an_error_raised_in_a_loader_worker_reads_as_itself():
     with pytest.raises(ValueError) as caught:
         next(iter(DataLoader(Broken(), num_workers=1)))
     assert "Original Traceback" in str(caught.value)
-    assert _own_message(caught.value) == "split.pth: record 0: image file 'a.jpg' is truncated"
+    assert own_message(caught.value) == "split.pth: record 0: image file 'a.jpg' is truncated"
 
 
 def test_a_signal_at_the_last_step_lets_the_run_finish_and_an_unfinished_end_resumes(tmp_path):
@@ -317,22 +325,28 @@ def test_a_folder_with_checkpoints_but_no_settings_is_a_run(tmp_path):
     assert not (tmp_path / "checkpoints" / "step_00005000.pt").exists()
 
 
-def test_a_final_evaluation_that_fails_says_the_training_finished(tmp_path, monkeypatch):
-    """Bad data in an evaluation split, found only at the end, leaves a checkpoint of the
-    last step; the error says so and how to finish the run from it."""
-    trainer = Trainer(_config(tmp_path / "run", steps=2,
-                              checkpoint=CheckpointConfig(interval=2, keep_last=0)))
+def test_a_final_evaluation_that_fails_says_the_training_finished(tmp_path):
+    """Bad data in an evaluation split, found only at the end (in a loader worker), leaves a
+    checkpoint of the last step; the error is itself, and says how to finish the run."""
+    config = _config(tmp_path / "run", steps=2,
+                     checkpoint=CheckpointConfig(interval=2, keep_last=0))
+    trainer = Trainer(dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                           num_workers=1)))
 
-    def unreadable(split):
-        raise ValueError(f"{split}: record 3: image file 'x.jpg' is truncated or corrupt")
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
 
-    monkeypatch.setattr(trainer, "evaluate", unreadable)
+        def __getitem__(self, index):
+            raise ValueError(f"val: record {index}: image file 'x.jpg' is truncated or corrupt")
+
+    trainer.eval_set = Unreadable()
     with pytest.raises(ValueError) as caught:
         trainer.fit()
     assert str(caught.value) == (
-        "val: record 3: image file 'x.jpg' is truncated or corrupt (training itself finished "
-        "at step 2; fix it and run the same command with --resume to evaluate and finish)")
-    monkeypatch.undo()
+        "val: record 0: image file 'x.jpg' is truncated or corrupt (training itself finished "
+        f"at step 2; fix it, then evaluate and finish with: oneref train -o {tmp_path / 'run'} "
+        "--resume)")
     resumed = Trainer(_config(tmp_path / "run", steps=2,
                               checkpoint=CheckpointConfig(resume="auto", keep_last=0)))
     assert resumed.step == 2 and resumed.fit()["val"]["n"] == 8

@@ -1,6 +1,7 @@
 """Training loop on the tiny preset: a step learns, checkpoints resume exactly."""
 
 import csv
+import dataclasses
 import os
 
 import pytest
@@ -189,3 +190,40 @@ def test_resuming_past_the_plan_only_finishes_and_says_so(tmp_path, caplog):
     assert f"{step4} is at step 4, past the 2 steps of this plan: nothing is left to train" \
         in caplog.text
     assert shorter.fit()["steps"] == 4
+
+
+def test_a_budget_end_names_the_stages_that_never_ran_and_the_one_to_shorten(tmp_path, caplog):
+    trainer = Trainer(dataclasses.replace(_config(tmp_path), stages=[
+        StageConfig(name="frozen", steps=2, lr=1e-3, batch_size=4, freeze_backbone=True),
+        StageConfig(name="full", epochs=1, lr=1e-3, batch_size=4)]))
+    trainer.step = 2  # out of time before the first step of the second stage
+    trainer._report_budget_end()
+    trainer.step = 5  # in the last stage: the budget ends the run as planned
+    trainer._report_budget_end()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "the time budget of 0 s ran out after 2 steps: stage(s) 1 (full) never ran; give a "
+        "larger --time-budget or shorten stage 0 (--set stages.0.steps=N)"]
+
+
+def test_batch_norm_statistics_are_averaged_before_each_evaluation_and_save(tmp_path,
+                                                                            monkeypatch):
+    """With several ranks each rank's BatchNorm statistics differ; the trainer averages them
+    (a collective on every rank) right before every evaluation and checkpoint."""
+    from oneref.train import trainer as module
+
+    events = []
+
+    def recorded(name, function):
+        def call(*args, **kwargs):
+            events.append(name)
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(module, "average_batch_norm_stats", recorded("average", lambda m: None))
+    monkeypatch.setattr(module, "evaluate", recorded("evaluate", module.evaluate))
+    monkeypatch.setattr(module.ckpt, "save_checkpoint",
+                        recorded("save", module.ckpt.save_checkpoint))
+    Trainer(_config(tmp_path, steps=4, eval_interval=2,
+                    checkpoint=CheckpointConfig(interval=2, keep_last=0))).fit()
+    assert events.count("save") == 2 and events.count("evaluate") == 3  # steps 2, 4; the end
+    assert all(events[i - 1] == "average" for i, e in enumerate(events) if e != "average")
