@@ -218,7 +218,8 @@ def predict_file(predictor: Predictor, input_path: str | Path, out_dir: str | Pa
     into ``out_dir``.
 
     A bad line (not JSON, missing keys, empty text) or a bad image is logged with its line
-    number and skipped, or raises ValueError with ``on_error="raise"``. Image paths are
+    number and skipped, or raises ValueError with ``on_error="raise"`` (a bad line before any
+    output is written). Image paths are
     relative to the input file's folder unless absolute. Returns counts and the output path.
     """
     if on_error not in ("raise", "skip"):
@@ -227,6 +228,9 @@ def predict_file(predictor: Predictor, input_path: str | Path, out_dir: str | Pa
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     input_path, out_dir = Path(input_path), Path(out_dir)
     pairs = _read_pairs(input_path)
+    bad = next(((number, item) for number, item in pairs if isinstance(item, str)), None)
+    if on_error == "raise" and bad is not None:  # before any output is written
+        raise ValueError(f"{input_path}:{bad[0]}: {bad[1]}")
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / "predictions.jsonl"
     skipped: list[str] = []

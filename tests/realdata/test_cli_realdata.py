@@ -115,6 +115,7 @@ def test_predict_json_lines(trained, realdata):
     assert main(["predict", "--checkpoint", str(run), "--input", str(work / "pairs.jsonl"),
                  "--out-dir", str(work / "strict"), "--on-error", "raise", "--device",
                  "cpu"]) == 2
+    assert not (work / "strict").exists()  # a bad line is found before anything is written
 
 
 def test_convert_official_oneref_checkpoint(realdata, tmp_path):
