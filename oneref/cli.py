@@ -126,7 +126,8 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="oneref", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="oneref", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("train", help="REC/RES fine-tuning (default: REC on RefShapes, small)",
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "engine rows (a)-(e); CPU mode on machines without a GPU.")
     add_bench_arguments(p)
     for command_parser in sub.choices.values():  # -v after the command too; unset keeps the top's
+        command_parser.allow_abbrev = False  # --init is not --init-from: named as unknown
         command_parser.add_argument("-v", "--verbose", action="store_true",
                                     default=argparse.SUPPRESS, help=_VERBOSE_HELP)
     return parser
@@ -532,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("runs in one process (every rank would do the whole job and "
                              "write the same files): run it without torchrun")
         return handlers[command](args)
-    except (ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as exc:
+    except (ValueError, TypeError, OSError, BackendUnavailableError) as exc:
         if args.verbose:  # where it was raised, for a report
             traceback.print_exc()
         print(f"oneref {command}: error: {own_message(exc)}", file=sys.stderr)

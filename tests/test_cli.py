@@ -195,6 +195,9 @@ def test_an_unknown_option_is_named_by_its_command_with_the_closest(capsys):
         main(["eval", "--chekpoint", "x"])
     assert "oneref eval: error: unrecognized arguments: --chekpoint (did you mean " \
            "--checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a prefix is not taken for the longer flag
+        main(["train", "--init", "scratch"])
+    assert "unrecognized arguments: --init (did you mean --init-from" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["-v", "convert"], ["convert", "-v"]])

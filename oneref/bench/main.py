@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from oneref.bench.cost import CostSettings, add_ratios, iter_cost_rows
+from oneref.bench.engines import ENGINES
 from oneref.bench.kernels import ATTENTION_OPS, iter_kernel_rows
 from oneref.bench.loader import iter_loader_rows
 from oneref.bench.roofline import (against_prediction, against_prediction_markdown,
@@ -275,17 +276,26 @@ def _parts(paths: list[str]):
     """``(name, results)`` of each file: a results.json, or a list of them (the GPU check's
     parts.json, which it rewrites after each part so that a killed run keeps its rows)."""
     for path in paths:
-        data = json.loads(Path(path).read_text())
-        if isinstance(data, list):
-            yield from ((f"{path}[{i}]", part) for i, part in enumerate(data))
-        else:
-            yield path, data
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"--merge {path}: cannot read it ({type(e).__name__}: {e})") from e
+        parts = ([(f"{path}[{i}]", part) for i, part in enumerate(data)]
+                 if isinstance(data, list) else [(path, data)])
+        for name, part in parts:
+            if not (isinstance(part, dict) and "environment" in part  # rows: names, not dicts
+                    and all(isinstance(row, str) for row in part.get("rows", []))):
+                raise ValueError(f"--merge {name}: not a results.json of an 'oneref bench' "
+                                 "timing run (--cost writes roofline.json: give that to "
+                                 "--predicted)")
+        yield from parts
 
 
-def _merge(paths: list[str], out: Path, predicted: dict) -> str:
+def _merge(parts: list[tuple[str, dict]], out: Path, predicted: dict) -> str:
+    """The summary of the ``(name, results)`` parts of :func:`_parts`, written to ``out``."""
     merged: dict = {"model_rows": [], "kernel_rows": [], "loader_rows": [], "rows": [],
                     "parts": [], **predicted}
-    for path, part in _parts(paths):
+    for path, part in parts:
         merged.setdefault("environment", part["environment"])
         merged.setdefault("ceilings", part.get("ceilings", {}))
         merged["model_rows"] += part.get("model_rows", [])
@@ -317,6 +327,17 @@ def _run_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_timing_settings(args: argparse.Namespace) -> None:
+    """Refuse engines, repeats and warm-up calls a timing run cannot use, before it starts."""
+    unknown = [key for key in _split(args.engines) or () if key not in ENGINES]
+    if unknown:
+        raise ValueError(f"--engines: unknown {unknown}; choose from {', '.join(ENGINES)}")
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run ``oneref bench`` with parsed arguments; prints the summary table last."""
     if args.predicted and (args.write_policy or args.cost):
@@ -327,11 +348,13 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     if args.cost:
         return _run_cost(args)
+    _check_timing_settings(args)
     predicted = _load_predicted(args.predicted)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        print(_merge(args.merge, out, predicted))
+        parts = list(_parts(args.merge))  # every file checked before the folder is made
+        out.mkdir(parents=True, exist_ok=True)
+        print(_merge(parts, out, predicted))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")

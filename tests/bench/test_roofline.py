@@ -290,3 +290,23 @@ def test_bench_rejects_a_predicted_file_that_is_not_a_cost_report(tmp_path, caps
     assert not (tmp_path / "o").exists()
     assert main(["bench", "--cost", "--predicted", str(bad)]) == 2
     assert "not with --cost" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--engines", "c,z"], "--engines: unknown ['z']; choose from a, b, b+, c, d, d*, e, e*, f"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--merge", "{tmp}"], "--merge {tmp}: cannot read it (IsADirectoryError"),
+    (["--merge", "{tmp}/notes.txt"], "--merge {tmp}/notes.txt: cannot read it (JSONDecodeError"),
+    (["--merge", "{roofline}"], "--merge {roofline}: not a results.json of an 'oneref bench' "
+                                "timing run (--cost writes roofline.json: give that to "
+                                "--predicted)"),
+], ids=["engine", "repeats", "warmup", "folder", "not-json", "roofline"])
+def test_bench_settings_and_merge_files_are_checked_first(tmp_path, capsys, flags, message):
+    (tmp_path / "notes.txt").write_text("not json")
+    roofline = sorted(Path(__file__).parents[2].glob("benchmarks/results/cost-*/roofline.json"))
+    fill = {"tmp": tmp_path, "roofline": roofline[-1]}
+    out = tmp_path / "out"
+    assert main(["bench", *(f.format(**fill) for f in flags), "--out", str(out)]) == 2
+    assert f"oneref bench: error: {message.format(**fill)}" in capsys.readouterr().err
+    assert not out.exists()  # no empty folder left behind
