@@ -627,14 +627,21 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 
 def _merge(base: dict, changes: dict, where: str = "") -> dict:
-    """``changes`` onto ``base``: mappings merge key by key, anything else (lists such as
-    ``stages``, scalars) replaces; an unknown key is an error naming it."""
+    """``changes`` onto ``base``: mappings merge key by key; a list of mappings (``stages``)
+    takes the length it is given, each item merged onto the base's item at its position
+    (items past the base's end stand as given); anything else replaces. An unknown key is an
+    error naming it."""
     out = dict(base)
     for key, value in changes.items():
         if key not in base and not where.startswith("model_overrides"):
             raise ValueError(f"unknown config field {where + key!r}; known: {sorted(base)}")
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            out[key] = _merge(base[key], value, f"{where}{key}.")
+        old = base.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = _merge(old, value, f"{where}{key}.")
+        elif isinstance(value, list) and isinstance(old, list):
+            out[key] = [_merge(old[i], item, f"{where}{key}.{i}.")
+                        if i < len(old) and isinstance(item, dict) and isinstance(old[i], dict)
+                        else item for i, item in enumerate(value)]
         else:
             out[key] = value
     return out

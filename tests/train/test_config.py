@@ -1,5 +1,6 @@
 """Train config: recipes, overrides, files, validation, the staged lr plan, the sampler."""
 
+import dataclasses
 import json
 
 import pytest
@@ -44,6 +45,14 @@ def test_roundtrip_and_overrides(tmp_path):
     loaded = load_config_file(path)
     assert loaded.task == "res" and loaded.stages[0].steps == 5
     assert loaded.optim.weight_decay == 0.05
+    recipe = refshapes_recipe()
+    path.write_text("stages:\n  - {batch_size: 8}\n  - {batch_size: 2, lr: 0.5}\n")
+    first, second = load_config_file(path, base=recipe).stages
+    assert first == dataclasses.replace(recipe.stages[0], batch_size=8)  # the rest kept
+    assert (second.batch_size, second.lr, second.name) == (2, 0.5, "full")  # past the end
+    path.write_text("stages:\n  - {batch_sise: 8}\n")
+    with pytest.raises(ValueError, match="unknown config field 'stages.0.batch_sise'"):
+        load_config_file(path, base=recipe)
     bad = tmp_path / "c.json"
     bad.write_text('{"optim": {"wd": 1}}')
     with pytest.raises(ValueError, match="optim.wd"):
