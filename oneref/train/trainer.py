@@ -225,16 +225,19 @@ class Trainer:
                              f"resumed as {self.config.task} (start a new run from its "
                              f"weights: --init-from {path} -o ANOTHER_FOLDER)")
         done, budget = int(state["step"]), self.config.time_budget_s
-        ended = done >= self.plan.total_steps or 0 < budget <= float(state.get("elapsed_s", 0))
-        if ended and _finished_at(self.run_dir, done):  # else only its end is left to run
-            raise ValueError(f"the run of {path} has already finished (step {done} of "
-                             f"{self.plan.total_steps}): evaluate it with oneref eval "
-                             f"--checkpoint {self.run_dir}, or continue it with more --steps, "
-                             "--epochs or --time-budget")
-        if done > self.plan.total_steps and self.main:  # fewer --steps than it has taken
-            log.warning("%s is at step %d, past the %d steps of this plan: nothing is left to "
-                        "train, the run only writes its final outputs", path, done,
-                        self.plan.total_steps)
+        spent, total = float(state.get("elapsed_s", 0)), self.plan.total_steps
+        why = (f"step {done} of {total}" if done == total
+               else f"step {done}, past the {total} steps of this plan" if done > total
+               else f"step {done}, its {budget:g} s time budget used ({spent:.0f} s trained)"
+               if 0 < budget <= spent else "")
+        if why and _finished_at(self.run_dir, done):  # else only its end is left to run
+            raise ValueError(f"the run of {path} has already finished ({why}): evaluate it "
+                             f"with oneref eval --checkpoint {self.run_dir}, or continue it "
+                             "with more --steps, --epochs or --time-budget (the budget counts "
+                             "the whole run)")
+        if why and done != total and self.main:  # this plan is over before it starts
+            log.warning("%s is at %s: nothing is left to train, the run only writes its final "
+                        "outputs", path, why)
         changes = [c for c in self.config.changes_from(state.get("config", {}))
                    if not c.startswith(("checkpoint.resume", "overwrite", "output_dir"))]
         if changes:  # e.g. a recipe default that changed since the run started

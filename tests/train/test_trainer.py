@@ -106,7 +106,7 @@ def test_resume_after_kill_is_exact(tmp_path, monkeypatch):
         ["step_00000003.pt", "step_00000006.pt"]
 
 
-def test_resume_continues_the_time_budget(tmp_path):
+def test_resume_continues_the_time_budget(tmp_path, caplog):
     from oneref.train import checkpoint as ckpt
 
     first = Trainer(_config(tmp_path, time_budget_s=600.0,
@@ -121,8 +121,10 @@ def test_resume_continues_the_time_budget(tmp_path):
     second = Trainer(_config(tmp_path, time_budget_s=spent,
                              checkpoint=CheckpointConfig(resume="auto", keep_last=0)))
     assert second.step == 2 and second.elapsed_before == spent
+    assert f"time budget used ({spent:.0f} s trained): nothing is left to train" in caplog.text
     assert second.fit()["steps"] == 2
-    with pytest.raises(ValueError, match=r"already finished \(step 2 of 6\).*--time-budget"):
+    with pytest.raises(ValueError, match=r"already finished \(step 2, its .* s time budget "
+                                         r"used .*--time-budget \(the budget counts the whole"):
         Trainer(_config(tmp_path, time_budget_s=spent,
                         checkpoint=CheckpointConfig(resume="auto", keep_last=0)))
 
