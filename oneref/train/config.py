@@ -250,6 +250,10 @@ class DataConfig:
         _check_choices(self, "data.")
         if self.num_workers < -1:
             raise ValueError(f"data.num_workers must be >= 0 or -1 (auto), got {self.num_workers}")
+        for name in ("train_size", "eval_size", "test_size", "prefetch_factor",
+                     "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         given = [flag for flag, value in (("--data-root", self.root),
                                           ("--split-root", self.split_root),
                                           ("--refer-root", self.refer_root)) if value]
@@ -457,6 +461,8 @@ class TrainConfig:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: the idle cores), got {self.threads}")
         for section in (self.optim, self.schedule, self.data, self.pretrain, self.res_loss,
                         self.checkpoint, self.dist):
             section.validate()

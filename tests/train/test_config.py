@@ -39,6 +39,10 @@ def test_roundtrip_and_overrides(tmp_path):
         apply_overrides(cfg, ["task=detect"])
     with pytest.raises(TypeError, match="config section optim must be a mapping, got list"):
         apply_overrides(cfg, ["optim=[1]"])
+    with pytest.raises(ValueError, match="data.train_size must be >= 1, got -5"):
+        apply_overrides(cfg, ["data.train_size=-5"])
+    with pytest.raises(ValueError, match=r"threads must be >= 0 \(0: the idle cores\), got -3"):
+        apply_overrides(cfg, ["threads=-3"])
     path = tmp_path / "c.yaml"
     path.write_text("task: res\nstages:\n  - {steps: 5, lr: 0.01, batch_size: 4}\n"
                     "optim: {weight_decay: 0.05}\n")
