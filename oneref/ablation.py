@@ -17,7 +17,8 @@ Every variant gets the same wall-clock budget per seed; a pre-trained variant sp
 run's train scenes) and the rest fine-tuning from that run (``init_from``). Each run is a
 normal run folder under ``runs`` (default ``out/runs``): a finished one (its
 ``metrics.json`` exists) is read back, an unfinished one resumes from its newest
-checkpoint, so a killed ablation continues where it stopped. The results go to
+checkpoint, so a killed ablation continues where it stopped; one begun with other
+settings is refused. The results go to
 ``results.json``, ``summary.md`` (mean +- std per variant) and ``finetune_curves.png``.
 """
 
@@ -31,12 +32,14 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from oneref.bench.report import environment
 from oneref.io import write_json, write_text
 from oneref.train.checkpoint import list_checkpoints
 from oneref.train.config import apply_overrides, pretrain_recipe, refshapes_recipe
 from oneref.train.distributed import resolve_device
+from oneref.train.interrupt import TrainingInterrupted
 from oneref.train.logger import read_rows
 from oneref.train.sts_labels import make_sts_labels
 from oneref.train.trainer import Trainer
@@ -96,7 +99,17 @@ def _uses_sts(variant: str) -> bool:
 
 def _run(cfg, run_dir: Path) -> dict:
     """The metrics of the run in ``run_dir``: read back when finished, else trained
-    (resuming from its newest checkpoint when there is one)."""
+    (resuming from its newest checkpoint when there is one). A run begun with other settings
+    (another budget, preset or override) is refused: its metrics would be reported as
+    these settings'."""
+    recorded = run_dir / "train_config.json"
+    if recorded.is_file():
+        changes = [change for change in cfg.changes_from(json.loads(recorded.read_text()))
+                   if not change.startswith("checkpoint.resume")]
+        if changes:
+            raise ValueError(f"ablation: {run_dir} was run with other settings "
+                             f"({'; '.join(changes)}): give another --out, or remove that "
+                             "folder to run it again")
     done = run_dir / "metrics.json"
     if done.exists():
         log.info("ablation: %s finished earlier, read back", run_dir)
@@ -224,9 +237,9 @@ def _plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_ablation(settings: AblationSettings) -> dict:
-    """Run (or continue) every variant x seed; write results.json, summary.md and the PNG
-    after each run. Returns the results."""
+def run_ablation(settings: AblationSettings, progress: bool = True) -> dict:
+    """Run (or continue) every variant x seed, with a progress bar of the runs; write
+    results.json, summary.md and the PNG after each run. Returns the results."""
     settings.validate()
     out = Path(settings.out)
     results = {"settings": dataclasses.asdict(settings), "runs": [],
@@ -234,9 +247,15 @@ def run_ablation(settings: AblationSettings) -> dict:
     # Seeds outermost: an early stop still compares variants. Variants in the table's order,
     # so the STS teacher (scratch) is trained before the variant that needs it.
     variants = [v for v in VARIANTS if v in settings.variants]
-    for seed in settings.seeds:
-        for variant in variants:
-            results["runs"].append(_one(settings, variant, seed))
+    plan = [(seed, variant) for seed in settings.seeds for variant in variants]
+    with tqdm(plan, desc="ablate", unit="run", disable=not progress) as bar:
+        for seed, variant in bar:
+            bar.set_postfix_str(f"{variant}, seed {seed}")
+            try:
+                results["runs"].append(_one(settings, variant, seed))
+            except TrainingInterrupted as stop:  # each run resumes as part of the ablation
+                raise TrainingInterrupted(stop.what, stop.signal_number,
+                                          resume="the same oneref ablate command") from None
             write_json(out / "results.json", results)
             write_text(out / "summary.md", summary_markdown(results) + "\n")
             _plot(results, out / "finetune_curves.png")

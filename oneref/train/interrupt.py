@@ -20,13 +20,13 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """A run stopped by a signal; the message says whether a checkpoint was written and how
-    to resume. ``signal_number``: the signal (the command exits with 128 + it, as a shell
-    would report it)."""
+    """A run stopped by a signal. ``what``: whether a checkpoint was written; ``resume``:
+    the command that continues (the message joins them); ``signal_number``: the signal (the
+    command exits with 128 + it, as a shell would report it)."""
 
-    def __init__(self, message: str, signal_number: int = signal.SIGINT):
-        super().__init__(message)
-        self.signal_number = int(signal_number)
+    def __init__(self, what: str, signal_number: int = signal.SIGINT, resume: str = ""):
+        super().__init__(f"{what}; continue with: {resume}" if resume else what)
+        self.what, self.signal_number = what, int(signal_number)
 
 
 class StopRequest:

@@ -395,8 +395,8 @@ class Trainer:
                 command = "pretrain" if cfg.task == "pretrain" else "train"
                 raise TrainingInterrupted(
                     f"{signal.Signals(stopped).name} at step {self.step}: checkpoint "
-                    f"written to {self.run_dir / 'checkpoints'}; continue with: oneref "
-                    f"{command} -o {self.run_dir} --resume", signal_number=stopped)
+                    f"written to {self.run_dir / 'checkpoints'}", signal_number=stopped,
+                    resume=f"oneref {command} -o {self.run_dir} --resume")
             train_seconds = time.perf_counter() - t_start
             return self._finish(logger, epoch, train_seconds, self.step - start_step,
                                 train_seconds + self.elapsed_before)

@@ -1,6 +1,7 @@
 """``oneref ablate`` on a tiny budget: the outputs, resuming a stopped ablation, the
 pre-train -> fine-tune hand-over, and random masking at the referring mask's ratio."""
 
+import dataclasses
 import json
 
 import pytest
@@ -42,6 +43,12 @@ def test_ablation_writes_results_and_continues(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| scratch | 2 |" in summary and "| referring | 2 |" in summary
     assert (tmp_path / "finetune_curves.png").stat().st_size > 0
+    # Another budget would report the runs made with this one as its own: refused.
+    longer = dataclasses.replace(_settings(tmp_path, (0,)), budget_s=6.0)
+    with pytest.raises(ValueError, match=r"ablation: .*scratch-seed0/finetune was run with other "
+                                         r"settings \(time_budget_s: 3.0 -> 6.0\): give "
+                                         "another --out"):
+        run_ablation(longer)
 
 
 def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path):
@@ -98,3 +105,19 @@ def test_the_sts_variant_labels_with_the_scratch_run_and_reads_back(tmp_path):
     assert pre["data"]["train_size"] == 32
     again = run_ablation(settings)  # everything read back, the labelling time too
     assert again["runs"] == first["runs"]
+
+
+def test_an_interrupted_ablation_is_continued_by_its_own_command(tmp_path, monkeypatch):
+    from oneref import ablation
+    from oneref.train.interrupt import TrainingInterrupted
+
+    def stopped(settings, variant, seed):
+        raise TrainingInterrupted("SIGTERM at step 3: checkpoint written to C", 15,
+                                  resume="oneref train -o R --resume")
+
+    monkeypatch.setattr(ablation, "_one", stopped)
+    with pytest.raises(TrainingInterrupted) as caught:
+        run_ablation(_settings(tmp_path, (0,)), progress=False)
+    assert str(caught.value) == ("SIGTERM at step 3: checkpoint written to C; continue with: "
+                                 "the same oneref ablate command")
+    assert caught.value.signal_number == 15
