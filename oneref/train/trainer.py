@@ -639,7 +639,9 @@ class _Progress:
             self.bar = tqdm(total=round(cfg.time_budget_s) if self.budgeted else total_steps,
                             initial=round(elapsed_before) if self.budgeted else step,
                             unit="s" if self.budgeted else "step", dynamic_ncols=True,
-                            desc=cfg.task)
+                            desc=cfg.task, bar_format=(  # seconds of budget: no s/s rate
+                                "{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}"
+                                "{postfix}]" if self.budgeted else None))
 
     def update(self, step: int, row: dict, t_budget: float) -> None:
         if self.bar is None:
