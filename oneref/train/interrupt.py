@@ -5,12 +5,16 @@ checkpoint and raises :class:`TrainingInterrupted`, and ``--resume`` continues e
 there. A second signal stops at once (no checkpoint). Loader worker processes ignore both
 (:func:`ignore_interrupts`), so that a Ctrl-C in the terminal or a scheduler's SIGTERM,
 which reach the whole process group, do not kill them under a step that is still
-finishing.
+finishing; such workers still alive when the process exits are killed then, since the
+SIGTERM that multiprocessing stops them with at exit would leave it waiting for ever.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
+import multiprocessing.util  # registers its exit handler before ours (atexit runs LIFO)
 import signal
 import threading
 
@@ -70,3 +74,28 @@ def ignore_interrupts(worker_id: int) -> None:
     SIGTERM, which a terminal or a scheduler sends to the whole process group."""
     for number in _SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGTERM (Linux: its ``SigIgn`` mask; else False)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            mask = next(line for line in status if line.startswith("SigIgn:")).split()[1]
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+@atexit.register
+def _kill_workers_left() -> None:
+    """Kill the loader workers of :func:`ignore_interrupts` still alive at exit (their loader
+    kept by an uncaught exception's traceback, say): multiprocessing's own exit handler,
+    which runs after this one, stops daemonic children with SIGTERM, which they ignore, and
+    then waits for them for ever."""
+    left = [child for child in multiprocessing.active_children()
+            if child.daemon and child.pid is not None and _ignores_sigterm(child.pid)]
+    if left and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would report each killed worker as a second error
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in left:
+        child.kill()

@@ -279,6 +279,29 @@ def test_loader_workers_outlive_a_signal_to_the_process_group():
     assert len(list(batches)) == 15  # the worker went on
 
 
+def test_a_crash_with_live_loader_workers_exits():
+    """Workers that ignore SIGTERM, still alive when the process exits (an uncaught error's
+    traceback keeps their loader), are killed at exit rather than waited for for ever."""
+    script = """
+from torch.utils.data import DataLoader
+from oneref.train.interrupt import ignore_interrupts
+
+def train():
+    loader = DataLoader(range(64), batch_size=4, num_workers=1, persistent_workers=True,
+                        worker_init_fn=ignore_interrupts)
+    for batch in loader:
+        raise RuntimeError("out of memory")
+
+train()
+"""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.rstrip().endswith("RuntimeError: out of memory"), done.stderr[-2000:]
+
+
 def test_a_rank_stops_on_a_signal_another_rank_received(tmp_path, monkeypatch):
     """Ranks agree on the signal (the highest number any of them got): one not signalled
     itself stops with the same one and exits with the same status."""
