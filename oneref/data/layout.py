@@ -187,8 +187,10 @@ def _check_images(source: SplitSource, records: list[RefRecord], on_error: str) 
             raise ValueError(f"--data-root: image folder {folder} does not exist; "
                              f"{source.name} names {len(files)} {collection} images "
                              f"(expected {{data_root}}/{IMAGE_DIRS[collection]})")
+        if on_error == "skip":  # the dataset's header check names and counts them
+            continue
         missing = sorted(f for f in files if not os.path.isfile(os.path.join(folder, f)))
-        if missing and on_error != "skip":
+        if missing:
             raise ValueError(f"image folder {folder} lacks {len(missing)} of the {len(files)} "
                              f"images {source.name} names (first: {missing[0]})")
 
