@@ -122,11 +122,11 @@ class OneRef(nn.Module):
     @classmethod
     def from_pretrained(cls, path, map_location: str | torch.device = "cpu") -> "OneRef":
         """Load a directory written by :meth:`save_pretrained` (``model.safetensors`` +
-        ``config.json``)."""
+        ``config.json``), in eval mode (``model.train()`` before fine-tuning it)."""
         config, heads, state = read_pretrained(path, map_location)
         model = cls(config) if heads is None else cls(config, heads=heads)
         load_pretrained_state(model, state, path)
-        return model.to(map_location)
+        return model.to(map_location).eval()
 
     def save_pretrained(self, path, state_dict: dict | None = None) -> None:
         """Write ``model.safetensors`` and ``config.json`` into directory ``path`` (atomic);
@@ -237,9 +237,14 @@ class OneRef(nn.Module):
 
     @torch.no_grad()
     def predict_boxes(self, images, text_ids, text_lengths) -> torch.Tensor:
-        """Inference helper: (B, 4) boxes x1, y1, x2, y2 clamped to [0, 1] (no gradients;
-        call ``model.eval()`` first)."""
-        boxes = self.forward_rec(images, text_ids, text_lengths).boxes
+        """Inference helper: (B, 4) boxes x1, y1, x2, y2 clamped to [0, 1], computed in eval
+        mode (no drop path) and without gradients; the module's mode is restored."""
+        was_training = self.training
+        self.eval()
+        try:
+            boxes = self.forward_rec(images, text_ids, text_lengths).boxes
+        finally:
+            self.train(was_training)
         return box_cxcywh_to_xyxy(boxes).clamp(0, 1)
 
     def forward_res(self, images, text_ids, text_lengths, with_boxes: bool = False) -> RESOutput:
@@ -261,9 +266,10 @@ class OneRef(nn.Module):
         switches the similarity constraint from the rasterised box to the downsampled GT
         mask."""
         batch, device = out.boxes.shape[0], out.boxes.device
-        check.check_boxes(boxes, batch, device)
+        check.check_boxes(boxes, batch, device, check_values=self._check_values)
         if masks is not None:
-            check.check_masks(masks, self.config, batch, device)
+            check.check_masks(masks, self.config, batch, device,
+                              check_values=self._check_values)
         return self._finish(rec_losses(out.boxes, out.sim_logits, boxes, masks))
 
     def res_loss(self, out: RESOutput, masks: torch.Tensor, focal_weight: float = FOCAL_WEIGHT,
@@ -275,14 +281,15 @@ class OneRef(nn.Module):
         that multiple of the REC losses (:meth:`rec_loss`) of ``out.boxes`` against ``boxes``
         (B, 4): an auxiliary grounding signal that OneRef's RES does not use."""
         batch, device = out.mask_logits.shape[0], out.mask_logits.device
-        check.check_masks(masks, self.config, batch, device)
+        check.check_masks(masks, self.config, batch, device,
+                          check_values=self._check_values)
         losses = res_losses(out.mask_logits, masks, focal_weight, dice_weight, alpha)
         if rec_weight == 0.0:
             return self._finish(losses)
         if out.boxes is None or boxes is None:
             raise ValueError("res_loss with rec_weight > 0 needs out.boxes "
                              "(forward_res(..., with_boxes=True)) and the target boxes")
-        check.check_boxes(boxes, batch, device)
+        check.check_boxes(boxes, batch, device, check_values=self._check_values)
         rec = rec_losses(out.boxes, out.sim_logits, boxes)
         return self._finish({**rec, **losses, "loss": losses["seg"] + rec_weight * rec["loss"]})
 
@@ -308,7 +315,7 @@ class OneRef(nn.Module):
             raise ValueError("image_mask is required for the MIM step (B, L) bool")
         self._check_inputs(images, text_ids, text_lengths, image_mask=image_mask)
         batch, device = images.shape[0], self._patch_weight.device
-        check.check_boxes(boxes, batch, device)
+        check.check_boxes(boxes, batch, device, check_values=self._check_values)
         if mim_targets is not None:
             check.check_long("mim_targets", mim_targets, (batch, self.config.num_patches), device)
         if self._check_values:
@@ -364,7 +371,7 @@ class OneRef(nn.Module):
             raise ValueError(f"drop_worst must be in [0, 1), got {drop_worst}")
         self._check_inputs(images, masked_text_ids, text_lengths, text_name="masked_text_ids")
         batch, device = images.shape[0], self._patch_weight.device
-        check.check_boxes(boxes, batch, device)
+        check.check_boxes(boxes, batch, device, check_values=self._check_values)
         num_text = masked_text_ids.shape[1]
         check.check_long("mlm_labels", mlm_labels, (batch, num_text), device)
         if sts_targets is not None:

@@ -1,9 +1,9 @@
 """Argument checks of the public :class:`~oneref.model.OneRef` entry points.
 
 Each raises ``TypeError`` (wrong type/dtype) or ``ValueError`` (wrong shape, range or device)
-naming the argument and what was expected. Value-range checks (token ids, text lengths) read
-the tensors once with a single host synchronisation; they can be switched off with
-``model.validate_inputs = False`` in a tuned training loop.
+naming the argument and what was expected. Value-range checks (token ids, text lengths, box
+edges, mask values) read the tensors once with a single host synchronisation; they can be
+switched off with ``model.validate_inputs = False`` in a tuned training loop.
 """
 
 from __future__ import annotations
@@ -94,8 +94,14 @@ def check_image_mask(image_mask, config: ModelConfig, batch: int, device: torch.
     same_device(name, image_mask, device)
 
 
-def check_boxes(boxes, batch: int, device: torch.device, name: str = "boxes") -> None:
-    """boxes: (B, 4) floating normalised cx, cy, w, h."""
+#: Rounding allowed when a box edge or a mask value is checked against [0, 1].
+_RANGE_SLACK = 1e-3
+
+
+def check_boxes(boxes, batch: int, device: torch.device, name: str = "boxes",
+                check_values: bool = False) -> None:
+    """boxes: (B, 4) floating normalised cx, cy, w, h; with ``check_values`` (one host
+    sync), each box has w, h >= 0 and lies inside [0, 1] (its edges cx -+ w / 2, cy -+ h / 2)."""
     _is_tensor(name, boxes)
     if tuple(boxes.shape) != (batch, 4):
         raise ValueError(f"{name} must have shape ({batch}, 4) (cx, cy, w, h), got "
@@ -103,11 +109,22 @@ def check_boxes(boxes, batch: int, device: torch.device, name: str = "boxes") ->
     if not boxes.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {boxes.dtype}")
     same_device(name, boxes, device)
+    if not check_values:
+        return
+    centre, size = boxes.detach().float().split(2, dim=1)
+    edges = torch.cat([centre - size / 2, centre + size / 2], dim=1)
+    lowest, highest, smallest = torch.stack([edges.min(), edges.max(), size.min()]).tolist()
+    if not (lowest >= -_RANGE_SLACK and highest <= 1 + _RANGE_SLACK and smallest >= 0):
+        raise ValueError(f"{name} must be normalised (cx, cy, w, h) boxes inside the image: "
+                         f"w, h >= 0 and edges in [0, 1], got edges in [{lowest:.4g}, "
+                         f"{highest:.4g}] and a smallest side of {smallest:.4g} (pixel or "
+                         f"x1, y1, x2, y2 boxes?)")
 
 
 def check_masks(masks, config: ModelConfig, batch: int, device: torch.device,
-                name: str = "masks") -> None:
-    """masks: (B, img_size, img_size) {0, 1} float (or bool)."""
+                name: str = "masks", check_values: bool = False) -> None:
+    """masks: (B, img_size, img_size) {0, 1} float (or bool); with ``check_values`` (one
+    host sync), float values lie in [0, 1]."""
     _is_tensor(name, masks)
     expected = (batch, config.img_size, config.img_size)
     if tuple(masks.shape) != expected:
@@ -115,6 +132,12 @@ def check_masks(masks, config: ModelConfig, batch: int, device: torch.device,
     if not (masks.is_floating_point() or masks.dtype == torch.bool):
         raise TypeError(f"{name} must be a float or bool tensor, got {masks.dtype}")
     same_device(name, masks, device)
+    if not check_values or masks.dtype == torch.bool:
+        return
+    lowest, highest = torch.stack([masks.min(), masks.max()]).float().tolist()
+    if not (lowest >= -_RANGE_SLACK and highest <= 1 + _RANGE_SLACK):
+        raise ValueError(f"{name} must hold values in [0, 1] (1 = the referred object), got "
+                         f"values in [{lowest:.4g}, {highest:.4g}] (0/255 masks?)")
 
 
 def check_long(name: str, value, shape: tuple, device: torch.device) -> None:

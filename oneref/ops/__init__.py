@@ -35,7 +35,9 @@ def multiway_attention(q, k, v, text_lengths, num_vision: int, scale: float | No
         q, k, v: (B, S, H, Dh) fp32/fp16/bf16, the same dtype and device; strided views of a
             packed QKV tensor are accepted. Dh in {16, 32, 64, 128} for the kernels.
         text_lengths: (B,) integer tensor, 1 <= text_lengths[b] <= S - num_vision: the number
-            of real text tokens; keys past ``num_vision + text_lengths[b]`` are ignored.
+            of real text tokens; keys past ``num_vision + text_lengths[b]`` are ignored. The
+            values are not checked here (that would read them on the host); OneRef's entry
+            points check them.
         num_vision: vision tokens at the start of the sequence (577 for OneRef-B).
         scale: softmax scale, default ``Dh ** -0.5``.
         key_mask: (B, S) bool, exactly :func:`key_padding_mask` of ``(text_lengths,
@@ -133,6 +135,9 @@ def _norm_args(x, num_vision: int, params, eps: float, out_dtype):
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     if out_dtype is not None:
+        if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+            raise TypeError(f"out_dtype must be a floating torch.dtype (torch.bfloat16, ...), "
+                            f"got {out_dtype!r}")
         return out_dtype
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -306,6 +311,8 @@ def linear_cross_entropy(x, weight, target, bias=None, ignore_index: int = -100,
     if weight.dtype != x.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}")
     check_tensor("target", target, ndim=1, integer=True, device=x.device)
+    if target.dtype != torch.long:
+        raise TypeError(f"target must be an int64 (long) tensor, got {target.dtype}")
     check_shape("target", target, (x.shape[0],))
     if bias is not None:
         check_shape("bias", bias, (weight.shape[0],), like=weight)

@@ -90,3 +90,37 @@ def test_masks_boxes_labels(tiny, batch):
         tiny.mlm_loss(images, ids, lengths, boxes, ids, drop_worst=1.0)
     with pytest.raises(ValueError, match="task must be one of"):
         tiny(images, ids, lengths, task="vqa")
+
+
+def test_box_and_mask_values_are_checked_unless_switched_off(tiny, batch):
+    images, ids, lengths, boxes = batch
+    out = tiny.forward_rec(images, ids, lengths)
+    pixels = boxes * 64
+    with pytest.raises(ValueError, match=r"boxes must be normalised \(cx, cy, w, h\) boxes inside "
+                                         r"the image.*edges in \[.*pixel or x1, y1, x2, y2"):
+        tiny.rec_loss(out, pixels)
+    with pytest.raises(ValueError, match="a smallest side of -"):
+        tiny.rec_loss(out, torch.tensor([[0.5, 0.5, -0.2, 0.2]] * 2))
+    masks = torch.zeros(2, 64, 64)
+    masks[:, 10:20, 10:20] = 255
+    with pytest.raises(ValueError, match=r"masks must hold values in \[0, 1\].*\[0, 255\]"):
+        tiny.rec_loss(out, boxes, masks)
+    res = tiny.forward_res(images, ids, lengths)
+    with pytest.raises(ValueError, match="masks must hold values in"):
+        tiny.res_loss(res, masks)
+    tiny.rec_loss(out, boxes, masks / 255)  # in range
+    tiny.validate_inputs = False  # a tuned loop whose data is checked before the step
+    try:
+        assert torch.isfinite(tiny.rec_loss(out, pixels)["loss"])
+    finally:
+        tiny.validate_inputs = True
+
+
+def test_predict_boxes_runs_in_eval_mode_and_restores_the_mode(tiny, batch, tmp_path):
+    images, ids, lengths, _ = batch
+    model = type(tiny)(tiny.config.replace(drop_path=0.5)).train()  # drop path on
+    first = model.predict_boxes(images, ids, lengths)
+    assert model.training
+    torch.testing.assert_close(model.predict_boxes(images, ids, lengths), first, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "saved")
+    assert not type(tiny).from_pretrained(tmp_path / "saved").training

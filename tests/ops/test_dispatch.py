@@ -225,6 +225,13 @@ def test_other_argument_errors():
         ops.box_mask_loss(torch.rand(2, 3, 4), boxes)
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.5"):
         ops.focal_dice_loss(torch.rand(2, 5), torch.ones(2, 5), alpha=1.5)
+    with pytest.raises(TypeError, match=r"target must be an int64 \(long\) tensor, got "
+                                        r"torch.int32"):
+        ops.linear_cross_entropy(torch.rand(2, 4), torch.rand(5, 4),
+                                 torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(TypeError, match="out_dtype must be a floating torch.dtype.*'bf16'"):
+        ops.multiway_layer_norm(torch.rand(1, 3, 4), 1, None, None, None, None,
+                                out_dtype="bf16")
 
 
 def test_mask_noise_is_reproducible_from_a_generator():
