@@ -99,11 +99,19 @@ def load_official(model, source, *, allow_pickle: bool = False) -> LoadReport:
         :class:`LoadReport`. Model keys the checkpoint does not provide keep their values.
     Raises:
         ValueError: a tensor's shape differs from the model's (after QKV packing and
-            position resizing); the message names both keys and both shapes.
+            position resizing); the message names both keys and both shapes. Or no tensor
+            of the file is an encoder weight (not an official checkpoint).
     """
     state = read_checkpoint(source, allow_pickle=allow_pickle)
     converted, unexpected, sources = convert_official_state_dict(state)
     own = model.state_dict()
+    if not any(key.startswith("encoder.") and key in own for key in converted):
+        name = "the dict" if isinstance(source, Mapping) else str(source)
+        raise ValueError(f"{name}: none of its {len(state)} tensors ({_group_keys(list(state))}) "
+                         f"is a BEiT-3 / OneRef encoder weight, so it is not an official "
+                         f"checkpoint; oneref's own files load with OneRef.from_pretrained (a "
+                         f"save_pretrained folder) or oneref.sources.ModelSource (a run folder "
+                         f"or a training checkpoint)")
     report = LoadReport(unexpected_keys=list(unexpected))
     for key in list(converted):
         if key not in own:  # e.g. a head this model was built without
@@ -150,6 +158,10 @@ def read_pretrained(directory, map_location="cpu"
     output."""
     directory = Path(directory)
     weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    if (directory / "model" / WEIGHTS_NAME).is_file():  # a training run's folder
+        raise FileNotFoundError(f"{str(directory)!r} is a run folder: its model is "
+                                f"{str(directory / 'model')!r} (oneref.sources.ModelSource "
+                                f"takes either)")
     for path in (weights, config_path):
         if not path.is_file():
             raise FileNotFoundError(f"{str(path)!r} does not exist (expected a directory written "

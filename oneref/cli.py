@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "file of pairs (--input); prints / writes boxes and drawings.")
     _add_weights_flags(p, "--checkpoint", "--eval_model", "runs/refshapes_rec")
     p.add_argument("--tokenizer", metavar="SPM",
-                   help="sentencepiece model (default: the one the run recorded)")
+                   help="sentencepiece model, or refshapes for the built-in vocabulary "
+                        "(default: the one the run recorded)")
     p.add_argument("--model", help="preset of an official .pth (default: from its shapes)")
     p.add_argument("--image", metavar="PATH", help="input image")
     p.add_argument("--text", help="referring expression")

@@ -157,6 +157,21 @@ def test_official_checkpoint_errors(tmp_path):
         load_official(model, {"model": {"text_embed.weight": [1, 2]}})
 
 
+def test_files_that_are_not_official_checkpoints_are_refused_by_name(tmp_path):
+    model = OneRef.from_config("tiny")
+    model.save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match=r"ours/model.safetensors: none of its \d+ tensors "
+                                         r"\(.*\) is a BEiT-3 / OneRef encoder weight.*"
+                                         r"OneRef.from_pretrained"):
+        load_official(model, tmp_path / "ours" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"the dict: none of its 1 tensors \(foo\)"):
+        load_official(model, {"model": {"foo": torch.zeros(3)}})
+    run = tmp_path / "run"
+    model.save_pretrained(run / "model")
+    with pytest.raises(FileNotFoundError, match=r"run' is a run folder: its model is .*run/model"):
+        OneRef.from_pretrained(run)
+
+
 CALLS = []
 
 

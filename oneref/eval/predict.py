@@ -1,8 +1,10 @@
 """Inference on user images: load a model, ground expressions, draw the results.
 
 ``load_predictor(path)`` accepts a run folder, a ``save_pretrained`` folder or an official
-``.pth`` (:class:`oneref.sources.ModelSource`). The tokenizer is the one given, else the
-run's (its sentencepiece model, or RefShapes' own vocabulary for a RefShapes run).
+``.pth`` (:class:`oneref.sources.ModelSource`). The tokenizer is the one given (a
+sentencepiece model, or ``"refshapes"``), else the run's (its sentencepiece model, or
+RefShapes' own vocabulary for a RefShapes run). :meth:`Predictor.inputs` turns PIL images
+and expressions into the model's input tensors.
 :func:`predict_file` runs a JSON-lines file of ``{"image": path, "text": str}`` pairs in
 batches and writes ``predictions.jsonl`` and one drawn PNG per line.
 """
@@ -23,6 +25,7 @@ from oneref.data.synthetic import refshapes_tokenizer
 from oneref.data.tokenizer import Tokenizer, open_tokenizer
 from oneref.data.transforms import Example, TestTransform
 from oneref.sources import ModelSource
+from oneref.train.distributed import resolve_device
 
 __all__ = ["Predictor", "Prediction", "load_predictor", "load_image", "draw_prediction",
            "predict_file"]
@@ -70,44 +73,86 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"image file {path} is not a readable image ({exc})") from exc
 
 
+def _check_task(task) -> None:
+    if task not in ("rec", "res"):
+        raise ValueError(f"task must be rec or res, got {task!r}")
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device (``auto``: CUDA when available); ValueError for CUDA on
+    a machine without it."""
+    if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
+        return resolve_device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available")
+    return device
+
+
+def _as_rgb(image, k: int) -> Image.Image:
+    """A PIL image of any mode as RGB (what the model was trained on); TypeError naming
+    image ``k`` for anything else."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image {k} must be a PIL image, got {type(image).__name__} (open a "
+                        f"file with oneref.eval.predict.load_image, convert an HxWx3 uint8 "
+                        f"array with PIL.Image.fromarray)")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 class Predictor:
     """A model, its tokenizer and the test transform, ready for :meth:`predict`."""
 
     def __init__(self, model, tokenizer, task: str = "rec", device: str | torch.device = "cpu"):
-        if task not in ("rec", "res"):
-            raise ValueError(f"task must be rec or res, got {task!r}")
-        self.model = model.to(device).eval()
+        _check_task(task)
+        self.device = _device(device)
+        self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.task = task
-        self.device = torch.device(device)
         self.transform = TestTransform(model.config.img_size)
         #: The LoadReport when the model came from an official .pth (see load_predictor).
         self.report = None
 
     def predict(self, image: Image.Image, text: str) -> Prediction:
-        """Ground ``text`` in ``image`` (PIL RGB of any size)."""
+        """Ground ``text`` in ``image`` (a PIL image of any size and mode)."""
         return self.predict_batch([image], [text])[0]
+
+    def inputs(self, images: list[Image.Image], texts: list[str]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's inputs for PIL images and expressions, on this predictor's device:
+        ``images`` (B, 3, S, S) through the test transform (long side scaled to S, centred,
+        normalised), ``text_ids`` (B, max_text_len) and ``text_lengths`` (B,)."""
+        if len(images) != len(texts) or not images:
+            raise ValueError(f"need as many texts as images (at least one), got {len(images)} "
+                             f"images and {len(texts)} texts")
+        for k, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"text {k} must be a non-empty expression, got {text!r}")
+        max_len = self.model.config.max_text_len
+        canvases, ids, lengths = [], [], []
+        for k, (image, text) in enumerate(zip(images, texts)):
+            image = _as_rgb(image, k)
+            whole = np.array([0.0, 0.0, float(image.width), float(image.height)])
+            out = self.transform(Example(image, whole, None, text.strip()))
+            token_ids, length = self.tokenizer.encode_padded(out.text, max_len)
+            if (token_ids == self.tokenizer.unk_id).any():
+                self._warn_unknown(k, out.text)
+            canvases.append(out.image)
+            ids.append(token_ids)
+            lengths.append(length)
+        return (torch.stack(canvases).to(self.device), torch.stack(ids).to(self.device),
+                torch.tensor(lengths, device=self.device))
+
+    def _warn_unknown(self, k: int, text: str) -> None:
+        """Name the words of text ``k`` that the tokenizer reads as ``<unk>``."""
+        unknown = [word for word in text.split()
+                   if self.tokenizer.unk_id in self.tokenizer.encode(word)]
+        log.warning("text %d: %s not in the tokenizer's vocabulary (read as <unk>)", k,
+                    ", ".join(repr(word) for word in unknown) or repr(text))
 
     @torch.no_grad()
     def predict_batch(self, images: list[Image.Image], texts: list[str]) -> list[Prediction]:
         """One forward for a list of (image, expression) pairs."""
-        if len(images) != len(texts) or not images:
-            raise ValueError(f"need as many texts as images (at least one), got {len(images)} "
-                             f"images and {len(texts)} texts")
-        for text in texts:
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError("text must be a non-empty expression")
-        max_len = self.model.config.max_text_len
-        canvases, ids, lengths = [], [], []
-        for image, text in zip(images, texts):
-            whole = np.array([0.0, 0.0, float(image.width), float(image.height)])
-            out = self.transform(Example(image, whole, None, text.strip()))
-            token_ids, length = self.tokenizer.encode_padded(out.text, max_len)
-            canvases.append(out.image)
-            ids.append(token_ids)
-            lengths.append(length)
-        batch = (torch.stack(canvases).to(self.device), torch.stack(ids).to(self.device),
-                 torch.tensor(lengths, device=self.device))
+        batch = self.inputs(images, texts)
         if self.task == "res":
             out = self.model.forward_res(*batch)
             masks = (out.mask_logits > 0).cpu().numpy()
@@ -147,7 +192,13 @@ class Predictor:
                           float(score), mask)
 
 
+#: The ``tokenizer`` name of RefShapes' built-in vocabulary.
+REFSHAPES_TOKENIZER = "refshapes"
+
+
 def _tokenizer(source: ModelSource, path: str | None) -> Tokenizer:
+    if path == REFSHAPES_TOKENIZER:
+        return refshapes_tokenizer()
     if path:
         return open_tokenizer(path)
     data = source.train_config.get("data", {})
@@ -156,13 +207,22 @@ def _tokenizer(source: ModelSource, path: str | None) -> Tokenizer:
     if source.train_config and data.get("dataset", "refshapes") == "refshapes":
         return refshapes_tokenizer()
     raise ValueError(f"{source.path}: no tokenizer is recorded with this model; pass "
-                     f"--tokenizer (the sentencepiece model it was trained with, e.g. beit3.spm)")
+                     f"--tokenizer (tokenizer= in Python): the sentencepiece model it was "
+                     f"trained with (e.g. beit3.spm), or {REFSHAPES_TOKENIZER!r} for a model "
+                     f"trained on RefShapes")
 
 
 def load_predictor(path: str | Path, device: str | torch.device = "cpu",
                    task: str | None = None, tokenizer: str | None = None,
                    preset: str | None = None, trust: bool = False) -> Predictor:
-    """Predictor from a run folder, a ``save_pretrained`` folder or an official ``.pth``."""
+    """Predictor from a run folder, a ``save_pretrained`` folder or an official ``.pth``.
+
+    ``task``: rec or res (default: the run's); ``tokenizer``: a sentencepiece model, or
+    ``"refshapes"`` (default: the one the run recorded); ``device``: auto, cpu, cuda or a
+    torch.device."""
+    if task is not None:
+        _check_task(task)
+    device = _device(device)
     source = ModelSource(path, preset=preset, trust=trust)
     task = source.task_for(task)
     tok = _tokenizer(source, tokenizer).check_fits(source.config.vocab_size)

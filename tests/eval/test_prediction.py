@@ -1,9 +1,15 @@
-"""A prediction's JSON record and drawing; an empty RES mask has no box."""
+"""Predictions from Python: the inputs of PIL images and expressions, the checks of
+load_predictor, a prediction's JSON record and drawing (an empty RES mask has no box)."""
+
+import logging
 
 import numpy as np
-from PIL import Image
+import pytest
+import torch
+from PIL import Image, ImageDraw
 
-from oneref.eval.predict import Prediction, draw_prediction
+from oneref import OneRef
+from oneref.eval.predict import Prediction, Predictor, draw_prediction, load_predictor
 
 
 def _prediction(mask):
@@ -30,3 +36,64 @@ def test_an_empty_mask_has_no_box_and_draws_nothing():
     assert not shown.empty and shown.to_json()["mask_area"] == 160
     drawn = np.asarray(draw_prediction(image, shown)).astype(int)
     assert drawn[15, 20, 0] > drawn[15, 20, 1]  # the translucent red mask
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A save_pretrained folder of an untrained tiny model (no tokenizer recorded)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_model")
+    OneRef.from_config("tiny").save_pretrained(folder)
+    return folder
+
+
+def _scene(size=(50, 40)):
+    image = Image.new("RGB", size, (210, 210, 210))
+    ImageDraw.Draw(image).ellipse((5, 5, 25, 25), fill=(220, 30, 30))
+    return image
+
+
+def test_a_saved_refshapes_model_predicts_with_the_named_built_in_vocabulary(tiny_folder):
+    with pytest.raises(ValueError, match="no tokenizer is recorded.*'refshapes'"):
+        load_predictor(tiny_folder)
+    predictor = load_predictor(tiny_folder, tokenizer="refshapes")
+    images, text_ids, lengths = predictor.inputs([_scene(), _scene((30, 60))],
+                                                 ["the red circle", "the circle"])
+    size = predictor.model.config.img_size
+    assert images.shape == (2, 3, size, size) and images.dtype == torch.float32
+    assert text_ids.shape == (2, predictor.model.config.max_text_len)
+    assert lengths.tolist() == [5, 4]  # <s> words </s>
+    box = predictor.predict(_scene(), "the red circle").box_xyxy
+    assert 0 <= box[0] <= box[2] <= 50 and 0 <= box[1] <= box[3] <= 40
+
+
+def test_any_image_mode_is_read_as_rgb_and_other_objects_are_refused(tiny_folder):
+    predictor = load_predictor(tiny_folder, tokenizer="refshapes")
+    rgb = _scene()
+    want = predictor.predict(rgb, "the red circle")
+    assert predictor.predict(rgb.convert("RGBA"), "the red circle") == want
+    assert predictor.predict(rgb.convert("L"), "the red circle").score != want.score
+    for wrong, kind in ((np.asarray(rgb), "ndarray"), ("scene.png", "str")):
+        with pytest.raises(TypeError, match=f"image 0 must be a PIL image, got {kind}"):
+            predictor.predict(wrong, "the red circle")
+    with pytest.raises(ValueError, match="text 1 must be a non-empty expression"):
+        predictor.predict_batch([rgb, rgb], ["the circle", "  "])
+
+
+def test_words_outside_the_vocabulary_are_named(tiny_folder, caplog):
+    predictor = load_predictor(tiny_folder, tokenizer="refshapes")
+    with caplog.at_level(logging.WARNING, logger="oneref.eval.predict"):
+        predictor.predict(_scene(), "the red circle")
+        assert not caplog.records
+        predictor.predict(_scene(), "the red circle.")
+    assert "text 0: 'circle.' not in the tokenizer's vocabulary" in caplog.text
+
+
+def test_load_predictor_checks_task_and_device_first(tiny_folder):
+    with pytest.raises(ValueError, match="task must be rec or res, got 'seg'"):
+        load_predictor(tiny_folder, task="seg", tokenizer="refshapes")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' was requested but CUDA is not"):
+            load_predictor(tiny_folder, device="cuda", tokenizer="refshapes")
+        with pytest.raises(ValueError, match="device 'cuda:1' was requested"):
+            Predictor(OneRef.from_config("tiny"), None, device="cuda:1")
