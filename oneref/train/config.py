@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from oneref.config import ModelConfig
+from oneref.config import PRESETS, ModelConfig
 from oneref.ops.reference import DICE_WEIGHT, FOCAL_ALPHA, FOCAL_WEIGHT
 
 __all__ = [
@@ -340,6 +340,8 @@ class CheckpointConfig:
                                      "recipes do)")
     #: Keep the newest K step checkpoints (older ones are deleted); the final model is kept.
     keep_last: int = 2
+    #: ``""``: a new run; ``"auto"`` (or ``"latest"``): continue from the newest checkpoint
+    #: of ``output_dir``; a path: from that checkpoint, or the newest of that run folder.
     resume: str = _option("", "--resume", const="auto", optional_value=True, metavar="PATH",
                           path=True,
                           help="continue from the newest checkpoint of the run folder (or "
@@ -357,6 +359,12 @@ class CheckpointConfig:
         if self.interval < 0 or self.keep_last < 0:
             raise ValueError(f"checkpoint.interval and checkpoint.keep_last must be >= 0, got "
                              f"{self.interval} and {self.keep_last}")
+        for name in ("resume", "init_from"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, Path)):
+                raise TypeError(f"checkpoint.{name} must be a string (a path; resume also "
+                                f"'auto': the run folder's newest checkpoint), got {value!r}")
+            setattr(self, name, str(value))
 
 
 @dataclass
@@ -380,9 +388,9 @@ class TrainConfig:
     task: str = _option("rec", "--task", choices=TASKS, flag_choices=("rec", "res"),
                         commands=("train",),
                         help="rec (boxes) or res (masks); pretrain is oneref pretrain")
-    model: str = _option("small", "--model",
-                         help="preset: tiny, small, base, large (default: the recipe's, or "
-                              "the shape of an --init-from .pth)")
+    model: str = _option("small", "--model", choices=tuple(PRESETS),
+                         help="preset (default: the recipe's, or the shape of an --init-from "
+                              ".pth)")
     #: ModelConfig field overrides (``--set model_overrides.sim_scale=1``).
     model_overrides: dict = field(default_factory=dict)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
@@ -452,6 +460,10 @@ class TrainConfig:
         if not self.stages:
             raise ValueError("stages must hold at least one StageConfig")
         for i, stage in enumerate(self.stages):
+            if not isinstance(stage, StageConfig):
+                raise TypeError(f"stages.{i} must be a StageConfig, got "
+                                f"{type(stage).__name__} (TrainConfig.from_dict builds the "
+                                f"stages from mappings)")
             stage.validate(f"stages.{i}")
         if not self.output_dir.strip():
             raise ValueError("output_dir must name a folder, got an empty path")
@@ -608,6 +620,9 @@ def _parse_scalar(text: str):
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``key=value`` overrides with dotted keys (``stages.0.lr=1e-3``,
     ``optim.grad_clip=0``); values are parsed as JSON when possible."""
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides must be a list of key=value strings, got the string "
+                        f"{overrides!r} (write [{overrides!r}])")
     values = config.to_dict()
     for item in overrides:
         if "=" not in item:
@@ -689,6 +704,13 @@ def load_config_file(path: str | Path, base: TrainConfig | None = None) -> Train
 
 # --- recipes ------------------------------------------------------------------------------
 
+def _refshapes_changes(config: TrainConfig, changes: dict) -> TrainConfig:
+    """A RefShapes recipe with ``changes``; another ``task`` takes that task's recipe."""
+    if changes.get("task", config.task) != config.task:
+        return refshapes_recipe(**changes)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def refshapes_recipe(**changes) -> TrainConfig:
     """Default of ``oneref train``: REC from scratch on RefShapes, ``small`` model, 2-core CPU.
 
@@ -705,7 +727,16 @@ def refshapes_recipe(**changes) -> TrainConfig:
     once (60,000 seen three times scored lower).
     AdamW's beta2 is 0.98 as in BEiT-3 pre-training (0.999: 0.70 after 6,000 batch-32 steps,
     0.98: 0.71; val 0.72 and 0.75).
+
+    ``task="res"`` gives :func:`refshapes_res_recipe`, ``task="pretrain"``
+    :func:`pretrain_recipe` (with the other changes).
     """
+    task = changes.get("task", "rec")
+    if task != "rec":
+        recipes = {"res": refshapes_res_recipe, "pretrain": pretrain_recipe}
+        if task not in recipes:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        return recipes[task](**changes)
     config = TrainConfig(
         task="rec",
         model="small",
@@ -720,7 +751,7 @@ def refshapes_recipe(**changes) -> TrainConfig:
         output_dir="runs/refshapes_rec",
         log_interval=10,
     )
-    return dataclasses.replace(config, **changes) if changes else config
+    return _refshapes_changes(config, changes)
 
 
 def refshapes_res_recipe(**changes) -> TrainConfig:
@@ -736,7 +767,7 @@ def refshapes_res_recipe(**changes) -> TrainConfig:
     config = dataclasses.replace(refshapes_recipe(), task="res",
                                  res_loss=ResLossConfig(focal_alpha=0.75, rec_weight=1.0),
                                  output_dir="runs/refshapes_res")
-    return dataclasses.replace(config, **changes) if changes else config
+    return _refshapes_changes(config, changes)
 
 
 def reference_recipe(model: str = "base", **changes) -> TrainConfig:
@@ -806,4 +837,4 @@ def pretrain_recipe(**changes) -> TrainConfig:
         log_interval=10,
         final_test=False,
     )
-    return dataclasses.replace(config, **changes) if changes else config
+    return _refshapes_changes(config, changes)

@@ -29,7 +29,7 @@ from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
 from oneref.io import write_json
 from oneref.model import OneRef
-from oneref.model.validation import check_text
+from oneref.model.validation import check_boxes, check_text
 from oneref.sources import ModelSource
 from oneref.train import checkpoint as ckpt
 from oneref.train.config import TrainConfig
@@ -116,6 +116,7 @@ class Trainer:
             write_json(self.run_dir / "train_config.json", config.to_dict())
         self.wrapped: torch.nn.Module | None = None
         self._stage_index = -1
+        self._fit_started = False
 
     # ------------------------------------------------------------------ construction
     def _dataset(self, model_config, split: str, train: bool = False):
@@ -295,6 +296,8 @@ class Trainer:
         # model's own checks are off, see __init__).
         check_text(batch["text_ids"], batch["text_lengths"], self.model.config,
                    len(batch["text_ids"]), batch["text_ids"].device)
+        check_boxes(batch["boxes"], len(batch["boxes"]), batch["boxes"].device,
+                    check_values=True)
         batch = move_batch(batch, self.device)
         mode, drop_worst = self.mrefm.prepare(batch, self.step) if self.mrefm else ("", 0.0)
         with autocast_context(self.device, cfg.amp):
@@ -366,7 +369,14 @@ class Trainer:
         return float(all_reduce_max(used))
 
     def fit(self) -> dict:
-        """Train to the end of the plan; returns the final metrics (also in metrics.json)."""
+        """Train to the end of the plan; returns the final metrics (also in metrics.json).
+        A Trainer trains once: a further run is a new Trainer (``checkpoint.resume="auto"``
+        continues this one's)."""
+        if self._fit_started:
+            raise RuntimeError("this Trainer has already run fit(); to train further, build a "
+                               "new Trainer with checkpoint.resume='auto' (the newest "
+                               "checkpoint of its output_dir) and more steps or budget")
+        self._fit_started = True
         cfg = self.config
         logger = RunLogger(self.run_dir, enabled=self.main,
                            resume_step=self.step if self.resumed_from else None)
@@ -564,8 +574,9 @@ def _check_run_folder(run_dir: Path, config: TrainConfig) -> None:
     resume = config.checkpoint.resume
     if not resume or resume in ckpt.NEWEST:
         if not (resume or config.overwrite) and _holds_run(run_dir):
-            raise ValueError(f"{run_dir} already holds a run: continue it with --resume, start "
-                             "it afresh with --overwrite, or choose another --output-dir")
+            raise ValueError(f"{run_dir} already holds a run: continue it with --resume "
+                             "(checkpoint.resume='auto'), start it afresh with --overwrite "
+                             "(overwrite=True), or choose another --output-dir (output_dir)")
         return
     source = ckpt.run_folder_of(resume)
     if source.resolve() != run_dir.resolve() and _holds_run(run_dir):

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from oneref.train.config import (ScheduleConfig, StageConfig, TrainConfig, apply_overrides,
-                                 load_config_file, reference_recipe, refshapes_recipe)
+                                 load_config_file, pretrain_recipe, reference_recipe,
+                                 refshapes_recipe, refshapes_res_recipe)
 from oneref.train.optim import StagePlan
 from oneref.train.sampler import ResumableSampler, ShardSampler
 
@@ -165,3 +166,27 @@ def test_every_section_validates_itself(override, message):
     with pytest.raises(ValueError, match=message):
         apply_overrides(refshapes_recipe(), [override])
     assert apply_overrides(refshapes_recipe(), ["model_overrides.img_size=96"]).model_overrides
+
+
+def test_python_callers_get_named_type_errors():
+    with pytest.raises(TypeError, match="checkpoint.resume must be a string.*'auto'.*got True"):
+        dataclasses.replace(refshapes_recipe(), checkpoint=dataclasses.replace(
+            refshapes_recipe().checkpoint, resume=True))
+    with pytest.raises(TypeError, match="stages.0 must be a StageConfig, got dict"):
+        refshapes_recipe(stages=[{"lr": 1e-3}])
+    with pytest.raises(ValueError, match="model must be one of tiny, small, base, large, got "
+                                         "'tinyy'"):
+        apply_overrides(refshapes_recipe(), ["model=tinyy"])
+    with pytest.raises(TypeError, match=r"overrides must be a list.*write \['seed=3'\]"):
+        apply_overrides(refshapes_recipe(), "seed=3")
+
+
+def test_a_refshapes_recipe_asked_for_another_task_is_that_task_s_recipe():
+    res = refshapes_recipe(task="res", seed=3)
+    assert res == refshapes_res_recipe(seed=3) and res.res_loss.focal_alpha == 0.75
+    assert res.output_dir == "runs/refshapes_res"
+    assert refshapes_recipe(task="pretrain") == pretrain_recipe()
+    assert pretrain_recipe(task="rec", seed=4) == refshapes_recipe(seed=4)
+    assert refshapes_res_recipe(task="rec") == refshapes_recipe()
+    with pytest.raises(ValueError, match="task must be one of"):
+        refshapes_recipe(task="seg")

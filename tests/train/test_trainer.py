@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import json
 import os
 
 import pytest
@@ -127,6 +128,14 @@ def test_resume_continues_the_time_budget(tmp_path, caplog):
                                          r"used .*--time-budget \(the budget counts the whole"):
         Trainer(_config(tmp_path, time_budget_s=spent,
                         checkpoint=CheckpointConfig(resume="auto", keep_last=0)))
+
+
+def test_a_trainer_trains_once(tmp_path):
+    trainer = Trainer(_config(tmp_path, steps=2))
+    assert trainer.fit()["steps"] == 2
+    with pytest.raises(RuntimeError, match="already run fit.*checkpoint.resume='auto'"):
+        trainer.fit()
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2
 
 
 def test_resume_without_checkpoint_names_folder(tmp_path):
