@@ -366,6 +366,9 @@ def _cmd_eval(args) -> int:
     if report.load_summary:
         print(report.load_summary)
     print(report.table)
+    if report.kept_splits:
+        print(f"({', '.join(report.kept_splits)}: kept from the earlier evaluation of the "
+              f"same weights)")
     for path in report.paths:
         print(f"wrote {path}")
     return 0

@@ -20,7 +20,8 @@ import json
 import logging
 from pathlib import Path
 
-from oneref.checkpoints import CONFIG_NAME, LoadReport, load_official, read_checkpoint
+from oneref.checkpoints import (CONFIG_NAME, WEIGHTS_NAME, LoadReport, load_official,
+                                read_checkpoint)
 from oneref.conversion import infer_model_config, renamed_tensors
 from oneref.config import ModelConfig
 from oneref.io import load_pth
@@ -96,6 +97,11 @@ class ModelSource:
             return path, path.parent
         raise ValueError(f"checkpoint folder {path} holds neither model/{CONFIG_NAME} nor "
                          f"{CONFIG_NAME} (a run folder or a save_pretrained folder is expected)")
+
+    @property
+    def weights_file(self) -> Path:
+        """The file the weights are read from."""
+        return self.path if self.path.is_file() else self.model_dir / WEIGHTS_NAME
 
     @property
     def run_dir(self) -> Path | None:

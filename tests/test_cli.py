@@ -1,6 +1,7 @@
 """The `oneref` command: help on every subcommand, predict / eval / info, clear errors."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -272,6 +273,19 @@ def test_eval_and_info(run_dir, capsys):
     saved = json.loads((run_dir / "eval.json").read_text())
     assert [r["split"] for r in saved["rows"]] == ["test"] and saved["rows"][0]["n"] == 8
     assert (run_dir / "eval.md").read_text().count("| test | 8 |") == 1
+    # Another split of the same weights: the earlier rows stay, a split evaluated again is
+    # replaced; once the weights file changes, only the new rows are written.
+    def splits_after(*argv):
+        assert main(["eval", "--checkpoint", str(run_dir), "--size", "8", *argv]) == 0
+        return [r["split"] for r in json.loads((run_dir / "eval.json").read_text())["rows"]]
+
+    assert splits_after("--split", "val") == ["test", "val"]
+    assert "(test: kept from the earlier evaluation of the same weights)" in (
+        capsys.readouterr().out)
+    assert splits_after("--split", "test") == ["val", "test"]
+    weights = run_dir / "model" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert splits_after("--split", "val") == ["val"]
     assert main(["info", "--model", "tiny"]) == 0
     out = capsys.readouterr().out
     from oneref.model import OneRef

@@ -4,12 +4,14 @@
 ``torchrun``; the metric sums are reduced over ranks), :func:`eval_table` prints the rows
 as a markdown table with the published number beside each measured one, and
 :func:`write_eval` writes ``eval.json`` and ``eval.md``; :func:`evaluate_checkpoint` does all
-of it for a checkpoint path (``oneref eval``).
+of it for a checkpoint path (``oneref eval``), keeping the rows an earlier evaluation of the
+same weights wrote there for other splits (:func:`earlier_rows`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -27,8 +29,8 @@ from oneref.train.data import (build_dataset, check_data, dataset_info, eval_loa
                                load_tokenizer, recorded_data)
 from oneref.train.distributed import init_distributed, shutdown
 
-__all__ = ["default_splits", "evaluate_splits", "eval_table", "write_eval", "EvalReport",
-           "evaluate_checkpoint"]
+__all__ = ["default_splits", "evaluate_splits", "eval_table", "earlier_rows", "write_eval",
+           "EvalReport", "evaluate_checkpoint"]
 
 
 def default_splits(data: DataConfig) -> tuple[str, ...]:
@@ -99,6 +101,30 @@ def eval_table(rows: list[dict], task: str, data: DataConfig, preset: str) -> st
     return "\n".join(lines)
 
 
+#: What an earlier eval.json must share with this evaluation for its rows to be kept.
+_SAME_EVALUATION = ("weights", "task", "dataset", "model")
+
+
+def _weights_id(path: Path) -> str:
+    """Which weights were evaluated: the file, its size and its modification time."""
+    stat = path.stat()
+    return f"{path.resolve()} ({stat.st_size} bytes, modified {stat.st_mtime_ns} ns)"
+
+
+def earlier_rows(out_dir: str | Path, splits, meta: dict) -> list[dict]:
+    """The rows of an earlier ``eval.json`` in ``out_dir`` for splits other than ``splits``,
+    when it evaluated the same weights file for the same task and dataset (else none)."""
+    try:
+        earlier = json.loads((Path(out_dir) / "eval.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("rows"), list) or any(
+            earlier.get(key) != meta[key] for key in _SAME_EVALUATION):
+        return []
+    return [row for row in earlier["rows"]
+            if isinstance(row, dict) and row.get("split") not in splits]
+
+
 def write_eval(out_dir: str | Path, rows: list[dict], meta: dict, table: str) -> list[Path]:
     """``eval.json`` (``meta`` + rows) and ``eval.md`` (a header line + the table) in
     ``out_dir``, each written atomically."""
@@ -118,6 +144,8 @@ class EvalReport:
     meta: dict
     paths: list[Path]
     load_summary: str = ""
+    #: Splits whose rows come from an earlier eval.json of the same weights.
+    kept_splits: list[str] = dataclasses.field(default_factory=list)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None,
@@ -128,7 +156,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
     """``oneref eval``: the model at ``checkpoint`` on ``splits`` (default: every split of
     its dataset but the training ones), the data its run recorded with ``data_changes``
     applied; writes eval.json / eval.md to ``out`` (default: the run folder, else the
-    current folder). Under ``torchrun`` every rank evaluates its shard and rank 0 reports;
+    current folder), keeping the other splits' rows of an earlier evaluation of the same
+    weights there. Under ``torchrun`` every rank evaluates its shard and rank 0 reports;
     other ranks get None."""
     # torchrun's RANK: the process group starts once the files are checked
     source = ModelSource(checkpoint, preset=preset, trust=trust,
@@ -151,11 +180,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
         shutdown()
     if info.rank != 0:
         return None
-    table = eval_table(rows, task, data, model.config.name)
-    meta = {"checkpoint": str(checkpoint), "task": task, "dataset": data.dataset,
-            "model": model.config.name, "world_size": info.world_size,
+    meta = {"checkpoint": str(checkpoint), "weights": _weights_id(source.weights_file),
+            "task": task, "dataset": data.dataset, "model": model.config.name,
+            "world_size": info.world_size,
             "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
             else "cpu", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    paths = write_eval(Path(out) if out else (source.run_dir or Path(".")), rows, meta, table)
+    out_dir = Path(out) if out else (source.run_dir or Path("."))
+    kept = earlier_rows(out_dir, splits, meta)
+    rows = kept + rows
+    table = eval_table(rows, task, data, model.config.name)
+    paths = write_eval(out_dir, rows, meta, table)
     summary = source.report.summary(str(checkpoint)) if source.report is not None else ""
-    return EvalReport(rows, table, meta, paths, summary)
+    return EvalReport(rows, table, meta, paths, summary, [row["split"] for row in kept])
