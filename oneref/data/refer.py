@@ -204,7 +204,7 @@ class ReferringDataset(Dataset):
     def _check(self, records, policy: ErrorPolicy) -> list[RefRecord]:
         sizes: dict[str, tuple[int, int] | str] = {}
         kept = []
-        empty = []
+        empty, other_size = [], []
         for index, record in enumerate(records):
             try:
                 path = self.image_path(record)
@@ -216,6 +216,10 @@ class ReferringDataset(Dataset):
                 size = sizes[path]
                 if isinstance(size, str):
                     raise ValueError(size)
+                if record.size is not None and tuple(record.size) != size[::-1]:
+                    other_size.append(f"{record.where or f'record {index}'}: recorded "
+                                      f"{record.size[1]}x{record.size[0]}, {path} is "
+                                      f"{size[0]}x{size[1]}")
                 record.box = check_box_inside(record.box, *size)
             except ValueError as err:
                 policy.fail(record.where or f"record {index}", str(err))
@@ -229,6 +233,11 @@ class ReferringDataset(Dataset):
         if empty:
             log.warning("%s: %d record(s) have an empty segmentation mask; their rasterised box "
                         "stands in; first: %s", policy.source, len(empty), empty[0])
+        if other_size:
+            log.warning("%s: %d record(s) give an image size other than their file's; their "
+                        "boxes and masks are in the recorded image's pixels, so a resized "
+                        "image folder misplaces them (use the original images); first: %s",
+                        policy.source, len(other_size), other_size[0])
         return kept
 
     # ---- samples ---------------------------------------------------------------------

@@ -74,6 +74,22 @@ def test_coco_family_5_tuples(root, tok):
         ds[2]
 
 
+def test_a_recorded_image_size_other_than_the_file_s_is_warned(root, tok, caplog):
+    path = _save(root / "unc_testB.pth", [
+        ("a.png", {"height": 48, "width": 64}, [10, 8, 20, 20], "the red square", []),
+        ("b.jpg", {"height": 120, "width": 160}, [10, 8, 20, 20], "the square", []),
+        ("b.jpg", {"height": 120, "width": 160}, [40, 5, 20, 10], "the circle", []),
+    ])
+    with caplog.at_level(logging.WARNING, logger="oneref.data.refer"):
+        ds = ReferringDataset(load_split_file(path), root / "images", tok, img_size=S,
+                              parse_words=False)
+    assert len(ds) == 3
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "2 record(s) give an image size other than their file's" in (
+        warned[0])
+    assert "unc_testB.pth[1]: recorded 160x120" in warned[0] and "b.jpg is 80x60" in warned[0]
+
+
 def test_transvg_referit_flickr_layouts(root, tok):
     referit = load_split_file(_save(root / "referit_test.pth", [
         ("a.png", "m1.png", [40, 5, 60, 15], "the circle", ["attr"]),
