@@ -129,15 +129,16 @@ class ModelSource:
         return trained
 
     def build(self) -> OneRef:
-        """The model with its weights (an official file: all heads, converted names)."""
+        """The model with its weights (an official file: all heads, converted names), in
+        eval mode."""
         if self._state is None:
             return OneRef.from_pretrained(self.model_dir)
         model = OneRef(self.config)
         if self.kind == "step":
             model.load_state_dict(self._state)
-            return model
-        self.report = load_official(model, self._state)
-        return model
+        else:
+            self.report = load_official(model, self._state)
+        return model.eval()
 
 
 def _stopped_run(path: Path) -> bool:

@@ -296,6 +296,24 @@ def test_eval_and_info(run_dir, capsys):
     assert "torch" in out and "available" in out
 
 
+def test_a_model_built_from_a_config_of_its_own_trains_and_evaluates(tmp_path):
+    """Its config's name (``custom``) is recorded as the run's model; it is not a preset."""
+    from oneref.config import get_config
+    from oneref.model import OneRef
+    from oneref.sources import ModelSource
+
+    folder = tmp_path / "custom_model"
+    OneRef(get_config("tiny").replace(name="custom", depth=1)).save_pretrained(folder)
+    assert not ModelSource(folder).build().training
+    run = tmp_path / "run"
+    assert main(["train", "--init-from", str(folder), "-o", str(run), "--steps", "1",
+                 "--batch-size", "2", "--threads", "1", "--no-progress", "--set",
+                 "data.train_size=4", "--set", "data.eval_size=4", "--set",
+                 "final_test=false", "--set", "time_budget_s=0"]) == 0
+    assert json.loads((run / "train_config.json").read_text())["model"] == "custom"
+    assert main(["eval", "--checkpoint", str(run), "--size", "4", "--split", "val"]) == 0
+
+
 def test_config_file_merges_onto_the_recipe_and_flags_apply_on_top(tmp_path):
     from oneref.cli import _train_config
     from oneref.train.config import refshapes_recipe

@@ -135,19 +135,19 @@ class Predictor:
             out = self.transform(Example(image, whole, None, text.strip()))
             token_ids, length = self.tokenizer.encode_padded(out.text, max_len)
             if (token_ids == self.tokenizer.unk_id).any():
-                self._warn_unknown(k, out.text)
+                self._warn_unknown(out.text)
             canvases.append(out.image)
             ids.append(token_ids)
             lengths.append(length)
         return (torch.stack(canvases).to(self.device), torch.stack(ids).to(self.device),
                 torch.tensor(lengths, device=self.device))
 
-    def _warn_unknown(self, k: int, text: str) -> None:
-        """Name the words of text ``k`` that the tokenizer reads as ``<unk>``."""
+    def _warn_unknown(self, text: str) -> None:
+        """Name the words of ``text`` that the tokenizer reads as ``<unk>``."""
         unknown = [word for word in text.split()
                    if self.tokenizer.unk_id in self.tokenizer.encode(word)]
-        log.warning("text %d: %s not in the tokenizer's vocabulary (read as <unk>)", k,
-                    ", ".join(repr(word) for word in unknown) or repr(text))
+        log.warning("%r: %s not in the tokenizer's vocabulary (read as <unk>)", text,
+                    ", ".join(repr(word) for word in unknown) or "a part")
 
     @torch.no_grad()
     def predict_batch(self, images: list[Image.Image], texts: list[str]) -> list[Prediction]:

@@ -103,8 +103,8 @@ class OneRef(nn.Module):
         self.vts_head = MLP(dim, dim, 4, 3) if "vts" in heads else None
         self.mlm_head = MLMHead(dim, config.vocab_size) if "mlm" in heads else None
         self.sts_head = MLP(dim, dim, 1, 3) if "sts" in heads else None
-        # Value checks of token ids / lengths cost one host sync per call; a tuned loop may
-        # switch them off once its data pipeline is trusted.
+        # Value checks (token ids and lengths, boxes, masks, MRefM targets) cost a host sync
+        # each; a tuned loop may switch them off once its data pipeline is trusted.
         self.validate_inputs = True
         self.touch_unused_parameters = False
         self.apply(_init_weights)
@@ -238,13 +238,14 @@ class OneRef(nn.Module):
     @torch.no_grad()
     def predict_boxes(self, images, text_ids, text_lengths) -> torch.Tensor:
         """Inference helper: (B, 4) boxes x1, y1, x2, y2 clamped to [0, 1], computed in eval
-        mode (no drop path) and without gradients; the module's mode is restored."""
-        was_training = self.training
+        mode (no drop path) and without gradients; each submodule's mode is restored."""
+        modes = {module: module.training for module in self.modules()}
         self.eval()
         try:
             boxes = self.forward_rec(images, text_ids, text_lengths).boxes
         finally:
-            self.train(was_training)
+            for module, training in modes.items():
+                module.training = training
         return box_cxcywh_to_xyxy(boxes).clamp(0, 1)
 
     def forward_res(self, images, text_ids, text_lengths, with_boxes: bool = False) -> RESOutput:

@@ -2,7 +2,7 @@
 
 Each raises ``TypeError`` (wrong type/dtype) or ``ValueError`` (wrong shape, range or device)
 naming the argument and what was expected. Value-range checks (token ids, text lengths, box
-edges, mask values) read the tensors once with a single host synchronisation; they can be
+edges, mask values) each read their tensors with one host synchronisation; they can be
 switched off with ``model.validate_inputs = False`` in a tuned training loop.
 """
 
@@ -94,8 +94,11 @@ def check_image_mask(image_mask, config: ModelConfig, batch: int, device: torch.
     same_device(name, image_mask, device)
 
 
-#: Rounding allowed when a box edge or a mask value is checked against [0, 1].
-_RANGE_SLACK = 1e-3
+#: How far a box edge may lie outside [0, 1] (rounding of boxes normalised without
+#: clipping: a few pixels at any image size); a bf16 box's own rounding is allowed as well.
+_BOX_SLACK = 0.01
+#: How far a mask value may lie outside [0, 1].
+_MASK_SLACK = 1e-3
 
 
 def check_boxes(boxes, batch: int, device: torch.device, name: str = "boxes",
@@ -111,10 +114,11 @@ def check_boxes(boxes, batch: int, device: torch.device, name: str = "boxes",
     same_device(name, boxes, device)
     if not check_values:
         return
+    slack = max(_BOX_SLACK, torch.finfo(boxes.dtype).eps)
     centre, size = boxes.detach().float().split(2, dim=1)
     edges = torch.cat([centre - size / 2, centre + size / 2], dim=1)
     lowest, highest, smallest = torch.stack([edges.min(), edges.max(), size.min()]).tolist()
-    if not (lowest >= -_RANGE_SLACK and highest <= 1 + _RANGE_SLACK and smallest >= 0):
+    if not (lowest >= -slack and highest <= 1 + slack and smallest >= 0):
         raise ValueError(f"{name} must be normalised (cx, cy, w, h) boxes inside the image: "
                          f"w, h >= 0 and edges in [0, 1], got edges in [{lowest:.4g}, "
                          f"{highest:.4g}] and a smallest side of {smallest:.4g} (pixel or "
@@ -135,7 +139,7 @@ def check_masks(masks, config: ModelConfig, batch: int, device: torch.device,
     if not check_values or masks.dtype == torch.bool:
         return
     lowest, highest = torch.stack([masks.min(), masks.max()]).float().tolist()
-    if not (lowest >= -_RANGE_SLACK and highest <= 1 + _RANGE_SLACK):
+    if not (lowest >= -_MASK_SLACK and highest <= 1 + _MASK_SLACK):
         raise ValueError(f"{name} must hold values in [0, 1] (1 = the referred object), got "
                          f"values in [{lowest:.4g}, {highest:.4g}] (0/255 masks?)")
 

@@ -388,9 +388,11 @@ class TrainConfig:
     task: str = _option("rec", "--task", choices=TASKS, flag_choices=("rec", "res"),
                         commands=("train",),
                         help="rec (boxes) or res (masks); pretrain is oneref pretrain")
-    model: str = _option("small", "--model", choices=tuple(PRESETS),
+    # The flag offers the presets; a model built from start weights keeps its config's name
+    # (``custom`` for one built from a ModelConfig), which only names it.
+    model: str = _option("small", "--model", flag_choices=tuple(PRESETS),
                          help="preset (default: the recipe's, or the shape of an --init-from "
-                              ".pth)")
+                              "model)")
     #: ModelConfig field overrides (``--set model_overrides.sim_scale=1``).
     model_overrides: dict = field(default_factory=dict)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
@@ -456,7 +458,8 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the field when a value is out of range."""
+        """Raise ValueError (a value out of range) or TypeError (a value of the wrong type)
+        naming the field."""
         if not self.stages:
             raise ValueError("stages must hold at least one StageConfig")
         for i, stage in enumerate(self.stages):

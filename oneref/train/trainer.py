@@ -296,8 +296,11 @@ class Trainer:
         # model's own checks are off, see __init__).
         check_text(batch["text_ids"], batch["text_lengths"], self.model.config,
                    len(batch["text_ids"]), batch["text_ids"].device)
-        check_boxes(batch["boxes"], len(batch["boxes"]), batch["boxes"].device,
-                    check_values=True)
+        try:
+            check_boxes(batch["boxes"], len(batch["boxes"]), batch["boxes"].device,
+                        check_values=True)
+        except ValueError as err:
+            raise ValueError(f"{err} (training samples {batch['indices'].tolist()})") from None
         batch = move_batch(batch, self.device)
         mode, drop_worst = self.mrefm.prepare(batch, self.step) if self.mrefm else ("", 0.0)
         with autocast_context(self.device, cfg.amp):

@@ -86,14 +86,17 @@ def test_words_outside_the_vocabulary_are_named(tiny_folder, caplog):
         predictor.predict(_scene(), "the red circle")
         assert not caplog.records
         predictor.predict(_scene(), "the red circle.")
-    assert "text 0: 'circle.' not in the tokenizer's vocabulary" in caplog.text
+    assert "'the red circle.': 'circle.' not in the tokenizer's vocabulary" in caplog.text
 
 
-def test_load_predictor_checks_task_and_device_first(tiny_folder):
+def test_load_predictor_checks_task_and_device_before_reading_the_model(tmp_path):
+    missing = tmp_path / "no_model"  # read first, it would fail for another reason
     with pytest.raises(ValueError, match="task must be rec or res, got 'seg'"):
-        load_predictor(tiny_folder, task="seg", tokenizer="refshapes")
+        load_predictor(missing, task="seg")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda' was requested but CUDA is not"):
-            load_predictor(tiny_folder, device="cuda", tokenizer="refshapes")
+            load_predictor(missing, device="cuda")
         with pytest.raises(ValueError, match="device 'cuda:1' was requested"):
             Predictor(OneRef.from_config("tiny"), None, device="cuda:1")
+    with pytest.raises(ValueError, match="no_model does not exist"):
+        load_predictor(missing)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from oneref.model.validation import check_boxes
 from tests.model.conftest import make_batch
 
 
@@ -109,6 +110,11 @@ def test_box_and_mask_values_are_checked_unless_switched_off(tiny, batch):
     with pytest.raises(ValueError, match="masks must hold values in"):
         tiny.res_loss(res, masks)
     tiny.rec_loss(out, boxes, masks / 255)  # in range
+    edge = torch.tensor([[0.5117, 0.5, 0.9805, 0.4004]])  # x2 = 1 rounded in bf16: 1.002
+    check_boxes(edge.bfloat16(), 1, edge.device, check_values=True)
+    check_boxes(torch.tensor([[0.5, 0.5, 1.008, 0.5]]), 1, edge.device, check_values=True)
+    with pytest.raises(ValueError, match="edges in"):  # past a few pixels of rounding
+        check_boxes(torch.tensor([[0.5, 0.5, 1.03, 0.5]]), 1, edge.device, check_values=True)
     tiny.validate_inputs = False  # a tuned loop whose data is checked before the step
     try:
         assert torch.isfinite(tiny.rec_loss(out, pixels)["loss"])
@@ -119,8 +125,9 @@ def test_box_and_mask_values_are_checked_unless_switched_off(tiny, batch):
 def test_predict_boxes_runs_in_eval_mode_and_restores_the_mode(tiny, batch, tmp_path):
     images, ids, lengths, _ = batch
     model = type(tiny)(tiny.config.replace(drop_path=0.5)).train()  # drop path on
+    model.rec_head.eval()  # a submodule a user keeps in eval mode stays there
     first = model.predict_boxes(images, ids, lengths)
-    assert model.training
+    assert model.training and model.encoder.training and not model.rec_head.training
     torch.testing.assert_close(model.predict_boxes(images, ids, lengths), first, rtol=0, atol=0)
     model.save_pretrained(tmp_path / "saved")
     assert not type(tiny).from_pretrained(tmp_path / "saved").training
