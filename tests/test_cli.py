@@ -390,3 +390,16 @@ def test_one_process_commands_refuse_torchrun(command, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == (
         f"oneref {command}: error: runs in one process (every rank would do the whole job and "
         "write the same files): run it without torchrun")
+
+
+def test_building_the_parser_does_not_import_dynamo():
+    """Dynamo's import (about 1.2 s on 2 cores) is paid by the commands that compile or
+    count, not by every start (``oneref --help``, a typo's error)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from oneref.cli import build_parser; build_parser(); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"

@@ -18,7 +18,6 @@ import statistics
 from dataclasses import dataclass, field
 
 import torch
-from torch._dynamo.utils import counters
 
 from oneref.bench.engines import (ENGINES, TASK_FNS, build_engine, encoder_agreement,
                                   infer_step, make_batch, train_step)
@@ -129,6 +128,8 @@ def _measure_engine(key: str, preset: str, settings: CostSettings, device: torch
         log.warning("%s", exc)
         return row
     row["notes"] = list(engine.notes)
+    from torch._dynamo.utils import counters  # (imports Dynamo: not when the CLI starts)
+
     graph_skips = counters["inductor"]["cudagraph_skips"]
     row["dtype"] = str(engine.autocast or torch.float32).replace("torch.", "")
     row.update(_params(engine.model))
