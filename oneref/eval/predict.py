@@ -78,17 +78,6 @@ def _check_task(task) -> None:
         raise ValueError(f"task must be rec or res, got {task!r}")
 
 
-def _device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device (``auto``: CUDA when available); ValueError for CUDA on
-    a machine without it."""
-    if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
-        return resolve_device(device)
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available")
-    return device
-
-
 def _as_rgb(image, k: int) -> Image.Image:
     """A PIL image of any mode as RGB (what the model was trained on); TypeError naming
     image ``k`` for anything else."""
@@ -104,7 +93,7 @@ class Predictor:
 
     def __init__(self, model, tokenizer, task: str = "rec", device: str | torch.device = "cpu"):
         _check_task(task)
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.task = task
@@ -222,7 +211,7 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu",
     torch.device."""
     if task is not None:
         _check_task(task)
-    device = _device(device)
+    device = resolve_device(device)
     source = ModelSource(path, preset=preset, trust=trust)
     task = source.task_for(task)
     tok = _tokenizer(source, tokenizer).check_fits(source.config.vocab_size)

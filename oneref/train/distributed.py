@@ -37,15 +37,17 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA (``cuda:local_rank``) when available, else CPU."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was requested but CUDA is not available")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA (``cuda:local_rank``) when available, else CPU; ``cuda`` ->
+    ``cuda:local_rank``; any other name or torch.device as it is. ValueError for CUDA on a
+    machine without it."""
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but CUDA is not available")
+    return device
 
 
 def init_distributed(device_name: str = "auto", backend: str = "auto") -> DistInfo:
