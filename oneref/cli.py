@@ -212,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sigmoid(e_reg . w_t) + lambda_img * sigmoid(e_img . w_t) "
                                    "from a teacher, for pre-training with --sts. RefShapes: "
                                    "a side file (--sts-labels); split files: a labelled copy "
-                                   "under OUT/{dataset}/ (--split-root OUT).")
+                                   "under OUT/{dataset}/ (--split-root OUT); annotation "
+                                   "files: a labelled copy in OUT (--annotations OUT).")
     _add_weights_flags(p, "--teacher", "--teacher_model", None, required=True)
     p.add_argument("--out", required=True,
-                   help="RefShapes: the labels file (.safetensors); real data: a split root")
+                   help="RefShapes: the labels file (.safetensors); real data: a split root, "
+                        "or a folder for annotation files")
     p.add_argument("--split", default="train", help="split to label (default: train)")
     _add_config_flags(p, "sts-labels")
     p.add_argument("--size", type=int,
@@ -242,13 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_values(args, command: str) -> dict:
     """DataConfig fields of the data flags given (paths made absolute). Naming one kind of
-    annotation root clears the other one a run may have recorded."""
+    annotation root clears the others a run may have recorded."""
     values = {key[len("data."):]: value for key, value in _flag_values(args, command).items()
               if key.startswith("data.")}
-    if "split_root" in values and "refer_root" not in values:
-        values["refer_root"] = ""
-    elif "refer_root" in values and "split_root" not in values:
-        values["split_root"] = ""
+    roots = ("split_root", "refer_root", "annotations")
+    if any(values.get(root) for root in roots):
+        values = {**dict.fromkeys(roots, ""), **values}
     return values
 
 
@@ -393,6 +394,9 @@ def _cmd_predict(args) -> int:
         raise ValueError("--input replaces --image/--text; give one or the other")
     if args.input is not None and not args.out_dir:
         raise ValueError("--input needs --out-dir (where predictions.jsonl and the PNGs go)")
+    if args.input is None and args.out_dir:
+        raise ValueError("--out-dir goes with --input; name the drawing of one --image with "
+                         "--out PNG")
     if args.text is not None and not args.text.strip():
         raise ValueError("--text must be a non-empty expression")
     image = out = None
@@ -489,8 +493,8 @@ def _cmd_sts_labels(args) -> int:
                            device=resolve_device(args.device), trust=args.trust_checkpoint,
                            progress=not args.no_progress, data_changes=data, size=args.size,
                            batch_size=args.batch_size)
-    real = path.suffix == ".pth"
-    hint = f"--split-root {args.out}" if real else f"--sts-labels {path}"
+    hint = {".pth": f"--split-root {args.out}",
+            ".jsonl": f"--annotations {args.out}"}.get(path.suffix, f"--sts-labels {path}")
     print(f"wrote {path}\npre-train with them: oneref pretrain --sts {hint}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Batching of sample dicts (the Data contract of the team notes)."""
+"""Batching of sample dicts (the sample layout of :mod:`oneref.data`)."""
 
 from __future__ import annotations
 

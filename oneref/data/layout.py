@@ -1,6 +1,6 @@
 """Where the files of a real dataset live, and the datasets built from them (docs/data.md).
 
-Three roots, named as in the reference code:
+Three roots, named as in the reference code, and one for your own data:
 
 * ``data_root``: the image tree; each image collection sits in a fixed sub-folder
   (:data:`IMAGE_DIRS`), so one root serves every dataset and a mixup file finds each tuple's
@@ -8,6 +8,8 @@ Three roots, named as in the reference code:
 * ``split_root``: split files ``{split_root}/{dataset}/{dataset}_{split}.pth``.
 * ``refer_root``: the refer-toolkit layout ``{refer_root}/{refcoco,refcoco+,refcocog}/``
   (``instances.json`` + ``refs(split_by).p``), the other way RefCOCO is held.
+* ``annotations``: your own data, ``{annotations}/{split}.jsonl``
+  (:mod:`oneref.data.annotations`), its images under ``data_root`` itself.
 
 :func:`resolve` checks the roots, the dataset, the split and the split file's presence and
 returns a :class:`SplitSource`; :func:`build_split` reads its records, checks that every
@@ -21,6 +23,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from oneref.data.annotations import SUFFIX, annotation_splits, load_annotations
 from oneref.data.records import RefRecord
 from oneref.data.refer import ReferringDataset
 from oneref.data.refer_toolkit import DEFAULT_SPLIT_BY, load_refer
@@ -76,8 +79,13 @@ REFER_DATASETS = {("refcoco", "unc"): "unc", ("refcoco+", "unc"): "unc+",
 _REFER_BY_NAME = {name: pair for pair, name in REFER_DATASETS.items()}
 
 
-def dataset_info(dataset: str, refer: bool = False, split_by: str = "") -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``dataset`` (a refer-toolkit name when ``refer``)."""
+def dataset_info(dataset: str, refer: bool = False, split_by: str = "",
+                 annotations: str = "") -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``dataset`` (a refer-toolkit name when ``refer``; any
+    name for the annotation files in the folder ``annotations``, whose splits they are)."""
+    if annotations:
+        folder = _existing_dir(annotations, "--annotations")
+        return DatasetInfo(dataset, annotation_splits(folder), ("own",), True)
     if refer:
         name, split_by = _refer_pair(dataset, split_by)
         known = REFER_DATASETS.get((name, split_by))
@@ -114,16 +122,20 @@ class SplitSource:
     split: str
     image_dirs: dict[str, str]
     split_file: str = ""
+    annotation_file: str = ""
     refer_root: str = ""
     refer_dataset: str = ""
     split_by: str = ""
 
     @property
     def name(self) -> str:
-        return self.split_file or f"{self.refer_root}/{self.refer_dataset}/refs({self.split_by}).p"
+        return (self.split_file or self.annotation_file
+                or f"{self.refer_root}/{self.refer_dataset}/refs({self.split_by}).p")
 
     def records(self, on_error: str = "raise", trust: bool = False) -> list[RefRecord]:
         """The split's records (``trust``: unpickle any object in the files)."""
+        if self.annotation_file:
+            return load_annotations(self.annotation_file, on_error=on_error)
         if self.split_file:
             return load_split_file(self.split_file, dataset=self.dataset, on_error=on_error,
                                    trust=trust)
@@ -141,15 +153,23 @@ def _existing_dir(path: str, flag: str) -> str:
 
 
 def resolve(dataset: str, split: str, data_root: str, split_root: str = "",
-            refer_root: str = "", split_by: str = "") -> SplitSource:
+            refer_root: str = "", split_by: str = "", annotations: str = "") -> SplitSource:
     """Check the roots and find the files of ``dataset``/``split``; ValueError naming the
     flag, the path and what was expected."""
-    if bool(split_root) == bool(refer_root):
+    if sum(map(bool, (split_root, refer_root, annotations))) != 1:
         raise ValueError("real data needs exactly one of --split-root (split files "
-                         "{dataset}/{dataset}_{split}.pth) and --refer-root (refer-toolkit "
-                         "layout)")
+                         "{dataset}/{dataset}_{split}.pth), --refer-root (refer-toolkit "
+                         "layout) and --annotations (your own {split}.jsonl files)")
     data_root = _existing_dir(data_root, "--data-root")
-    info = dataset_info(dataset, refer=bool(refer_root), split_by=split_by)
+    info = dataset_info(dataset, refer=bool(refer_root), split_by=split_by,
+                        annotations=annotations)
+    if annotations:
+        folder = _existing_dir(annotations, "--annotations")
+        if split not in info.splits:
+            raise ValueError(f"--annotations {folder}: no split file {split}{SUFFIX} (the "
+                             f"splits there: {', '.join(info.splits) or 'none'})")
+        return SplitSource(dataset, split, {"own": data_root},
+                           annotation_file=os.path.join(folder, split + SUFFIX))
     if info.splits and split not in info.splits:
         raise ValueError(f"dataset {dataset!r} has no split {split!r}; its splits are "
                          f"{', '.join(info.splits)}")
@@ -202,10 +222,11 @@ def build_split(source: SplitSource, tokenizer: Tokenizer, img_size: int, max_te
     the test transform; segmentations decoded when ``use_masks`` (RES, or REC's mask
     constraint from masks); ``trust`` unpickles any object in the annotation files;
     ``sts_labels``: samples carry the records' STS labels (split files' 6th element)."""
-    if sts_labels and not source.split_file:
+    if sts_labels and not (source.split_file or source.annotation_file):
         raise ValueError(f"{source.name}: STS labels are read from split files (6th tuple "
-                         f"element) and the refer-toolkit layout has none: label a split file "
-                         f"(oneref sts-labels) and train with --split-root")
+                         f"element) or annotation files ('sts'), and the refer-toolkit layout "
+                         f"has none: label a split file (oneref sts-labels) and train with "
+                         f"--split-root")
     records = source.records(on_error, trust)
     if not records:
         raise ValueError(f"{source.name}: no records in split {source.split!r}")

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["RefRecord", "ErrorPolicy", "RecordError", "parse_box", "check_polygons",
-           "check_phrase", "check_box_inside", "check_sts_labels", "own_message"]
+           "check_segmentation", "check_phrase", "check_box_inside", "check_sts_labels",
+           "own_message"]
 
 log = logging.getLogger(__name__)
 
@@ -145,25 +146,44 @@ def check_polygons(value) -> list | None:
     return out
 
 
+def check_segmentation(value) -> tuple[list | None, dict | None]:
+    """(polygons, rle) of a COCO segmentation field: polygons (see :func:`check_polygons`)
+    or an RLE dict with ``counts`` and ``size``."""
+    if isinstance(value, dict):
+        if "counts" not in value or "size" not in value:
+            raise ValueError("RLE segmentation needs 'counts' and 'size'")
+        size, counts = value["size"], value["counts"]
+        if (not isinstance(size, (list, tuple)) or len(size) != 2
+                or not all(isinstance(v, int) and v > 0 for v in size)):
+            raise ValueError(f"RLE size {size!r} is not [height, width] in pixels")
+        if not isinstance(counts, (str, bytes, list)):
+            raise ValueError(f"RLE counts must be a string (compressed) or a list of run "
+                             f"lengths, got {type(counts).__name__}")
+        return None, value
+    return check_polygons(value), None
+
+
 def check_sts_labels(records, where: str) -> None:
-    """Every record carries STS labels as its 6th element (a non-empty 1-D sequence of
-    finite numbers, one per token: list, tuple or numpy array), or a ValueError names the
-    first record that does not."""
+    """Every record carries STS labels as its 6th element, or under ``sts`` in an annotation
+    file (a non-empty 1-D sequence of finite numbers, one per token: list, tuple or numpy
+    array), or a ValueError names the first record that does not."""
     for record in records:
         values = record.extra
+        field, root = (("'sts'", "--annotations") if record.source == "own" else
+                       ("6th element", "--split-root"))
         if values is None:
-            problem = "has no 6th element (STS labels)"
+            problem = f"has no {field} (STS labels)"
         else:
             try:
                 array = np.asarray(values, dtype=np.float64)
             except (TypeError, ValueError):
                 array = None
             if array is None or array.ndim != 1 or array.size == 0 or isinstance(values, str):
-                problem = f"has a 6th element {values!r:.40}, not a non-empty list of numbers"
+                problem = f"has a {field} {values!r:.40}, not a non-empty list of numbers"
             elif not np.isfinite(array).all():
                 problem = "has STS labels that are not finite numbers"
             else:
                 continue
         raise ValueError(f"{record.where or where}: {problem}; make them with oneref "
-                         f"sts-labels --teacher RUN --split-root SPLITS --out DIR and train "
-                         f"with --split-root DIR")
+                         f"sts-labels --teacher RUN {root} DATA --out DIR and train with "
+                         f"{root} DIR")

@@ -221,6 +221,10 @@ class ReferringDataset(Dataset):
                                       f"{record.size[1]}x{record.size[0]}, {path} is "
                                       f"{size[0]}x{size[1]}")
                 record.box = check_box_inside(record.box, *size)
+                if self.use_masks and record.rle is not None and (
+                        list(record.rle["size"]) != [size[1], size[0]]):
+                    raise ValueError(f"RLE segmentation of size {list(record.rle['size'])} "
+                                     f"(height, width), but {path} is {size[0]}x{size[1]}")
             except ValueError as err:
                 policy.fail(record.where or f"record {index}", str(err))
                 continue

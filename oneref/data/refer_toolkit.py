@@ -13,7 +13,7 @@ import logging
 import os
 
 from oneref.data.records import (ErrorPolicy, RefRecord, check_box_inside, check_phrase,
-                                 check_polygons, parse_box)
+                                 check_segmentation, parse_box)
 from oneref.io import load_pickle
 
 __all__ = ["DEFAULT_SPLIT_BY", "load_refer"]
@@ -42,15 +42,6 @@ def _read_refs(path: str, trust: bool) -> list:
     if not isinstance(refs, list):
         raise ValueError(f"refs file {path!r} holds a {type(refs).__name__}, expected a list")
     return refs
-
-
-def _segmentation(seg):
-    """(polygons, rle) from a COCO segmentation field."""
-    if isinstance(seg, dict):
-        if "counts" not in seg or "size" not in seg:
-            raise ValueError("RLE segmentation needs 'counts' and 'size'")
-        return None, seg
-    return check_polygons(seg), None
 
 
 def load_refer(root: str | os.PathLike, dataset: str = "refcoco", split: str = "val",
@@ -111,7 +102,7 @@ def _ref_records(ref: dict, images: dict, anns: dict, sentence_key: str,
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"image {ref['image_id']} needs file_name, width and height") from None
     box = check_box_inside(parse_box(ann.get("bbox"), "xywh"), width, height)
-    polygons, rle = _segmentation(ann.get("segmentation"))
+    polygons, rle = check_segmentation(ann.get("segmentation"))
     sentences = ref["sentences"]
     if not isinstance(sentences, list) or not sentences:
         raise ValueError("no sentences")

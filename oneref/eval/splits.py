@@ -68,6 +68,9 @@ def evaluate_splits(model, data: DataConfig, task: str, splits, device: torch.de
 
 
 def _paper_dataset(data: DataConfig) -> str:
+    """The dataset's name in the paper's tables; none for your own data, whatever its name."""
+    if data.annotations:
+        return ""
     return dataset_info(data).name if data.real else data.dataset
 
 

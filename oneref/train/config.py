@@ -192,11 +192,13 @@ class DataConfig:
     # The reference code's flag spellings (--data_root, --enable_seg_mask, ...) work too.
     dataset: str = _option("refshapes", "--dataset", commands=_DATA_COMMANDS,
                            help="refshapes (built in), unc, unc+, gref, gref_umd, referit, "
-                                "flickr, mixup; with --refer-root: refcoco, refcoco+, refcocog")
+                                "flickr, mixup; with --refer-root: refcoco, refcoco+, "
+                                "refcocog; with --annotations: your dataset's name")
     root: str = _option("", "--data-root", "--data_root", metavar="IMAGE_DATA", path=True,
                         commands=_DATA_COMMANDS,
                         help="image root of real data: other/images/mscoco/images/train2014, "
-                             "referit/images, Flickr30k/flickr30k-images below it")
+                             "referit/images, Flickr30k/flickr30k-images below it; with "
+                             "--annotations, the folder their image paths start from")
     split_root: str = _option("", "--split-root", "--split_root", metavar="SPLITS", path=True,
                               commands=_DATA_COMMANDS,
                               help="folder of split files {dataset}/{dataset}_{split}.pth")
@@ -204,6 +206,11 @@ class DataConfig:
                               commands=_DATA_COMMANDS,
                               help="refer-toolkit layout (refcoco/instances.json + "
                                    "refs(unc).p), instead of --split-root")
+    annotations: str = _option("", "--annotations", metavar="DIR", path=True,
+                               commands=_DATA_COMMANDS,
+                               help="your own data: DIR/{split}.jsonl, one object per line "
+                                    "with image, box [x, y, w, h] and text (docs/data.md), "
+                                    "instead of --split-root")
     split_by: str = _option("", "--split-by", "--split_by", commands=_DATA_COMMANDS,
                             choices=("", "unc", "google", "umd"),
                             flag_choices=("unc", "google", "umd"),
@@ -256,10 +263,15 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         given = [flag for flag, value in (("--data-root", self.root),
                                           ("--split-root", self.split_root),
-                                          ("--refer-root", self.refer_root)) if value]
+                                          ("--refer-root", self.refer_root),
+                                          ("--annotations", self.annotations)) if value]
         if given and not self.real:
+            example = "mydata" if self.annotations else "unc"
             raise ValueError(f"{', '.join(given)} given, but the dataset is refshapes (built "
-                             f"in, the default): name the real dataset, e.g. --dataset unc")
+                             f"in, the default): name the real dataset, e.g. --dataset "
+                             f"{example}")
+        if self.annotations and not self.dataset.strip():
+            raise ValueError("data.dataset must name the dataset of --annotations")
 
 
 @dataclass

@@ -52,7 +52,7 @@ def load_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
 def split_source(data: DataConfig, split: str) -> layout.SplitSource:
     """The files of one real split (docs/data.md)."""
     return layout.resolve(data.dataset, split, data.root, data.split_root, data.refer_root,
-                          data.split_by)
+                          data.split_by, data.annotations)
 
 
 def check_data(data: DataConfig, splits) -> None:
@@ -65,7 +65,8 @@ def check_data(data: DataConfig, splits) -> None:
 
 def dataset_info(data: DataConfig) -> layout.DatasetInfo:
     """The splits, image collections and masks of the real dataset ``data`` names."""
-    return layout.dataset_info(data.dataset, refer=bool(data.refer_root), split_by=data.split_by)
+    return layout.dataset_info(data.dataset, refer=bool(data.refer_root), split_by=data.split_by,
+                               annotations=data.annotations)
 
 
 def build_dataset(data: DataConfig, model: ModelConfig, split: str, task: str = "rec",
@@ -91,11 +92,13 @@ def build_dataset(data: DataConfig, model: ModelConfig, split: str, task: str = 
         return dataset
     if sts_labels:
         raise ValueError(f"--sts-labels {sts_labels} is RefShapes' side file; the split files "
-                         f"of dataset {data.dataset!r} carry STS labels as their 6th element")
+                         f"of dataset {data.dataset!r} carry STS labels as their 6th element "
+                         f"(annotation files under 'sts')")
     use_masks = task == "res" or data.seg_mask
     if use_masks and not dataset_info(data).masks:
         raise ValueError(f"dataset {data.dataset!r} has no segmentation masks; --task res and "
-                         f"--seg-mask need unc, unc+, gref, gref_umd, mixup or --refer-root")
+                         f"--seg-mask need unc, unc+, gref, gref_umd, mixup, --refer-root or "
+                         f"--annotations with segmentations")
     return layout.build_split(split_source(data, split), tokenizer or load_tokenizer(data, model),
                               model.img_size, model.max_text_len, train=train,
                               use_masks=use_masks, on_error=data.on_error, seed=data.seed,

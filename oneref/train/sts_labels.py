@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from oneref.data.annotations import write_sts_annotations
 from oneref.sources import ModelSource
 from oneref.sts import teacher_labels, write_refshapes_labels, write_split_labels
 from oneref.train.config import DataConfig
@@ -27,7 +28,8 @@ def make_sts_labels(teacher: str | Path, out: str | Path, data: DataConfig | Non
                     size: int | None = None, batch_size: int | None = None) -> Path:
     """Label every sample of ``split`` with ``teacher`` (a run folder, ``save_pretrained``
     folder or checkpoint file) and write the labels: for RefShapes the side file ``out``,
-    for a real split file a labelled copy under the split root ``out``. Returns the path.
+    for a real split file a labelled copy under the split root ``out``, for an annotation
+    file a labelled copy in the folder ``out``. Returns the path.
 
     ``data`` names the samples; by default the teacher run's recorded data with
     ``data_changes`` (flag values), ``size`` (RefShapes train scenes) and ``batch_size``.
@@ -45,17 +47,20 @@ def make_sts_labels(teacher: str | Path, out: str | Path, data: DataConfig | Non
         fields["eval_batch_size"] = batch_size
     data = dataclasses.replace(data, **fields)
     if data.real:
-        split_file = split_source(data, split).split_file
-        if not split_file:
-            raise ValueError("STS labels are written into split files (6th tuple element); "
-                             "the refer-toolkit layout has none: pass --split-root")
+        files = split_source(data, split)
+        if not (files.split_file or files.annotation_file):
+            raise ValueError("STS labels are written into split files (6th tuple element) or "
+                             "annotation files ('sts'); the refer-toolkit layout has neither: "
+                             "pass --split-root")
     tokenizer = load_tokenizer(data, source.config) if data.real else None
     dataset = build_dataset(data, source.config, split, "rec", tokenizer)
     model = source.build().to(device)
     labels = teacher_labels(model, eval_loader(dataset, data, device, 0, 1), lambda_reg,
                             lambda_img, device, progress)
-    if data.real:
-        path = write_split_labels(split_file, out, data.dataset, labels, trust=data.trust)
+    if data.real and files.annotation_file:
+        path = write_sts_annotations(files.annotation_file, out, labels)
+    elif data.real:
+        path = write_split_labels(files.split_file, out, data.dataset, labels, trust=data.trust)
     else:
         path = write_refshapes_labels(out, labels, dataset, {
             "teacher": str(Path(teacher).absolute()), "lambda_reg": lambda_reg,

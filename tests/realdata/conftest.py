@@ -1,6 +1,7 @@
 """A small real-data set in the official on-disk layout (docs/data.md), written once per
 session: JPEGs under the image tree, split files for unc / referit / flickr / mixup, a
-refer-toolkit pair, a toy sentencepiece model, and tiny BEiT-3 / OneRef checkpoints in the
+refer-toolkit pair, annotation files of "your own data" (JSON lines), a toy sentencepiece
+model, and tiny BEiT-3 / OneRef checkpoints in the
 official key layout with pickled training arguments, saved at image size 32 so loading them
 into the tiny preset (64) resizes the position table."""
 
@@ -36,6 +37,7 @@ class RealData:
     images: Path  # --data-root
     splits: Path  # --split-root
     refer: Path  # --refer-root
+    annotations: Path  # --annotations (with --data-root images)
     spm: Path
     beit3: Path  # official BEiT-3 start point (img 32)
     oneref: Path  # official OneRef fine-tuned checkpoint (img 32, heads, optimizer, args)
@@ -103,6 +105,32 @@ def _write_refer(refer: Path, coco) -> None:
         pickle.dump(refs, handle)
 
 
+def _write_annotations(folder: Path, coco) -> None:
+    """train / val / test.jsonl over the COCO images, in every box and segmentation form the
+    format has: xywh and xyxy boxes, polygons and an RLE, a stated image size, an extra key."""
+    from pycocotools import mask as mask_utils
+
+    folder.mkdir(parents=True)
+    for index, split in enumerate(("train", "val", "test")):
+        lines = []
+        for k, name in enumerate(coco):
+            w, h = SIZES[k % len(SIZES)]
+            x, y, bw, bh = 4.0 + k, 6.0, w / 2, h / 3
+            line = {"image": f"{COCO_DIR}/{name}", "text": PHRASES[(k + index) % len(PHRASES)],
+                    "box": [x, y, bw, bh], "segmentation": _polygon(x, y, bw, bh), "id": k}
+            if k == 1:
+                del line["box"]
+                line["box_xyxy"] = [x, y, x + bw, y + bh]
+                line.update(height=h, width=w)
+            if k == 2:
+                pixels = np.zeros((h, w), dtype=np.uint8, order="F")
+                pixels[int(y):int(y + bh), int(x):int(x + bw)] = 1
+                rle = mask_utils.encode(pixels)
+                line["segmentation"] = {"size": [h, w], "counts": rle["counts"].decode()}
+            lines.append(json.dumps(line))
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def _write_spm(path: Path) -> None:
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(PHRASES * 4), model_writer=model,
@@ -157,6 +185,8 @@ def realdata(tmp_path_factory) -> RealData:
     splits = root / "single_dataset"
     _write_splits(splits, coco, referit, flickr)
     _write_refer(root / "refer", coco)
+    _write_annotations(root / "own", coco)
     _write_spm(root / "beit3.spm")
     beit3, oneref = _write_checkpoints(root / "weights")
-    return RealData(root, images, splits, root / "refer", root / "beit3.spm", beit3, oneref)
+    return RealData(root, images, splits, root / "refer", root / "own", root / "beit3.spm",
+                    beit3, oneref)

@@ -160,7 +160,7 @@ def test_sts_labels_into_a_split_file_then_pretrain(trained, realdata, capsys):
     assert main(["sts-labels", "--teacher", str(run), "--out", str(work / "x"), "--dataset",
                  "refcoco", "--refer-root", str(realdata.refer), "--split-by", "unc",
                  "--no-progress"]) == 2
-    assert "refer-toolkit layout has none" in capsys.readouterr().err
+    assert "refer-toolkit layout has neither" in capsys.readouterr().err
 
 
 # --- errors, in process -------------------------------------------------------------------
@@ -246,6 +246,10 @@ def test_predict_needs_a_tokenizer_for_official_files(realdata, capsys):
         capsys.readouterr().err
     assert main(["predict", "--checkpoint", str(realdata.oneref), "--input", "x.jsonl"]) == 2
     assert "--input needs --out-dir" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(realdata.oneref), "--image",
+                 str(realdata.images / COCO_IMAGE), "--text", "a man", "--out-dir", "x"]) == 2
+    assert "--out-dir goes with --input; name the drawing of one --image with --out PNG" in \
+        capsys.readouterr().err
 
 
 # --- the other layouts, and what the flags become -----------------------------------------
