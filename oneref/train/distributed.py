@@ -39,12 +39,16 @@ class DistInfo:
 
 def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
     """``auto`` -> CUDA (``cuda:local_rank``) when available, else CPU; ``cuda`` ->
-    ``cuda:local_rank``; any other name or torch.device as it is. ValueError for CUDA on a
-    machine without it."""
+    ``cuda:local_rank``; any other name or torch.device as it is. ValueError for a name torch
+    does not know, and for CUDA on a machine without it."""
     name = str(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    try:
+        device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:N, "
+                         f"...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was requested but CUDA is not available")
     return device

@@ -98,5 +98,7 @@ def test_load_predictor_checks_task_and_device_before_reading_the_model(tmp_path
             load_predictor(missing, device="cuda")
         with pytest.raises(ValueError, match="device 'cuda:1' was requested"):
             Predictor(OneRef.from_config("tiny"), None, device="cuda:1")
+    with pytest.raises(ValueError, match=r"device 'gpu' is not a device name \(auto, cpu"):
+        load_predictor(missing, device="gpu")
     with pytest.raises(ValueError, match="no_model does not exist"):
         load_predictor(missing)
