@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", metavar="DIR", help="where eval.json / eval.md go (default: the "
                                                 "run folder, else the current folder)")
+    p.add_argument("--predictions", action="store_true",
+                   help="also write predictions_{split}.jsonl (every sample's predicted box "
+                        "and IoU) and worst_{split}.png (the 16 lowest-IoU samples, target "
+                        "green, prediction red)")
     p = sub.add_parser("predict", help="ground expressions in images",
                        description="One image and expression (--image, --text), or a JSON-lines "
                                    "file of pairs (--input); prints / writes boxes and drawings.")
@@ -361,7 +365,8 @@ def _cmd_eval(args) -> int:
         args.checkpoint, _data_values(args, "eval"),
         splits=[s.strip() for s in args.split.split(",")] if args.split else None,
         task=args.task, preset=args.model, size=args.size, batch_size=args.batch_size,
-        device=args.device, trust=args.trust_checkpoint, out=args.out)
+        device=args.device, trust=args.trust_checkpoint, out=args.out,
+        predictions=args.predictions)
     if report is None:  # not rank 0
         return 0
     if report.load_summary:

@@ -35,7 +35,7 @@ from oneref.data.splitfiles import load_split_file
 from oneref.data.tokenizer import Tokenizer
 from oneref.data.transforms import Example, TestTransform
 
-__all__ = ["ReferringDataset", "decode_segmentation"]
+__all__ = ["ReferringDataset", "decode_segmentation", "image_size"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _open_image(path: str) -> Image.Image:
         raise ValueError(f"cannot read image file {path!r}: {err}") from err
 
 
-def _image_size(path: str) -> tuple[int, int]:
+def image_size(path: str) -> tuple[int, int]:
     """(width, height) from the header; ValueError naming the file."""
     with _open_image(path) as image:
         return image.size
@@ -210,7 +210,7 @@ class ReferringDataset(Dataset):
                 path = self.image_path(record)
                 if path not in sizes:
                     try:
-                        sizes[path] = _image_size(path)
+                        sizes[path] = image_size(path)
                     except ValueError as err:
                         sizes[path] = str(err)
                 size = sizes[path]

@@ -28,13 +28,15 @@ def move_batch(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, task: str, device: torch.device,
-             amp: str = "auto", min_batches: int = 0) -> dict[str, float]:
+             amp: str = "auto", min_batches: int = 0, recorder=None) -> dict[str, float]:
     """Metrics of ``model`` (a ``OneRef``) on every batch of ``loader``.
 
     ``task="rec"``: ``{"acc@0.5", "miou_box", "n"}``; ``task="res"``: ``{"miou", "oiou",
     "prec@0.5".."prec@0.9", "n"}``. Each rank sees its shard; sums are reduced over ranks.
     ``min_batches``: forward the last batch again (not counted) until this many forwards
     ran, for sharded models whose ranks must run the same number of forwards.
+    ``recorder``: a :class:`~oneref.eval.samples.SampleRecorder` that also gets every
+    batch's output.
     """
     was_training = model.training
     model.eval()
@@ -43,7 +45,10 @@ def evaluate(model: torch.nn.Module, loader, task: str, device: torch.device,
     try:
         for batch in loader:
             batch = move_batch(batch, device)
-            _update(acc, _predict(model, batch, task, device, amp), batch, task)
+            out = _predict(model, batch, task, device, amp)
+            _update(acc, out, batch, task)
+            if recorder is not None:
+                recorder.update(out, batch)
             forwards += 1
         if forwards < min_batches and batch is None:
             raise ValueError(f"this rank's evaluation shard is empty but {min_batches} "

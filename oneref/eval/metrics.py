@@ -16,6 +16,7 @@ __all__ = [
     "box_iou",
     "rec_hits",
     "mask_intersection_union",
+    "mask_ious",
     "RECAccumulator",
     "RESAccumulator",
     "PREC_THRESHOLDS",
@@ -98,6 +99,12 @@ def mask_intersection_union(pred: torch.Tensor, gt: torch.Tensor):
     return inter, union
 
 
+def mask_ious(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """Per-sample mask IoU from :func:`mask_intersection_union`; an empty prediction of an
+    empty target is a perfect match (1)."""
+    return torch.where(union > 0, inter / union.clamp(min=1.0), torch.ones_like(union))
+
+
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a float64 vector over all ranks when a process group is initialised."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -152,8 +159,7 @@ class RESAccumulator:
     def update(self, pred_masks: torch.Tensor, gt_masks: torch.Tensor) -> None:
         """Add a batch: pred_masks, gt_masks (B, H, W) binary (bool or {0, 1})."""
         inter, union = mask_intersection_union(pred_masks, gt_masks)
-        # An empty prediction of an empty target is a perfect match.
-        ious = torch.where(union > 0, inter / union.clamp(min=1.0), torch.ones_like(union))
+        ious = mask_ious(inter, union)
         counts = [float((ious >= t).sum()) for t in self.thresholds]
         self._sums += torch.tensor([float(ious.sum()), float(inter.sum()), float(union.sum()),
                                     float(ious.numel()), *counts], dtype=torch.float64)

@@ -28,7 +28,7 @@ from oneref.sources import ModelSource
 from oneref.train.distributed import resolve_device
 
 __all__ = ["Predictor", "Prediction", "load_predictor", "load_image", "draw_prediction",
-           "predict_file"]
+           "predict_file", "canvas_to_pixels", "mask_box"]
 
 log = logging.getLogger(__name__)
 
@@ -154,31 +154,52 @@ class Predictor:
 
     def _to_image(self, image: Image.Image, out, k: int, score: float,
                   canvas_mask: np.ndarray | None) -> Prediction:
-        """Canvas -> input pixels: the test transform scales the long side to the canvas
-        size and centres the image."""
+        """The prediction in the input image's pixels."""
         size = self.model.config.img_size
         width, height = image.size
-        scale = size / max(width, height)
-        inner_w, inner_h = round(width * scale), round(height * scale)
-        off_x, off_y = (size - inner_w) // 2, (size - inner_h) // 2
         mask = None
         if canvas_mask is not None:
-            ys, xs = np.nonzero(canvas_mask)
-            box = (np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64) / size
-                   if xs.size else np.zeros(4))
-            cxcywh = [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0],
-                      box[3] - box[1]]
+            cxcywh = mask_box(canvas_mask)
+            (off_x, off_y), (inner_w, inner_h) = _placement(width, height, size)
             inner = canvas_mask[off_y:off_y + inner_h, off_x:off_x + inner_w]
             mask = np.asarray(Image.fromarray(inner.astype(np.uint8) * 255).resize(
                 (width, height), Image.NEAREST)) > 127
         else:
             cxcywh = out.boxes[k].float().cpu().tolist()
-        cx, cy, w, h = cxcywh
-        corners = np.clip(np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]), 0, 1) * size
-        corners = (corners - np.array([off_x, off_y, off_x, off_y])) / scale
-        corners = np.clip(corners, 0, [width, height, width, height])
-        return Prediction(tuple(float(v) for v in corners), tuple(float(v) for v in cxcywh),
-                          float(score), mask)
+        return Prediction(canvas_to_pixels(cxcywh, width, height, size),
+                          tuple(float(v) for v in cxcywh), float(score), mask)
+
+
+def _placement(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where the test transform puts a ``width`` x ``height`` image on the ``size`` canvas:
+    the long side scaled to ``size``, centred. ((offset x, y), (width, height) on it)."""
+    scale = size / max(width, height)
+    inner_w, inner_h = round(width * scale), round(height * scale)
+    return ((size - inner_w) // 2, (size - inner_h) // 2), (inner_w, inner_h)
+
+
+def canvas_to_pixels(cxcywh, width: int, height: int, size: int
+                     ) -> tuple[float, float, float, float]:
+    """A box normalised on the test transform's ``size`` canvas (cx, cy, w, h) -> x1, y1,
+    x2, y2 in the pixels of the ``width`` x ``height`` image, clipped to it."""
+    (off_x, off_y), _ = _placement(width, height, size)
+    scale = size / max(width, height)
+    cx, cy, w, h = (float(v) for v in cxcywh)
+    corners = np.clip(np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]), 0, 1) * size
+    corners = (corners - np.array([off_x, off_y, off_x, off_y])) / scale
+    corners = np.clip(corners, 0, [width, height, width, height])
+    return tuple(float(v) for v in corners)
+
+
+def mask_box(mask: np.ndarray) -> list[float]:
+    """The box around a (S, S) canvas mask's pixels, normalised cx, cy, w, h (zeros when the
+    mask is empty)."""
+    size = mask.shape[-1]
+    ys, xs = np.nonzero(mask)
+    if not xs.size:
+        return [0.0, 0.0, 0.0, 0.0]
+    x1, y1, x2, y2 = (float(v) / size for v in (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+    return [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
 
 
 #: The ``tokenizer`` name of RefShapes' built-in vocabulary.

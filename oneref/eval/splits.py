@@ -22,6 +22,7 @@ from oneref.data.synthetic import colour_guess_accuracy
 from oneref.eval.evaluate import evaluate
 from oneref.eval.metrics import PREC_THRESHOLDS
 from oneref.eval.published import published
+from oneref.eval.samples import SampleRecorder
 from oneref.io import write_json, write_text
 from oneref.sources import ModelSource
 from oneref.train.config import DataConfig
@@ -46,9 +47,11 @@ def default_splits(data: DataConfig) -> tuple[str, ...]:
 
 def evaluate_splits(model, data: DataConfig, task: str, splits, device: torch.device,
                     amp: str = "auto", rank: int = 0, world_size: int = 1,
-                    tokenizer=None) -> list[dict]:
+                    tokenizer=None, predictions_dir: str | Path | None = None) -> list[dict]:
     """One row per split: the task's metrics (``n`` samples) and ``samples_per_s``.
-    ``tokenizer``: real data's, when the caller loaded it already."""
+    ``tokenizer``: real data's, when the caller loaded it already. ``predictions_dir``:
+    rank 0 writes each split's per-sample rows and worst samples there
+    (:mod:`oneref.eval.samples`)."""
     check_data(data, splits)
     if data.real and tokenizer is None:
         tokenizer = load_tokenizer(data, model.config)
@@ -56,9 +59,14 @@ def evaluate_splits(model, data: DataConfig, task: str, splits, device: torch.de
     for split in splits:
         dataset = build_dataset(data, model.config, split, task, tokenizer)
         loader = eval_loader(dataset, data, device, rank, world_size)
+        recorder = SampleRecorder(task) if predictions_dir is not None else None
         start = time.perf_counter()
-        metrics = evaluate(model, loader, task, device, amp)
+        metrics = evaluate(model, loader, task, device, amp, recorder=recorder)
         seconds = time.perf_counter() - start
+        if recorder is not None:
+            recorder.gather()
+            if rank == 0:
+                recorder.write(dataset, split, predictions_dir)
         row = {"split": split, **metrics, "seconds": seconds,
                "samples_per_s": metrics["n"] / max(seconds, 1e-9)}
         if not data.real and task == "rec":
@@ -155,13 +163,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
                         splits: list[str] | None = None, task: str | None = None,
                         preset: str | None = None, size: int | None = None,
                         batch_size: int = 128, device: str = "auto", trust: bool = False,
-                        out: str | Path | None = None) -> EvalReport | None:
+                        out: str | Path | None = None,
+                        predictions: bool = False) -> EvalReport | None:
     """``oneref eval``: the model at ``checkpoint`` on ``splits`` (default: every split of
     its dataset but the training ones), the data its run recorded with ``data_changes``
     applied; writes eval.json / eval.md to ``out`` (default: the run folder, else the
     current folder), keeping the other splits' rows of an earlier evaluation of the same
-    weights there. Under ``torchrun`` every rank evaluates its shard and rank 0 reports;
-    other ranks get None."""
+    weights there; with ``predictions`` also each split's per-sample rows
+    (``predictions_{split}.jsonl``) and lowest-IoU samples (``worst_{split}.png``). Under
+    ``torchrun`` every rank evaluates its shard and rank 0 reports; other ranks get None."""
     # torchrun's RANK: the process group starts once the files are checked
     source = ModelSource(checkpoint, preset=preset, trust=trust,
                          quiet=os.environ.get("RANK", "0") != "0")
@@ -174,11 +184,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
         raise ValueError("--split names no split")
     check_data(data, splits)  # the files, before the weights are built
     tokenizer = load_tokenizer(data, source.config) if data.real else None
+    out_dir = Path(out) if out else (source.run_dir or Path("."))
     info = init_distributed(device)
     try:
         model = source.build().to(info.device)
         rows = evaluate_splits(model, data, task, splits, info.device, rank=info.rank,
-                               world_size=info.world_size, tokenizer=tokenizer)
+                               world_size=info.world_size, tokenizer=tokenizer,
+                               predictions_dir=out_dir if predictions else None)
     finally:
         shutdown()
     if info.rank != 0:
@@ -188,10 +200,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
             "world_size": info.world_size,
             "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
             else "cpu", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    out_dir = Path(out) if out else (source.run_dir or Path("."))
     kept = earlier_rows(out_dir, splits, meta)
     rows = kept + rows
     table = eval_table(rows, task, data, model.config.name)
     paths = write_eval(out_dir, rows, meta, table)
+    if predictions:
+        paths += [out_dir / f"{kind}_{split}.{suffix}" for split in splits
+                  for kind, suffix in (("predictions", "jsonl"), ("worst", "png"))]
     summary = source.report.summary(str(checkpoint)) if source.report is not None else ""
     return EvalReport(rows, table, meta, paths, summary, [row["split"] for row in kept])
