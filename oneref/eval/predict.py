@@ -28,7 +28,7 @@ from oneref.sources import ModelSource
 from oneref.train.distributed import resolve_device
 
 __all__ = ["Predictor", "Prediction", "load_predictor", "load_image", "draw_prediction",
-           "predict_file", "canvas_to_pixels", "mask_box"]
+           "predict_file", "canvas_to_pixels", "mask_boxes"]
 
 log = logging.getLogger(__name__)
 
@@ -144,28 +144,26 @@ class Predictor:
         batch = self.inputs(images, texts)
         if self.task == "res":
             out = self.model.forward_res(*batch)
-            masks = (out.mask_logits > 0).cpu().numpy()
+            masks = out.mask_logits > 0
+            boxes, masks = mask_boxes(masks).tolist(), masks.cpu().numpy()
         else:
             out = self.model.forward_rec(*batch)
-            masks = None
+            boxes, masks = out.boxes.float().cpu().tolist(), None
         scores = torch.sigmoid(out.sim_logits.float().flatten(1)).amax(1).tolist()
-        return [self._to_image(image, out, k, scores[k], None if masks is None else masks[k])
+        return [self._to_image(image, boxes[k], scores[k], None if masks is None else masks[k])
                 for k, image in enumerate(images)]
 
-    def _to_image(self, image: Image.Image, out, k: int, score: float,
+    def _to_image(self, image: Image.Image, cxcywh: list[float], score: float,
                   canvas_mask: np.ndarray | None) -> Prediction:
         """The prediction in the input image's pixels."""
         size = self.model.config.img_size
         width, height = image.size
         mask = None
         if canvas_mask is not None:
-            cxcywh = mask_box(canvas_mask)
             (off_x, off_y), (inner_w, inner_h) = _placement(width, height, size)
             inner = canvas_mask[off_y:off_y + inner_h, off_x:off_x + inner_w]
             mask = np.asarray(Image.fromarray(inner.astype(np.uint8) * 255).resize(
                 (width, height), Image.NEAREST)) > 127
-        else:
-            cxcywh = out.boxes[k].float().cpu().tolist()
         return Prediction(canvas_to_pixels(cxcywh, width, height, size),
                           tuple(float(v) for v in cxcywh), float(score), mask)
 
@@ -191,15 +189,20 @@ def canvas_to_pixels(cxcywh, width: int, height: int, size: int
     return tuple(float(v) for v in corners)
 
 
-def mask_box(mask: np.ndarray) -> list[float]:
-    """The box around a (S, S) canvas mask's pixels, normalised cx, cy, w, h (zeros when the
-    mask is empty)."""
-    size = mask.shape[-1]
-    ys, xs = np.nonzero(mask)
-    if not xs.size:
-        return [0.0, 0.0, 0.0, 0.0]
-    x1, y1, x2, y2 = (float(v) / size for v in (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
-    return [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) bool canvas masks -> (B, 4) float: the box around each mask's pixels,
+    normalised cx, cy, w, h (zeros for an empty mask)."""
+    size = masks.shape[-1]
+    positions = torch.arange(size, device=masks.device)
+
+    def span(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, S) -> first, end
+        return (torch.where(hit, positions, size).amin(1),
+                torch.where(hit, positions, -1).amax(1) + 1)
+
+    columns = masks.any(1)
+    (x1, x2), (y1, y2) = span(columns), span(masks.any(2))
+    boxes = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], 1).float() / size
+    return torch.where(columns.any(1, keepdim=True), boxes, torch.zeros_like(boxes))
 
 
 #: The ``tokenizer`` name of RefShapes' built-in vocabulary.

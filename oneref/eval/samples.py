@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from oneref.data.refer import ReferringDataset, image_size
 from oneref.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from oneref.eval.metrics import mask_intersection_union, mask_ious, rec_hits
-from oneref.eval.predict import canvas_to_pixels, mask_box
+from oneref.eval.predict import canvas_to_pixels, mask_boxes
 from oneref.io import atomic_write
 
 __all__ = ["SampleRecorder", "WORST"]
@@ -52,20 +52,23 @@ class SampleRecorder:
     def update(self, out, batch: dict) -> None:
         """Add one batch's model output (``forward_rec`` / ``forward_res``)."""
         if self.task == "rec":
-            boxes = out.boxes.float()
-            ious = rec_hits(boxes, batch["boxes"].float())[1].tolist()
-            boxes, masks = boxes.cpu().tolist(), None
+            boxes, masks = out.boxes.float(), None
+            ious = rec_hits(boxes, batch["boxes"].float())[1]
         else:
-            predicted = out.mask_logits.float() > 0
-            ious = mask_ious(*mask_intersection_union(predicted, batch["masks"] > 0.5)).tolist()
-            masks = predicted.cpu().numpy()
-            boxes = [mask_box(mask) for mask in masks]
+            masks = out.mask_logits > 0
+            ious = mask_ious(*mask_intersection_union(masks, batch["masks"] > 0.5))
+            boxes = mask_boxes(masks)
+        ious, boxes = ious.tolist(), boxes.cpu().tolist()
         for k, index in enumerate(batch["indices"].tolist()):
             self.rows.append({"index": index, "iou": ious[k], "box_cxcywh": boxes[k]})
-            entry = (-ious[k], -index, None if masks is None else masks[k])
+            key = (-ious[k], -index)
+            if len(self._worst) == self.worst and key <= self._worst[0][:2]:
+                continue  # not below the IoUs kept (ties go to the earlier index)
+            # Only a kept sample's mask leaves the device.
+            entry = (*key, None if masks is None else masks[k].cpu().numpy())
             if len(self._worst) < self.worst:
                 heapq.heappush(self._worst, entry)
-            elif entry[:2] > self._worst[0][:2]:  # a lower IoU (or the same, an earlier index)
+            else:
                 heapq.heapreplace(self._worst, entry)
 
     def gather(self) -> None:
@@ -151,8 +154,9 @@ def _tile(dataset, index: int, iou: float, mask: np.ndarray | None, row: dict,
     canvas = canvas.convert("RGB").resize((size * scale, size * scale), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
     width = max(2, scale)
-    target = sample["mask"].numpy() > 0.5 if task == "res" else None
-    target_box = mask_box(target) if target is not None and target.any() else sample["box"]
+    target = sample["mask"] > 0.5 if task == "res" else None
+    target_box = (mask_boxes(target[None])[0] if target is not None and target.any()
+                  else sample["box"])
     draw.rectangle(_corners(target_box, size * scale), outline=_TARGET, width=width)
     if any(row["box_cxcywh"]):
         draw.rectangle(_corners(row["box_cxcywh"], size * scale), outline=_PREDICTED,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from oneref.cli import main
 from oneref.data.transforms import Example, TestTransform
-from oneref.eval.predict import canvas_to_pixels, mask_box
+from oneref.eval.predict import canvas_to_pixels, mask_boxes
 from oneref.eval.samples import SampleRecorder
 
 
@@ -63,11 +63,12 @@ def test_canvas_to_pixels_inverts_the_test_transform(width, height):
     assert canvas_to_pixels([0.5, 0.5, 2.0, 2.0], width, height, 48) == (0, 0, width, height)
 
 
-def test_mask_box():
-    mask = np.zeros((10, 10), bool)
-    mask[2:4, 5:10] = True
-    assert mask_box(mask) == pytest.approx([0.75, 0.3, 0.5, 0.2])
-    assert mask_box(np.zeros((4, 4), bool)) == [0.0, 0.0, 0.0, 0.0]
+def test_mask_boxes():
+    masks = torch.zeros(3, 10, 10, dtype=torch.bool)
+    masks[0, 2:4, 5:10] = True
+    masks[1, 9, 0] = True
+    torch.testing.assert_close(mask_boxes(masks), torch.tensor(
+        [[0.75, 0.3, 0.5, 0.2], [0.05, 0.95, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0]]))
 
 
 @pytest.fixture(scope="module")
