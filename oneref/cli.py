@@ -402,6 +402,9 @@ def _cmd_predict(args) -> int:
     if args.input is None and args.out_dir:
         raise ValueError("--out-dir goes with --input; name the drawing of one --image with "
                          "--out PNG")
+    if args.input is not None and args.out:
+        raise ValueError("--out names the drawing of one --image; with --input the drawings "
+                         "go to --out-dir")
     if args.text is not None and not args.text.strip():
         raise ValueError("--text must be a non-empty expression")
     image = out = None

@@ -16,6 +16,7 @@ so a misspelt optional key is not dropped without a word.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -35,20 +36,39 @@ KEYS = ("image", "box", "box_xyxy", "text", "segmentation", "height", "width", "
 
 
 def annotation_splits(folder: str | os.PathLike) -> tuple[str, ...]:
-    """The splits of an annotations folder: the names of its ``*.jsonl`` files, sorted."""
+    """The splits of an annotations folder: the names of its ``*.jsonl`` files, sorted
+    (hidden files, such as macOS's ``._train.jsonl``, left out)."""
     return tuple(sorted(name[:-len(SUFFIX)] for name in os.listdir(folder)
-                        if name.endswith(SUFFIX) and len(name) > len(SUFFIX)))
+                        if name.endswith(SUFFIX) and len(name) > len(SUFFIX)
+                        and not name.startswith(".")))
+
+
+def _lines(path: str) -> list[bytes]:
+    """The file's lines as bytes, split at line feeds and carriage returns only (a JSON
+    string may hold other line separators), a UTF-8 byte-order mark dropped."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        raise ValueError(f"cannot read annotation file {path!r}: {err.strerror}") from None
+    return data.removeprefix(codecs.BOM_UTF8).splitlines()
 
 
 def _size(item: dict) -> tuple[int, int] | None:
     if "height" not in item and "width" not in item:
         return None
     height, width = item.get("height"), item.get("width")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-               for v in (height, width)):
-        raise ValueError(f"'height' and 'width' must both be positive integers, got "
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+               and float(v).is_integer() for v in (height, width)):
+        raise ValueError(f"'height' and 'width' must both be positive whole numbers, got "
                          f"{height!r} and {width!r}")
-    return height, width
+    return int(height), int(width)
+
+
+def _unread(item: dict) -> str:
+    """"; keys not read: ..." for a line's keys outside :data:`KEYS` (a misspelt one)."""
+    others = [repr(key) for key in item if key not in KEYS]
+    return f"; keys not read: {', '.join(others)}" if others else ""
 
 
 def _parse_line(item, where: str) -> RefRecord:
@@ -56,16 +76,18 @@ def _parse_line(item, where: str) -> RefRecord:
         raise ValueError(f"is a JSON {type(item).__name__}, expected an object")
     image = item.get("image")
     if not isinstance(image, str) or not image:
-        raise ValueError(f"'image' must be a non-empty file name, got {image!r}")
+        raise ValueError(f"'image' must be a non-empty file name, got {image!r}"
+                         + _unread(item))
     boxes = [key for key in ("box", "box_xyxy") if key in item]
     if len(boxes) != 1:
-        others = [repr(key) for key in item if key not in KEYS]
         raise ValueError("needs exactly one of 'box' (x, y, width, height) and 'box_xyxy' "
-                         "(x1, y1, x2, y2)" + (", not both" if boxes else "") +
-                         (f"; keys not read: {', '.join(others)}" if others else ""))
+                         "(x1, y1, x2, y2)" + (", not both" if boxes else "") + _unread(item))
     box = parse_box(item[boxes[0]], "xywh" if boxes[0] == "box" else "xyxy")
+    if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+        raise ValueError(f"{boxes[0]} {item[boxes[0]]} is under one pixel wide or tall; boxes "
+                         f"are in the image's pixels, not normalised to [0, 1]")
     if "text" not in item:
-        raise ValueError("has no 'text' (the referring expression)")
+        raise ValueError("has no 'text' (the referring expression)" + _unread(item))
     phrase = check_phrase(item["text"])
     size = _size(item)
     if size is not None:
@@ -82,15 +104,10 @@ def load_annotations(path: str | os.PathLike, on_error: str = "raise") -> list[R
     ``on_error``: "raise" (ValueError naming the file, the line and the problem) or "skip"
     (the line is counted and logged)."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as handle:
-            lines = handle.read().splitlines()
-    except OSError as err:
-        raise ValueError(f"cannot read annotation file {path!r}: {err.strerror}") from None
     name = os.path.basename(path)
     policy = ErrorPolicy(on_error, path)
-    records, unknown = [], {}
-    for number, raw in enumerate(lines, 1):
+    records, unknown, seen, repeated = [], {}, {}, []
+    for number, raw in enumerate(_lines(path), 1):
         if not raw.strip():
             continue
         try:
@@ -101,8 +118,16 @@ def load_annotations(path: str | os.PathLike, on_error: str = "raise") -> list[R
             continue
         for key in record.meta:
             unknown[key] = unknown.get(key, 0) + 1
+        same = (record.image_file, record.box, record.phrase)
+        if same in seen:
+            repeated.append(f"line {number} repeats line {seen[same]}")
+        seen.setdefault(same, number)
         records.append(record)
     policy.report()
+    if repeated:
+        log.warning("%s: %d line(s) repeat an earlier line's image, box and text (each is a "
+                    "sample of its own, counted again in an evaluation); first: %s", path,
+                    len(repeated), repeated[0])
     if unknown:
         counts = ", ".join(f"{key!r} ({n} of {len(records)} records)"
                            for key, n in unknown.items())
@@ -117,8 +142,7 @@ def write_sts_annotations(path: str | os.PathLike, out_root: str | os.PathLike,
     """A copy of the annotation file ``path`` in the folder ``out_root`` whose lines carry
     ``labels`` (one row per record, in order) under ``sts``, written atomically."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as handle:
-        lines = [line for line in handle.read().splitlines() if line.strip()]
+    lines = [line for line in _lines(path) if line.strip()]
     if len(lines) != len(labels):
         raise ValueError(f"{path}: {len(lines)} records but {len(labels)} label rows")
     target = os.path.join(os.fspath(out_root), os.path.basename(path))
@@ -129,7 +153,7 @@ def write_sts_annotations(path: str | os.PathLike, out_root: str | os.PathLike,
     for line, values in zip(lines, labels):
         item = json.loads(line)
         item["sts"] = [float(v) for v in values]
-        out.append(json.dumps(item, ensure_ascii=False))
+        out.append(json.dumps(item, ensure_ascii=False))  # read back split at line ends only
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:

@@ -167,7 +167,10 @@ def resolve(dataset: str, split: str, data_root: str, split_root: str = "",
         folder = _existing_dir(annotations, "--annotations")
         if split not in info.splits:
             raise ValueError(f"--annotations {folder}: no split file {split}{SUFFIX} (the "
-                             f"splits there: {', '.join(info.splits) or 'none'})")
+                             f"splits there: {', '.join(info.splits) or 'none'}); training "
+                             f"reads data.train_split, data.eval_split and, at its end, "
+                             f"data.test_split (train, val, test unless --set names others; "
+                             f"--set final_test=false skips the last)")
         return SplitSource(dataset, split, {"own": data_root},
                            annotation_file=os.path.join(folder, split + SUFFIX))
     if info.splits and split not in info.splits:
@@ -195,9 +198,9 @@ def resolve(dataset: str, split: str, data_root: str, split_root: str = "",
 def _check_images(source: SplitSource, records: list[RefRecord], on_error: str) -> None:
     """One ValueError per image folder that is missing or, unless ``on_error`` is ``skip``
     (the dataset then skips and counts their records), lacks files the records name."""
-    by_source: dict[str, set[str]] = {}
+    by_source: dict[str, dict[str, str]] = {}  # collection -> file -> first record naming it
     for record in records:
-        by_source.setdefault(record.source, set()).add(record.image_file)
+        by_source.setdefault(record.source, {}).setdefault(record.image_file, record.where)
     for collection, files in sorted(by_source.items()):
         folder = source.image_dirs.get(collection)
         if folder is None:
@@ -211,8 +214,9 @@ def _check_images(source: SplitSource, records: list[RefRecord], on_error: str) 
             continue
         missing = sorted(f for f in files if not os.path.isfile(os.path.join(folder, f)))
         if missing:
+            first = f"{missing[0]}, {files[missing[0]]}" if files[missing[0]] else missing[0]
             raise ValueError(f"image folder {folder} lacks {len(missing)} of the {len(files)} "
-                             f"images {source.name} names (first: {missing[0]})")
+                             f"images {source.name} names (first: {first})")
 
 
 def build_split(source: SplitSource, tokenizer: Tokenizer, img_size: int, max_text_len: int,

@@ -41,11 +41,13 @@ class RefRecord:
     """One referring sample.
 
     image_file: path relative to the image root (or absolute); box: (x1, y1, x2, y2) pixels;
-    phrase: the expression; source: image collection ("coco", "referit", "flickr", ...);
-    polygons: COCO polygons [[x, y, x, y, ...], ...] or None; rle: COCO RLE dict or None;
-    mask_file: per-sample mask image (older TransVG files) or None; size: (height, width)
-    when the file states it; extra: a 6th tuple element (STS scores) kept as is;
-    where: "file[index]" for messages.
+    phrase: the expression; source: image collection ("coco", "referit", "flickr", "own"
+    for annotation files); polygons: COCO polygons [[x, y, x, y, ...], ...] or None; rle:
+    COCO RLE dict or None; mask_file: per-sample mask image (older TransVG files) or None;
+    size: (height, width) when the file states it; extra: the STS labels (a split file's 6th
+    tuple element, an annotation line's ``sts``) kept as they are; where: "file[index]" or
+    "file:line" for messages; meta: what else the file says of the record (refer-toolkit
+    ids, an annotation line's other keys).
     """
 
     image_file: str
@@ -90,6 +92,9 @@ class ErrorPolicy:
 def parse_box(value, box_format: str) -> tuple[float, float, float, float]:
     """4 finite numbers in ``box_format`` ("xywh" or "xyxy") -> (x1, y1, x2, y2).
     Raises ValueError describing the problem."""
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (str, bytes, bool))
+                                                for v in value):
+        raise ValueError(f"box {value!r} is not 4 numbers")
     try:
         arr = np.asarray(value.tolist() if hasattr(value, "tolist") else value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -148,19 +153,61 @@ def check_polygons(value) -> list | None:
 
 def check_segmentation(value) -> tuple[list | None, dict | None]:
     """(polygons, rle) of a COCO segmentation field: polygons (see :func:`check_polygons`)
-    or an RLE dict with ``counts`` and ``size``."""
+    or an RLE dict with ``counts`` (compressed string, or run lengths that cover the mask)
+    and ``size``. A compressed string is decoded when the mask is first used."""
     if isinstance(value, dict):
         if "counts" not in value or "size" not in value:
             raise ValueError("RLE segmentation needs 'counts' and 'size'")
         size, counts = value["size"], value["counts"]
         if (not isinstance(size, (list, tuple)) or len(size) != 2
-                or not all(isinstance(v, int) and v > 0 for v in size)):
+                or not all(_is_int(v) and v > 0 for v in size)):
             raise ValueError(f"RLE size {size!r} is not [height, width] in pixels")
-        if not isinstance(counts, (str, bytes, list)):
+        if isinstance(counts, (str, bytes)):
+            runs = _compressed_runs(counts.decode("latin-1") if isinstance(counts, bytes)
+                                    else counts)
+        elif isinstance(counts, list):
+            if not all(_is_int(v) and v >= 0 for v in counts):
+                raise ValueError("RLE counts must be non-negative whole run lengths")
+            runs = counts
+        else:
             raise ValueError(f"RLE counts must be a string (compressed) or a list of run "
                              f"lengths, got {type(counts).__name__}")
+        if sum(runs) != size[0] * size[1]:
+            raise ValueError(f"RLE run lengths add up to {sum(runs)} pixels, not the "
+                             f"{size[0]} x {size[1]} = {size[0] * size[1]} of its size")
         return None, value
     return check_polygons(value), None
+
+
+def _compressed_runs(counts: str) -> list[int]:
+    """The run lengths of COCO's compressed RLE string: each number in 5-bit groups, least
+    significant first, as characters 48 + group (+ 32 when another group follows; the last
+    group's bit 16 is the sign), each number after the second a difference to the number
+    two before it. ValueError for a string that is not one."""
+    runs, position = [], 0
+    while position < len(counts):
+        number, shift, more = 0, 0, True
+        while more:
+            if position == len(counts):
+                raise ValueError("RLE counts string ends inside a number")
+            group = ord(counts[position]) - 48
+            if not 0 <= group < 64:
+                raise ValueError(f"RLE counts string has {counts[position]!r}, not a "
+                                 f"compressed RLE character")
+            number |= (group & 0x1F) << shift
+            more, position, shift = bool(group & 0x20), position + 1, shift + 5
+            if not more and group & 0x10:
+                number |= -1 << shift
+        if len(runs) > 2:
+            number += runs[-2]
+        if number < 0:
+            raise ValueError("RLE counts string decodes to a negative run length")
+        runs.append(number)
+    return runs
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def check_sts_labels(records, where: str) -> None:

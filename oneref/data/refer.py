@@ -225,10 +225,10 @@ class ReferringDataset(Dataset):
                         list(record.rle["size"]) != [size[1], size[0]]):
                     raise ValueError(f"RLE segmentation of size {list(record.rle['size'])} "
                                      f"(height, width), but {path} is {size[0]}x{size[1]}")
+                why = _empty_segmentation(record, size[1], size[0]) if self.use_masks else None
             except ValueError as err:
                 policy.fail(record.where or f"record {index}", str(err))
                 continue
-            why = _empty_segmentation(record, size[1], size[0]) if self.use_masks else None
             if why:
                 empty.append(f"{record.where or f'record {index}'}: {why}")
                 record = dataclasses.replace(record, polygons=None, rle=None)

@@ -101,8 +101,8 @@ class SampleRecorder:
         return [jsonl, png]
 
     def _row(self, dataset, row: dict) -> dict:
-        """A row with the expression, and for image files the image and both boxes in its
-        pixels (x1, y1, x2, y2)."""
+        """A row with the expression, and for image files the image, both boxes in its pixels
+        (x1, y1, x2, y2) and what else the file said of the sample (``meta``)."""
         index, iou = row["index"], row["iou"]
         out = {"index": index, "text": _text(dataset, index), "iou": round(iou, 4)}
         if self.task == "rec":
@@ -117,6 +117,8 @@ class SampleRecorder:
             out["box_xyxy"] = None if empty else [round(v, 2) for v in canvas_to_pixels(
                 row["box_cxcywh"], width, height, dataset.img_size)]
             out["target_xyxy"] = [round(v, 2) for v in record.box]
+            if record.meta:  # an annotation line's own keys, refer-toolkit ids
+                out["meta"] = record.meta
         return out
 
 

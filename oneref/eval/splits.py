@@ -39,6 +39,9 @@ def default_splits(data: DataConfig) -> tuple[str, ...]:
     if not data.real:
         return ("val", "test")
     splits = dataset_info(data).eval_splits
+    if not splits and data.annotations:
+        raise ValueError(f"--annotations {data.annotations} holds no split but train and "
+                         f"trainval: name the one to evaluate with --split")
     if not splits:
         raise ValueError(f"dataset {data.dataset!r} split by {data.split_by!r}: no known "
                          f"splits; name them with --split")
@@ -113,7 +116,18 @@ def eval_table(rows: list[dict], task: str, data: DataConfig, preset: str) -> st
 
 
 #: What an earlier eval.json must share with this evaluation for its rows to be kept.
-_SAME_EVALUATION = ("weights", "task", "dataset", "model")
+_SAME_EVALUATION = ("weights", "task", "dataset", "data", "model")
+
+
+def _data_id(data: DataConfig) -> str:
+    """Which files a real dataset's samples come from (RefShapes: its generator seed)."""
+    if not data.real:
+        return f"RefShapes, seed {data.seed}"
+    if data.refer_root:
+        annotations = f"{data.refer_root} (split by {data.split_by or 'default'})"
+    else:
+        annotations = data.split_root or data.annotations
+    return f"images {data.root}, annotations {annotations}"
 
 
 def _weights_id(path: Path) -> str:
@@ -141,7 +155,8 @@ def write_eval(out_dir: str | Path, rows: list[dict], meta: dict, table: str) ->
     ``out_dir``, each written atomically."""
     out_dir = Path(out_dir)
     header = (f"# oneref eval: {meta['checkpoint']} ({meta['model']}, {meta['task']}) on "
-              f"{meta['dataset']}, {meta['device']}, {meta['date_utc']}\n\n")
+              f"{meta['dataset']}, {meta['device']}, {meta['date_utc']}\n\n"
+              f"Data: {meta['data']}\n\n")
     return [write_json(out_dir / "eval.json", {**meta, "rows": rows}, sort_keys=False),
             write_text(out_dir / "eval.md", header + table + "\n")]
 
@@ -196,7 +211,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
     if info.rank != 0:
         return None
     meta = {"checkpoint": str(checkpoint), "weights": _weights_id(source.weights_file),
-            "task": task, "dataset": data.dataset, "model": model.config.name,
+            "task": task, "dataset": data.dataset, "data": _data_id(data),
+            "model": model.config.name,
             "world_size": info.world_size,
             "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
             else "cpu", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}

@@ -11,7 +11,6 @@ from pycocotools import mask as mask_utils
 
 from oneref.data import collate, layout
 from oneref.data.annotations import annotation_splits, load_annotations, write_sts_annotations
-from oneref.data.refer import ReferringDataset
 from oneref.data.synthetic import refshapes_tokenizer
 
 SQUARE = [[10.0, 8.0, 30.0, 8.0, 30.0, 28.0, 10.0, 28.0]]  # x 10..30, y 8..28
@@ -66,7 +65,7 @@ def test_every_key_of_a_line(tmp_path):
     ({"image": "a.png", "box": [1, 1, 2, 2]}, "has no 'text' (the referring expression)"),
     ({"image": "a.png", "box": [1, 1, 2, 2], "text": " "}, "empty expression"),
     ({"image": "a.png", "box": [1, 1, 2, 2], "text": "x", "height": 48},
-     "'height' and 'width' must both be positive integers, got 48 and None"),
+     "'height' and 'width' must both be positive whole numbers, got 48 and None"),
     ({"image": "a.png", "box": [50, 1, 20, 2], "text": "x", "height": 48, "width": 64},
      "is outside the 64x48 image"),
     ({"image": "a.png", "box": [1, 1, 2, 2], "text": "x", "segmentation": [[1, 2, 3]]},
@@ -75,6 +74,24 @@ def test_every_key_of_a_line(tmp_path):
      "RLE segmentation needs 'counts' and 'size'"),
     ({"image": "a.png", "box": [1, 1, 2, 2], "text": "x",
       "segmentation": {"counts": "ab", "size": [48.5, 64]}}, "RLE size [48.5, 64] is not"),
+    ({"image": "a.png", "box": [1, 1, 2, 2], "text": "x",
+      "segmentation": {"counts": [4, 4], "size": [True, True]}}, "RLE size [True, True] is"),
+    ({"image": "a.png", "box": [1, 1, 2, 2], "text": "x",
+      "segmentation": {"counts": [100, 50], "size": [48, 64]}},
+     "RLE run lengths add up to 150 pixels, not the 48 x 64 = 3072 of its size"),
+    ({"image": "a.png", "box": [1, 1, 2, 2], "text": "x",
+      "segmentation": {"counts": [1.5, 3070.5], "size": [48, 64]}},
+     "RLE counts must be non-negative whole run lengths"),
+    ({"image": "a.png", "box": [1, 1, 2, 2], "text": "x",
+      "segmentation": {"counts": "garbage!!", "size": [48, 64]}},
+     "RLE counts string has 'r', not a compressed RLE character"),
+    ({"image": "a.png", "box": ["1", "1", "2", "2"], "text": "x"}, "is not 4 numbers"),
+    ({"image": "a.png", "box": [0.1, 0.1, 0.3, 0.3], "text": "x"},
+     "box [0.1, 0.1, 0.3, 0.3] is under one pixel wide or tall; boxes are in the image's "
+     "pixels, not normalised to [0, 1]"),
+    ({"image": "a.png", "box": [1, 1, 2, 2], "txt": "x"},
+     "has no 'text' (the referring expression); keys not read: 'txt'"),
+    ({"img": "a.png", "box": [1, 1, 2, 2], "text": "x"}, "got None; keys not read: 'img'"),
 ])
 def test_a_malformed_line_is_named_with_its_file_and_number(tmp_path, line, problem):
     good = {"image": "room/a.png", "box": [1, 1, 2, 2], "text": "x"}
@@ -82,6 +99,36 @@ def test_a_malformed_line_is_named_with_its_file_and_number(tmp_path, line, prob
     with pytest.raises(ValueError) as err:
         load_annotations(path)
     assert str(err.value).startswith(f"{path}: line 2: ") and problem in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' decode on numpy 2
+def test_byte_order_mark_windows_line_ends_and_list_counts(tmp_path):
+    """A file as Windows editors write it reads as any other; an uncompressed RLE (run
+    lengths, starting with a run of 0) gives the compressed form's mask; whole-number
+    floats are sizes."""
+    compressed = _rle(48, 64)
+    flat = mask_utils.decode({"size": [48, 64], "counts": compressed["counts"].encode()}
+                             ).flatten(order="F")
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+    lengths = ([0] if flat[0] else []) + np.diff(bounds).tolist()
+    line = {"image": "room/a.png", "box": [10, 8, 20, 20], "text": "the cube", "height": 48.0,
+            "width": 64, "segmentation": {"size": [48, 64], "counts": lengths}}
+    path = tmp_path / "val.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(line).encode() + b"\r\n\r\n"
+                     + json.dumps(line).encode() + b"\r\n")
+    records = load_annotations(path)
+    assert len(records) == 2 and records[0].size == (48, 64)
+    decoded = mask_utils.decode(mask_utils.frPyObjects(records[0].rle, 48, 64))
+    assert np.array_equal(decoded.flatten(order="F"), flat)
+
+
+def test_repeated_lines_are_counted_in_a_warning(tmp_path, caplog):
+    line = {"image": "room/a.png", "box": [1, 1, 2, 2], "text": "x"}
+    path = _write(tmp_path / "val.jsonl", line, {**line, "text": "y"}, line, line)
+    with caplog.at_level(logging.WARNING):
+        assert len(load_annotations(path)) == 4
+    assert "2 line(s) repeat an earlier line's image, box and text" in caplog.text
+    assert "first: line 3 repeats line 1" in caplog.text
 
 
 def test_bytes_that_are_not_utf8_name_the_line(tmp_path):
@@ -113,6 +160,7 @@ def test_splits_resolve_to_their_files(tmp_path, images):
     for split in ("train", "val", "testB"):
         _write(ann / f"{split}.jsonl", {"image": "room/a.png", "box": [1, 1, 2, 2], "text": "x"})
     (ann / "notes.txt").write_text("not a split")
+    (ann / "._train.jsonl").write_bytes(b"\x00\x05\x16\x07")  # macOS's resource fork
     assert annotation_splits(ann) == ("testB", "train", "val")
     info = layout.dataset_info("mine", annotations=str(ann))
     assert info.eval_splits == ("testB", "val") and info.masks and info.sources == ("own",)
@@ -141,24 +189,27 @@ def test_samples_from_polygons_rle_and_boxes(tmp_path, images):
     batch = collate([dataset[k] for k in range(3)])
     assert batch["has_mask"].tolist() == [True, True, False]
     assert batch["masks"][0].sum() > 0 and (batch["masks"][0] == batch["masks"][1]).all()
-    _write(ann / "test.jsonl", {**line, "segmentation": _rle(40, 64)})
+    _write(ann / "test.jsonl", line, {**line, "segmentation": _rle(40, 64)})
     source = layout.resolve("mine", "test", str(images), annotations=str(ann))
-    with pytest.raises(ValueError, match=r"test.jsonl:1: RLE segmentation of size \[40, 64\] "
+    with pytest.raises(ValueError, match=r"test.jsonl:2: RLE segmentation of size \[40, 64\] "
                                          r"\(height, width\), but .*a.png is 64x48"):
-        ReferringDataset(source.records(), source.image_dirs, refshapes_tokenizer(),
-                         img_size=64, max_text_len=16, use_masks=True)
+        layout.build_split(source, refshapes_tokenizer(), 64, 16, train=False, use_masks=True)
 
 
 def test_sts_labels_go_into_a_copy(tmp_path):
-    path = _write(tmp_path / "train.jsonl", {"image": "a.png", "box": [1, 1, 2, 2], "text": "x",
-                                             "id": 7}, "",
-                  {"image": "b.png", "box": [1, 1, 2, 2], "text": "y"})
+    """Line for line, whatever the file's line ends, byte-order mark or characters (JSON
+    strings may hold U+2028, a line separator to Python's str.splitlines)."""
+    first = {"image": "a.png", "box": [1, 1, 2, 2], "text": "x\u2028\u00e9", "id": 7}
+    second = {"image": "b.png", "box": [1, 1, 2, 2], "text": "y"}
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(first, ensure_ascii=False).encode()
+                     + b"\r\n\r\n" + json.dumps(second).encode() + b"\r\n")
     out = write_sts_annotations(path, tmp_path / "labelled", [[0.25, 0.5], [0.75]])
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert lines == [{"image": "a.png", "box": [1, 1, 2, 2], "text": "x", "id": 7,
-                      "sts": [0.25, 0.5]},
-                     {"image": "b.png", "box": [1, 1, 2, 2], "text": "y", "sts": [0.75]}]
     assert [r.extra for r in load_annotations(out)] == [[0.25, 0.5], [0.75]]
+    assert [json.loads(line) for line in out.read_bytes().split(b"\n") if line] == [
+        {**first, "sts": [0.25, 0.5]}, {**second, "sts": [0.75]}]
+    relabelled = write_sts_annotations(out, tmp_path / "again", [[0.5, 0.5], [0.5]])
+    assert [r.extra for r in load_annotations(relabelled)] == [[0.5, 0.5], [0.5]]
     with pytest.raises(ValueError, match="2 records but 1 label rows"):
         write_sts_annotations(path, tmp_path / "labelled", [[0.5]])
     with pytest.raises(ValueError, match="--out would overwrite the input annotation file"):

@@ -250,6 +250,9 @@ def test_predict_needs_a_tokenizer_for_official_files(realdata, capsys):
                  str(realdata.images / COCO_IMAGE), "--text", "a man", "--out-dir", "x"]) == 2
     assert "--out-dir goes with --input; name the drawing of one --image with --out PNG" in \
         capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(realdata.oneref), "--input", "x.jsonl",
+                 "--out-dir", "x", "--out", "x.png"]) == 2
+    assert "--out names the drawing of one --image" in capsys.readouterr().err
 
 
 # --- the other layouts, and what the flags become -----------------------------------------

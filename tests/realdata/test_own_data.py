@@ -149,6 +149,35 @@ def test_skip_counts_bad_lines_and_trains_on_the_rest(realdata, tmp_path, caplog
         *good, "not json", '{"image": "a.jpg", "box": [1, 2, 3, 4], "text": "  "}'])
     args = _replaced(_train(realdata, tmp_path / "run", "--set", "data.on_error=skip"),
                      "--annotations", folder)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         assert _main(args) == 0
     assert "skipped 2 malformed record(s); first: line 5: " in caplog.text
+    assert "(train 4 samples)" in caplog.text  # the 4 good lines
+
+
+def test_a_missing_image_is_named_with_its_line(realdata, tmp_path, capsys):
+    good = (realdata.annotations / "train.jsonl").read_text().splitlines()
+    folder = _with_train(realdata, tmp_path / "bad", [
+        *good[:2], json.dumps({"image": "gone/x.jpg", "box": [1, 2, 3, 4], "text": "x"})])
+    assert _main(_replaced(_train(realdata, tmp_path / "run"), "--annotations", folder)) == 2
+    assert "lacks 1 of the 3 images" in (err := capsys.readouterr().err)
+    assert "(first: gone/x.jpg, train.jsonl:3)" in err
+
+
+def test_eval_rows_of_other_annotation_files_are_not_mixed(own_run, realdata, tmp_path):
+    """A split of another annotations folder replaces the earlier rows instead of joining
+    them; each file names its data; the rows keep each line's own keys."""
+    work, run, _ = own_run
+    other = _with_train(realdata, tmp_path / "other", [])
+    out = tmp_path / "eval"
+    for folder, split in ((realdata.annotations, "test"), (other, "val")):
+        assert _main(["eval", "--checkpoint", run, "--annotations", folder, "--split", split,
+                      "--device", "cpu", "--out", out, "--predictions"]) == 0
+    saved = json.loads((out / "eval.json").read_text())
+    assert [row["split"] for row in saved["rows"]] == ["val"]
+    assert saved["data"] == f"images {realdata.images}, annotations {other}"
+    assert f"Data: images {realdata.images}, annotations {other}" in (
+        out / "eval.md").read_text()
+    rows = [json.loads(line) for line in (out / "predictions_val.jsonl").read_text()
+            .splitlines()]
+    assert [row["meta"] for row in rows] == [{"id": k} for k in range(4)]
