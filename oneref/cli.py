@@ -503,7 +503,9 @@ def _cmd_sts_labels(args) -> int:
                            batch_size=args.batch_size)
     hint = {".pth": f"--split-root {args.out}",
             ".jsonl": f"--annotations {args.out}"}.get(path.suffix, f"--sts-labels {path}")
-    print(f"wrote {path}\npre-train with them: oneref pretrain --sts {hint}")
+    rest = (" with the teacher's --dataset, --data-root and --tokenizer"
+            if path.suffix in (".pth", ".jsonl") else "")
+    print(f"wrote {path}\npre-train with them: oneref pretrain --sts {hint}{rest}")
     return 0
 
 
