@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="per-rank batch (default 128)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", metavar="DIR", help="where eval.json / eval.md go (default: the "
-                                                "run folder, else the current folder)")
+                                                "run folder; RUN/best itself; else the "
+                                                "current folder)")
     p.add_argument("--predictions", action="store_true",
                    help="also write predictions_{split}.jsonl (every sample's predicted box "
                         "and IoU) and worst_{split}.png (the 16 lowest-IoU samples, target "
@@ -353,8 +354,13 @@ def _cmd_train(args, pretrain: bool = False) -> int:
         print(f"RefShapes {cfg.data.test_split}: " + ", ".join(
             f"{k} model {model[k]:.4f} | colour-guess {results['colour_guess'][k]:.4f}"
             for k in headline))
+    best = results.get("best")
+    if best:
+        print(f"best {best['split']} {best['metric']} {best['value']:.4f} at step "
+              f"{best['step']}: {Path(cfg.output_dir) / 'best'}")
     if cfg.data.real:
-        print(f"evaluate every split: oneref eval --checkpoint {cfg.output_dir}")
+        target = Path(cfg.output_dir) / "best" if best else cfg.output_dir
+        print(f"evaluate every split: oneref eval --checkpoint {target}")
     return 0
 
 

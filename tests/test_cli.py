@@ -82,6 +82,8 @@ def test_every_config_flag_sets_the_field_it_documents(command):
             argv += ["--dataset", "unc"]  # real-data flags need a real dataset
         if key == "pretrain.sts_labels":
             argv.append("--sts")
+        if key == "checkpoint.keep_best":
+            argv.append("--eval-every-epoch")  # the scores it compares
         if key == "checkpoint.init_from":
             argv += ["--model", "tiny"]  # else the recipe is read from the (absent) weights
         cfg = _train_config(parser.parse_args(argv), pretrain=command == "pretrain")

@@ -174,6 +174,16 @@ class EvalReport:
     kept_splits: list[str] = dataclasses.field(default_factory=list)
 
 
+def _beside_weights(source: ModelSource) -> Path:
+    """Where an evaluation's files go by default: the run folder for a run, its final model
+    or one of its checkpoints; a run's other model folder itself (RUN/best); else the
+    current folder."""
+    run = source.run_dir
+    if run is not None and source.kind == "pretrained" and source.model_dir != run / "model":
+        return source.model_dir
+    return run or Path(".")
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None,
                         splits: list[str] | None = None, task: str | None = None,
                         preset: str | None = None, size: int | None = None,
@@ -182,8 +192,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
                         predictions: bool = False) -> EvalReport | None:
     """``oneref eval``: the model at ``checkpoint`` on ``splits`` (default: every split of
     its dataset but the training ones), the data its run recorded with ``data_changes``
-    applied; writes eval.json / eval.md to ``out`` (default: the run folder, else the
-    current folder), keeping the other splits' rows of an earlier evaluation of the same
+    applied; writes eval.json / eval.md to ``out`` (default: beside the weights, see
+    :func:`_beside_weights`), keeping the other splits' rows of an earlier evaluation of the same
     weights there; with ``predictions`` also each split's per-sample rows
     (``predictions_{split}.jsonl``) and lowest-IoU samples (``worst_{split}.png``). Under
     ``torchrun`` every rank evaluates its shard and rank 0 reports; other ranks get None."""
@@ -199,7 +209,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
         raise ValueError("--split names no split")
     check_data(data, splits)  # the files, before the weights are built
     tokenizer = load_tokenizer(data, source.config) if data.real else None
-    out_dir = Path(out) if out else (source.run_dir or Path("."))
+    out_dir = Path(out) if out else _beside_weights(source)
     info = init_distributed(device)
     try:
         model = source.build().to(info.device)

@@ -10,7 +10,8 @@ Recipes:
 * :func:`reference_recipe` (the default of ``oneref train`` on real data): the paper's
   fine-tuning values (docs/method.md) from a pre-trained checkpoint: stage 1 frozen
   backbone, 10 epochs, batch 64, lr 2.5e-4; stage 2 full, 20 epochs, batch 24 (base) / 8
-  (large), lr 3e-5; AdamW wd 1e-4, cosine per epoch, no warm-up.
+  (large), lr 3e-5; AdamW wd 1e-4, cosine per epoch, no warm-up; the validation split
+  scored at every epoch's end, the best weights kept in ``RUN/best``.
 * :func:`pretrain_recipe` (``oneref pretrain`` on RefShapes) and
   :func:`reference_pretrain_recipe` (``oneref pretrain`` on real data): MRefM.
 
@@ -366,6 +367,10 @@ class CheckpointConfig:
                           help="unpickle any object in a .pth (runs code from the file; only "
                                "for files you trust); off, only tensors, plain containers and "
                                "the training-argument classes load")
+    keep_best: bool = _option(False, "--keep-best", const=True, commands=("train",),
+                              help="keep the weights of the best validation score so far (REC "
+                                   "Acc@0.5, RES mIoU) in RUN/best, for oneref eval "
+                                   "--checkpoint RUN/best (the real-data recipe does)")
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep_last < 0:
@@ -438,6 +443,10 @@ class TrainConfig:
                                 "busy with other work, sampled from /proc/stat at start)")
     #: Evaluate on ``data.eval_split`` every N steps (0: only at the end).
     eval_interval: int = 0
+    eval_every_epoch: bool = _option(False, "--eval-every-epoch", const=True,
+                                     commands=("train",),
+                                     help="evaluate the validation split at the end of every "
+                                          "epoch (the real-data recipe does)")
     #: Log a row to CSV / TensorBoard every N steps.
     log_interval: int = 10
     output_dir: str = _option("runs/oneref", "--output-dir", "-o", path=True,
@@ -493,6 +502,15 @@ class TrainConfig:
         for section in (self.optim, self.schedule, self.data, self.pretrain, self.res_loss,
                         self.checkpoint, self.dist):
             section.validate()
+        if self.eval_interval < 0:
+            raise ValueError(f"eval_interval must be >= 0 (0: only at the end), got "
+                             f"{self.eval_interval}")
+        if self.checkpoint.keep_best and self.task == "pretrain":
+            raise ValueError("checkpoint.keep_best: pre-training has no validation score")
+        if self.checkpoint.keep_best and not (self.eval_every_epoch or self.eval_interval):
+            raise ValueError("--keep-best (checkpoint.keep_best) compares validation scores "
+                             "taken during training: add --eval-every-epoch "
+                             "(eval_every_epoch) or set eval_interval")
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -802,7 +820,8 @@ def reference_recipe(model: str = "base", **changes) -> TrainConfig:
         dist=DistConfig(strategy="fsdp" if model == "large" else "ddp"),
         output_dir=f"runs/{model}_rec",
         final_test=False,  # `oneref eval` reports every test split of the dataset
-        checkpoint=CheckpointConfig(every_epoch=True),
+        eval_every_epoch=True,
+        checkpoint=CheckpointConfig(every_epoch=True, keep_best=True),
     )
     return dataclasses.replace(config, **changes) if changes else config
 

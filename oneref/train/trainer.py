@@ -107,6 +107,9 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.elapsed_before = 0.0
+        #: The best validation score so far with checkpoint.keep_best: step, split, metric,
+        #: value (its weights are in RUN/best).
+        self.best: dict | None = None
         self.resumed_from: Path | None = None
         if resume_from is not None:
             self._resume(*resume_from)
@@ -185,6 +188,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "model_config": self.model.config.to_dict(),
             "world_size": self.info.world_size,
+            "best": self.best,
         }
         if self.mrefm is not None:
             state["mask_generator"] = self.mrefm.generator.get_state()
@@ -248,6 +252,8 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.best = state.get("best")
+        self._drop_later_best()
         ckpt.set_rng_state(state["rng"])
         if self.mrefm is not None:
             self.mrefm.generator.set_state(state["mask_generator"])
@@ -434,13 +440,49 @@ class Trainer:
         self.step += 1  # a skipped step still consumed its batch
         if self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps:
             self._log_window(window, logger, progress, t_budget)
-        if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.eval_set:
-            logger.log(self.step, self.evaluate(cfg.data.eval_split), split="val")
-        epoch_end = (cfg.checkpoint.every_epoch and self.step < self.plan.total_steps
-                     and self.plan.locate(self.step)[2] == 0)
-        if epoch_end or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+        before_end = self.step < self.plan.total_steps  # the end has its own evaluation
+        epoch_end = before_end and self.plan.locate(self.step)[2] == 0
+        if self.eval_set and before_end and (
+                (cfg.eval_interval and self.step % cfg.eval_interval == 0)
+                or (cfg.eval_every_epoch and epoch_end)):
+            self._validate(logger)
+        if (cfg.checkpoint.every_epoch and epoch_end) or (
+                cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
             self.save(epoch, time.perf_counter() - t_budget)
         return True
+
+    def _validate(self, logger: RunLogger) -> dict[str, float]:
+        """Metrics of the validation split, logged; with ``checkpoint.keep_best`` the weights
+        go to RUN/best when they score best so far (a collective)."""
+        cfg = self.config
+        metrics = self.evaluate(cfg.data.eval_split)
+        logger.log(self.step, metrics, split="val")
+        name = BEST_METRIC.get(cfg.task)
+        if not cfg.checkpoint.keep_best or (
+                self.best is not None and metrics[name] <= self.best["value"]):
+            return metrics
+        self.best = {"step": self.step, "split": cfg.data.eval_split, "metric": name,
+                     "value": metrics[name]}
+        weights = full_state(self.model)[0] if self.fsdp else None
+        if self.main:
+            unwrap(self.model).save_pretrained(self.run_dir / "best", weights)
+            write_json(self.run_dir / "best" / BEST_RECORD, self.best)
+        barrier()
+        return metrics
+
+    def _drop_later_best(self) -> None:
+        """Remove RUN/best when a later step than the resumed checkpoint wrote it: this run
+        takes those steps again and keeps its best from the checkpoint's record on."""
+        try:
+            on_disk = json.loads((self.run_dir / "best" / BEST_RECORD).read_text())
+        except (OSError, ValueError):
+            return
+        if on_disk.get("step") == (self.best or {}).get("step") or not self.main:
+            return
+        log.warning("%s is from step %s, after the checkpoint of step %d: removed (the run "
+                    "takes those steps again)", self.run_dir / "best", on_disk.get("step"),
+                    self.step)
+        _remove_outputs(self.run_dir, {"best": _RUN_SUBFOLDERS["best"]})
 
     def _report_budget_end(self) -> None:
         """Log the end of the time budget; a warning when stages never ran (the final model
@@ -494,8 +536,14 @@ class Trainer:
         """The end-of-run metrics: the validation split, and with ``final_test`` the test
         split (RefShapes: with the colour-guess baseline), into ``results`` and the log."""
         cfg = self.config
-        results[cfg.data.eval_split] = self.evaluate(cfg.data.eval_split)
-        logger.log(self.step, results[cfg.data.eval_split], split="val")
+        results[cfg.data.eval_split] = self._validate(logger)
+        if self.best is not None:
+            results["best"] = self.best
+            if self.main and not (self.run_dir / "best" / BEST_RECORD).is_file():
+                log.warning("the best %s (step %d) came before the checkpoint this run "
+                            "resumed, and %s does not hold its weights (they were in the "
+                            "folder of the run that reached it)", self.best["metric"],
+                            self.best["step"], self.run_dir / "best")
         if cfg.final_test:
             results[cfg.data.test_split] = self.evaluate(cfg.data.test_split)
             logger.log(self.step, results[cfg.data.test_split], split="test")
@@ -540,11 +588,17 @@ class Trainer:
         return results
 
 
-#: What a run writes into its folder: files, and the files it writes into its subfolders.
-_RUN_FILES = ("train_config.json", "metrics.csv", "metrics.json", "curve.png", "eval.json",
-              "eval.md")
-_RUN_SUBFOLDERS = {"checkpoints": ("step_*.pt", "*.tmp"), "tb": ("events.out.tfevents.*",),
-                   "model": (CONFIG_NAME, WEIGHTS_NAME)}
+#: The validation score a checkpoint.keep_best run selects by, per task.
+BEST_METRIC = {"rec": "acc@0.5", "res": "miou"}
+#: The file in RUN/best that says which step and score its weights are.
+BEST_RECORD = "best.json"
+#: What a run and ``oneref eval`` write into a run folder and its subfolders (file patterns).
+_EVAL_FILES = ("eval.json", "eval.md", "predictions_*.jsonl", "worst_*.png")
+_RUN_SUBFOLDERS = {
+    ".": ("train_config.json", "metrics.csv", "metrics.json", "curve.png", *_EVAL_FILES),
+    "checkpoints": ("step_*.pt", "*.tmp"), "tb": ("events.out.tfevents.*",),
+    "model": (CONFIG_NAME, WEIGHTS_NAME),
+    "best": (CONFIG_NAME, WEIGHTS_NAME, BEST_RECORD, *_EVAL_FILES)}
 
 
 def _holds_run(run_dir: Path) -> bool:
@@ -598,13 +652,18 @@ def _start_run_folder(run_dir: Path, fresh: bool, overwrite: bool) -> None:
         raise ValueError(f"--output-dir {run_dir}: cannot create it ({err.strerror})") from err
     if not fresh or not (overwrite or (run_dir / "train_config.json").is_file()):
         return
-    outputs = [run_dir / name for name in _RUN_FILES]
-    for folder, patterns in _RUN_SUBFOLDERS.items():
-        outputs += [p for pattern in patterns for p in (run_dir / folder).glob(pattern)]
-    for path in outputs:
-        path.unlink(missing_ok=True)
-    for folder in (run_dir / name for name in _RUN_SUBFOLDERS):
-        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+    _remove_outputs(run_dir, _RUN_SUBFOLDERS)
+
+
+def _remove_outputs(run_dir: Path, subfolders: dict[str, tuple[str, ...]]) -> None:
+    """Delete the files of ``subfolders`` (folder -> file patterns; "." the run folder) and
+    the subfolders left empty. Files of other names stay."""
+    for folder, patterns in subfolders.items():
+        for path in [p for pattern in patterns for p in (run_dir / folder).glob(pattern)]:
+            path.unlink(missing_ok=True)
+        folder = run_dir / folder
+        if (folder != run_dir and folder.is_dir() and not folder.is_symlink()
+                and not any(folder.iterdir())):
             folder.rmdir()
 
 
