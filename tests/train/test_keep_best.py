@@ -54,7 +54,7 @@ def test_best_is_the_highest_validation_score_and_its_weights(tmp_path):
             assert torch.equal(value, state[key]), key
 
 
-def test_a_resumed_run_keeps_the_same_best(tmp_path, monkeypatch, caplog):
+def test_a_resumed_run_keeps_the_same_best(tmp_path, monkeypatch, caplog, killed_fit):
     """Killed in step 4, after the step-2 checkpoint and the step-3 validation: RUN/best,
     written at step 3, is newer than the checkpoint and goes; the resumed run takes steps
     3 to 8 again and ends with the uninterrupted run's best. REC selects by Acc@0.5, which
@@ -64,17 +64,7 @@ def test_a_resumed_run_keeps_the_same_best(tmp_path, monkeypatch, caplog):
                                                           keep_best=True))
     Trainer(_config(tmp_path / "straight", **config)).fit()
     broken = tmp_path / "broken"
-    real_step = Trainer._train_step
-
-    def dying_step(self, batch):
-        if self.step == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(_config(broken, **config)).fit()
-    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    killed_fit(Trainer(_config(broken, **config)), 3)
     assert json.loads((broken / "best" / "best.json").read_text())["step"] == 3
     config["checkpoint"].resume = "auto"
     with caplog.at_level(logging.WARNING):

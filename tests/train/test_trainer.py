@@ -72,7 +72,7 @@ def _csv_losses(run):
                 if r["split"] == "train"]
 
 
-def test_resume_after_kill_is_exact(tmp_path, monkeypatch):
+def test_resume_after_kill_is_exact(tmp_path, killed_fit):
     # Uninterrupted: 6 steps over two epochs (16 samples / batch 4 = 4 steps per epoch).
     straight = tmp_path / "straight"
     ref = Trainer(_config(straight, checkpoint=CheckpointConfig(interval=3, keep_last=2)))
@@ -81,18 +81,8 @@ def test_resume_after_kill_is_exact(tmp_path, monkeypatch):
 
     # Killed during step 5 (after the step-3 checkpoint), then resumed.
     broken = tmp_path / "broken"
-    first = Trainer(_config(broken, checkpoint=CheckpointConfig(interval=3, keep_last=2)))
-    real_step = Trainer._train_step
-
-    def dying_step(self, batch):
-        if self.step == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        first.fit()
-    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    killed_fit(Trainer(_config(broken, checkpoint=CheckpointConfig(interval=3, keep_last=2))),
+               4)
     assert [p.name for p in (broken / "checkpoints").iterdir()] == ["step_00000003.pt"]
 
     second = Trainer(_config(broken, checkpoint=CheckpointConfig(interval=3, keep_last=2,
