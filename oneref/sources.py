@@ -94,7 +94,7 @@ class ModelSource:
         if (path / "model" / CONFIG_NAME).is_file():
             return path / "model", path
         if (path / CONFIG_NAME).is_file():
-            return path, path.parent
+            return path, path.absolute().parent  # "." has a parent too
         raise ValueError(f"checkpoint folder {path} holds neither model/{CONFIG_NAME} nor "
                          f"{CONFIG_NAME} (a run folder or a save_pretrained folder is expected)")
 

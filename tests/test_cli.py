@@ -266,6 +266,14 @@ def test_info_prints_per_op_settings(monkeypatch, capsys):
     assert "op backend setting: auto; multiway_layer_norm: torch" in capsys.readouterr().out
 
 
+def test_eval_refuses_an_output_folder_it_cannot_create_before_evaluating(run_dir, tmp_path,
+                                                                          capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["eval", "--checkpoint", str(run_dir), "--split", "test", "--size", "8",
+                 "--device", "cpu", "--out", str(tmp_path / "file" / "x")]) == 2
+    assert f"--out {tmp_path / 'file' / 'x'}: cannot create it" in capsys.readouterr().err
+
+
 def test_eval_and_info(run_dir, capsys):
     assert main(["eval", "--checkpoint", str(run_dir), "--split", "test", "--size", "8",
                  "--device", "cpu"]) == 0

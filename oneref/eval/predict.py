@@ -180,8 +180,8 @@ def canvas_to_pixels(cxcywh, width: int, height: int, size: int
                      ) -> tuple[float, float, float, float]:
     """A box normalised on the test transform's ``size`` canvas (cx, cy, w, h) -> x1, y1,
     x2, y2 in the pixels of the ``width`` x ``height`` image, clipped to it."""
-    (off_x, off_y), _ = _placement(width, height, size)
-    scale = size / max(width, height)
+    (off_x, off_y), (inner_w, inner_h) = _placement(width, height, size)
+    scale = np.array([inner_w / width, inner_h / height] * 2)  # each side rounds on its own
     cx, cy, w, h = (float(v) for v in cxcywh)
     corners = np.clip(np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]), 0, 1) * size
     corners = (corners - np.array([off_x, off_y, off_x, off_y])) / scale

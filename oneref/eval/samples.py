@@ -90,7 +90,8 @@ class SampleRecorder:
         """``predictions_{split}.jsonl`` (one row per sample, in dataset order) and
         ``worst_{split}.png`` in ``out_dir``, each written atomically."""
         out_dir = Path(out_dir)
-        lines = [json.dumps(self._row(dataset, row)) for row in
+        sizes: dict[str, tuple[int, int]] = {}  # image file -> (width, height)
+        lines = [json.dumps(self._row(dataset, row, sizes)) for row in
                  sorted(self.rows, key=lambda r: r["index"])]
         jsonl = atomic_write(out_dir / f"predictions_{split}.jsonl",
                              lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
@@ -100,18 +101,20 @@ class SampleRecorder:
                            lambda tmp: picture.save(tmp, format="PNG"))
         return [jsonl, png]
 
-    def _row(self, dataset, row: dict) -> dict:
+    def _row(self, dataset, row: dict, sizes: dict) -> dict:
         """A row with the expression, and for image files the image, both boxes in its pixels
         (x1, y1, x2, y2) and what else the file said of the sample (``meta``)."""
         index, iou = row["index"], row["iou"]
-        out = {"index": index, "text": _text(dataset, index), "iou": round(iou, 4)}
+        out = {"index": index, "text": _text(dataset, index), "iou": iou}
         if self.task == "rec":
             out["hit"] = iou >= 0.5
         out["box_cxcywh"] = [round(v, 5) for v in row["box_cxcywh"]]
         if isinstance(dataset, ReferringDataset):
             record = dataset.records[index]
             path = dataset.image_path(record)
-            width, height = image_size(path)
+            if path not in sizes:
+                sizes[path] = image_size(path)
+            width, height = sizes[path]
             out["image"] = path
             empty = self.task == "res" and not any(row["box_cxcywh"])
             out["box_xyxy"] = None if empty else [round(v, 2) for v in canvas_to_pixels(

@@ -179,7 +179,8 @@ def _beside_weights(source: ModelSource) -> Path:
     or one of its checkpoints; a run's other model folder itself (RUN/best); else the
     current folder."""
     run = source.run_dir
-    if run is not None and source.kind == "pretrained" and source.model_dir != run / "model":
+    if (run is not None and source.kind == "pretrained"
+            and source.model_dir.resolve() != (run / "model").resolve()):
         return source.model_dir
     return run or Path(".")
 
@@ -210,6 +211,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
     check_data(data, splits)  # the files, before the weights are built
     tokenizer = load_tokenizer(data, source.config) if data.real else None
     out_dir = Path(out) if out else _beside_weights(source)
+    try:  # before the evaluation, which may take long
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out_dir}: cannot create it ({err.strerror})") from None
     info = init_distributed(device)
     try:
         model = source.build().to(info.device)

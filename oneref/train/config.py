@@ -508,9 +508,10 @@ class TrainConfig:
         if self.checkpoint.keep_best and self.task == "pretrain":
             raise ValueError("checkpoint.keep_best: pre-training has no validation score")
         if self.checkpoint.keep_best and not (self.eval_every_epoch or self.eval_interval):
-            raise ValueError("--keep-best (checkpoint.keep_best) compares validation scores "
-                             "taken during training: add --eval-every-epoch "
-                             "(eval_every_epoch) or set eval_interval")
+            raise ValueError("--keep-best (checkpoint.keep_best; the real-data recipe turns "
+                             "it on) compares validation scores taken during training: add "
+                             "--eval-every-epoch (eval_every_epoch) or set eval_interval, or "
+                             "turn it off with --set checkpoint.keep_best=false")
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:

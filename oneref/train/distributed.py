@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "shutdown", "seed_everything", "wrap_model",
            "shard_model", "gathered", "full_state", "load_full_state", "unwrap", "is_main",
-           "barrier", "all_reduce_mean", "all_reduce_max", "average_batch_norm_stats",
-           "resolve_device"]
+           "barrier", "broadcast_object", "all_reduce_mean", "all_reduce_max",
+           "average_batch_norm_stats", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,16 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(value):
+    """Rank 0's ``value`` on every rank (a picklable object; unchanged without a process
+    group)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,9 @@ from oneref.train.config import TrainConfig
 from oneref.train.data import (build_dataset, check_data, eval_loader, load_tokenizer,
                                train_loader)
 from oneref.train.distributed import (all_reduce_max, all_reduce_mean,
-                                      average_batch_norm_stats, barrier, full_state, gathered,
-                                      init_distributed, load_full_state, seed_everything, unwrap)
+                                      average_batch_norm_stats, barrier, broadcast_object,
+                                      full_state, gathered, init_distributed, load_full_state,
+                                      seed_everything, unwrap)
 from oneref.train.features import apply_features
 from oneref.train.init import initialise
 from oneref.train.interrupt import StopRequest, TrainingInterrupted
@@ -110,6 +111,7 @@ class Trainer:
         #: The best validation score so far with checkpoint.keep_best: step, split, metric,
         #: value (its weights are in RUN/best).
         self.best: dict | None = None
+        self._validated: tuple[int, dict] | None = None  # (step, metrics) of the last one
         self.resumed_from: Path | None = None
         if resume_from is not None:
             self._resume(*resume_from)
@@ -253,7 +255,7 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.best = state.get("best")
-        self._drop_later_best()
+        self._adopt_best()
         ckpt.set_rng_state(state["rng"])
         if self.mrefm is not None:
             self.mrefm.generator.set_state(state["mask_generator"])
@@ -440,11 +442,10 @@ class Trainer:
         self.step += 1  # a skipped step still consumed its batch
         if self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps:
             self._log_window(window, logger, progress, t_budget)
-        before_end = self.step < self.plan.total_steps  # the end has its own evaluation
+        before_end = self.step < self.plan.total_steps
         epoch_end = before_end and self.plan.locate(self.step)[2] == 0
-        if self.eval_set and before_end and (
-                (cfg.eval_interval and self.step % cfg.eval_interval == 0)
-                or (cfg.eval_every_epoch and epoch_end)):
+        if self.eval_set and ((cfg.eval_interval and self.step % cfg.eval_interval == 0)
+                              or (cfg.eval_every_epoch and epoch_end)):
             self._validate(logger)
         if (cfg.checkpoint.every_epoch and epoch_end) or (
                 cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
@@ -452,37 +453,45 @@ class Trainer:
         return True
 
     def _validate(self, logger: RunLogger) -> dict[str, float]:
-        """Metrics of the validation split, logged; with ``checkpoint.keep_best`` the weights
-        go to RUN/best when they score best so far (a collective)."""
+        """Metrics of the validation split at this step (once per step: the end's
+        evaluation reuses a due one), logged; with ``checkpoint.keep_best`` the weights go to
+        RUN/best when they score best so far (a collective)."""
+        if self._validated is not None and self._validated[0] == self.step:
+            return self._validated[1]
         cfg = self.config
         metrics = self.evaluate(cfg.data.eval_split)
+        self._validated = (self.step, metrics)
         logger.log(self.step, metrics, split="val")
         name = BEST_METRIC.get(cfg.task)
-        if not cfg.checkpoint.keep_best or (
-                self.best is not None and metrics[name] <= self.best["value"]):
-            return metrics
-        self.best = {"step": self.step, "split": cfg.data.eval_split, "metric": name,
-                     "value": metrics[name]}
-        weights = full_state(self.model)[0] if self.fsdp else None
-        if self.main:
-            unwrap(self.model).save_pretrained(self.run_dir / "best", weights)
-            write_json(self.run_dir / "best" / BEST_RECORD, self.best)
-        barrier()
+        if cfg.checkpoint.keep_best and (
+                self.best is None or metrics[name] > self.best["value"]):
+            self._save_best({"step": self.step, "split": cfg.data.eval_split, "metric": name,
+                             "value": metrics[name]})
         return metrics
 
-    def _drop_later_best(self) -> None:
-        """Remove RUN/best when a later step than the resumed checkpoint wrote it: this run
-        takes those steps again and keeps its best from the checkpoint's record on."""
-        try:
-            on_disk = json.loads((self.run_dir / "best" / BEST_RECORD).read_text())
-        except (OSError, ValueError):
-            return
-        if on_disk.get("step") == (self.best or {}).get("step") or not self.main:
-            return
-        log.warning("%s is from step %s, after the checkpoint of step %d: removed (the run "
-                    "takes those steps again)", self.run_dir / "best", on_disk.get("step"),
-                    self.step)
-        _remove_outputs(self.run_dir, {"best": _RUN_SUBFOLDERS["best"]})
+    def _save_best(self, record: dict) -> None:
+        """The model as RUN/best with ``record`` (a collective). The old record and the
+        evaluations of the old weights go first, so the record never names other weights."""
+        self.best = record
+        weights = full_state(self.model)[0] if self.fsdp else None
+        if self.main:
+            _remove_outputs(self.run_dir, {"best": (BEST_RECORD, *_EVAL_FILES)})
+            unwrap(self.model).save_pretrained(self.run_dir / "best", weights)
+            write_json(self.run_dir / "best" / BEST_RECORD, record)
+        barrier()
+
+    def _adopt_best(self) -> None:
+        """The best a resumed run compares with: what RUN/best holds (a real model and its
+        score, also when written after the checkpoint), or, without it, none: the run keeps
+        its best from its next validation. Rank 0 reads it for every rank."""
+        record = None
+        if self.main:
+            record = _best_record(self.run_dir)
+            if record is None and self.best is not None:
+                log.warning("%s holds no weights of the checkpoint's best %s (step %d): this "
+                            "run keeps its best from its next validation", self.run_dir / "best",
+                            self.best["metric"], self.best["step"])
+        self.best = broadcast_object(record)
 
     def _report_budget_end(self) -> None:
         """Log the end of the time budget; a warning when stages never ran (the final model
@@ -539,11 +548,6 @@ class Trainer:
         results[cfg.data.eval_split] = self._validate(logger)
         if self.best is not None:
             results["best"] = self.best
-            if self.main and not (self.run_dir / "best" / BEST_RECORD).is_file():
-                log.warning("the best %s (step %d) came before the checkpoint this run "
-                            "resumed, and %s does not hold its weights (they were in the "
-                            "folder of the run that reached it)", self.best["metric"],
-                            self.best["step"], self.run_dir / "best")
         if cfg.final_test:
             results[cfg.data.test_split] = self.evaluate(cfg.data.test_split)
             logger.log(self.step, results[cfg.data.test_split], split="test")
@@ -599,6 +603,18 @@ _RUN_SUBFOLDERS = {
     "checkpoints": ("step_*.pt", "*.tmp"), "tb": ("events.out.tfevents.*",),
     "model": (CONFIG_NAME, WEIGHTS_NAME),
     "best": (CONFIG_NAME, WEIGHTS_NAME, BEST_RECORD, *_EVAL_FILES)}
+
+
+def _best_record(run_dir: Path) -> dict | None:
+    """RUN/best's record when it holds one and the weights it names, else None."""
+    try:
+        record = json.loads((run_dir / "best" / BEST_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(record, dict) or not {"step", "value", "metric"} <= record.keys()
+            or not (run_dir / "best" / WEIGHTS_NAME).is_file()):
+        return None
+    return record
 
 
 def _holds_run(run_dir: Path) -> bool:

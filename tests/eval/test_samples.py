@@ -53,13 +53,14 @@ def test_res_rows_keep_the_worst_masks():
     assert (index, iou) == (8, 0.5) and mask.dtype == bool and mask.sum() == 8
 
 
-@pytest.mark.parametrize("width,height", [(96, 72), (50, 131), (64, 64)])
+@pytest.mark.parametrize("width,height", [(96, 72), (50, 131), (64, 64), (600, 90)])
 def test_canvas_to_pixels_inverts_the_test_transform(width, height):
+    """Each side is scaled by its own rounded size (600 x 90 on 48: 48 x 7, not 7.2)."""
     image = Image.new("RGB", (width, height))
-    box = np.array([5.0, 7.0, width - 9.0, height - 3.0])
+    box = np.array([5.0, 7.0 * height / 90, width - 9.0, height - 3.0])
     out = TestTransform(48)(Example(image, box, None, "x"))
     back = canvas_to_pixels(out.box.tolist(), width, height, 48)
-    assert back == pytest.approx(box.tolist(), abs=1.0)  # the resize rounds to whole pixels
+    assert back == pytest.approx(box.tolist(), abs=1e-4)
     assert canvas_to_pixels([0.5, 0.5, 2.0, 2.0], width, height, 48) == (0, 0, width, height)
 
 

@@ -1,5 +1,6 @@
-"""checkpoint.keep_best: RUN/best holds the weights of the best validation score, the same
-after a kill and a resume as in a run that was never stopped."""
+"""checkpoint.keep_best: RUN/best holds the weights of the best validation score; a resume
+compares with what RUN/best holds, so a kill, an extension or another folder never leaves a
+record that names other weights, and a killed run ends with the uninterrupted run's best."""
 
 import csv
 import json
@@ -11,88 +12,124 @@ from safetensors.torch import load_file
 
 from oneref.cli import main
 from oneref.train.config import CheckpointConfig, DataConfig, StageConfig, refshapes_recipe
-from oneref.train.trainer import BEST_METRIC, Trainer
+from oneref.train.trainer import Trainer
 
 
-def _config(out, **changes):
-    """RES on RefShapes (mIoU moves every step, where a few steps of REC score 0), 8 steps
-    over two epochs of 16 samples, validated every epoch and every 3 steps."""
-    changes = {"task": "res", "eval_interval": 3, "eval_every_epoch": True,
-               "checkpoint": CheckpointConfig(interval=2, keep_last=0, keep_best=True),
-               **changes}
+def _config(out, steps=8, interval=2, resume="", **changes):
+    """RES on RefShapes: two epochs of 4 steps, validated every 2 steps and at each epoch's
+    end, a checkpoint every ``interval`` steps."""
+    changes = {"task": "res", "eval_interval": 2, "eval_every_epoch": True, **changes}
     return refshapes_recipe(
-        model="tiny", output_dir=str(out), progress=False, log_interval=1,
-        final_test=False, threads=1, time_budget_s=0.0,
-        stages=[StageConfig(steps=8, lr=2e-3, batch_size=4, warmup_steps=1)],
+        model="tiny", output_dir=str(out), progress=False, log_interval=1, final_test=False,
+        threads=1, time_budget_s=0.0,
+        stages=[StageConfig(steps=steps, lr=2e-3, batch_size=4, warmup_steps=1)],
         data=DataConfig(train_size=16, eval_size=8, test_size=8, eval_batch_size=8),
-        **changes)
+        checkpoint=CheckpointConfig(interval=interval, keep_last=0, keep_best=True,
+                                    resume=resume), **changes)
 
 
-def _val_rows(run, metric="miou"):
+@pytest.fixture
+def scores(monkeypatch):
+    """Validation scores set per step (``scores[step] = miou``) in place of the model's,
+    which a few steps of the tiny model leave at 0."""
+    table: dict[int, float] = {}
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, split: {"miou": table[self.step],
+                                                                  "n": 8})
+    return table
+
+
+def _val_steps(run):
     with open(run / "metrics.csv") as handle:
-        return [(int(r["step"]), float(r[metric])) for r in csv.DictReader(handle)
-                if r["split"] == "val"]
+        return [int(r["step"]) for r in csv.DictReader(handle) if r["split"] == "val"]
 
 
-def _weights(folder):
-    return load_file(folder / "model.safetensors")
+def _best(run):
+    return json.loads((run / "best" / "best.json").read_text())
 
 
-def test_best_is_the_highest_validation_score_and_its_weights(tmp_path):
-    results = Trainer(_config(tmp_path / "run")).fit()
-    rows = _val_rows(tmp_path / "run")
-    assert [step for step, _ in rows] == [3, 4, 6, 8]  # every 3 steps, each epoch, the end
-    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
-    value = max(v for _, v in rows)
-    assert best == results["best"] == {
-        "step": next(s for s, v in rows if v == value), "split": "val", "metric": "miou",
-        "value": pytest.approx(value, abs=1e-5)}
-    saved = tmp_path / "run" / "checkpoints" / f"step_{best['step']:08d}.pt"
-    if saved.is_file():  # every 2 steps: the best's own weights
-        state = torch.load(saved, weights_only=True)["model"]
-        for key, value in _weights(tmp_path / "run" / "best").items():
-            assert torch.equal(value, state[key]), key
+def _same_weights(folder, state):
+    weights = load_file(folder / "model.safetensors")
+    return weights.keys() <= state.keys() and all(torch.equal(v, state[k])
+                                                  for k, v in weights.items())
 
 
-def test_a_resumed_run_keeps_the_same_best(tmp_path, monkeypatch, caplog, killed_fit):
-    """Killed in step 4, after the step-2 checkpoint and the step-3 validation: RUN/best,
-    written at step 3, is newer than the checkpoint and goes; the resumed run takes steps
-    3 to 8 again and ends with the uninterrupted run's best. REC selects by Acc@0.5, which
-    a few steps leave at 0; mean box IoU moves every step, so the comparison has teeth."""
-    monkeypatch.setitem(BEST_METRIC, "rec", "miou_box")
-    config = dict(task="rec", checkpoint=CheckpointConfig(interval=2, keep_last=0,
-                                                          keep_best=True))
-    Trainer(_config(tmp_path / "straight", **config)).fit()
+def _checkpoint_model(run, step):
+    return torch.load(run / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["model"]
+
+
+def test_best_is_the_highest_score_and_its_weights(tmp_path, scores):
+    scores.update({2: 0.2, 4: 0.6, 6: 0.4, 8: 0.5})
+    run = tmp_path / "run"
+    results = Trainer(_config(run)).fit()
+    assert _val_steps(run) == [2, 4, 6, 8]  # the last step once: the end reuses it
+    assert _best(run) == results["best"] == {"step": 4, "split": "val", "metric": "miou",
+                                             "value": 0.6}
+    assert _same_weights(run / "best", _checkpoint_model(run, 4))
+
+
+def test_a_killed_run_ends_with_the_uninterrupted_runs_best(tmp_path, scores, killed_fit,
+                                                            caplog):
+    """Killed in step 7: the step-6 best is on disk, the step-4 checkpoint knows only the
+    step-4 one. The resume compares with the step-6 weights RUN/best holds."""
+    scores.update({2: 0.1, 4: 0.3, 6: 0.5, 8: 0.4})
+    Trainer(_config(tmp_path / "straight", interval=4)).fit()
     broken = tmp_path / "broken"
-    killed_fit(Trainer(_config(broken, **config)), 3)
-    assert json.loads((broken / "best" / "best.json").read_text())["step"] == 3
-    config["checkpoint"].resume = "auto"
+    killed_fit(Trainer(_config(broken, interval=4)), 6)
+    assert _best(broken)["step"] == 6
     with caplog.at_level(logging.WARNING):
-        Trainer(_config(broken, **config)).fit()
-    assert "is from step 3, after the checkpoint of step 2: removed" in caplog.text
-    assert _val_rows(broken, "miou_box") == _val_rows(tmp_path / "straight", "miou_box")
-    assert (broken / "best" / "best.json").read_text() == (
-        tmp_path / "straight" / "best" / "best.json").read_text()
-    straight = _weights(tmp_path / "straight" / "best")
-    resumed = _weights(broken / "best")
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(resumed[key], value) for key, value in straight.items())
+        Trainer(_config(broken, interval=4, resume="auto")).fit()
+    assert _best(broken) == _best(tmp_path / "straight") and _best(broken)["step"] == 6
+    assert _same_weights(broken / "best", load_file(
+        tmp_path / "straight" / "best" / "model.safetensors"))
+    assert "best" not in caplog.text
+
+
+def test_extending_a_run_keeps_its_best_and_a_new_best_clears_old_evaluations(tmp_path,
+                                                                               scores):
+    """The end's validation comes after the last checkpoint: an extension keeps that best;
+    a later, better one replaces it and the evaluations of the old weights."""
+    scores.update({2: 0.1, 4: 0.2, 6: 0.3, 8: 0.9, 10: 0.5, 12: 0.95})
+    run = tmp_path / "run"
+    Trainer(_config(run)).fit()
+    (run / "best" / "eval.json").write_text("{}")
+    (run / "best" / "predictions_val.jsonl").write_text("{}\n")
+    assert Trainer(_config(run, steps=10, resume="auto")).fit()["best"]["step"] == 8
+    assert _same_weights(run / "best", _checkpoint_model(run, 8))
+    assert (run / "best" / "eval.json").is_file()
+    assert Trainer(_config(run, steps=12, resume="auto")).fit()["best"]["step"] == 12
+    assert _same_weights(run / "best", _checkpoint_model(run, 12))
+    assert sorted(p.name for p in (run / "best").iterdir()) == [
+        "best.json", "config.json", "model.safetensors"]
+
+
+def test_resumed_into_another_folder_a_run_keeps_its_own_best(tmp_path, scores, caplog):
+    scores.update({2: 0.1, 4: 0.6, 6: 0.4, 8: 0.5})
+    first = tmp_path / "first"
+    Trainer(_config(first)).fit()
+    other = tmp_path / "other"
+    checkpoint = first / "checkpoints" / "step_00000004.pt"
+    with caplog.at_level(logging.WARNING):
+        results = Trainer(_config(other, resume=str(checkpoint))).fit()
+    assert "holds no weights of the checkpoint's best miou (step 4)" in caplog.text
+    assert _best(other) == results["best"] and results["best"]["step"] == 8  # 0.4, then 0.5
+    assert _same_weights(other / "best", _checkpoint_model(other, 8))
 
 
 def test_keep_best_is_refused_without_validation_and_for_pretraining(tmp_path):
-    with pytest.raises(ValueError, match="add --eval-every-epoch"):
+    with pytest.raises(ValueError, match="add --eval-every-epoch .* or turn it off with --set "
+                                         "checkpoint.keep_best=false"):
         Trainer(_config(tmp_path / "a", eval_interval=0, eval_every_epoch=False))
     with pytest.raises(ValueError, match="pre-training has no validation score"):
         Trainer(_config(tmp_path / "b", task="pretrain"))
 
 
-def test_the_command_names_the_best_and_eval_writes_beside_it(tmp_path, capsys):
+def test_the_command_names_the_best_and_eval_writes_beside_it(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", "--task", "res", "--model", "tiny", "--steps", "4", "--no-progress",
                  "-o", str(run), "--keep-best", "--set", "eval_interval=2", "--set",
                  "data.train_size=16", "--set", "data.eval_size=8", "--set",
                  "final_test=false", "--set", "time_budget_s=0", "--device", "cpu"]) == 0
-    best = json.loads((run / "best" / "best.json").read_text())
+    best = _best(run)
     assert (f"best val miou {best['value']:.4f} at step {best['step']}: {run / 'best'}"
             in capsys.readouterr().out)
     assert main(["eval", "--checkpoint", str(run / "best"), "--split", "val", "--size", "8",
@@ -100,6 +137,9 @@ def test_the_command_names_the_best_and_eval_writes_beside_it(tmp_path, capsys):
     rows = json.loads((run / "best" / "eval.json").read_text())["rows"]
     assert rows[0]["miou"] == pytest.approx(best["value"], abs=1e-6)
     assert not (run / "eval.json").exists()  # the final model's evaluations stay apart
+    monkeypatch.chdir(run / "best")  # the run's recorded data is found from "." too
+    assert main(["eval", "--checkpoint", ".", "--split", "val", "--size", "8", "--device",
+                 "cpu"]) == 0
     assert main(["train", "--task", "res", "--model", "tiny", "--steps", "1", "--no-progress",
                  "-o", str(run), "--overwrite", "--set", "data.train_size=16", "--set",
                  "data.eval_size=8", "--set", "final_test=false", "--device", "cpu"]) == 0
