@@ -108,7 +108,7 @@ class ModelSource:
         """The run folder this model belongs to, or None."""
         if self.kind == "step":
             return self.path.parent.parent
-        return self.model_dir.parent if self.train_config else None
+        return self.model_dir.absolute().parent if self.train_config else None
 
     def task_for(self, requested: str | None) -> str:
         """The head to run: ``requested``, else the one the run trained (else REC). A head

@@ -167,10 +167,9 @@ def resolve(dataset: str, split: str, data_root: str, split_root: str = "",
         folder = _existing_dir(annotations, "--annotations")
         if split not in info.splits:
             raise ValueError(f"--annotations {folder}: no split file {split}{SUFFIX} (the "
-                             f"splits there: {', '.join(info.splits) or 'none'}); training "
-                             f"reads data.train_split, data.eval_split and, at its end, "
-                             f"data.test_split (train, val, test unless --set names others; "
-                             f"--set final_test=false skips the last)")
+                             f"splits there: {', '.join(info.splits) or 'none'}); name "
+                             f"another with --split, or --set data.train_split=, "
+                             f"data.eval_split=, data.test_split= for training")
         return SplitSource(dataset, split, {"own": data_root},
                            annotation_file=os.path.join(folder, split + SUFFIX))
     if info.splits and split not in info.splits:
@@ -229,8 +228,8 @@ def build_split(source: SplitSource, tokenizer: Tokenizer, img_size: int, max_te
     if sts_labels and not (source.split_file or source.annotation_file):
         raise ValueError(f"{source.name}: STS labels are read from split files (6th tuple "
                          f"element) or annotation files ('sts'), and the refer-toolkit layout "
-                         f"has none: label a split file (oneref sts-labels) and train with "
-                         f"--split-root")
+                         f"has none: label split files or annotation files (oneref "
+                         f"sts-labels) and train with --split-root or --annotations")
     records = source.records(on_error, trust)
     if not records:
         raise ValueError(f"{source.name}: no records in split {source.split!r}")

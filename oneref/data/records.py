@@ -160,8 +160,10 @@ def check_segmentation(value) -> tuple[list | None, dict | None]:
             raise ValueError("RLE segmentation needs 'counts' and 'size'")
         size, counts = value["size"], value["counts"]
         if (not isinstance(size, (list, tuple)) or len(size) != 2
-                or not all(_is_int(v) and v > 0 for v in size)):
+                or not all(_is_whole(v) and v > 0 for v in size)):
             raise ValueError(f"RLE size {size!r} is not [height, width] in pixels")
+        size = [int(v) for v in size]
+        value = {**value, "size": size}
         if isinstance(counts, (str, bytes)):
             runs = _compressed_runs(counts.decode("latin-1") if isinstance(counts, bytes)
                                     else counts)
@@ -208,6 +210,12 @@ def _compressed_runs(counts: str) -> list[int]:
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_whole(value) -> bool:
+    """An int, or a float with no fraction (480.0); not a bool."""
+    return _is_int(value) or (isinstance(value, (float, np.floating))
+                              and float(value).is_integer())
 
 
 def check_sts_labels(records, where: str) -> None:

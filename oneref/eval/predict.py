@@ -172,7 +172,7 @@ def _placement(width: int, height: int, size: int) -> tuple[tuple[int, int], tup
     """Where the test transform puts a ``width`` x ``height`` image on the ``size`` canvas:
     the long side scaled to ``size``, centred. ((offset x, y), (width, height) on it)."""
     scale = size / max(width, height)
-    inner_w, inner_h = round(width * scale), round(height * scale)
+    inner_w, inner_h = max(1, round(width * scale)), max(1, round(height * scale))
     return ((size - inner_w) // 2, (size - inner_h) // 2), (inner_w, inner_h)
 
 

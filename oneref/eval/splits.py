@@ -38,10 +38,13 @@ def default_splits(data: DataConfig) -> tuple[str, ...]:
     """Every split of the dataset but train (RefShapes: val, test)."""
     if not data.real:
         return ("val", "test")
-    splits = dataset_info(data).eval_splits
+    info = dataset_info(data)
+    splits = info.eval_splits
     if not splits and data.annotations:
-        raise ValueError(f"--annotations {data.annotations} holds no split but train and "
-                         f"trainval: name the one to evaluate with --split")
+        found = (f"only {', '.join(info.splits)}" if info.splits
+                 else "no {split}.jsonl files")
+        raise ValueError(f"--annotations {data.annotations} holds {found}: name the split to "
+                         f"evaluate with --split")
     if not splits:
         raise ValueError(f"dataset {data.dataset!r} split by {data.split_by!r}: no known "
                          f"splits; name them with --split")
@@ -122,7 +125,8 @@ _SAME_EVALUATION = ("weights", "task", "dataset", "data", "model")
 def _data_id(data: DataConfig) -> str:
     """Which files a real dataset's samples come from (RefShapes: its generator seed)."""
     if not data.real:
-        return f"RefShapes, seed {data.seed}"
+        return (f"RefShapes, seed {data.seed}, val {data.eval_size} / test {data.test_size} "
+                f"samples")
     if data.refer_root:
         annotations = f"{data.refer_root} (split by {data.split_by or 'default'})"
     else:
@@ -136,18 +140,34 @@ def _weights_id(path: Path) -> str:
     return f"{path.resolve()} ({stat.st_size} bytes, modified {stat.st_mtime_ns} ns)"
 
 
-def earlier_rows(out_dir: str | Path, splits, meta: dict) -> list[dict]:
-    """The rows of an earlier ``eval.json`` in ``out_dir`` for splits other than ``splits``,
-    when it evaluated the same weights file for the same task and dataset (else none)."""
+def _earlier(out_dir: str | Path, meta: dict) -> dict | None:
+    """The earlier ``eval.json`` in ``out_dir`` when it evaluated the same weights file for
+    the same task, data and model (else None)."""
     try:
         earlier = json.loads((Path(out_dir) / "eval.json").read_text())
     except (OSError, ValueError):
-        return []
+        return None
     if not isinstance(earlier, dict) or not isinstance(earlier.get("rows"), list) or any(
             earlier.get(key) != meta[key] for key in _SAME_EVALUATION):
-        return []
-    return [row for row in earlier["rows"]
-            if isinstance(row, dict) and row.get("split") not in splits]
+        return None
+    return earlier
+
+
+def earlier_rows(out_dir: str | Path, splits, meta: dict) -> list[dict]:
+    """The rows of an earlier ``eval.json`` in ``out_dir`` for splits other than ``splits``,
+    when it evaluated the same weights file for the same task and dataset (else none)."""
+    earlier = _earlier(out_dir, meta)
+    return [] if earlier is None else [
+        row for row in earlier["rows"] if isinstance(row, dict) and row.get("split") not in splits]
+
+
+def _remove_other_samples(out_dir: Path, fresh) -> None:
+    """Delete the per-sample files (``--predictions``) in ``out_dir`` of splits not in
+    ``fresh``: they belong to the weights of an evaluation that is no longer recorded."""
+    for kind, suffix in (("predictions_", ".jsonl"), ("worst_", ".png")):
+        for path in out_dir.glob(f"{kind}*{suffix}"):
+            if path.name[len(kind):-len(suffix)] not in fresh:
+                path.unlink(missing_ok=True)
 
 
 def write_eval(out_dir: str | Path, rows: list[dict], meta: dict, table: str) -> list[Path]:
@@ -232,6 +252,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
             "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
             else "cpu", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     kept = earlier_rows(out_dir, splits, meta)
+    if _earlier(out_dir, meta) is None:
+        _remove_other_samples(out_dir, splits if predictions else ())
     rows = kept + rows
     table = eval_table(rows, task, data, model.config.name)
     paths = write_eval(out_dir, rows, meta, table)

@@ -51,7 +51,7 @@ def make_sts_labels(teacher: str | Path, out: str | Path, data: DataConfig | Non
         if not (files.split_file or files.annotation_file):
             raise ValueError("STS labels are written into split files (6th tuple element) or "
                              "annotation files ('sts'); the refer-toolkit layout has neither: "
-                             "pass --split-root")
+                             "pass --split-root or --annotations")
     tokenizer = load_tokenizer(data, source.config) if data.real else None
     dataset = build_dataset(data, source.config, split, "rec", tokenizer)
     model = source.build().to(device)

@@ -444,13 +444,27 @@ class Trainer:
             self._log_window(window, logger, progress, t_budget)
         before_end = self.step < self.plan.total_steps
         epoch_end = before_end and self.plan.locate(self.step)[2] == 0
-        if self.eval_set and ((cfg.eval_interval and self.step % cfg.eval_interval == 0)
-                              or (cfg.eval_every_epoch and epoch_end)):
-            self._validate(logger)
+        # The checkpoint first: a validation that fails (or a kill during it) keeps the step.
         if (cfg.checkpoint.every_epoch and epoch_end) or (
                 cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
             self.save(epoch, time.perf_counter() - t_budget)
+        if self.eval_set and ((cfg.eval_interval and self.step % cfg.eval_interval == 0)
+                              or (cfg.eval_every_epoch and epoch_end)):
+            try:
+                self._validate(logger)
+            except ValueError as err:  # bad data in the validation split, found only now
+                raise self._evaluation_failed(err, at_end=False) from err
         return True
+
+    def _evaluation_failed(self, err: ValueError, at_end: bool) -> ValueError:
+        """The error of an evaluation that found bad data, with the step training reached
+        and whether a checkpoint of it lets the run go on."""
+        saved = ckpt.checkpoint_path(self.run_dir / "checkpoints", self.step)
+        how, what = (("itself finished at", "evaluate and finish") if at_end
+                     else ("reached", "continue"))
+        then = (f"fix it, then {what} with: oneref train -o {self.run_dir} --resume"
+                if saved.is_file() else "no checkpoint of it was kept")
+        return ValueError(f"{own_message(err)} (training {how} step {self.step}; {then})")
 
     def _validate(self, logger: RunLogger) -> dict[str, float]:
         """Metrics of the validation split at this step (once per step: the end's
@@ -575,12 +589,7 @@ class Trainer:
             try:
                 self._final_evaluation(results, logger)
             except ValueError as err:  # bad data in an evaluation split, found only now
-                saved = ckpt.checkpoint_path(self.run_dir / "checkpoints", self.step)
-                then = (f"fix it, then evaluate and finish with: oneref train -o "
-                        f"{self.run_dir} --resume" if saved.is_file()
-                        else "no checkpoint of it was kept")
-                raise ValueError(f"{own_message(err)} (training itself finished at step "
-                                 f"{self.step}; {then})") from err
+                raise self._evaluation_failed(err, at_end=True) from err
         weights = full_state(self.model)[0] if self.fsdp else None
         if self.main:
             unwrap(self.model).save_pretrained(self.run_dir / "model", weights)

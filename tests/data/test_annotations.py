@@ -122,6 +122,28 @@ def test_byte_order_mark_windows_line_ends_and_list_counts(tmp_path):
     assert np.array_equal(decoded.flatten(order="F"), flat)
 
 
+def test_an_rle_size_of_whole_floats_is_read_as_integers(tmp_path):
+    rle = {**_rle(48, 64), "size": [48.0, 64.0]}
+    path = _write(tmp_path / "val.jsonl", {"image": "room/a.png", "box": [10, 8, 20, 20],
+                                           "text": "x", "segmentation": rle})
+    (record,) = load_annotations(path)
+    assert record.rle["size"] == [48, 64] and all(type(v) is int for v in record.rle["size"])
+
+
+def test_eval_of_a_folder_without_evaluation_splits_says_what_it_holds(tmp_path, images):
+    from oneref.eval.splits import default_splits
+    from oneref.train.config import DataConfig
+
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    data = DataConfig(dataset="mine", annotations=str(ann), root=str(images))
+    with pytest.raises(ValueError, match=r"holds no \{split\}.jsonl files: name the split"):
+        default_splits(data)
+    _write(ann / "train.jsonl", {"image": "room/a.png", "box": [1, 1, 2, 2], "text": "x"})
+    with pytest.raises(ValueError, match="holds only train: name the split to evaluate"):
+        default_splits(data)
+
+
 def test_repeated_lines_are_counted_in_a_warning(tmp_path, caplog):
     line = {"image": "room/a.png", "box": [1, 1, 2, 2], "text": "x"}
     path = _write(tmp_path / "val.jsonl", line, {**line, "text": "y"}, line, line)

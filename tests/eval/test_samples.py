@@ -3,6 +3,7 @@ recorder's rows and worst samples, the canvas-to-pixels mapping, the files on Re
 on image files, and the rows of two ranks joined."""
 
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -62,6 +63,7 @@ def test_canvas_to_pixels_inverts_the_test_transform(width, height):
     back = canvas_to_pixels(out.box.tolist(), width, height, 48)
     assert back == pytest.approx(box.tolist(), abs=1e-4)
     assert canvas_to_pixels([0.5, 0.5, 2.0, 2.0], width, height, 48) == (0, 0, width, height)
+    assert np.isfinite(canvas_to_pixels([0.5] * 4, 4000, 3, 48)).all()  # a side under a pixel
 
 
 def test_mask_boxes():
@@ -98,6 +100,20 @@ def test_eval_writes_rows_that_give_its_metrics(refshapes_run, capsys):
                for row in rows)
     with Image.open(refshapes_run / "worst_val.png") as picture:  # 16 tiles, 4 columns
         assert picture.width == 4 * 256 and picture.height > 4 * 256
+
+
+def test_per_sample_files_of_other_weights_go(refshapes_run):
+    """Once the weights change, an evaluation removes the per-sample files it does not
+    write: they belong to the weights eval.json no longer names."""
+    argv = ["eval", "--checkpoint", str(refshapes_run), "--size", "8", "--device", "cpu"]
+    assert main([*argv, "--split", "val,test", "--predictions"]) == 0
+    assert main([*argv, "--split", "val"]) == 0  # the same weights: test's files stay
+    assert (refshapes_run / "predictions_test.jsonl").is_file()
+    weights = refshapes_run / "model" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert main([*argv, "--split", "test", "--predictions"]) == 0
+    assert sorted(p.name for p in refshapes_run.glob("*_*.*") if "val" in p.name
+                  or "test" in p.name) == ["predictions_test.jsonl", "worst_test.png"]
 
 
 def test_eval_predictions_on_image_files(realdata_like, capsys):

@@ -373,3 +373,27 @@ def test_a_final_evaluation_that_fails_says_the_training_finished(tmp_path):
     resumed = Trainer(_config(tmp_path / "run", steps=2,
                               checkpoint=CheckpointConfig(resume="auto", keep_last=0)))
     assert resumed.step == 2 and resumed.fit()["val"]["n"] == 8
+
+
+def test_a_validation_that_fails_mid_run_keeps_the_epochs_checkpoint(tmp_path):
+    """An epoch's checkpoint is written before its validation: bad data found there leaves
+    the step to continue from, and the error says how."""
+    config = dataclasses.replace(_config(tmp_path / "run", steps=6, checkpoint=CheckpointConfig(
+        every_epoch=True, keep_last=0)), eval_every_epoch=True)
+    trainer = Trainer(config)
+
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            raise ValueError(f"val: record {index}: image file 'x.jpg' is truncated or corrupt")
+
+    trainer.eval_set = Unreadable()
+    with pytest.raises(ValueError) as caught:
+        trainer.fit()
+    epoch = 4  # 16 samples in batches of 4
+    assert trainer.step == epoch and str(caught.value) == (
+        "val: record 0: image file 'x.jpg' is truncated or corrupt (training reached step "
+        f"{epoch}; fix it, then continue with: oneref train -o {tmp_path / 'run'} --resume)")
+    assert (tmp_path / "run" / "checkpoints" / f"step_{epoch:08d}.pt").is_file()
