@@ -348,6 +348,16 @@ def test_a_folder_with_checkpoints_but_no_settings_is_a_run(tmp_path):
     assert not (tmp_path / "checkpoints" / "step_00005000.pt").exists()
 
 
+class _Unreadable(torch.utils.data.Dataset):
+    """A validation split whose images turn out corrupt only when loaded."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        raise ValueError(f"val: record {index}: image file 'x.jpg' is truncated or corrupt")
+
+
 def test_a_final_evaluation_that_fails_says_the_training_finished(tmp_path):
     """Bad data in an evaluation split, found only at the end (in a loader worker), leaves a
     checkpoint of the last step; the error is itself, and says how to finish the run."""
@@ -356,14 +366,7 @@ def test_a_final_evaluation_that_fails_says_the_training_finished(tmp_path):
     trainer = Trainer(dataclasses.replace(config, data=dataclasses.replace(config.data,
                                                                            num_workers=1)))
 
-    class Unreadable(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, index):
-            raise ValueError(f"val: record {index}: image file 'x.jpg' is truncated or corrupt")
-
-    trainer.eval_set = Unreadable()
+    trainer.eval_set = _Unreadable()
     with pytest.raises(ValueError) as caught:
         trainer.fit()
     assert str(caught.value) == (
@@ -382,14 +385,7 @@ def test_a_validation_that_fails_mid_run_keeps_the_epochs_checkpoint(tmp_path):
         every_epoch=True, keep_last=0)), eval_every_epoch=True)
     trainer = Trainer(config)
 
-    class Unreadable(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, index):
-            raise ValueError(f"val: record {index}: image file 'x.jpg' is truncated or corrupt")
-
-    trainer.eval_set = Unreadable()
+    trainer.eval_set = _Unreadable()
     with pytest.raises(ValueError) as caught:
         trainer.fit()
     epoch = 4  # 16 samples in batches of 4
