@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from oneref.data.records import (ErrorPolicy, RefRecord, check_box_inside, check_phrase,
-                                 check_segmentation, parse_box)
+                                 check_segmentation, is_whole_number, parse_box)
 from oneref.io import atomic_write
 
 __all__ = ["SUFFIX", "KEYS", "annotation_splits", "load_annotations", "write_sts_annotations"]
@@ -58,8 +58,7 @@ def _size(item: dict) -> tuple[int, int] | None:
     if "height" not in item and "width" not in item:
         return None
     height, width = item.get("height"), item.get("width")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-               and float(v).is_integer() for v in (height, width)):
+    if not all(is_whole_number(v) and v > 0 for v in (height, width)):
         raise ValueError(f"'height' and 'width' must both be positive whole numbers, got "
                          f"{height!r} and {width!r}")
     return int(height), int(width)

@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = ["RefRecord", "ErrorPolicy", "RecordError", "parse_box", "check_polygons",
            "check_segmentation", "check_phrase", "check_box_inside", "check_sts_labels",
-           "own_message"]
+           "is_whole_number", "own_message"]
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def check_segmentation(value) -> tuple[list | None, dict | None]:
             raise ValueError("RLE segmentation needs 'counts' and 'size'")
         size, counts = value["size"], value["counts"]
         if (not isinstance(size, (list, tuple)) or len(size) != 2
-                or not all(_is_whole(v) and v > 0 for v in size)):
+                or not all(is_whole_number(v) and v > 0 for v in size)):
             raise ValueError(f"RLE size {size!r} is not [height, width] in pixels")
         size = [int(v) for v in size]
         value = {**value, "size": size}
@@ -212,7 +212,7 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _is_whole(value) -> bool:
+def is_whole_number(value) -> bool:
     """An int, or a float with no fraction (480.0); not a bool."""
     return _is_int(value) or (isinstance(value, (float, np.floating))
                               and float(value).is_integer())

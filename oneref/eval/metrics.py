@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from oneref.train.distributed import several_ranks
+
 __all__ = [
     "cxcywh_to_xyxy",
     "box_iou",
@@ -107,7 +109,7 @@ def mask_ious(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
 
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a float64 vector over all ranks when a process group is initialised."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_ranks():
         backend = dist.get_backend()
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
         values = values.to(device)

@@ -29,11 +29,14 @@ from oneref.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from oneref.eval.metrics import mask_intersection_union, mask_ious, rec_hits
 from oneref.eval.predict import canvas_to_pixels, mask_boxes
 from oneref.io import atomic_write
+from oneref.train.distributed import several_ranks
 
-__all__ = ["SampleRecorder", "WORST"]
+__all__ = ["SampleRecorder", "WORST", "SAMPLE_FILES", "sample_paths"]
 
 #: Samples drawn per split.
 WORST = 16
+#: The files :meth:`SampleRecorder.write` writes per split (``{}``: the split's name).
+SAMPLE_FILES = ("predictions_{}.jsonl", "worst_{}.png")
 #: Smallest side of a drawn sample (small presets' canvases are scaled up to it).
 _TILE = 256
 _TARGET, _PREDICTED = (40, 200, 60), (230, 30, 30)
@@ -73,7 +76,7 @@ class SampleRecorder:
 
     def gather(self) -> None:
         """Join every rank's rows and worst samples (a collective under a process group)."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not several_ranks():
             return
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (self.rows, self._worst))
@@ -89,16 +92,14 @@ class SampleRecorder:
     def write(self, dataset, split: str, out_dir: str | Path) -> list[Path]:
         """``predictions_{split}.jsonl`` (one row per sample, in dataset order) and
         ``worst_{split}.png`` in ``out_dir``, each written atomically."""
-        out_dir = Path(out_dir)
+        jsonl, png = sample_paths(out_dir, split)
         sizes: dict[str, tuple[int, int]] = {}  # image file -> (width, height)
         lines = [json.dumps(self._row(dataset, row, sizes)) for row in
                  sorted(self.rows, key=lambda r: r["index"])]
-        jsonl = atomic_write(out_dir / f"predictions_{split}.jsonl",
-                             lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+        atomic_write(jsonl, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
         picture = draw_worst(dataset, self.worst_samples(), {r["index"]: r for r in self.rows},
                              self.task)
-        png = atomic_write(out_dir / f"worst_{split}.png",
-                           lambda tmp: picture.save(tmp, format="PNG"))
+        atomic_write(png, lambda tmp: picture.save(tmp, format="PNG"))
         return [jsonl, png]
 
     def _row(self, dataset, row: dict, sizes: dict) -> dict:
@@ -123,6 +124,11 @@ class SampleRecorder:
             if record.meta:  # an annotation line's own keys, refer-toolkit ids
                 out["meta"] = record.meta
         return out
+
+
+def sample_paths(out_dir: str | Path, split: str) -> list[Path]:
+    """The per-sample files of ``split`` in ``out_dir`` (:data:`SAMPLE_FILES`)."""
+    return [Path(out_dir) / name.format(split) for name in SAMPLE_FILES]
 
 
 def _text(dataset, index: int) -> str:

@@ -22,7 +22,7 @@ from oneref.data.synthetic import colour_guess_accuracy
 from oneref.eval.evaluate import evaluate
 from oneref.eval.metrics import PREC_THRESHOLDS
 from oneref.eval.published import published
-from oneref.eval.samples import SampleRecorder
+from oneref.eval.samples import SAMPLE_FILES, SampleRecorder, sample_paths
 from oneref.io import write_json, write_text
 from oneref.sources import ModelSource
 from oneref.train.config import DataConfig
@@ -156,7 +156,10 @@ def _earlier(out_dir: str | Path, meta: dict) -> dict | None:
 def earlier_rows(out_dir: str | Path, splits, meta: dict) -> list[dict]:
     """The rows of an earlier ``eval.json`` in ``out_dir`` for splits other than ``splits``,
     when it evaluated the same weights file for the same task and dataset (else none)."""
-    earlier = _earlier(out_dir, meta)
+    return _other_splits(_earlier(out_dir, meta), splits)
+
+
+def _other_splits(earlier: dict | None, splits) -> list[dict]:
     return [] if earlier is None else [
         row for row in earlier["rows"] if isinstance(row, dict) and row.get("split") not in splits]
 
@@ -164,9 +167,10 @@ def earlier_rows(out_dir: str | Path, splits, meta: dict) -> list[dict]:
 def _remove_other_samples(out_dir: Path, fresh) -> None:
     """Delete the per-sample files (``--predictions``) in ``out_dir`` of splits not in
     ``fresh``: they belong to the weights of an evaluation that is no longer recorded."""
-    for kind, suffix in (("predictions_", ".jsonl"), ("worst_", ".png")):
-        for path in out_dir.glob(f"{kind}*{suffix}"):
-            if path.name[len(kind):-len(suffix)] not in fresh:
+    keep = {path for split in fresh for path in sample_paths(out_dir, split)}
+    for name in SAMPLE_FILES:
+        for path in out_dir.glob(name.format("*")):
+            if path not in keep:
                 path.unlink(missing_ok=True)
 
 
@@ -251,14 +255,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
             "world_size": info.world_size,
             "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
             else "cpu", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    kept = earlier_rows(out_dir, splits, meta)
-    if _earlier(out_dir, meta) is None:
+    earlier = _earlier(out_dir, meta)
+    kept = _other_splits(earlier, splits)
+    if earlier is None:
         _remove_other_samples(out_dir, splits if predictions else ())
     rows = kept + rows
     table = eval_table(rows, task, data, model.config.name)
     paths = write_eval(out_dir, rows, meta, table)
     if predictions:
-        paths += [out_dir / f"{kind}_{split}.{suffix}" for split in splits
-                  for kind, suffix in (("predictions", "jsonl"), ("worst", "png"))]
+        paths += [path for split in splits for path in sample_paths(out_dir, split)]
     summary = source.report.summary(str(checkpoint)) if source.report is not None else ""
     return EvalReport(rows, table, meta, paths, summary, [row["split"] for row in kept])

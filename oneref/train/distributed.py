@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "shutdown", "seed_everything", "wrap_model",
            "shard_model", "gathered", "full_state", "load_full_state", "unwrap", "is_main",
-           "barrier", "broadcast_object", "all_reduce_mean", "all_reduce_max",
+           "barrier", "several_ranks", "broadcast_object", "all_reduce_mean", "all_reduce_max",
            "average_batch_norm_stats", "resolve_device"]
 
 log = logging.getLogger(__name__)
@@ -186,10 +186,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def several_ranks() -> bool:
+    """Whether this process is one of a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def broadcast_object(value):
     """Rank 0's ``value`` on every rank (a picklable object; unchanged without a process
     group)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_ranks():
         return value
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
@@ -199,7 +204,7 @@ def broadcast_object(value):
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     """Elementwise maximum of a tensor over ranks (a copy on the tensor's device; unchanged
     without a process group). NCCL reduces a CPU tensor through the current CUDA device."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_ranks():
         return values
     reduced = values.clone()
     if dist.get_backend() == "nccl" and reduced.device.type != "cuda":
@@ -210,7 +215,7 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (a copy; unchanged without a process group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_ranks():
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= dist.get_world_size()
@@ -224,7 +229,7 @@ def average_batch_norm_stats(module: torch.nn.Module) -> None:
     start of a forward; FSDP not at all), so without this each rank would evaluate with
     other statistics than the model rank 0 saves. Called before every evaluation and
     checkpoint, so a resumed run continues from the same state as an unbroken one."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_ranks():
         return
     norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
              torch.nn.SyncBatchNorm)

@@ -27,6 +27,7 @@ from oneref.config import ModelConfig, get_config
 from oneref.data.records import own_message
 from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
+from oneref.eval.samples import SAMPLE_FILES
 from oneref.io import write_json
 from oneref.model import OneRef
 from oneref.model.validation import check_boxes, check_text
@@ -606,7 +607,7 @@ BEST_METRIC = {"rec": "acc@0.5", "res": "miou"}
 #: The file in RUN/best that says which step and score its weights are.
 BEST_RECORD = "best.json"
 #: What a run and ``oneref eval`` write into a run folder and its subfolders (file patterns).
-_EVAL_FILES = ("eval.json", "eval.md", "predictions_*.jsonl", "worst_*.png")
+_EVAL_FILES = ("eval.json", "eval.md", *(name.format("*") for name in SAMPLE_FILES))
 _RUN_SUBFOLDERS = {
     ".": ("train_config.json", "metrics.csv", "metrics.json", "curve.png", *_EVAL_FILES),
     "checkpoints": ("step_*.pt", "*.tmp"), "tb": ("events.out.tfevents.*",),
