@@ -80,6 +80,8 @@ def test_every_config_flag_sets_the_field_it_documents(command):
             argv.append(_sample_value(flag, kind))
         if key.startswith("data.") and key not in ("data.dataset", "data.train_size"):
             argv += ["--dataset", "unc"]  # real-data flags need a real dataset
+        if key == "data.split_by":
+            argv += ["--refer-root", "refer"]  # the refs file it picks
         if key == "pretrain.sts_labels":
             argv.append("--sts")
         if key == "checkpoint.keep_best":

@@ -265,12 +265,18 @@ class DataConfig:
         given = [flag for flag, value in (("--data-root", self.root),
                                           ("--split-root", self.split_root),
                                           ("--refer-root", self.refer_root),
-                                          ("--annotations", self.annotations)) if value]
+                                          ("--annotations", self.annotations),
+                                          ("--tokenizer", self.tokenizer)) if value]
         if given and not self.real:
             example = "mydata" if self.annotations else "unc"
             raise ValueError(f"{', '.join(given)} given, but the dataset is refshapes (built "
                              f"in, the default): name the real dataset, e.g. --dataset "
                              f"{example}")
+        if self.split_by and not self.refer_root:
+            raise ValueError(f"--split-by {self.split_by} picks a refer-toolkit "
+                             f"refs({self.split_by}).p file and needs --refer-root; split files "
+                             f"and --annotations hold their splits already (split files name "
+                             f"the scheme in the dataset: unc, unc+, gref, gref_umd)")
         if self.annotations and not self.dataset.strip():
             raise ValueError("data.dataset must name the dataset of --annotations")
 

@@ -186,15 +186,18 @@ def _train(realdata, tmp_path, *flags):
       "{splits}"], "'flickr' has no segmentation masks"),
     (["--dataset", "refcoco", "--split-by", "google", "--data-root", "{images}",
       "--refer-root", "{root}/refer"], "{root}/refer/refcoco/refs(google).p does not exist"),
+    (["--dataset", "unc", "--split-by", "umd", "--data-root", "{images}", "--split-root",
+      "{splits}"], "--split-by umd picks a refer-toolkit refs(umd).p file and needs --refer-root"),
     (["--data-root", "{images}", "--split-root", "{splits}"],
-     "--data-root, --split-root given, but the dataset is refshapes"),
+     "--data-root, --split-root, --tokenizer given, but the dataset is refshapes"),
     (["--dataset", "unc", "--recipe", "refshapes", "--data-root", "{images}", "--split-root",
       "{splits}"], "dataset 'unc' has no split 'test'"),  # the final test split
     (["--dataset", "unc", "--data-root", "{images}", "--split-root", "{splits}", "--tokenizer",
       "{root}/gone.model"], "--tokenizer: sentencepiece model '{root}/gone.model' does not "
                             "exist"),
 ], ids=["data-root", "split-root", "dataset", "split-file", "image-folder", "two-roots",
-        "res-no-masks", "refer-split-by", "no-dataset", "test-split", "tokenizer"])
+        "res-no-masks", "refer-split-by", "split-by-without-refer", "no-dataset", "test-split",
+        "tokenizer"])
 def test_data_errors_name_the_path(realdata, tmp_path, capsys, flags, message):
     paths = {"root": realdata.root, "images": realdata.images, "splits": realdata.splits}
     flags = [f.format(**paths) for f in flags]

@@ -118,9 +118,9 @@ def _replaced(args, flag, value):
 @pytest.mark.parametrize("replace,extra,message", [
     ({}, ["--set", "data.train_split=trainval"],
      "no split file trainval.jsonl (the splits there: test, train, val)"),
-    ({"--dataset": "refshapes"}, [], "--data-root, --annotations given, but the dataset is "
-                                     "refshapes (built in, the default): name the real "
-                                     "dataset, e.g. --dataset mydata"),
+    ({"--dataset": "refshapes"}, [], "--data-root, --annotations, --tokenizer given, but the "
+                                     "dataset is refshapes (built in, the default): name the "
+                                     "real dataset, e.g. --dataset mydata"),
     ({}, ["--split-root", "{images}"], "real data needs exactly one of --split-root"),
     ({"--annotations": "{images}/nope"}, [], "--annotations {images}/nope is not a folder"),
 ])
