@@ -249,12 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_values(args, command: str) -> dict:
     """DataConfig fields of the data flags given (paths made absolute). Naming one kind of
-    annotation root clears the others a run may have recorded."""
+    annotation root clears the others a run may have recorded, and a root other than
+    ``--refer-root`` its refs file's ``split_by``."""
     values = {key[len("data."):]: value for key, value in _flag_values(args, command).items()
               if key.startswith("data.")}
     roots = ("split_root", "refer_root", "annotations")
     if any(values.get(root) for root in roots):
-        values = {**dict.fromkeys(roots, ""), **values}
+        cleared = roots if values.get("refer_root") else (*roots, "split_by")
+        values = {**dict.fromkeys(cleared, ""), **values}
     return values
 
 

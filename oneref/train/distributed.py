@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "shutdown", "seed_everything", "wrap_model",
            "shard_model", "gathered", "full_state", "load_full_state", "unwrap", "is_main",
-           "barrier", "several_ranks", "broadcast_object", "all_reduce_mean", "all_reduce_max",
-           "average_batch_norm_stats", "resolve_device"]
+           "main_writes", "several_ranks", "broadcast_object", "all_reduce_mean",
+           "all_reduce_max", "average_batch_norm_stats", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,25 @@ def is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def main_writes(write: Callable[[], None]) -> None:
+    """Run ``write`` on rank 0 only, then tell every rank how it went (a collective that
+    replaces a barrier): when it raised, rank 0 raises that error and every other rank an
+    OSError naming it, so no rank waits at the next collective for one that has stopped."""
+    failure = None
+    if is_main():
+        try:
+            write()
+        except Exception as err:
+            if not several_ranks():
+                raise
+            failure = err
+    message = broadcast_object(None if failure is None else f"{type(failure).__name__}: "
+                                                            f"{failure}")
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise OSError(f"rank 0 stopped writing the run's files ({message}); this rank stops "
+                      f"too")
 
 
 def several_ranks() -> bool:

@@ -37,9 +37,9 @@ from oneref.train.config import TrainConfig
 from oneref.train.data import (build_dataset, check_data, eval_loader, load_tokenizer,
                                train_loader)
 from oneref.train.distributed import (all_reduce_max, all_reduce_mean,
-                                      average_batch_norm_stats, barrier, broadcast_object,
+                                      average_batch_norm_stats, broadcast_object,
                                       full_state, gathered, init_distributed, load_full_state,
-                                      seed_everything, unwrap)
+                                      main_writes, seed_everything, unwrap)
 from oneref.train.features import apply_features
 from oneref.train.init import initialise
 from oneref.train.interrupt import StopRequest, TrainingInterrupted
@@ -201,10 +201,8 @@ class Trainer:
         """Write a checkpoint of the current step; ``elapsed`` training seconds so far (a
         resumed run spends only the rest of ``time_budget_s``)."""
         state = self._state(epoch, elapsed)
-        if self.main:
-            ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, state,
-                                 self.config.checkpoint.keep_last)
-        barrier()
+        main_writes(lambda: ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, state,
+                                                 self.config.checkpoint.keep_last))
 
     def _latest_checkpoint(self, where: str) -> tuple[Path, dict]:
         """The checkpoint ``--resume`` names (``auto``: the run folder's newest)."""
@@ -489,11 +487,12 @@ class Trainer:
         evaluations of the old weights go first, so the record never names other weights."""
         self.best = record
         weights = full_state(self.model)[0] if self.fsdp else None
-        if self.main:
+
+        def write():
             _remove_outputs(self.run_dir, {"best": (BEST_RECORD, *_EVAL_FILES)})
             unwrap(self.model).save_pretrained(self.run_dir / "best", weights)
             write_json(self.run_dir / "best" / BEST_RECORD, record)
-        barrier()
+        main_writes(write)
 
     def _adopt_best(self) -> None:
         """The best a resumed run compares with: what RUN/best holds (a real model and its
@@ -592,13 +591,14 @@ class Trainer:
             except ValueError as err:  # bad data in an evaluation split, found only now
                 raise self._evaluation_failed(err, at_end=True) from err
         weights = full_state(self.model)[0] if self.fsdp else None
-        if self.main:
+
+        def write():
             unwrap(self.model).save_pretrained(self.run_dir / "model", weights)
             write_json(self.run_dir / "train_config.json", cfg.to_dict())
             write_json(self.run_dir / "metrics.json", results)
             plot_curve(logger.rows, self.run_dir / "curve.png",
                        title=f"OneRef {cfg.model} {cfg.task} on {cfg.data.dataset}")
-        barrier()
+        main_writes(write)
         return results
 
 

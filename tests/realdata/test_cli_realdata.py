@@ -5,6 +5,7 @@ over two splits, predict (run folder, official .pth, JSON lines), convert; then 
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,6 +76,26 @@ def test_eval_two_splits_from_the_run_alone(trained):
     assert [r["split"] for r in rows] == ["val", "testA"]
     assert all(0 <= r["acc@0.5"] <= 1 and r["samples_per_s"] > 0 for r in rows)
     assert "| testA | 4 |" in (run / "eval.md").read_text()
+
+
+def test_eval_on_another_layout_than_the_run_recorded(trained, realdata, tmp_path):
+    """A run recorded with the refer-toolkit layout (refcoco split by unc) evaluates on the
+    split files of the same splits: --split-root clears the recorded refs folder and its
+    --split-by; a new --refer-root keeps the scheme."""
+    work, run, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    settings = json.loads((copy / "train_config.json").read_text())
+    settings["data"].update(dataset="refcoco", split_root="", refer_root="/moved/refer",
+                            split_by="unc")
+    (copy / "train_config.json").write_text(json.dumps(settings))
+    for root, samples in ((["--dataset", "unc", "--split-root", realdata.splits], 4),
+                          (["--refer-root", realdata.refer], 1)):
+        out = oneref("eval", "--checkpoint", copy, "--split", "val", "--device", "cpu", *root,
+                     cwd=work).stdout
+        assert f"| val | {samples} |" in out
+    assert json.loads((copy / "eval.json").read_text())["data"].endswith(
+        f"annotations {realdata.refer} (split by unc)")
 
 
 def test_predict_from_run_and_official_pth(trained, realdata):

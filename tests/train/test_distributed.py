@@ -2,6 +2,7 @@
 global batch; an FSDP run resumes from its gathered checkpoint."""
 
 import csv
+import datetime
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oneref.train.distributed import average_batch_norm_stats
+from oneref.train.distributed import average_batch_norm_stats, main_writes
 
 COMMON = ["train", "--model", "tiny", "--steps", "4", "--lr", "0.002", "--train-size", "32",
           "--threads", "1", "--no-progress", "--device", "cpu", "--time-budget", "0",
@@ -108,3 +109,41 @@ def test_batch_norm_statistics_are_averaged_over_ranks(tmp_path):
         assert torch.equal(state["1.running_var"], torch.full((4,), 3.0))
         assert state["1.num_batches_tracked"] == 0
     assert not torch.equal(states[0]["0.weight"], states[1]["0.weight"])
+
+
+def _failed_write(path: str) -> None:
+    raise OSError(28, "No space left on device", path)
+
+
+def _write_on_rank(rank: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=2, timeout=datetime.timedelta(seconds=60))
+    outcome = "no error"
+    try:
+        main_writes(lambda: _failed_write(f"{out}/metrics.json"))
+    except OSError as err:
+        outcome = f"{type(err).__name__}: {err}"
+    with open(f"{out}/{rank}.txt", "w") as handle:
+        handle.write(outcome)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_failed_write_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0's write error reaches every rank at once: no rank waits at a barrier for a
+    rank that has stopped (the gloo timeout would fail this test, not hang it)."""
+    torch.multiprocessing.spawn(_write_on_rank, args=(str(tmp_path / "init"), str(tmp_path)),
+                                nprocs=2)
+    first, second = ((tmp_path / f"{rank}.txt").read_text() for rank in range(2))
+    assert first == f"OSError: [Errno 28] No space left on device: '{tmp_path}/metrics.json'"
+    assert second == (f"OSError: rank 0 stopped writing the run's files ({first}); this rank "
+                      f"stops too")
+
+
+def test_a_failed_write_in_one_process_raises_it_unchanged(tmp_path):
+    with pytest.raises(OSError, match="No space left") as caught:
+        main_writes(lambda: _failed_write(str(tmp_path / "x")))
+    assert caught.value.errno == 28
+    calls = []
+    main_writes(lambda: calls.append(1))
+    assert calls == [1]
