@@ -134,16 +134,25 @@ class StageConfig:
                              "after warm-up)")
     batch_size: int = _option(64, "--batch-size", stage="all",
                               help="per-rank batch of every stage (global batch: batch_size x "
-                                   "world size)")
+                                   "grad_accum x world size)")
+    grad_accum: int = _option(1, "--grad-accum", stage="all",
+                              help="batches whose gradients each rank sums before an optimizer "
+                                   "step, in every stage (gradient accumulation: the global "
+                                   "batch of more GPUs on fewer)")
     #: Freeze the encoder (``model.backbone_parameters()``): only the heads train.
     freeze_backbone: bool = False
     #: Linear warm-up steps from 0 to ``lr`` at the start of the stage (recipe: 0).
     warmup_steps: int = 0
 
+    @property
+    def samples_per_step(self) -> int:
+        """Samples one rank consumes per optimizer step."""
+        return self.batch_size * self.grad_accum
+
     def validate(self, where: str = "stage") -> None:
-        if (self.lr <= 0 or self.batch_size < 1 or self.epochs < 0 or self.steps < 0
-                or self.warmup_steps < 0):
-            raise ValueError(f"{where} ({self.name}): lr > 0, batch_size >= 1, "
+        if (self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 0
+                or self.steps < 0 or self.warmup_steps < 0):
+            raise ValueError(f"{where} ({self.name}): lr > 0, batch_size >= 1, grad_accum >= 1, "
                              f"epochs/steps/warmup_steps >= 0 required, got {self}")
 
 

@@ -131,14 +131,20 @@ def _loader(dataset: Dataset, sampler, batch_size: int, data: DataConfig, device
 
 
 def train_loader(dataset: Dataset, batch_size: int, data: DataConfig, device: torch.device,
-                 rank: int, world_size: int, seed: int) -> tuple[DataLoader, ResumableSampler]:
+                 rank: int, world_size: int, seed: int, accumulate: int = 1
+                 ) -> tuple[DataLoader, ResumableSampler]:
     """Shuffled, sharded, drop-last loader and its resumable sampler.
+
+    With ``accumulate`` > 1 the sampler counts in optimizer steps of ``accumulate`` loader
+    batches each (epochs end on a whole step; a resume starts at one): the samples of a step
+    are those of one batch ``accumulate`` times larger, in the same order.
 
     The loader owns a generator (seeded from ``seed``) so that creating an iterator never
     draws from the global torch RNG: the model's RNG stream is the same with or without a
     resume in between.
     """
-    sampler = ResumableSampler(len(dataset), batch_size, rank, world_size, seed=seed)
+    sampler = ResumableSampler(len(dataset), batch_size * accumulate, rank, world_size,
+                               seed=seed)
     generator = torch.Generator().manual_seed(seed)
     return _loader(dataset, sampler, batch_size, data, device, True, generator), sampler
 

@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "shutdown", "seed_everything", "wrap_model",
-           "shard_model", "gathered", "full_state", "load_full_state", "unwrap", "is_main",
-           "main_writes", "several_ranks", "broadcast_object", "all_reduce_mean",
-           "all_reduce_max", "average_batch_norm_stats", "resolve_device"]
+           "shard_model", "gradient_sync_off", "gathered", "full_state", "load_full_state",
+           "unwrap", "is_main", "main_writes", "several_ranks", "broadcast_object",
+           "gather_objects", "all_reduce_mean", "all_reduce_max", "average_batch_norm_stats",
+           "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,25 @@ def shard_model(module: torch.nn.Module, info: DistInfo,
     for unit in units:
         fully_shard(unit, mesh=mesh)
     return fully_shard(module, mesh=mesh)
+
+
+@contextlib.contextmanager
+def gradient_sync_off(module: torch.nn.Module):
+    """Backward passes inside keep their gradients on this rank, summed into ``.grad`` (every
+    micro-batch of an accumulated step but the last): DDP's ``no_sync``, FSDP2's
+    ``set_requires_gradient_sync(False)``; nothing for an unwrapped module."""
+    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper
+    if hasattr(module, "no_sync"):
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 @contextlib.contextmanager
@@ -215,6 +235,16 @@ def broadcast_object(value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_objects(value) -> list:
+    """Every rank's ``value`` (a picklable object) in rank order, on every rank (a
+    collective); ``[value]`` without a process group."""
+    if not several_ranks():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ class StagePlan:
     Args:
         stages: the recipe's stages.
         train_samples: samples in the training split.
-        world_size: ranks; a step consumes ``batch_size * world_size`` samples (drop_last).
+        world_size: ranks; a step consumes ``batch_size * grad_accum * world_size`` samples
+            (drop_last).
         schedule: cosine / constant, per epoch or per step.
     """
 
@@ -50,11 +51,12 @@ class StagePlan:
         self.spans: list[StageSpan] = []
         start = 0
         for i, stage in enumerate(stages):
-            per_epoch = train_samples // (stage.batch_size * world_size)
+            per_epoch = train_samples // (stage.samples_per_step * world_size)
             if per_epoch < 1:
+                accumulated = f" x {stage.grad_accum} accumulated" if stage.grad_accum > 1 else ""
                 raise ValueError(f"stage {stage.name!r}: the training split ({train_samples} "
                                  f"samples) is smaller than one global batch "
-                                 f"({stage.batch_size} x {world_size} ranks)")
+                                 f"({stage.batch_size}{accumulated} x {world_size} ranks)")
             steps = stage.steps if stage.steps > 0 else stage.epochs * per_epoch
             self.spans.append(StageSpan(i, stage, start, steps, per_epoch))
             start += steps

@@ -12,6 +12,7 @@ averaged over ranks and written to CSV / TensorBoard / the progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,8 +39,9 @@ from oneref.train.data import (build_dataset, check_data, eval_loader, load_toke
                                train_loader)
 from oneref.train.distributed import (all_reduce_max, all_reduce_mean,
                                       average_batch_norm_stats, broadcast_object,
-                                      full_state, gathered, init_distributed, load_full_state,
-                                      main_writes, seed_everything, unwrap)
+                                      full_state, gather_objects, gathered, gradient_sync_off,
+                                      init_distributed, load_full_state, main_writes,
+                                      seed_everything, unwrap)
 from oneref.train.features import apply_features
 from oneref.train.init import initialise
 from oneref.train.interrupt import StopRequest, TrainingInterrupted
@@ -168,8 +170,9 @@ class Trainer:
             p.requires_grad_(not stage.freeze_backbone)
         self.wrapped = self.features.wrap(self.task_module)
         self._stage_index = index
-        log.info("stage %d (%s): %d steps, lr %.3g, batch %d/rank, backbone %s",
-                 index, stage.name, self.plan.spans[index].steps, stage.lr, stage.batch_size,
+        log.info("stage %d (%s): %d steps, lr %.3g, batch %d/rank x %d accumulated, "
+                 "backbone %s", index, stage.name, self.plan.spans[index].steps, stage.lr,
+                 stage.batch_size, stage.grad_accum,
                  "frozen" if stage.freeze_backbone else "trained")
 
     # ------------------------------------------------------------------ checkpoints
@@ -184,7 +187,7 @@ class Trainer:
             "scheduler": {"step": self.step, "lr": self.plan.lr_at(max(self.step - 1, 0))},
             "step": self.step,
             "epoch": epoch,
-            "rng": ckpt.rng_state(),
+            "rng": gather_objects(ckpt.rng_state()),  # each rank's, in rank order
             "skipped_steps": self.skipped_steps,
             "sampler": {"seed": self.config.seed, "position": list(self.plan.locate(
                 min(self.step, self.plan.total_steps - 1))[1:])},
@@ -194,7 +197,7 @@ class Trainer:
             "best": self.best,
         }
         if self.mrefm is not None:
-            state["mask_generator"] = self.mrefm.generator.get_state()
+            state["mask_generator"] = gather_objects(self.mrefm.generator.get_state())
         return state
 
     def save(self, epoch: int, elapsed: float = 0.0) -> None:
@@ -221,9 +224,7 @@ class Trainer:
         return get_config(self.config.model, **self.config.model_overrides)
 
     def _resume(self, path: Path, state: dict) -> None:
-        if state.get("world_size", 1) != self.info.world_size:
-            raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks; "
-                             f"resume with the same number (now {self.info.world_size})")
+        self._check_global_batches(path, state)
         self._check_resumed_model(path, state.get("model_config", {}))
         task = state.get("config", {}).get("task", self.config.task)
         if task != self.config.task:
@@ -255,11 +256,45 @@ class Trainer:
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.best = state.get("best")
         self._adopt_best()
-        ckpt.set_rng_state(state["rng"])
-        if self.mrefm is not None:
-            self.mrefm.generator.set_state(state["mask_generator"])
+        self._restore_streams(state)
         self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_global_batches(self, path: Path, state: dict) -> None:
+        """A checkpoint resumes on another number of ranks only where every stage keeps its
+        global batch (batch x grad_accum x ranks): each step then takes the same samples."""
+        before, now = state.get("world_size", 1), self.info.world_size
+        if before == now:
+            return
+        recorded = TrainConfig.from_dict(state["config"]).stages if "config" in state else []
+        if ([s.samples_per_step * before for s in recorded]
+                == [s.samples_per_step * now for s in self.config.stages]):
+            log.info("resuming %s, written by %d ranks, on %d: the same global batches",
+                     path, before, now)
+            return
+        hint = ""
+        if recorded and all(s.samples_per_step * before % (s.batch_size * now) == 0
+                            for s in recorded):
+            accum = sorted({s.samples_per_step * before // (s.batch_size * now)
+                            for s in recorded})
+            hint = (f", or keep its global batches with --grad-accum {accum[0]}" if len(accum) == 1
+                    else f", or keep its global batches with grad_accum {accum} per stage")
+        raise ValueError(f"checkpoint {path} was written by {before} ranks and this run has "
+                         f"{now} with other global batches: resume on {before} ranks{hint}")
+
+    def _restore_streams(self, state: dict) -> None:
+        """Each rank's random streams (the global RNGs, MRefM's masks) as the checkpoint's
+        rank of the same number left them. A rank it does not hold (another number of
+        ranks; a checkpoint that kept rank 0's only) keeps the streams it started with, its
+        own."""
+        def mine(saved):
+            saved = saved if isinstance(saved, list) else [saved]
+            return saved[self.info.rank] if self.info.rank < len(saved) else None
+
+        if (rng := mine(state["rng"])) is not None:
+            ckpt.set_rng_state(rng)
+        if self.mrefm is not None and (masks := mine(state["mask_generator"])) is not None:
+            self.mrefm.generator.set_state(masks)
 
     def _check_resumed_model(self, path: Path, recorded: dict) -> None:
         """The model this run builds has the shape the checkpoint recorded (a preset may
@@ -278,8 +313,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _batches(self):
-        """Yield ``(span, epoch, batch)`` from ``self.step`` to the end of the plan; a fresh
-        iterator starts each epoch (or the resumed position inside it)."""
+        """Yield ``(span, epoch, batches)`` from ``self.step`` to the end of the plan, the
+        stage's ``grad_accum`` loader batches per step; a fresh iterator starts each epoch
+        (or the resumed position inside it)."""
         loader = sampler = iterator = None
         loader_stage, key = -1, None
         while self.step < self.plan.total_steps:
@@ -289,16 +325,45 @@ class Trainer:
                     loader, sampler = train_loader(
                         self.train_set, span.stage.batch_size, self.config.data, self.device,
                         self.info.rank, self.info.world_size,
-                        seed=self.config.seed + 7919 * span.index)
+                        seed=self.config.seed + 7919 * span.index,
+                        accumulate=span.stage.grad_accum)
                     loader_stage = span.index
                 sampler.set_epoch(epoch, start_batch=index)
                 loader.generator.manual_seed(self.config.seed + 104729 * span.index + epoch)
                 iterator = iter(loader)
                 key = (span.index, epoch)
-            yield span, epoch, next(iterator)
+            yield span, epoch, [next(iterator) for _ in range(span.stage.grad_accum)]
 
-    def _train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _train_step(self, batches: list[dict]) -> dict[str, torch.Tensor] | None:
+        """One optimizer step over ``batches`` (one, or the micro-batches of an accumulated
+        step: each loss scaled by 1 / their number, the gradients summed, synchronised
+        across ranks in the last backward only). Returns the losses averaged over them, or
+        None for a skipped non-finite step."""
         cfg = self.config
+        totals: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            with contextlib.nullcontext() if sync else gradient_sync_off(self.wrapped):
+                losses = self._backward(batch, scale=1 / len(batches))
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0) + value.detach().float() / len(batches)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        # The norm with clipping, else measured alone (non-finite gradients must be seen).
+        norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                if cfg.optim.grad_clip > 0 else
+                torch.nn.utils.get_total_norm([p.grad for p in params]))
+        # Under FSDP the norm is a DTensor (reduced over shards): take its value.
+        totals["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor")
+                               else norm).detach().float()
+        finite = self._finite(totals)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals if finite else None
+
+    def _backward(self, batch: dict, scale: float) -> dict[str, torch.Tensor]:
+        """Forward and backward of one (micro-)batch, the loss scaled by ``scale``; returns
+        its unscaled losses."""
         # Value checks on the host copy of the batch: no device sync inside the step (the
         # model's own checks are off, see __init__).
         check_text(batch["text_ids"], batch["text_lengths"], self.model.config,
@@ -310,22 +375,10 @@ class Trainer:
             raise ValueError(f"{err} (training samples {batch['indices'].tolist()})") from None
         batch = move_batch(batch, self.device)
         mode, drop_worst = self.mrefm.prepare(batch, self.step) if self.mrefm else ("", 0.0)
-        with autocast_context(self.device, cfg.amp):
+        with autocast_context(self.device, self.config.amp):
             losses = self.wrapped(batch, mode, drop_worst) if mode else self.wrapped(batch)
-        losses["loss"].backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        # The norm with clipping, else measured alone (non-finite gradients must be seen).
-        norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                if cfg.optim.grad_clip > 0 else
-                torch.nn.utils.get_total_norm([p.grad for p in params]))
-        # Under FSDP the norm is a DTensor (reduced over shards): take its value.
-        losses["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        losses = {k: v.detach().float() for k, v in losses.items()}
-        finite = self._finite(losses)
-        if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return losses if finite else None
+        (losses["loss"] * scale if scale != 1 else losses["loss"]).backward()
+        return losses
 
     def _finite(self, losses: dict[str, torch.Tensor]) -> bool:
         """Whether the loss and gradient norm are finite on every rank (one host sync per
@@ -400,8 +453,8 @@ class Trainer:
         self.losses: list[tuple[int, float]] = []
         stopped = 0  # the signal that stopped the run, agreed by every rank
         with StopRequest() as stop:
-            for span, epoch, batch in self._batches():
-                if not self._step(span, epoch, batch, window, logger, progress, t_budget):
+            for span, epoch, batches in self._batches():
+                if not self._step(span, epoch, batches, window, logger, progress, t_budget):
                     break
                 # A stop asked for after the last step lets the run finish.
                 if self.step < self.plan.total_steps:
@@ -423,8 +476,8 @@ class Trainer:
         finally:
             logger.close()
 
-    def _step(self, span, epoch: int, batch: dict, window: "_LossWindow", logger: RunLogger,
-              progress: "_Progress", t_budget: float) -> bool:
+    def _step(self, span, epoch: int, batches: list[dict], window: "_LossWindow",
+              logger: RunLogger, progress: "_Progress", t_budget: float) -> bool:
         """One optimizer step and what falls due after it: a log row, an evaluation, a
         checkpoint (every ``checkpoint.interval`` steps, and at an epoch's end with
         ``checkpoint.every_epoch``). False, with no step taken, once the time budget is
@@ -437,7 +490,7 @@ class Trainer:
         if span.index != self._stage_index:
             self._apply_stage(span.index)
         set_lr(self.optimizer, self.plan.lr_at(self.step, frac))
-        window.add(self._train_step(batch), span.stage.batch_size * self.info.world_size)
+        window.add(self._train_step(batches), span.stage.samples_per_step * self.info.world_size)
         self.step += 1  # a skipped step still consumed its batch
         if self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps:
             self._log_window(window, logger, progress, t_budget)
@@ -552,7 +605,7 @@ class Trainer:
 
     def _samples_until(self, step: int) -> int:
         """Samples of all ranks in the first ``step`` steps (each stage has its batch)."""
-        return sum(min(max(step - s.start, 0), s.steps) * s.stage.batch_size
+        return sum(min(max(step - s.start, 0), s.steps) * s.stage.samples_per_step
                    for s in self.plan.spans) * self.info.world_size
 
     def _final_evaluation(self, results: dict, logger: RunLogger) -> None:

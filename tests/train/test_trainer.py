@@ -16,12 +16,14 @@ from oneref.train.config import (CheckpointConfig, DataConfig, ResLossConfig, St
 from oneref.train.trainer import Trainer
 
 
-def _config(out, steps=6, time_budget_s=0.0, **changes):
+def _config(out, steps=6, time_budget_s=0.0, batch_size=4, grad_accum=1, train_size=16,
+            **changes):
     return refshapes_recipe(
         model="tiny", output_dir=str(out), progress=False, log_interval=1, final_test=False,
         threads=1, time_budget_s=time_budget_s,
-        stages=[StageConfig(steps=steps, lr=2e-3, batch_size=4, warmup_steps=1)],
-        data=DataConfig(train_size=16, eval_size=8, test_size=8, eval_batch_size=8),
+        stages=[StageConfig(steps=steps, lr=2e-3, batch_size=batch_size, grad_accum=grad_accum,
+                            warmup_steps=1)],
+        data=DataConfig(train_size=train_size, eval_size=8, test_size=8, eval_batch_size=8),
         **changes)
 
 
@@ -34,7 +36,7 @@ def test_train_step_decreases_loss_on_fixed_batch(tmp_path):
     from oneref.train.optim import set_lr
 
     set_lr(trainer.optimizer, 2e-3)
-    losses = [float(trainer._train_step(dict(batch))["loss"]) for _ in range(12)]
+    losses = [float(trainer._train_step([dict(batch)])["loss"]) for _ in range(12)]
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(torch.isfinite(torch.tensor(losses)))
 
@@ -72,21 +74,29 @@ def _csv_losses(run):
                 if r["split"] == "train"]
 
 
-def test_resume_after_kill_is_exact(tmp_path, killed_fit):
-    # Uninterrupted: 6 steps over two epochs (16 samples / batch 4 = 4 steps per epoch).
+def _csv_column(run, name):
+    with open(run / "metrics.csv", newline="") as handle:
+        return [float(r[name]) for r in csv.DictReader(handle) if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("batch_size,grad_accum", [(4, 1), (2, 2)])
+def test_resume_after_kill_is_exact(tmp_path, killed_fit, batch_size, grad_accum):
+    # Uninterrupted: 6 steps over two epochs (16 samples / 4 per step = 4 steps per epoch).
     straight = tmp_path / "straight"
-    ref = Trainer(_config(straight, checkpoint=CheckpointConfig(interval=3, keep_last=2)))
+    sizes = {"batch_size": batch_size, "grad_accum": grad_accum}
+    ref = Trainer(_config(straight, checkpoint=CheckpointConfig(interval=3, keep_last=2),
+                          **sizes))
     ref.fit()
     ref_weights = {k: v.clone() for k, v in ref.model.state_dict().items()}
 
     # Killed during step 5 (after the step-3 checkpoint), then resumed.
     broken = tmp_path / "broken"
-    killed_fit(Trainer(_config(broken, checkpoint=CheckpointConfig(interval=3, keep_last=2))),
-               4)
+    killed_fit(Trainer(_config(broken, checkpoint=CheckpointConfig(interval=3, keep_last=2),
+                               **sizes)), 4)
     assert [p.name for p in (broken / "checkpoints").iterdir()] == ["step_00000003.pt"]
 
     second = Trainer(_config(broken, checkpoint=CheckpointConfig(interval=3, keep_last=2,
-                                                                 resume="auto")))
+                                                                 resume="auto"), **sizes))
     assert second.step == 3
     second.fit()
     assert _csv_losses(broken) == _csv_losses(straight)
@@ -95,6 +105,31 @@ def test_resume_after_kill_is_exact(tmp_path, killed_fit):
         assert torch.equal(value, ref_weights[key]), key
     assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == \
         ["step_00000003.pt", "step_00000006.pt"]
+
+
+def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
+    """Batch 4 x 2 accumulated takes the optimizer steps of batch 8: the same samples per
+    step, the same losses and weights (fp32; REC, whose losses are per-sample means)."""
+    runs = {}
+    for batch_size, grad_accum in ((8, 1), (4, 2)):
+        out = tmp_path / f"b{batch_size}"
+        trainer = Trainer(_config(out, steps=5, batch_size=batch_size, grad_accum=grad_accum,
+                                  train_size=32, model_overrides={"drop_path": 0.0}))
+        results = trainer.fit()
+        runs[grad_accum] = trainer, results, out
+    (whole, whole_results, whole_out), (accumulated, results, out) = runs[1], runs[2]
+    assert results["samples_seen"] == whole_results["samples_seen"] == 5 * 8
+    steps, losses = zip(*_csv_losses(out))
+    want_steps, want = zip(*_csv_losses(whole_out))
+    assert steps == want_steps == (1, 2, 3, 4, 5)  # across the epoch end (4 steps of 8)
+    assert [float(v) for v in losses] == pytest.approx([float(v) for v in want], rel=1e-5)
+    assert _csv_column(out, "grad_norm") == pytest.approx(_csv_column(whole_out, "grad_norm"),
+                                                          rel=1e-4)  # the mean's gradient
+    want_weights = whole.model.state_dict()
+    for key, value in accumulated.model.state_dict().items():
+        # Adam turns rounding differences of near-zero gradients into ~1e-6; a step on
+        # other samples would move a weight by about the lr (2e-3).
+        torch.testing.assert_close(value, want_weights[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_resume_continues_the_time_budget(tmp_path, caplog):
@@ -133,12 +168,13 @@ def test_resume_without_checkpoint_names_folder(tmp_path):
         Trainer(_config(tmp_path, checkpoint=CheckpointConfig(resume="auto")))
 
 
-def test_pretrain_alternates_mim_and_mlm(tmp_path):
+@pytest.mark.parametrize("batch_size,grad_accum", [(4, 1), (2, 2)])
+def test_pretrain_alternates_mim_and_mlm(tmp_path, batch_size, grad_accum):
     from oneref.train.config import pretrain_recipe
 
     cfg = pretrain_recipe(
         model="tiny", output_dir=str(tmp_path), progress=False, log_interval=1, threads=1,
-        stages=[StageConfig(steps=4, lr=1e-3, batch_size=4)],
+        stages=[StageConfig(steps=4, lr=1e-3, batch_size=batch_size, grad_accum=grad_accum)],
         data=DataConfig(train_size=16, eval_size=8, test_size=8))
     cfg.pretrain.vts = True
     trainer = Trainer(cfg)
@@ -151,6 +187,33 @@ def test_pretrain_alternates_mim_and_mlm(tmp_path):
     assert rows[1]["mlm"] and not rows[1]["mim"]
     assert all(float(r["box_mask"]) > 0 for r in rows)
     assert all(float(r["loss"]) > 0 for r in rows)
+
+
+def test_a_checkpoint_with_one_set_of_random_streams_resumes_exactly(tmp_path):
+    """Checkpoints written before each rank's streams were kept hold one RNG state and one
+    MRefM mask-generator state, not a list per rank: a one-process run resumes from them
+    as exactly as from a new one."""
+    from oneref.train.config import pretrain_recipe
+
+    def config(out, resume=""):
+        return pretrain_recipe(
+            model="tiny", output_dir=str(out), progress=False, log_interval=1, threads=1,
+            time_budget_s=0.0,  # else the cosine follows the clock
+            stages=[StageConfig(steps=4, lr=1e-3, batch_size=2)],
+            data=DataConfig(train_size=16, eval_size=8, test_size=8),
+            checkpoint=CheckpointConfig(interval=2, keep_last=0, resume=resume))
+
+    straight = Trainer(config(tmp_path / "straight"))
+    straight.fit()
+    path = tmp_path / "straight" / "checkpoints" / "step_00000002.pt"
+    state = torch.load(path, weights_only=True)
+    assert len(state["rng"]) == len(state["mask_generator"]) == 1  # one rank's
+    state["rng"], state["mask_generator"] = state["rng"][0], state["mask_generator"][0]
+    torch.save(state, tmp_path / "old.pt")
+    resumed = Trainer(config(tmp_path / "resumed", resume=str(tmp_path / "old.pt")))
+    resumed.fit()
+    want = straight.model.state_dict()
+    assert all(torch.equal(value, want[key]) for key, value in resumed.model.state_dict().items())
 
 
 def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
