@@ -280,7 +280,7 @@ def test_eval_and_info(run_dir, capsys):
     assert main(["eval", "--checkpoint", str(run_dir), "--split", "test", "--size", "8",
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "| split | samples | Acc@0.5 | colour-guess | samples/s |" in out
+    assert "| split | samples | Acc@0.5 % | colour-guess % | samples/s |" in out
     assert out.count("| test | 8 |") == 1 and "paper" not in out
     saved = json.loads((run_dir / "eval.json").read_text())
     assert [r["split"] for r in saved["rows"]] == ["test"] and saved["rows"][0]["n"] == 8

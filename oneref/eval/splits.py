@@ -89,12 +89,13 @@ def _paper_dataset(data: DataConfig) -> str:
 
 
 def eval_table(rows: list[dict], task: str, data: DataConfig, preset: str) -> str:
-    """Markdown table: metrics in percent, the paper's (single / mixed) beside them."""
+    """Markdown table: metrics in percent (so headed), the paper's (single / mixed) beside
+    them."""
     dataset = _paper_dataset(data)
     paper = {"base": "paper OneRef-B", "large": "paper OneRef-L"}.get(preset, "paper")
     if task == "rec":
-        extra = ["colour-guess"] if any("colour_guess" in r for r in rows) else []
-        head = ["split", "samples", "Acc@0.5", f"{paper} (single / mixed)", *extra,
+        extra = ["colour-guess %"] if any("colour_guess" in r for r in rows) else []
+        head = ["split", "samples", "Acc@0.5 %", f"{paper} % (single / mixed)", *extra,
                 "samples/s"]
         body = [[r["split"], f"{r['n']:,}", f"{100 * r['acc@0.5']:.2f}",
                  published("acc@0.5", dataset, preset, r["split"]),
@@ -102,8 +103,8 @@ def eval_table(rows: list[dict], task: str, data: DataConfig, preset: str) -> st
                  f"{r['samples_per_s']:.1f}"] for r in rows]
     else:
         precs = [f"prec@{t:g}" for t in PREC_THRESHOLDS]
-        head = ["split", "samples", "mIoU", "oIoU", *(p.capitalize() for p in precs),
-                f"{paper} mIoU", f"{paper} oIoU", "samples/s"]
+        head = ["split", "samples", "mIoU %", "oIoU %", *(f"{p.capitalize()} %" for p in precs),
+                f"{paper} mIoU %", f"{paper} oIoU %", "samples/s"]
         body = [[r["split"], f"{r['n']:,}", f"{100 * r['miou']:.2f}", f"{100 * r['oiou']:.2f}",
                  *(f"{100 * r[p]:.2f}" for p in precs),
                  published("miou", dataset, preset, r["split"]),

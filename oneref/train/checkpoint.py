@@ -53,9 +53,11 @@ NEWEST = ("auto", "latest")
 
 
 def run_folder_of(path: str | Path) -> Path:
-    """The run folder a ``--resume`` path names: itself, or the run whose checkpoints/
-    holds that step file."""
+    """The run folder a ``--resume`` path names: itself, or the run whose checkpoints/ is
+    that folder or holds that step file."""
     path = Path(path)
+    if path.name == "checkpoints" and path.is_dir():
+        return path.parent
     return path.parent.parent if path.parent.name == "checkpoints" else path
 
 

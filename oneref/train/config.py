@@ -474,14 +474,15 @@ class TrainConfig:
     progress: bool = _option(True, "--no-progress", const=False,
                              help="a tqdm progress bar on rank 0 (--no-progress: none)")
     # With a budget the last stage's steps is an upper bound and its cosine follows the share
-    # of the budget used, so a slower machine trains fewer steps but still ends at the low
-    # learning rate. Such runs are not step-for-step reproducible (resume continues, but not
-    # bit-exactly).
+    # of the budget used or of the steps taken, whichever is further along, so a slower
+    # machine trains fewer steps but still ends at the low learning rate, and so does a run
+    # whose steps end first. Such runs are not step-for-step reproducible (resume continues,
+    # but not bit-exactly).
     time_budget_s: float = _option(0.0, "--time-budget", metavar="SECONDS",
                                    help="wall-clock budget of the whole training loop in "
-                                        "seconds (0: off); the last stage's cosine follows it, "
-                                        "and it may run out before a later stage starts (a "
-                                        "warning says so)")
+                                        "seconds (0: off); the last stage's cosine follows it "
+                                        "or its steps, whichever ends first, and it may run "
+                                        "out before a later stage starts (a warning says so)")
     #: Evaluate on ``data.test_split`` at the end (and print the colour-guess baseline).
     final_test: bool = True
     on_nan: str = _option("raise", "--on-nan", choices=("raise", "skip"),

@@ -74,7 +74,8 @@ class StagePlan:
         """Learning rate used for optimizer step ``step`` (0-based).
 
         ``time_fraction`` (share of a wall-clock budget used, see ``TrainConfig.time_budget_s``)
-        replaces the step progress of the cosine in the last stage.
+        moves the cosine of the last stage when it is further along than the steps: the
+        schedule ends with whichever of the two ends first.
         """
         span, epoch, _ = self.locate(step)
         stage, local = span.stage, step - span.start
@@ -82,14 +83,14 @@ class StagePlan:
             return stage.lr * (local + 1) / stage.warmup_steps
         if self.schedule.kind == "constant":
             return stage.lr
-        if time_fraction is not None and span.index == len(self.spans) - 1:
-            progress = min(1.0, max(0.0, time_fraction))
-        elif self.schedule.interval == "epoch":
+        if self.schedule.interval == "epoch":
             epochs = max(1, math.ceil(span.steps / span.steps_per_epoch))
             progress = epoch / epochs
         else:
             decay_steps = max(1, span.steps - stage.warmup_steps)
             progress = (local - stage.warmup_steps) / decay_steps
+        if time_fraction is not None and span.index == len(self.spans) - 1:
+            progress = max(progress, min(1.0, max(0.0, time_fraction)))
         floor = self.schedule.min_lr_ratio * stage.lr
         return floor + (stage.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

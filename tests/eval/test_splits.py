@@ -16,7 +16,7 @@ def _rec_row(split, acc):
 def test_rec_table_puts_the_paper_beside_each_split():
     rows = [_rec_row("val", 0.8812), _rec_row("testA", 0.9), _rec_row("testB", 0.85)]
     table = eval_table(rows, "rec", DataConfig(dataset="unc"), "base").splitlines()
-    assert table[0] == ("| split | samples | Acc@0.5 | paper OneRef-B (single / mixed) | "
+    assert table[0] == ("| split | samples | Acc@0.5 % | paper OneRef-B % (single / mixed) | "
                         "samples/s |")
     assert table[2] == "| val | 5,657 | 88.12 | 88.75 / 91.89 | 812.4 |"
     assert table[4] == "| testB | 5,657 | 85.00 | 85.34 / 88.58 | 812.4 |"
@@ -30,9 +30,9 @@ def test_res_table_columns():
     rows = [{"split": split, "miou": 0.7, "oiou": 0.75, "n": 10, "samples_per_s": 3.0,
              **{f"prec@{t}": 0.5 for t in (0.5, 0.6, 0.7, 0.8, 0.9)}} for split in ("val", "testA")]
     table = eval_table(rows, "res", DataConfig(dataset="unc"), "base").splitlines()
-    assert table[0] == ("| split | samples | mIoU | oIoU | Prec@0.5 | Prec@0.6 | Prec@0.7 | "
-                        "Prec@0.8 | Prec@0.9 | paper OneRef-B mIoU | paper OneRef-B oIoU | "
-                        "samples/s |")
+    assert table[0] == ("| split | samples | mIoU % | oIoU % | Prec@0.5 % | Prec@0.6 % | "
+                        "Prec@0.7 % | Prec@0.8 % | Prec@0.9 % | paper OneRef-B mIoU % | "
+                        "paper OneRef-B oIoU % | samples/s |")
     # mIoU is published for val only; oIoU for every split
     assert table[2].endswith("| 77.57 / 79.83 | 77.55 / 81.06 | 3.0 |")
     assert table[3] == ("| testA | 10 | 70.00 | 75.00 | 50.00 | 50.00 | 50.00 | 50.00 | 50.00 "

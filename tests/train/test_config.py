@@ -127,6 +127,9 @@ def test_stage_plan_layout_and_lr():
     assert step_plan.lr_at(1) == pytest.approx(1.0)
     assert step_plan.lr_at(6) == pytest.approx(0.1 + 0.9 * 0.5)
     assert step_plan.lr_at(6, time_fraction=1.0) == pytest.approx(0.1)
+    # A budget and a step count: the cosine follows whichever is further along.
+    assert step_plan.lr_at(6, time_fraction=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert step_plan.lr_at(2, time_fraction=0.5) == pytest.approx(0.1 + 0.9 * 0.5)
     with pytest.raises(ValueError, match="past the end"):
         step_plan.locate(11)
     with pytest.raises(ValueError, match="smaller than one global batch"):

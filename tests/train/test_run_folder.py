@@ -256,6 +256,10 @@ def test_resume_continues_the_named_run_where_it_is(tmp_path, capsys):
     assert main(["train", "--resume", str(copy), "--steps", "4", "--no-progress"]) == 0
     assert (run / "metrics.json").read_text() == before
     assert json.loads((copy / "metrics.json").read_text())["steps"] == 4
+    # Its checkpoints/ folder (what an interrupted run names) stands for the run too.
+    assert main(["train", "--resume", str(copy / "checkpoints"), "--steps", "6",
+                 "--no-progress"]) == 0
+    assert json.loads((copy / "metrics.json").read_text())["steps"] == 6
     assert main(["pretrain", "--resume", str(copy), "--steps", "6"]) == 2
     assert f"{copy} holds a rec run: continue it with oneref train --resume" in \
         capsys.readouterr().err
