@@ -37,6 +37,7 @@ from oneref.config import PRESETS
 from oneref.data.records import own_message
 from oneref.eval.predict import draw_prediction, load_image, load_predictor, predict_file
 from oneref.eval.splits import evaluate_checkpoint
+from oneref.io import make_folder
 from oneref.info import info
 from oneref.model import OneRef
 from oneref.ops.dispatch import BackendUnavailableError, current_backend
@@ -45,6 +46,7 @@ from oneref.sources import ModelSource, preset_of
 from oneref.train import config as tc
 from oneref.train.checkpoint import NEWEST, run_folder_of
 from oneref.train.config import command_flags
+from oneref.train.data import check_sizes
 from oneref.train.distributed import is_main, resolve_device
 from oneref.train.sts_labels import make_sts_labels
 from oneref.train.trainer import Trainer
@@ -315,7 +317,9 @@ def _train_config(args, pretrain: bool):
     values = _flag_values(args, command, len(cfg.stages))
     values.update({f"data.{name}": value for name, value in data.items()})
     flags = [f"{key}={json.dumps(value)}" for key, value in values.items()]
-    return tc.apply_overrides(cfg, flags + list(args.overrides))
+    cfg = tc.apply_overrides(cfg, flags + list(args.overrides))
+    check_sizes(cfg.data, data)
+    return cfg
 
 
 def _cmd_train(args, pretrain: bool = False) -> int:
@@ -420,7 +424,12 @@ def _cmd_predict(args) -> int:
         out = Path(args.out) if args.out else Path(args.image).with_name(
             Path(args.image).stem + "_pred.png")
         out_format = _image_format(out)
+        make_folder(out.parent, "--out's folder")
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder; name the PNG to write")
         image = load_image(args.image)
+    if args.input is not None:
+        make_folder(args.out_dir, "--out-dir")
     predictor = load_predictor(args.checkpoint, resolve_device(args.device), args.task,
                                tokenizer=args.tokenizer, preset=args.model,
                                trust=args.trust_checkpoint)
@@ -453,6 +462,7 @@ def _cmd_convert(args) -> int:
         raise ValueError(f"{args.source} is not a file (an official .pth or a training "
                          "checkpoint step_*.pt is expected)")
     source = ModelSource(args.source, preset=args.model, trust=args.trust_checkpoint)
+    make_folder(args.out_dir, "OUT_DIR")
     model = source.build()
     if source.report is not None:  # an official file's renaming and resizing
         print(source.report.summary(args.source))

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
@@ -22,8 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "write_text", "write_json", "load_pth", "load_pickle",
-           "TRUST_HINT"]
+__all__ = ["atomic_write", "make_folder", "write_text", "write_json", "load_pth",
+           "load_pickle", "TRUST_HINT"]
 
 TRUST_HINT = "--trust-checkpoint (Python: allow_pickle=True)"
 # numpy's array and scalar constructors: split files hold numpy boxes, official checkpoints
@@ -50,6 +51,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def make_folder(path: str | Path, flag: str) -> Path:
+    """Create the folder ``path`` (and its parents) unless it exists; ValueError naming
+    ``flag`` when it cannot be (a file there, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        what = "a file is there" if err.errno == errno.EEXIST else err.strerror
+        raise ValueError(f"{flag} {path}: cannot create the folder ({what})") from None
     return path
 
 

@@ -74,6 +74,7 @@ class ModelSource:
                 self.kind, self._state = "step", loaded["model"]
                 self.config = ModelConfig.from_dict(loaded["model_config"])
                 self.train_config = loaded.get("config", {})
+                self._check_preset(preset)
                 return
             self.kind = "official"
             self._state = read_checkpoint(loaded)
@@ -85,9 +86,14 @@ class ModelSource:
         self.config = _read_config(self.model_dir / CONFIG_NAME)
         if (run_dir / "train_config.json").is_file():
             self.train_config = json.loads((run_dir / "train_config.json").read_text())
+        self._check_preset(preset)
+
+    def _check_preset(self, preset: str | None) -> None:
+        """ValueError when ``preset`` (``--model``) names another model than the one here."""
         if preset and preset != self.config.name:
-            log.info("%s holds a %r model; --model %s is not used", self.path, self.config.name,
-                     preset)
+            raise ValueError(f"{self.path} holds a {self.config.name!r} model, not --model "
+                             f"{preset}: leave out --model (the weights set the shape), or "
+                             f"give weights of a {preset!r} model")
 
     @staticmethod
     def _model_dir(path: Path) -> tuple[Path, Path]:

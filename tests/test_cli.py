@@ -234,6 +234,29 @@ def test_predict_bad_inputs(run_dir, scene_png, tmp_path, capsys):
     assert "no_run" in capsys.readouterr().err
 
 
+def test_outputs_that_cannot_be_written_name_their_flag(run_dir, scene_png, tmp_path, capsys):
+    """A file where a folder must go, or a folder where a file must: named, before the model
+    is loaded; a missing folder for the drawing is created."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"image": str(scene_png), "text": "the red circle"}) + "\n")
+    assert main(["predict", "--checkpoint", str(run_dir), "--input", str(pairs), "--out-dir",
+                 str(scene_png)]) == 2
+    assert (f"--out-dir {scene_png}: cannot create the folder (a file is there)"
+            in capsys.readouterr().err)
+    one = ["predict", "--checkpoint", str(run_dir), "--image", str(scene_png), "--text",
+           "the red circle", "--device", "cpu", "--out"]
+    assert main([*one, str(tmp_path / "new" / "drawn.png")]) == 0
+    assert (tmp_path / "new" / "drawn.png").is_file()
+    assert main([*one, str(tmp_path / "drawn.png")]) == 0
+    (tmp_path / "folder.png").mkdir()
+    assert main([*one, str(tmp_path / "folder.png")]) == 2
+    assert f"--out {tmp_path / 'folder.png'} is a folder" in capsys.readouterr().err
+    step = _step_checkpoint(tmp_path)
+    assert main(["convert", str(step), str(scene_png)]) == 2
+    assert (f"OUT_DIR {scene_png}: cannot create the folder (a file is there)"
+            in capsys.readouterr().err)
+
+
 def test_train_bad_config_file(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -324,6 +347,32 @@ def test_a_model_built_from_a_config_of_its_own_trains_and_evaluates(tmp_path):
                  "final_test=false", "--set", "time_budget_s=0"]) == 0
     assert json.loads((run / "train_config.json").read_text())["model"] == "custom"
     assert main(["eval", "--checkpoint", str(run), "--size", "4", "--split", "val"]) == 0
+
+
+def _step_checkpoint(folder):
+    """A training checkpoint's model entries (an untrained tiny model) in ``folder``."""
+    from oneref.model import OneRef
+
+    model = OneRef.from_config("tiny")
+    step = folder / "step_00000001.pt"
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict()}, step)
+    return step
+
+
+def test_a_model_flag_that_contradicts_the_weights_is_refused(tmp_path, capsys):
+    """--model with weights of another preset is an error, not a silent choice of one."""
+    from oneref.model import OneRef
+
+    folder = tmp_path / "tiny_model"
+    OneRef.from_config("tiny").save_pretrained(folder)
+    assert main(["train", "--init-from", str(folder), "--model", "small", "-o",
+                 str(tmp_path / "run")]) == 2
+    assert (f"{folder} holds a 'tiny' model, not --model small: leave out --model"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+    step = _step_checkpoint(tmp_path)
+    assert main(["convert", str(step), str(tmp_path / "out"), "--model", "base"]) == 2
+    assert f"{step} holds a 'tiny' model, not --model base" in capsys.readouterr().err
 
 
 def test_config_file_merges_onto_the_recipe_and_flags_apply_on_top(tmp_path):

@@ -168,8 +168,9 @@ def resolve(dataset: str, split: str, data_root: str, split_root: str = "",
         if split not in info.splits:
             raise ValueError(f"--annotations {folder}: no split file {split}{SUFFIX} (the "
                              f"splits there: {', '.join(info.splits) or 'none'}); name "
-                             f"another with --split, or --set data.train_split=, "
-                             f"data.eval_split=, data.test_split= for training")
+                             f"another: oneref eval --split NAME; training reads "
+                             f"data.train_split, data.eval_split (validation) and, with "
+                             f"final_test, data.test_split: --set data.eval_split=NAME")
         return SplitSource(dataset, split, {"own": data_root},
                            annotation_file=os.path.join(folder, split + SUFFIX))
     if info.splits and split not in info.splits:

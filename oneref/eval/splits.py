@@ -23,7 +23,7 @@ from oneref.eval.evaluate import evaluate
 from oneref.eval.metrics import PREC_THRESHOLDS
 from oneref.eval.published import published
 from oneref.eval.samples import SAMPLE_FILES, SampleRecorder, sample_paths
-from oneref.io import write_json, write_text
+from oneref.io import make_folder, write_json, write_text
 from oneref.sources import ModelSource
 from oneref.train.config import DataConfig
 from oneref.train.data import (build_dataset, check_data, dataset_info, eval_loader,
@@ -226,20 +226,19 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
     # torchrun's RANK: the process group starts once the files are checked
     source = ModelSource(checkpoint, preset=preset, trust=trust,
                          quiet=os.environ.get("RANK", "0") != "0")
-    data = recorded_data(source.train_config, data_changes or {}, eval_batch_size=batch_size)
-    if size is not None:
-        data = dataclasses.replace(data, eval_size=size, test_size=size)
+    sizes = {} if size is None else {"eval_size": size, "test_size": size}
+    data = recorded_data(source.train_config, data_changes or {}, eval_batch_size=batch_size,
+                         **sizes)
     task = source.task_for(task)
     splits = [s for s in splits if s] if splits is not None else list(default_splits(data))
     if not splits:
         raise ValueError("--split names no split")
+    if repeated := sorted({split for split in splits if splits.count(split) > 1}):
+        raise ValueError(f"--split names {', '.join(repeated)} more than once")
     check_data(data, splits)  # the files, before the weights are built
     tokenizer = load_tokenizer(data, source.config) if data.real else None
-    out_dir = Path(out) if out else _beside_weights(source)
-    try:  # before the evaluation, which may take long
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out {out_dir}: cannot create it ({err.strerror})") from None
+    # Before the evaluation, which may take long.
+    out_dir = make_folder(Path(out) if out else _beside_weights(source), "--out")
     info = init_distributed(device)
     try:
         model = source.build().to(info.device)

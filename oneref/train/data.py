@@ -25,9 +25,23 @@ from oneref.train.interrupt import ignore_interrupts
 from oneref.train.sampler import ResumableSampler, ShardSampler
 
 __all__ = ["build_dataset", "dataset_info", "check_data", "train_loader", "eval_loader",
-           "loader_workers", "load_tokenizer", "split_source", "recorded_data"]
+           "loader_workers", "load_tokenizer", "split_source", "recorded_data",
+           "check_sizes"]
 
 log = logging.getLogger(__name__)
+
+
+#: The DataConfig fields that size RefShapes' splits, and the flags that set them.
+REFSHAPES_SIZES = {"train_size": "--train-size", "eval_size": "--size", "test_size": "--size"}
+
+
+def check_sizes(data: DataConfig, given) -> None:
+    """ValueError when split sizes (``given``: DataConfig field names set by the user) come
+    with data read from files, where they would be ignored."""
+    flags = sorted({flag for name, flag in REFSHAPES_SIZES.items() if name in given})
+    if data.real and flags:
+        raise ValueError(f"{', '.join(flags)} sizes the built-in RefShapes splits; dataset "
+                         f"{data.dataset!r} reads every sample of its split files")
 
 
 def recorded_data(train_config: dict, changes: dict, **fields) -> DataConfig:
@@ -38,7 +52,9 @@ def recorded_data(train_config: dict, changes: dict, **fields) -> DataConfig:
         raise ValueError("the checkpoint records no data: name it with --dataset (and "
                          "--data-root, --split-root, --tokenizer for real data)")
     base = TrainConfig.from_dict(train_config).data if train_config else DataConfig()
-    return dataclasses.replace(base, **changes, **fields)
+    data = dataclasses.replace(base, **changes, **fields)
+    check_sizes(data, {**changes, **fields})
+    return data
 
 
 def load_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:

@@ -13,8 +13,8 @@ from oneref.data.annotations import write_sts_annotations
 from oneref.sources import ModelSource
 from oneref.sts import teacher_labels, write_refshapes_labels, write_split_labels
 from oneref.train.config import DataConfig
-from oneref.train.data import (build_dataset, eval_loader, load_tokenizer, recorded_data,
-                               split_source)
+from oneref.train.data import (build_dataset, check_sizes, eval_loader, load_tokenizer,
+                               recorded_data, split_source)
 
 __all__ = ["make_sts_labels"]
 
@@ -46,6 +46,7 @@ def make_sts_labels(teacher: str | Path, out: str | Path, data: DataConfig | Non
     if batch_size is not None:
         fields["eval_batch_size"] = batch_size
     data = dataclasses.replace(data, **fields)
+    check_sizes(data, fields)
     if data.real:
         files = split_source(data, split)
         if not (files.split_file or files.annotation_file):

@@ -29,7 +29,7 @@ from oneref.data.records import own_message
 from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
 from oneref.eval.samples import SAMPLE_FILES
-from oneref.io import write_json
+from oneref.io import make_folder, write_json
 from oneref.model import OneRef
 from oneref.model.validation import check_boxes, check_text
 from oneref.sources import ModelSource
@@ -725,10 +725,7 @@ def _start_run_folder(run_dir: Path, fresh: bool, overwrite: bool) -> None:
     """Create ``run_dir``; for a new run, remove what an earlier run wrote there (one
     replaced with ``--overwrite``, or one of ours stopped before its first checkpoint).
     Files of other names stay."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--output-dir {run_dir}: cannot create it ({err.strerror})") from err
+    make_folder(run_dir, "--output-dir")
     if not fresh or not (overwrite or (run_dir / "train_config.json").is_file()):
         return
     _remove_outputs(run_dir, _RUN_SUBFOLDERS)

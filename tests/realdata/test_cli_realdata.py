@@ -209,6 +209,8 @@ def _train(realdata, tmp_path, *flags):
       "--refer-root", "{root}/refer"], "{root}/refer/refcoco/refs(google).p does not exist"),
     (["--dataset", "unc", "--split-by", "umd", "--data-root", "{images}", "--split-root",
       "{splits}"], "--split-by umd picks a refer-toolkit refs(umd).p file and needs --refer-root"),
+    (["--dataset", "unc", "--data-root", "{images}", "--split-root", "{splits}",
+      "--train-size", "2"], "--train-size sizes the built-in RefShapes splits"),
     (["--data-root", "{images}", "--split-root", "{splits}"],
      "--data-root, --split-root, --tokenizer given, but the dataset is refshapes"),
     (["--dataset", "unc", "--recipe", "refshapes", "--data-root", "{images}", "--split-root",
@@ -217,8 +219,8 @@ def _train(realdata, tmp_path, *flags):
       "{root}/gone.model"], "--tokenizer: sentencepiece model '{root}/gone.model' does not "
                             "exist"),
 ], ids=["data-root", "split-root", "dataset", "split-file", "image-folder", "two-roots",
-        "res-no-masks", "refer-split-by", "split-by-without-refer", "no-dataset", "test-split",
-        "tokenizer"])
+        "res-no-masks", "refer-split-by", "split-by-without-refer", "train-size", "no-dataset",
+        "test-split", "tokenizer"])
 def test_data_errors_name_the_path(realdata, tmp_path, capsys, flags, message):
     paths = {"root": realdata.root, "images": realdata.images, "splits": realdata.splits}
     flags = [f.format(**paths) for f in flags]
@@ -337,6 +339,13 @@ def test_eval_checks_data_before_loading_weights(realdata, capsys):
                  str(realdata.splits), "--tokenizer", str(realdata.spm)]) == 2
     out = capsys.readouterr()
     assert "is not a folder" in out.err and "loaded" not in out.out  # no weights read
+    assert main(["eval", "--checkpoint", str(realdata.oneref), *realdata.flags("unc"),
+                 "--size", "2"]) == 2  # RefShapes' split sizes: refused, not ignored
+    assert ("--size sizes the built-in RefShapes splits; dataset 'unc' reads every sample"
+            in capsys.readouterr().err)
+    assert main(["eval", "--checkpoint", str(realdata.oneref), *realdata.flags("unc"),
+                 "--split", "val,testA,val"]) == 2
+    assert "--split names val more than once" in capsys.readouterr().err
 
 
 def test_training_checkpoint_as_checkpoint(trained, realdata, capsys):
