@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "make_folder", "write_text", "write_json", "load_pth",
-           "load_pickle", "TRUST_HINT"]
+__all__ = ["atomic_write", "make_folder", "existing_file", "write_text", "write_json",
+           "load_pth", "load_pickle", "TRUST_HINT"]
 
 TRUST_HINT = "--trust-checkpoint (Python: allow_pickle=True)"
 # numpy's array and scalar constructors: split files hold numpy boxes, official checkpoints
@@ -63,6 +63,17 @@ def make_folder(path: str | Path, flag: str) -> Path:
     except OSError as err:
         what = "a file is there" if err.errno == errno.EEXIST else err.strerror
         raise ValueError(f"{flag} {path}: cannot create the folder ({what})") from None
+    return path
+
+
+def existing_file(path: str | Path, what: str, hint: str = "") -> Path:
+    """``path`` when it is a file; else ValueError saying it is a folder, or that it does
+    not exist (``hint``: how to make it, added then)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist{f' ({hint})' if hint else ''}")
     return path
 
 

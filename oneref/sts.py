@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from oneref.io import atomic_write, load_pth
+from oneref.io import atomic_write, existing_file, load_pth
 
 __all__ = ["sts_scores", "region_crops", "teacher_labels", "write_refshapes_labels",
            "load_refshapes_labels", "write_split_labels"]
@@ -103,10 +103,8 @@ def write_refshapes_labels(path: str | Path, labels: list[list[float]], dataset,
 
 def load_refshapes_labels(path: str | Path, dataset) -> torch.Tensor:
     """The (len(dataset), T) labels of a side file, checked against RefShapes ``dataset``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"STS labels file {str(path)!r} does not exist (make it with "
-                         f"oneref sts-labels --teacher RUN --out {path})")
+    path = existing_file(path, "STS labels file",
+                         hint=f"make it with oneref sts-labels --teacher RUN --out {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}

@@ -243,6 +243,10 @@ def build_split(source: SplitSource, tokenizer: Tokenizer, img_size: int, max_te
         if with_masks < len(records):
             log.warning("%s: %d of %d records have no segmentation; their rasterised box "
                         "stands in", source.name, len(records) - with_masks, len(records))
+    if cut := tokenizer.longer_than([r.phrase for r in records], max_text_len):
+        log.warning("%s: %d of %d expressions are longer than the model's %d tokens "
+                    "(max_text_len, <s> and </s> included): the model reads their beginnings",
+                    source.name, cut, len(records), max_text_len)
     transform = TrainTransform(img_size) if train else TestTransform(img_size)
     return ReferringDataset(records, source.image_dirs, tokenizer, img_size=img_size,
                             max_text_len=max_text_len, transform=transform, use_masks=use_masks,

@@ -84,6 +84,11 @@ class Tokenizer:
             pieces = pieces[: max_len - 2]
         return [self.bos_id] + pieces + [self.eos_id]
 
+    def longer_than(self, texts: list[str], max_len: int) -> int:
+        """How many of ``texts`` :meth:`encode` cuts at ``max_len`` ids (one batched call)."""
+        pieces = self.sp.EncodeAsIds([text.lower() for text in texts])
+        return sum(len(ids) + 2 > max_len for ids in pieces)
+
     def encode_padded(self, text: str, max_len: int) -> tuple[torch.Tensor, int]:
         """(ids long (max_len,) padded with 1, length counting <s> and </s>)."""
         ids = self.encode(text, max_len)

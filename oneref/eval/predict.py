@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from oneref.data.synthetic import refshapes_tokenizer
 from oneref.data.tokenizer import Tokenizer, open_tokenizer
 from oneref.data.transforms import Example, TestTransform
+from oneref.io import existing_file
 from oneref.sources import ModelSource
 from oneref.train.distributed import resolve_device
 
@@ -60,11 +61,7 @@ class Prediction:
 
 def load_image(path: str | Path) -> Image.Image:
     """Open an image as RGB; ValueError naming the file when missing or not an image."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"image {path} is a folder, not an image file")
-    if not path.is_file():
-        raise ValueError(f"image file {path} does not exist")
+    path = existing_file(path, "image file")
     try:
         with Image.open(path) as image:
             image.load()
@@ -125,6 +122,10 @@ class Predictor:
             token_ids, length = self.tokenizer.encode_padded(out.text, max_len)
             if (token_ids == self.tokenizer.unk_id).any():
                 self._warn_unknown(out.text)
+            if self.tokenizer.longer_than([out.text], max_len):
+                log.warning("%r is longer than the model's %d tokens (max_text_len): it reads "
+                            "%r", out.text, max_len,
+                            self.tokenizer.decode(token_ids[:length]))
             canvases.append(out.image)
             ids.append(token_ids)
             lengths.append(length)
@@ -262,8 +263,7 @@ def draw_prediction(image: Image.Image, pred: Prediction, text: str = "") -> Ima
 
 def _read_pairs(path: Path) -> list[tuple[int, dict | str]]:
     """(line number, {"image", "text"} or the problem) for every non-blank line."""
-    if not path.is_file():
-        raise ValueError(f"--input {path} does not exist")
+    existing_file(path, "--input")
     pairs = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

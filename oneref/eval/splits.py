@@ -27,7 +27,7 @@ from oneref.io import make_folder, write_json, write_text
 from oneref.sources import ModelSource
 from oneref.train.config import DataConfig
 from oneref.train.data import (build_dataset, check_data, dataset_info, eval_loader,
-                               load_tokenizer, recorded_data)
+                               load_tokenizer, recorded_data, recorded_paths)
 from oneref.train.distributed import init_distributed, shutdown
 
 __all__ = ["default_splits", "evaluate_splits", "eval_table", "earlier_rows", "write_eval",
@@ -235,8 +235,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
         raise ValueError("--split names no split")
     if repeated := sorted({split for split in splits if splits.count(split) > 1}):
         raise ValueError(f"--split names {', '.join(repeated)} more than once")
-    check_data(data, splits)  # the files, before the weights are built
-    tokenizer = load_tokenizer(data, source.config) if data.real else None
+    with recorded_paths(source.train_config, data_changes or {}):
+        check_data(data, splits)  # the files, before the weights are built
+        tokenizer = load_tokenizer(data, source.config) if data.real else None
     # Before the evaluation, which may take long.
     out_dir = make_folder(Path(out) if out else _beside_weights(source), "--out")
     info = init_distributed(device)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from oneref.config import PRESETS, ModelConfig
+from oneref.io import existing_file
 from oneref.ops.reference import DICE_WEIGHT, FOCAL_ALPHA, FOCAL_WEIGHT
 
 __all__ = [
@@ -722,9 +723,7 @@ def load_config_file(path: str | Path, base: TrainConfig | None = None) -> Train
     """Read ``.json`` or ``.yaml``/``.yml`` (needs PyYAML) and merge it onto ``base`` (the
     chosen recipe; default the TrainConfig defaults): a partial file changes only what it
     names."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+    path = existing_file(path, "config file")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         try:

@@ -8,6 +8,7 @@ memory on CUDA and keep worker processes alive between epochs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,7 +27,7 @@ from oneref.train.sampler import ResumableSampler, ShardSampler
 
 __all__ = ["build_dataset", "dataset_info", "check_data", "train_loader", "eval_loader",
            "loader_workers", "load_tokenizer", "split_source", "recorded_data",
-           "check_sizes"]
+           "recorded_paths", "check_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,27 @@ def check_sizes(data: DataConfig, given) -> None:
     if data.real and flags:
         raise ValueError(f"{', '.join(flags)} sizes the built-in RefShapes splits; dataset "
                          f"{data.dataset!r} reads every sample of its split files")
+
+
+#: The DataConfig path fields and their flags.
+_PATH_FLAGS = {"root": "--data-root", "split_root": "--split-root", "refer_root": "--refer-root",
+               "annotations": "--annotations", "tokenizer": "--tokenizer"}
+
+
+@contextlib.contextmanager
+def recorded_paths(train_config: dict, changes: dict):
+    """A ValueError inside that names the flag of a path the run recorded (one not given
+    now) says so, and which flag points elsewhere: the files may have moved since."""
+    try:
+        yield
+    except ValueError as err:
+        recorded = train_config.get("data", {})
+        named = [flag for field, flag in _PATH_FLAGS.items()
+                 if recorded.get(field) and field not in changes and flag in str(err)]
+        if not named:
+            raise
+        raise ValueError(f"{err} (the run's recorded {', '.join(named)}; give "
+                         f"{' / '.join(named)} for where the files are now)") from err
 
 
 def recorded_data(train_config: dict, changes: dict, **fields) -> DataConfig:

@@ -14,7 +14,7 @@ from oneref.sources import ModelSource
 from oneref.sts import teacher_labels, write_refshapes_labels, write_split_labels
 from oneref.train.config import DataConfig
 from oneref.train.data import (build_dataset, check_sizes, eval_loader, load_tokenizer,
-                               recorded_data, split_source)
+                               recorded_data, recorded_paths, split_source)
 
 __all__ = ["make_sts_labels"]
 
@@ -47,14 +47,15 @@ def make_sts_labels(teacher: str | Path, out: str | Path, data: DataConfig | Non
         fields["eval_batch_size"] = batch_size
     data = dataclasses.replace(data, **fields)
     check_sizes(data, fields)
-    if data.real:
-        files = split_source(data, split)
-        if not (files.split_file or files.annotation_file):
-            raise ValueError("STS labels are written into split files (6th tuple element) or "
-                             "annotation files ('sts'); the refer-toolkit layout has neither: "
-                             "pass --split-root or --annotations")
-    tokenizer = load_tokenizer(data, source.config) if data.real else None
-    dataset = build_dataset(data, source.config, split, "rec", tokenizer)
+    with recorded_paths(source.train_config, data_changes or {}):
+        if data.real:
+            files = split_source(data, split)
+            if not (files.split_file or files.annotation_file):
+                raise ValueError("STS labels are written into split files (6th tuple element) "
+                                 "or annotation files ('sts'); the refer-toolkit layout has "
+                                 "neither: pass --split-root or --annotations")
+        tokenizer = load_tokenizer(data, source.config) if data.real else None
+        dataset = build_dataset(data, source.config, split, "rec", tokenizer)
     model = source.build().to(device)
     labels = teacher_labels(model, eval_loader(dataset, data, device, 0, 1), lambda_reg,
                             lambda_img, device, progress)

@@ -218,6 +218,19 @@ def test_samples_from_polygons_rle_and_boxes(tmp_path, images):
         layout.build_split(source, refshapes_tokenizer(), 64, 16, train=False, use_masks=True)
 
 
+def test_expressions_longer_than_the_model_reads_are_counted(tmp_path, images, caplog):
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    line = {"image": "room/a.png", "box": [10, 8, 20, 20], "text": "red cube"}
+    _write(ann / "val.jsonl", line, {**line, "text": " ".join(["red"] * 14)},
+           {**line, "text": " ".join(["red"] * 15)})  # 14 + <s> + </s> = 16 ids fit
+    source = layout.resolve("mine", "val", str(images), annotations=str(ann))
+    with caplog.at_level(logging.WARNING, logger="oneref.data.layout"):
+        layout.build_split(source, refshapes_tokenizer(), 64, 16, train=False, use_masks=False)
+    assert ("val.jsonl: 1 of 3 expressions are longer than the model's 16 tokens "
+            "(max_text_len, <s> and </s> included)") in caplog.text
+
+
 def test_sts_labels_go_into_a_copy(tmp_path):
     """Line for line, whatever the file's line ends, byte-order mark or characters (JSON
     strings may hold U+2028, a line separator to Python's str.splitlines)."""

@@ -60,6 +60,11 @@ def test_truncate_and_pad(spm_path):
     assert ids[length:].eq(1).all() and ids[length - 1] == 2
     with pytest.raises(ValueError, match="max_len"):
         tok.encode("x", max_len=1)
+    # longer_than counts what encode cuts: exactly max_len ids fit, one more does not
+    texts = [text, "left zebra", " ".join(["woman"] * 30)]
+    for max_len in (len(full) - 1, len(full), 64):
+        assert tok.longer_than(texts, max_len) == sum(len(tok.encode(t)) > max_len
+                                                      for t in texts)
 
 
 def test_word_positions_and_pickle(spm_path):

@@ -89,6 +89,18 @@ def test_words_outside_the_vocabulary_are_named(tiny_folder, caplog):
     assert "'the red circle.': 'circle.' not in the tokenizer's vocabulary" in caplog.text
 
 
+def test_an_expression_longer_than_the_model_reads_is_named(tiny_folder, caplog):
+    predictor = load_predictor(tiny_folder, tokenizer="refshapes")
+    limit = predictor.model.config.max_text_len  # <s> and </s> included
+    fits = " ".join(["red"] * (limit - 2))
+    with caplog.at_level(logging.WARNING, logger="oneref.eval.predict"):
+        predictor.predict(_scene(), fits)
+        assert not caplog.records
+        predictor.predict(_scene(), fits + " circle")
+    assert f"is longer than the model's {limit} tokens (max_text_len): it reads {fits!r}" \
+        in caplog.text
+
+
 def test_load_predictor_checks_task_and_device_before_reading_the_model(tmp_path):
     missing = tmp_path / "no_model"  # read first, it would fail for another reason
     with pytest.raises(ValueError, match="task must be rec or res, got 'seg'"):

@@ -78,7 +78,7 @@ def test_eval_two_splits_from_the_run_alone(trained):
     assert "| testA | 4 |" in (run / "eval.md").read_text()
 
 
-def test_eval_on_another_layout_than_the_run_recorded(trained, realdata, tmp_path):
+def test_eval_on_another_layout_than_the_run_recorded(trained, realdata, tmp_path, capsys):
     """A run recorded with the refer-toolkit layout (refcoco split by unc) evaluates on the
     split files of the same splits: --split-root clears the recorded refs folder and its
     --split-by; a new --refer-root keeps the scheme."""
@@ -89,6 +89,9 @@ def test_eval_on_another_layout_than_the_run_recorded(trained, realdata, tmp_pat
     settings["data"].update(dataset="refcoco", split_root="", refer_root="/moved/refer",
                             split_by="unc")
     (copy / "train_config.json").write_text(json.dumps(settings))
+    assert main(["eval", "--checkpoint", str(copy), "--device", "cpu"]) == 2
+    assert ("--refer-root /moved/refer is not a folder (the run's recorded --refer-root; give "
+            "--refer-root for where the files are now)") in capsys.readouterr().err
     for root, samples in ((["--dataset", "unc", "--split-root", realdata.splits], 4),
                           (["--refer-root", realdata.refer], 1)):
         out = oneref("eval", "--checkpoint", copy, "--split", "val", "--device", "cpu", *root,
