@@ -428,8 +428,8 @@ def _cmd_predict(args) -> int:
         if out.is_dir():
             raise ValueError(f"--out {out} is a folder; name the PNG to write")
         image = load_image(args.image)
-    if args.input is not None:
-        make_folder(args.out_dir, "--out-dir")
+    if args.input is not None:  # created once the input lines are read
+        make_folder(args.out_dir, "--out-dir", create=False)
     predictor = load_predictor(args.checkpoint, resolve_device(args.device), args.task,
                                tokenizer=args.tokenizer, preset=args.model,
                                trust=args.trust_checkpoint)

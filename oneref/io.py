@@ -54,12 +54,16 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-def make_folder(path: str | Path, flag: str) -> Path:
+def make_folder(path: str | Path, flag: str, create: bool = True) -> Path:
     """Create the folder ``path`` (and its parents) unless it exists; ValueError naming
-    ``flag`` when it cannot be (a file there, no permission)."""
+    ``flag`` when it cannot be (a file there, no permission). ``create=False`` only checks
+    that no file is there (nothing is written yet)."""
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        elif path.exists() and not path.is_dir():
+            raise FileExistsError(errno.EEXIST, "File exists")
     except OSError as err:
         what = "a file is there" if err.errno == errno.EEXIST else err.strerror
         raise ValueError(f"{flag} {path}: cannot create the folder ({what})") from None

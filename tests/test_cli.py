@@ -296,7 +296,8 @@ def test_eval_refuses_an_output_folder_it_cannot_create_before_evaluating(run_di
     (tmp_path / "file").write_text("")
     assert main(["eval", "--checkpoint", str(run_dir), "--split", "test", "--size", "8",
                  "--device", "cpu", "--out", str(tmp_path / "file" / "x")]) == 2
-    assert f"--out {tmp_path / 'file' / 'x'}: cannot create it" in capsys.readouterr().err
+    assert (f"--out {tmp_path / 'file' / 'x'}: cannot create the folder (Not a directory)"
+            in capsys.readouterr().err)
 
 
 def test_eval_and_info(run_dir, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +77,10 @@ class ErrorPolicy:
 
     def fail(self, where: str, problem: str) -> None:
         """Raise (policy "raise") or count the record at ``where`` as skipped."""
-        message = f"{self.source}: {where}: {problem}"
+        name = os.path.basename(self.source)  # "file:line" / "file[index]": the path once
+        place = (f"{self.source}{where[len(name):]}" if name and where.startswith(name)
+                 else f"{self.source}: {where}")
+        message = f"{place}: {problem}"
         if self.on_error == "raise":
             raise RecordError(message)
         self.skipped += 1
@@ -114,10 +118,11 @@ def check_box_inside(box, width: int, height: int, tolerance: float = 1.0):
     """The box clipped to the image when it overshoots by at most ``tolerance`` pixels;
     ValueError when it lies further outside."""
     x1, y1, x2, y2 = box
-    if (x1 < -tolerance or y1 < -tolerance or x2 > width + tolerance
-            or y2 > height + tolerance):
+    over = max(-x1, -y1, x2 - width, y2 - height)
+    if over > tolerance:
         raise ValueError(f"box x1y1x2y2 {[round(v, 2) for v in box]} is outside the "
-                         f"{width}x{height} image")
+                         f"{width}x{height} image by {over:.4g} px (up to {tolerance:g} px is "
+                         f"clipped)")
     return (max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
 
 

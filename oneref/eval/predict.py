@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from oneref.data.synthetic import refshapes_tokenizer
 from oneref.data.tokenizer import Tokenizer, open_tokenizer
 from oneref.data.transforms import Example, TestTransform
-from oneref.io import existing_file
+from oneref.io import existing_file, make_folder
 from oneref.sources import ModelSource
 from oneref.train.distributed import resolve_device
 
@@ -304,7 +304,7 @@ def predict_file(predictor: Predictor, input_path: str | Path, out_dir: str | Pa
     bad = next(((number, item) for number, item in pairs if isinstance(item, str)), None)
     if on_error == "raise" and bad is not None:  # before any output is written
         raise ValueError(f"{input_path}:{bad[0]}: {bad[1]}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir, "--out-dir")
     out_path = out_dir / "predictions.jsonl"
     skipped: list[str] = []
     written = 0
