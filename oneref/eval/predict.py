@@ -286,9 +286,9 @@ def _read_pairs(path: Path) -> list[tuple[int, dict | str]]:
 def predict_file(predictor: Predictor, input_path: str | Path, out_dir: str | Path,
                  batch_size: int = 16, on_error: str = "skip", progress: bool = True) -> dict:
     """Predict every line of a JSON-lines file; write ``predictions.jsonl`` (one object per
-    good line: line, image, text, box in input pixels or None for an empty RES mask, score,
-    mask_area for RES; appended batch by batch) and ``<line>_<image stem>.png`` drawings
-    into ``out_dir``.
+    good line: line, the line's own keys (image, text, an id...), box in input pixels or
+    None for an empty RES mask, score, mask_area for RES; appended batch by batch) and
+    ``<line>_<image stem>.png`` drawings into ``out_dir``.
 
     A bad line (not JSON, missing keys, empty text) or a bad image is logged with its line
     number and skipped, or raises ValueError with ``on_error="raise"`` (a bad line before any
@@ -323,8 +323,7 @@ def predict_file(predictor: Predictor, input_path: str | Path, out_dir: str | Pa
         nonlocal written
         preds = predictor.predict_batch([b[2] for b in batch], [b[1]["text"] for b in batch])
         for (number, item, image), pred in zip(batch, preds):
-            handle.write(json.dumps({"line": number, "image": item["image"],
-                                     "text": item["text"], **pred.to_json()}) + "\n")
+            handle.write(json.dumps({"line": number, **item, **pred.to_json()}) + "\n")
             name = f"{number:06d}_{Path(item['image']).stem}.png"
             draw_prediction(image, pred, item["text"]).save(out_dir / name, format="PNG")
         handle.flush()

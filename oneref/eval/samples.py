@@ -103,8 +103,9 @@ class SampleRecorder:
         return [jsonl, png]
 
     def _row(self, dataset, row: dict, sizes: dict) -> dict:
-        """A row with the expression, and for image files the image, both boxes in its pixels
-        (x1, y1, x2, y2) and what else the file said of the sample (``meta``)."""
+        """A row with the expression, and for image files where the record is, its image,
+        both boxes in the image's pixels (x1, y1, x2, y2) and what else the file said of the
+        sample (``meta``)."""
         index, iou = row["index"], row["iou"]
         out = {"index": index, "text": _text(dataset, index), "iou": iou}
         if self.task == "rec":
@@ -116,7 +117,9 @@ class SampleRecorder:
             if path not in sizes:
                 sizes[path] = image_size(path)
             width, height = sizes[path]
-            out["image"] = path
+            # The file and line (or index) of the record, and its image as the file names it:
+            # keys to join the rows back on; ``image`` is the file that was read.
+            out["where"], out["image_file"], out["image"] = record.where, record.image_file, path
             empty = self.task == "res" and not any(row["box_cxcywh"])
             out["box_xyxy"] = None if empty else [round(v, 2) for v in canvas_to_pixels(
                 row["box_cxcywh"], width, height, dataset.img_size)]

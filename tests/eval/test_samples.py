@@ -124,6 +124,8 @@ def test_eval_predictions_on_image_files(realdata_like, capsys):
     rows = [json.loads(line) for line in (run / "predictions_val.jsonl").read_text()
             .splitlines()]
     assert len(rows) == 2
+    assert [(row["where"], row["image_file"]) for row in rows] == [  # to join back on
+        ("val.jsonl:1", "a.jpg"), ("val.jsonl:2", "b.jpg")]
     for row in rows:
         with Image.open(row["image"]) as image:
             width, height = image.size

@@ -119,7 +119,7 @@ def test_predict_from_run_and_official_pth(trained, realdata):
 def test_predict_json_lines(trained, realdata):
     work, run, _ = trained
     image = realdata.images / COCO_IMAGE
-    lines = [json.dumps({"image": str(image), "text": "a dog"}), "not json",
+    lines = [json.dumps({"image": str(image), "text": "a dog", "id": "dog-1"}), "not json",
              json.dumps({"image": "missing.jpg", "text": "x"}),
              json.dumps({"image": str(image), "text": "  "}),
              json.dumps({"image": str(image), "text": "the cat"})]
@@ -133,6 +133,7 @@ def test_predict_json_lines(trained, realdata):
     records = [json.loads(line) for line in
                (work / "preds" / "predictions.jsonl").read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 5]
+    assert records[0]["id"] == "dog-1" and "id" not in records[1]  # a line's own keys stay
     assert all(len(r["box_xyxy"]) == 4 and 0 <= r["score"] <= 1 for r in records)
     assert sorted(p.name for p in (work / "preds").glob("*.png")) == [
         "000001_COCO_train2014_000000000001.png", "000005_COCO_train2014_000000000001.png"]
