@@ -9,11 +9,16 @@ its sentencepiece id + 1, ``<mask>`` = number of sentencepiece pieces + 1 (64001
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import sentencepiece as spm
 import torch
 
-__all__ = ["Tokenizer", "open_tokenizer"]
+__all__ = ["Tokenizer", "open_tokenizer", "REFSHAPES_TOKENIZER", "recorded_tokenizer",
+           "same_tokenizer"]
+
+#: The ``--tokenizer`` value that names RefShapes' built-in vocabulary.
+REFSHAPES_TOKENIZER = "refshapes"
 
 
 class Tokenizer:
@@ -139,3 +144,26 @@ def open_tokenizer(model_path: str | os.PathLike) -> Tokenizer:
         return Tokenizer(model_path)
     except ValueError as err:
         raise ValueError(f"--tokenizer: {err}") from None
+
+
+def recorded_tokenizer(data: dict) -> str | None:
+    """The tokenizer a run's recorded data settings (``train_config.json``'s ``data``) read
+    text with: a sentencepiece file, :data:`REFSHAPES_TOKENIZER`, or None if not recorded."""
+    if not data:
+        return None
+    if data.get("tokenizer"):
+        return data["tokenizer"]
+    return REFSHAPES_TOKENIZER if data.get("dataset", "refshapes") == "refshapes" else None
+
+
+def same_tokenizer(first: str, second: str) -> bool:
+    """Whether two tokenizer settings read text into the same ids: the same setting, or
+    files with the same bytes (by name when one is gone: moved, say)."""
+    if first == second:
+        return True
+    if REFSHAPES_TOKENIZER in (first, second):
+        return False
+    try:
+        return Path(first).read_bytes() == Path(second).read_bytes()
+    except OSError:
+        return Path(first).name == Path(second).name

@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from oneref.data.synthetic import refshapes_tokenizer
-from oneref.data.tokenizer import Tokenizer, open_tokenizer
+from oneref.data.tokenizer import (REFSHAPES_TOKENIZER, Tokenizer, open_tokenizer,
+                                   recorded_tokenizer, same_tokenizer)
 from oneref.data.transforms import Example, TestTransform
 from oneref.io import existing_file, make_folder
 from oneref.sources import ModelSource
@@ -207,19 +208,17 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 
 #: The ``tokenizer`` name of RefShapes' built-in vocabulary.
-REFSHAPES_TOKENIZER = "refshapes"
-
-
 def _tokenizer(source: ModelSource, path: str | None) -> Tokenizer:
+    """The tokenizer ``path`` names (warned when the run recorded another), else the run's."""
+    recorded = recorded_tokenizer(source.train_config.get("data", {}))
+    if path and recorded and not same_tokenizer(path, recorded):
+        log.warning("%s was trained with tokenizer %s; --tokenizer %s reads text into other "
+                    "ids", source.path, recorded, path)
+    path = path or recorded
     if path == REFSHAPES_TOKENIZER:
         return refshapes_tokenizer()
     if path:
         return open_tokenizer(path)
-    data = source.train_config.get("data", {})
-    if data.get("tokenizer"):
-        return open_tokenizer(data["tokenizer"])
-    if source.train_config and data.get("dataset", "refshapes") == "refshapes":
-        return refshapes_tokenizer()
     raise ValueError(f"{source.path}: no tokenizer is recorded with this model; pass "
                      f"--tokenizer (tokenizer= in Python): the sentencepiece model it was "
                      f"trained with (e.g. beit3.spm), or {REFSHAPES_TOKENIZER!r} for a model "

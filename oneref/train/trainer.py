@@ -27,6 +27,7 @@ from oneref.checkpoints import CONFIG_NAME, WEIGHTS_NAME
 from oneref.config import ModelConfig, get_config
 from oneref.data.records import own_message
 from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
+from oneref.data.tokenizer import REFSHAPES_TOKENIZER, recorded_tokenizer, same_tokenizer
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
 from oneref.eval.samples import SAMPLE_FILES
 from oneref.io import make_folder, write_json
@@ -85,6 +86,7 @@ class Trainer:
                                    trust=config.checkpoint.trust, quiet=not self.main)
                        if config.checkpoint.init_from and resume_from is None else None)
         model_config = self._model_config(resume_from[1] if resume_from else None)
+        self._check_start_tokenizer()
         t0 = time.perf_counter()
         self.text_tokenizer = load_tokenizer(data, model_config) if data.real else None
         self.train_set = self._dataset(model_config, data.train_split, train=True)
@@ -149,6 +151,19 @@ class Trainer:
         model = self.source.build()
         log.info("initial weights from %s", self.source.path)
         return model
+
+    def _check_start_tokenizer(self) -> None:
+        """Warn when the start weights' run read its text with another tokenizer than this
+        run does: their text embeddings belong to other pieces."""
+        if self.source is None or not self.main:
+            return
+        recorded = recorded_tokenizer(self.source.train_config.get("data", {}))
+        data = self.config.data
+        now = data.tokenizer if data.real else REFSHAPES_TOKENIZER
+        if recorded and now and not same_tokenizer(recorded, now):
+            log.warning("--init-from %s was trained with tokenizer %s and this run reads text "
+                        "with %s: the text embeddings start from other pieces' vectors",
+                        self.source.path, recorded, now)
 
     @property
     def load_report(self):

@@ -3,6 +3,7 @@ RefShapes model."""
 
 import io
 import pickle
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -106,3 +107,20 @@ def test_check_fits_the_model_vocabulary(spm_path):
     with pytest.raises(ValueError, match=rf"produces ids up to {tok.vocab_size - 1} but the "
                                          rf"model's vocabulary has 8 entries"):
         tok.check_fits(8)
+
+
+def test_recorded_and_same_tokenizer(spm_path, tmp_path):
+    from oneref.data.tokenizer import recorded_tokenizer, same_tokenizer
+
+    assert recorded_tokenizer({"dataset": "refshapes", "tokenizer": ""}) == "refshapes"
+    assert recorded_tokenizer({"dataset": "unc", "tokenizer": "/x/beit3.spm"}) == "/x/beit3.spm"
+    assert recorded_tokenizer({"dataset": "unc", "tokenizer": ""}) is None
+    assert recorded_tokenizer({}) is None
+    copy = tmp_path / "copy.model"
+    copy.write_bytes(Path(spm_path).read_bytes())
+    assert same_tokenizer(str(spm_path), str(copy))  # the same bytes
+    assert not same_tokenizer(str(spm_path), "refshapes")
+    other = tmp_path / "other.model"
+    other.write_bytes(Path(spm_path).read_bytes()[:-1])
+    assert not same_tokenizer(str(copy), str(other))
+    assert same_tokenizer(str(copy), "/gone/copy.model")  # moved: judged by its name

@@ -310,6 +310,27 @@ def test_every_layout_builds(realdata, dataset, split, extra):
         assert any(ds[i]["has_mask"] for i in range(len(ds)))
 
 
+def test_weights_of_another_tokenizer_are_warned(trained, realdata, tmp_path, caplog):
+    """Start weights or a --tokenizer other than the run's: the text ids mean other pieces."""
+    from oneref.cli import _train_config
+    from oneref.eval.predict import load_predictor
+    from oneref.train.trainer import Trainer
+
+    _, run, _ = trained
+    args = build_parser().parse_args(["train", "--init-from", str(run), "--device", "cpu",
+                                      "--train-size", "16", "-o", str(tmp_path / "shapes")])
+    with caplog.at_level(logging.WARNING):
+        Trainer(_train_config(args, pretrain=False))
+        assert (f"--init-from {run} was trained with tokenizer {realdata.spm} and this run "
+                f"reads text with refshapes") in caplog.text
+        caplog.clear()
+        load_predictor(run, tokenizer=str(realdata.spm))  # the same file: quiet
+        assert not caplog.records
+        load_predictor(run, tokenizer="refshapes")
+    assert (f"{run} was trained with tokenizer {realdata.spm}; --tokenizer refshapes reads "
+            f"text into other ids") in caplog.text
+
+
 def test_real_data_from_random_weights_is_warned(realdata, tmp_path, caplog):
     from oneref.cli import _train_config
     from oneref.train.trainer import Trainer
