@@ -141,6 +141,9 @@ def check_polygons(value) -> list | None:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"polygons must be a list of coordinate lists, got "
                          f"{type(value).__name__}")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ValueError("polygons must be a list of coordinate lists [[x, y, x, y, ...], "
+                         "...], got one flat list of numbers (wrap it in a list)")
     out = []
     for k, poly in enumerate(value):
         try:
