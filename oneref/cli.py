@@ -295,7 +295,7 @@ def _recorded_config(args, recipe: tc.TrainConfig) -> tc.TrainConfig | None:
     if not path.is_file():
         return None
     try:
-        recorded = tc.TrainConfig.from_dict(json.loads(path.read_text()))
+        recorded = tc.TrainConfig.from_record(json.loads(path.read_text()))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a run's settings ({exc})") from exc
     if (recorded.task == "pretrain") != (args.command == "pretrain"):
@@ -318,7 +318,7 @@ def _train_config(args, pretrain: bool):
     values.update({f"data.{name}": value for name, value in data.items()})
     flags = [f"{key}={json.dumps(value)}" for key, value in values.items()]
     cfg = tc.apply_overrides(cfg, flags + list(args.overrides))
-    check_sizes(cfg.data, data)
+    check_sizes(cfg.data, "--train-size" if "train_size" in data else "")
     return cfg
 
 

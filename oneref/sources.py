@@ -91,9 +91,10 @@ class ModelSource:
     def _check_preset(self, preset: str | None) -> None:
         """ValueError when ``preset`` (``--model``) names another model than the one here."""
         if preset and preset != self.config.name:
-            raise ValueError(f"{self.path} holds a {self.config.name!r} model, not --model "
-                             f"{preset}: leave out --model (the weights set the shape), or "
-                             f"give weights of a {preset!r} model")
+            raise ValueError(f"{self.path} holds a {self.config.name!r} model, not the "
+                             f"{preset!r} one asked for (--model, or a config's model): leave "
+                             f"it out (the weights set the shape), or give weights of a "
+                             f"{preset!r} model")
 
     @staticmethod
     def _model_dir(path: Path) -> tuple[Path, Path]:

@@ -300,6 +300,23 @@ def test_eval_refuses_an_output_folder_it_cannot_create_before_evaluating(run_di
             in capsys.readouterr().err)
 
 
+def test_flags_a_refshapes_run_ignores_are_refused_and_old_records_of_them_dropped(
+        run_dir, tmp_path, capsys):
+    """eval refuses --tokenizer / --split-by for RefShapes data as train does; a run folder
+    from before that refusal, which recorded them (they did nothing), still evaluates."""
+    eval_test = ["eval", "--split", "test", "--size", "8", "--device", "cpu", "--checkpoint"]
+    assert main([*eval_test, str(run_dir), "--tokenizer", str(tmp_path / "x.spm")]) == 2
+    assert "--tokenizer given, but the dataset is refshapes" in capsys.readouterr().err
+    assert main([*eval_test, str(run_dir), "--split-by", "umd"]) == 2
+    assert "--split-by umd picks a refer-toolkit refs(umd).p file" in capsys.readouterr().err
+    old = tmp_path / "old_run"
+    shutil.copytree(run_dir, old)
+    recorded = json.loads((old / "train_config.json").read_text())
+    recorded["data"].update(tokenizer="/gone/beit3.spm", split_by="umd")
+    (old / "train_config.json").write_text(json.dumps(recorded))
+    assert main([*eval_test, str(old)]) == 0
+
+
 def test_eval_and_info(run_dir, capsys):
     assert main(["eval", "--checkpoint", str(run_dir), "--split", "test", "--size", "8",
                  "--device", "cpu"]) == 0
@@ -368,12 +385,12 @@ def test_a_model_flag_that_contradicts_the_weights_is_refused(tmp_path, capsys):
     OneRef.from_config("tiny").save_pretrained(folder)
     assert main(["train", "--init-from", str(folder), "--model", "small", "-o",
                  str(tmp_path / "run")]) == 2
-    assert (f"{folder} holds a 'tiny' model, not --model small: leave out --model"
-            in capsys.readouterr().err)
+    assert (f"{folder} holds a 'tiny' model, not the 'small' one asked for (--model, or a "
+            f"config's model): leave it out" in capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
     step = _step_checkpoint(tmp_path)
     assert main(["convert", str(step), str(tmp_path / "out"), "--model", "base"]) == 2
-    assert f"{step} holds a 'tiny' model, not --model base" in capsys.readouterr().err
+    assert f"{step} holds a 'tiny' model, not the 'base' one" in capsys.readouterr().err
 
 
 def test_config_file_merges_onto_the_recipe_and_flags_apply_on_top(tmp_path):

@@ -151,9 +151,9 @@ def recorded_tokenizer(data: dict) -> str | None:
     text with: a sentencepiece file, :data:`REFSHAPES_TOKENIZER`, or None if not recorded."""
     if not data:
         return None
-    if data.get("tokenizer"):
-        return data["tokenizer"]
-    return REFSHAPES_TOKENIZER if data.get("dataset", "refshapes") == "refshapes" else None
+    if data.get("dataset", "refshapes") == "refshapes":
+        return REFSHAPES_TOKENIZER
+    return data.get("tokenizer") or None
 
 
 def same_tokenizer(first: str, second: str) -> bool:

@@ -207,7 +207,6 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(columns.any(1, keepdim=True), boxes, torch.zeros_like(boxes))
 
 
-#: The ``tokenizer`` name of RefShapes' built-in vocabulary.
 def _tokenizer(source: ModelSource, path: str | None) -> Tokenizer:
     """The tokenizer ``path`` names (warned when the run recorded another), else the run's."""
     recorded = recorded_tokenizer(source.train_config.get("data", {}))

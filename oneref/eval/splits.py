@@ -27,7 +27,7 @@ from oneref.io import make_folder, write_json, write_text
 from oneref.sources import ModelSource
 from oneref.train.config import DataConfig
 from oneref.train.data import (build_dataset, check_data, dataset_info, eval_loader,
-                               load_tokenizer, recorded_data, recorded_paths)
+                               check_sizes, load_tokenizer, recorded_data, recorded_paths)
 from oneref.train.distributed import init_distributed, shutdown
 
 __all__ = ["default_splits", "evaluate_splits", "eval_table", "earlier_rows", "write_eval",
@@ -229,6 +229,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
     sizes = {} if size is None else {"eval_size": size, "test_size": size}
     data = recorded_data(source.train_config, data_changes or {}, eval_batch_size=batch_size,
                          **sizes)
+    check_sizes(data, "--size" if size is not None else "")
     task = source.task_for(task)
     splits = [s for s in splits if s] if splits is not None else list(default_splits(data))
     if not splits:

@@ -27,25 +27,33 @@ _PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 
 
 def rng_state() -> dict:
-    """Every global RNG: python, numpy, torch CPU and CUDA (all devices). Plain containers
-    and tensors only (numpy's key array as a tensor), so a checkpoint loads with
+    """This process's global RNGs: python, numpy, torch CPU and its CUDA device's. Plain
+    containers and tensors only (numpy's key array as a tensor), so a checkpoint loads with
     ``weights_only=True``."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(),
              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state` (its CUDA state onto the current device; from checkpoints
+    that kept every device's, the current device's entry, if they had one)."""
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = torch.cuda.current_device()
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
 
 
 #: ``--resume`` values that mean the newest checkpoint of the run folder (``--output-dir``).

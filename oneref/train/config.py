@@ -538,6 +538,19 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         return _build(cls, values, "")
 
+    @classmethod
+    def from_record(cls, values: dict) -> "TrainConfig":
+        """:meth:`from_dict` of a run's recorded settings (``train_config.json``, a
+        checkpoint's ``config``). Settings that runs of earlier versions recorded where they
+        had no effect, and that are refused now, are dropped: ``split_by`` without
+        ``refer_root``, a tokenizer with RefShapes data."""
+        data = dict(values.get("data", {}))
+        if data.get("split_by") and not data.get("refer_root"):
+            data["split_by"] = ""
+        if data.get("tokenizer") and data.get("dataset", "refshapes") == "refshapes":
+            data["tokenizer"] = ""
+        return cls.from_dict({**values, "data": data} if "data" in values else values)
+
     def changes_from(self, recorded: dict) -> list[str]:
         """``"key: recorded -> now"`` for every dotted field (``stages.0.lr``) whose value
         differs from ``recorded``, the :meth:`to_dict` of another run; fields ``recorded``

@@ -32,16 +32,11 @@ __all__ = ["build_dataset", "dataset_info", "check_data", "train_loader", "eval_
 log = logging.getLogger(__name__)
 
 
-#: The DataConfig fields that size RefShapes' splits, and the flags that set them.
-REFSHAPES_SIZES = {"train_size": "--train-size", "eval_size": "--size", "test_size": "--size"}
-
-
-def check_sizes(data: DataConfig, given) -> None:
-    """ValueError when split sizes (``given``: DataConfig field names set by the user) come
-    with data read from files, where they would be ignored."""
-    flags = sorted({flag for name, flag in REFSHAPES_SIZES.items() if name in given})
-    if data.real and flags:
-        raise ValueError(f"{', '.join(flags)} sizes the built-in RefShapes splits; dataset "
+def check_sizes(data: DataConfig, flag: str) -> None:
+    """ValueError when ``flag`` (a RefShapes split size the user gave; "" for none) comes
+    with data read from files, where it would be ignored."""
+    if flag and data.real:
+        raise ValueError(f"{flag} sizes the built-in RefShapes splits; dataset "
                          f"{data.dataset!r} reads every sample of its split files")
 
 
@@ -52,14 +47,15 @@ _PATH_FLAGS = {"root": "--data-root", "split_root": "--split-root", "refer_root"
 
 @contextlib.contextmanager
 def recorded_paths(train_config: dict, changes: dict):
-    """A ValueError inside that names the flag of a path the run recorded (one not given
-    now) says so, and which flag points elsewhere: the files may have moved since."""
+    """A ValueError inside that finds no file or folder at a path the run recorded (one not
+    given now) says so, and which flag points elsewhere: the files may have moved since."""
     try:
         yield
     except ValueError as err:
-        recorded = train_config.get("data", {})
+        recorded, message = train_config.get("data", {}), str(err)
+        missing = "does not exist" in message or "is not a folder" in message
         named = [flag for field, flag in _PATH_FLAGS.items()
-                 if recorded.get(field) and field not in changes and flag in str(err)]
+                 if missing and recorded.get(field) and field not in changes and flag in message]
         if not named:
             raise
         raise ValueError(f"{err} (the run's recorded {', '.join(named)}; give "
@@ -73,9 +69,9 @@ def recorded_data(train_config: dict, changes: dict, **fields) -> DataConfig:
     if not train_config and "dataset" not in changes:
         raise ValueError("the checkpoint records no data: name it with --dataset (and "
                          "--data-root, --split-root, --tokenizer for real data)")
-    base = TrainConfig.from_dict(train_config).data if train_config else DataConfig()
+    base = TrainConfig.from_record(train_config).data if train_config else DataConfig()
     data = dataclasses.replace(base, **changes, **fields)
-    check_sizes(data, {**changes, **fields})
+    data.validate()  # e.g. --tokenizer with RefShapes, --split-by without --refer-root
     return data
 
 

@@ -204,7 +204,9 @@ def is_main() -> bool:
 def main_writes(write: Callable[[], None]) -> None:
     """Run ``write`` on rank 0 only, then tell every rank how it went (a collective that
     replaces a barrier): when it raised, rank 0 raises that error and every other rank an
-    OSError naming it, so no rank waits at the next collective for one that has stopped."""
+    OSError naming it, so no rank waits at the next collective for one that has stopped.
+    The outcome is agreed by an all-reduce, which every rank leaves together, as it would
+    a barrier; only a failure's message is broadcast after it."""
     failure = None
     if is_main():
         try:
@@ -213,13 +215,12 @@ def main_writes(write: Callable[[], None]) -> None:
             if not several_ranks():
                 raise
             failure = err
-    message = broadcast_object(None if failure is None else f"{type(failure).__name__}: "
-                                                            f"{failure}")
+    if not several_ranks() or not all_reduce_max(torch.tensor([float(failure is not None)])):
+        return
+    message = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
     if failure is not None:
         raise failure
-    if message is not None:
-        raise OSError(f"rank 0 stopped writing the run's files ({message}); this rank stops "
-                      f"too")
+    raise OSError(f"rank 0 stopped writing the run's files ({message}); this rank stops too")
 
 
 def several_ranks() -> bool:

@@ -46,7 +46,8 @@ def make_sts_labels(teacher: str | Path, out: str | Path, data: DataConfig | Non
     if batch_size is not None:
         fields["eval_batch_size"] = batch_size
     data = dataclasses.replace(data, **fields)
-    check_sizes(data, fields)
+    data.validate()
+    check_sizes(data, "--size" if size is not None else "")
     with recorded_paths(source.train_config, data_changes or {}):
         if data.real:
             files = split_source(data, split)

@@ -120,10 +120,11 @@ class Trainer:
         self.resumed_from: Path | None = None
         if resume_from is not None:
             self._resume(*resume_from)
-        if self.main:  # once every check has passed: a failed start leaves no run folder
+        def start():  # once every check has passed: a failed start leaves no run folder
             _start_run_folder(self.run_dir, fresh=not config.checkpoint.resume,
                               overwrite=config.overwrite)
             write_json(self.run_dir / "train_config.json", config.to_dict())
+        main_writes(start)
         self.wrapped: torch.nn.Module | None = None
         self._stage_index = -1
         self._fit_started = False
@@ -281,19 +282,21 @@ class Trainer:
         before, now = state.get("world_size", 1), self.info.world_size
         if before == now:
             return
-        recorded = TrainConfig.from_dict(state["config"]).stages if "config" in state else []
+        recorded = TrainConfig.from_record(state["config"]).stages if "config" in state else []
         if ([s.samples_per_step * before for s in recorded]
                 == [s.samples_per_step * now for s in self.config.stages]):
             log.info("resuming %s, written by %d ranks, on %d: the same global batches",
                      path, before, now)
             return
         hint = ""
-        if recorded and all(s.samples_per_step * before % (s.batch_size * now) == 0
-                            for s in recorded):
-            accum = sorted({s.samples_per_step * before // (s.batch_size * now)
-                            for s in recorded})
-            hint = (f", or keep its global batches with --grad-accum {accum[0]}" if len(accum) == 1
-                    else f", or keep its global batches with grad_accum {accum} per stage")
+        pairs = list(zip(recorded, self.config.stages))
+        if len(recorded) == len(self.config.stages) and all(
+                old.samples_per_step * before % (new.batch_size * now) == 0 for old, new in pairs):
+            accum = [old.samples_per_step * before // (new.batch_size * now)
+                     for old, new in pairs]
+            hint = ", or keep its global batches with " + (
+                f"--grad-accum {accum[0]}" if len(set(accum)) == 1 else
+                " ".join(f"--set stages.{i}.grad_accum={n}" for i, n in enumerate(accum)))
         raise ValueError(f"checkpoint {path} was written by {before} ranks and this run has "
                          f"{now} with other global batches: resume on {before} ranks{hint}")
 

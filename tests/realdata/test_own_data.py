@@ -40,7 +40,7 @@ def test_train_records_the_folder_and_warns_of_unread_keys(own_run, realdata):
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2
 
 
-def test_eval_every_split_but_train_without_the_papers_numbers(own_run):
+def test_eval_every_split_but_train_without_the_papers_numbers(own_run, capsys):
     """The run alone names the data; the default splits are the folder's files but train;
     a dataset named unc is still not RefCOCO's, so no paper column."""
     work, run, _ = own_run
@@ -49,6 +49,11 @@ def test_eval_every_split_but_train_without_the_papers_numbers(own_run):
     rows = json.loads((run / "eval.json").read_text())["rows"]
     assert sorted(r["split"] for r in rows) == ["test", "val"]
     assert all(0 <= r["acc@0.5"] <= 1 for r in rows)
+    from oneref.cli import main
+
+    assert main(["eval", "--checkpoint", str(run), "--split", "vla"]) == 2
+    err = capsys.readouterr().err  # a wrong name, not a moved folder
+    assert "no split file vla.jsonl" in err and "the run's recorded" not in err
 
 
 def test_predict_from_the_run(own_run, realdata):

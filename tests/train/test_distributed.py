@@ -73,10 +73,10 @@ def test_two_ranks_match_one_process(tmp_path, single, extra):
 
 
 @pytest.mark.slow
-def test_fsdp_matches_one_process_and_resumes(tmp_path, single):
-    """With gradient accumulation: the shards' gradients are reduced once per step."""
+@pytest.mark.parametrize("extra", [(), ACCUMULATED], ids=["batch-4", "batch-2x2"])
+def test_fsdp_matches_one_process_and_resumes(tmp_path, single, extra):
     run = tmp_path / "fsdp"
-    fsdp = ["--set", "dist.strategy=fsdp", "--set", "checkpoint.interval=2", *ACCUMULATED]
+    fsdp = ["--set", "dist.strategy=fsdp", "--set", "checkpoint.interval=2", *extra]
     _two_ranks(run, *fsdp)
     _assert_same_run(run, single)
     weights = load_file(run / "model" / "model.safetensors")
