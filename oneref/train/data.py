@@ -53,9 +53,10 @@ def recorded_paths(train_config: dict, changes: dict):
         yield
     except ValueError as err:
         recorded, message = train_config.get("data", {}), str(err)
-        missing = "does not exist" in message or "is not a folder" in message
+        if "does not exist" not in message and "is not a folder" not in message:
+            raise
         named = [flag for field, flag in _PATH_FLAGS.items()
-                 if missing and recorded.get(field) and field not in changes and flag in message]
+                 if recorded.get(field) and field not in changes and flag in message]
         if not named:
             raise
         raise ValueError(f"{err} (the run's recorded {', '.join(named)}; give "

@@ -27,7 +27,7 @@ from oneref.checkpoints import CONFIG_NAME, WEIGHTS_NAME
 from oneref.config import ModelConfig, get_config
 from oneref.data.records import own_message
 from oneref.data.synthetic import colour_guess_accuracy, colour_guess_masks
-from oneref.data.tokenizer import REFSHAPES_TOKENIZER, recorded_tokenizer, same_tokenizer
+from oneref.data.tokenizer import recorded_tokenizer, same_tokenizer
 from oneref.eval.evaluate import autocast_context, evaluate, move_batch
 from oneref.eval.samples import SAMPLE_FILES
 from oneref.io import make_folder, write_json
@@ -159,8 +159,7 @@ class Trainer:
         if self.source is None or not self.main:
             return
         recorded = recorded_tokenizer(self.source.train_config.get("data", {}))
-        data = self.config.data
-        now = data.tokenizer if data.real else REFSHAPES_TOKENIZER
+        now = recorded_tokenizer(self.config.to_dict()["data"])
         if recorded and now and not same_tokenizer(recorded, now):
             log.warning("--init-from %s was trained with tokenizer %s and this run reads text "
                         "with %s: the text embeddings start from other pieces' vectors",

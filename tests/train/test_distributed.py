@@ -30,9 +30,13 @@ def _run(cmd, tmp_path):
     return done
 
 
-def _losses(run):
+def _train_rows(run):
     with open(run / "metrics.csv", newline="") as handle:
-        return [float(r["loss"]) for r in csv.DictReader(handle) if r["split"] == "train"]
+        return [r for r in csv.DictReader(handle) if r["split"] == "train"]
+
+
+def _losses(run):
+    return [float(r["loss"]) for r in _train_rows(run)]
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +97,7 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, single, extra):
 
 
 def _losses_by_step(run):
-    with open(run / "metrics.csv", newline="") as handle:
-        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(handle)
-                if r["split"] == "train"}
+    return {int(r["step"]): float(r["loss"]) for r in _train_rows(run)}
 
 
 @pytest.mark.slow
