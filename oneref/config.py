@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["ModelConfig", "PRESETS", "get_config"]
+__all__ = ["ModelConfig", "PRESETS", "RESIDUAL_DTYPES", "get_config"]
+
+#: Values of :attr:`ModelConfig.residual_dtype`.
+RESIDUAL_DTYPES = ("compute", "params")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,11 @@ class ModelConfig:
     # Stochastic depth grows linearly from 0 to this value over the layers (training only).
     drop_path: float = 0.1
     ln_eps: float = 1e-5
+    # The residual stream's dtype between blocks (docs/perf.md, "Residual stream"): "compute"
+    # holds it in bf16 when the GEMMs compute in bf16 (bf16 autocast), else in the
+    # parameters' dtype; "params" always keeps the parameters' dtype (fp32), each bf16
+    # branch added in fp32, as the reference code under autocast does.
+    residual_dtype: str = "compute"
     # Visual-token vocabulary of the MIM target (BEiT v2 VQ-KD codebook size).
     mim_vocab: int = 8192
     # Multiplies the cosine logits: the REC similarity map M_sim before it is used as the
@@ -55,6 +63,9 @@ class ModelConfig:
             )
         if not self.sim_scale > 0:
             raise ValueError(f"sim_scale must be > 0, got {self.sim_scale}")
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, "
+                             f"got {self.residual_dtype!r}")
         if self.res_upsamples not in (1, 2, 3):
             raise ValueError(f"res_upsamples must be 1, 2 or 3, got {self.res_upsamples}")
         if self.max_text_len + 2 > self.text_positions:

@@ -285,6 +285,15 @@ def test_backend_setting_that_cannot_run_is_an_error_before_training(tmp_path, m
     assert "unknown op(s) 'multiway_atention'" in capsys.readouterr().err
 
 
+def test_a_bad_model_override_value_is_an_error_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--time-budget", "1", "--output-dir", str(out), "--set",
+                 "model_overrides.residual_dtype=fp16"]) == 2
+    assert ("oneref train: error: residual_dtype must be one of ('compute', 'params'), "
+            "got 'fp16'") in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_info_prints_per_op_settings(monkeypatch, capsys):
     monkeypatch.setenv("ONEREF_BACKEND", "auto,multiway_layer_norm=torch")
     assert main(["info", "--model", "tiny"]) == 0

@@ -18,10 +18,12 @@ forward and read by every layer's attention (the Triton kernels read the text le
 instead).
 
 Precision under bf16 autocast: the GEMMs and attention run in bf16; the LayerNorms compute
-fp32 statistics and return bf16 (what the next GEMM reads; the final norm returns the
-residual stream's dtype); the residual stream ``x`` stays in the embedding's dtype (fp32
-parameters: fp32), the bf16 branch added to it in fp32. ``tests/model/test_precision.py``
-checks this at every block boundary.
+fp32 statistics and return bf16 (what the next GEMM reads). The residual stream ``x`` is held
+in bf16 as well (``residual_dtype="compute"``, each branch added in fp32 and rounded once),
+or in the embeddings' dtype, fp32 for fp32 parameters (``"params"``, and under fp16
+autocast, whose range is too narrow for the stream). Either way the final norm returns the
+embeddings' dtype, so the heads see what they would without the choice.
+``tests/model/test_precision.py`` checks this at every block boundary.
 """
 
 from __future__ import annotations
@@ -118,11 +120,15 @@ class MultiwayEncoder(nn.Module):
             for rate in rates
         )
         self.norm = MultiwayLayerNorm(config.embed_dim, config.ln_eps)
+        self.residual_dtype = config.residual_dtype
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, text_lengths: torch.Tensor, num_vision: int) -> torch.Tensor:
         """x: (B, S, D) embeddings; text_lengths: (B,). Returns (B, S, D), stored
         sequence-major (see :mod:`oneref.ops.layout`)."""
+        out_dtype = x.dtype
+        if self.residual_dtype == "compute" and ops.compute_dtype(x) == torch.bfloat16:
+            x = x.to(torch.bfloat16)
         x = ops.sequence_major(x)
         key_mask = ops.key_padding_mask(text_lengths, num_vision, x.shape[1])  # for all layers
         branch = scale = None
@@ -133,5 +139,5 @@ class MultiwayEncoder(nn.Module):
             else:
                 x, branch, scale = block(x, text_lengths, num_vision, branch, scale, key_mask)
         if branch is None:  # depth 0
-            return self.norm(x, num_vision, out_dtype=x.dtype)
-        return self.norm.add(x, branch, num_vision, scale, out_dtype=x.dtype)[1]
+            return self.norm(x, num_vision, out_dtype=out_dtype)
+        return self.norm.add(x, branch, num_vision, scale, out_dtype=out_dtype)[1]

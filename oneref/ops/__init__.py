@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from oneref.ops.cast import compute_dtype
 from oneref.ops.checks import (autocast_inputs, check_boxes, check_bool_mask, check_row_split,
                                check_shape, check_tensor)
 from oneref.ops.dispatch import (BACKENDS, BackendUnavailableError, backend_status,
@@ -22,7 +23,7 @@ register_cpu_attention_flops()
 
 # The dispatched ops are the registry's; the rest are helpers around them.
 __all__ = ["BACKENDS", "BackendUnavailableError", "backend_status", "current_backend",
-           "use_backend", "prepare",
+           "use_backend", "prepare", "compute_dtype",
            "sequence_major", "is_sequence_major", "draw_mask_noise", "key_padding_mask",
            *OPS]
 
@@ -139,9 +140,7 @@ def _norm_args(x, num_vision: int, params, eps: float, out_dtype):
             raise TypeError(f"out_dtype must be a floating torch.dtype (torch.bfloat16, ...), "
                             f"got {out_dtype!r}")
         return out_dtype
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return compute_dtype(x)
 
 
 def multiway_layer_norm(x, num_vision: int, weight_a, bias_a, weight_b, bias_b,

@@ -166,10 +166,11 @@ def _layer_norm_bytes(args) -> int:
 
 
 def _add_layer_norm(gen, device, dtype, scale):
-    """A block's residual add + LN: at a benchmark size the residual stream is fp32, the
-    branch ``dtype`` and no drop-path scale."""
+    """A block's residual add + LN: the residual stream and the branch in ``dtype`` (the
+    model's default ``residual_dtype``); at a benchmark size, fp32 parameters and no
+    drop-path scale."""
     width = 12 if scale is None else DIM
-    x = _rows(gen, scale, width, device, dtype if scale is None else torch.float32)
+    x = _rows(gen, scale, width, device, dtype)
     branch = _rows(gen, scale, width, device, dtype)
     params = _norm_params(gen, width, device, dtype if scale is None else torch.float32)
     if scale is None:

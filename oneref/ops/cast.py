@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cast_floating"]
+__all__ = ["cast_floating", "compute_dtype"]
 
 
 class _CastTogether(torch.autograd.Function):
@@ -40,6 +40,14 @@ class _CastTogether(torch.autograd.Function):
         present = [g for g in wanted if g is not None]
         cast = iter(_CastTogether.apply(ctx.source_dtype, *present) if present else ())
         return (None, *(None if g is None else next(cast) for g in wanted))
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs compute ``t`` in: the autocast dtype when autocast is on for its
+    device, else its own."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
 
 
 def cast_floating(tensors, dtype: torch.dtype) -> tuple:

@@ -1,14 +1,16 @@
-"""The residual-stream precision under bf16 autocast, as the encoder docstring states: fp32
-hidden states between blocks, bf16 GEMM outputs and branches, bf16 LayerNorm outputs (fp32
-statistics), an fp32 final norm."""
+"""The residual-stream precision under bf16 autocast, as the encoder docstring states: bf16
+GEMM outputs and branches, bf16 LayerNorm outputs (fp32 statistics), hidden states between
+blocks in the dtype ``residual_dtype`` names, and a final norm in the embeddings' dtype."""
 
+import pytest
 import torch
 
 from oneref import OneRef
 
 
-def test_residual_stream_stays_fp32_under_bf16_autocast():
-    model = OneRef.from_config("tiny").eval()
+def _block_dtypes(residual_dtype: str, autocast: torch.dtype | None) -> dict:
+    """The dtypes the tiny model's encoder produces, by where they are seen."""
+    model = OneRef.from_config("tiny", residual_dtype=residual_dtype).eval()
     c = model.config
     seen = {"block": [], "branch": [], "linear": [], "norm": []}
 
@@ -23,10 +25,62 @@ def test_residual_stream_stays_fp32_under_bf16_autocast():
         lambda m, i, o: seen["norm"].append(o.dtype)))
     images = torch.randn(2, 3, c.img_size, c.img_size)
     ids = torch.randint(4, 100, (2, c.max_text_len))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast or torch.bfloat16,
+                                         enabled=autocast is not None):
         out = model.encode(images, ids, torch.tensor([4, c.max_text_len]))
     for hook in hooks:
         hook.remove()
-    assert seen["block"] == [torch.float32] * c.depth and out.vision.dtype == torch.float32
-    assert seen["branch"] == [torch.bfloat16] * c.depth
+    seen["out"] = [out.vision.dtype, out.text.dtype]
+    seen["depth"] = c.depth
+    return seen
+
+
+@pytest.mark.parametrize("residual_dtype,stream", [("compute", torch.bfloat16),
+                                                   ("params", torch.float32)])
+def test_residual_stream_dtype_under_bf16_autocast(residual_dtype, stream):
+    seen = _block_dtypes(residual_dtype, autocast=torch.bfloat16)
+    depth = seen["depth"]
+    assert seen["block"] == [stream] * depth
+    assert seen["branch"] == [torch.bfloat16] * depth
     assert seen["linear"] == [torch.bfloat16] and seen["norm"] == [torch.bfloat16]
+    assert seen["out"] == [torch.float32] * 2
+
+
+@pytest.mark.parametrize("residual_dtype", ["compute", "params"])
+def test_without_autocast_everything_stays_fp32(residual_dtype):
+    seen = _block_dtypes(residual_dtype, autocast=None)
+    assert set(seen["block"] + seen["branch"] + seen["linear"] + seen["norm"] + seen["out"]) \
+        == {torch.float32}
+
+
+def test_fp16_autocast_keeps_the_stream_in_fp32():
+    """fp16's range (65504) is too narrow for the residual stream: "compute" keeps fp32."""
+    seen = _block_dtypes("compute", autocast=torch.float16)
+    assert seen["block"] == [torch.float32] * seen["depth"]
+    assert seen["branch"] == [torch.float16] * seen["depth"]
+
+
+def test_unknown_residual_dtype_is_refused():
+    with pytest.raises(ValueError, match="residual_dtype must be one of"):
+        OneRef.from_config("tiny", residual_dtype="fp16")
+
+
+def test_bf16_stream_stays_within_bf16_rounding_of_fp32():
+    """Under autocast, the bf16 stream's encoder output is about as far from the fp32
+    model's as the fp32 stream's is (both carry bf16 GEMMs): each branch is rounded once."""
+    torch.manual_seed(0)
+    model = OneRef.from_config("small", residual_dtype="params").eval()
+    c = model.config
+    images = torch.randn(3, 3, c.img_size, c.img_size)
+    ids = torch.randint(4, 100, (3, c.max_text_len))
+    lengths = torch.tensor([1, 5, c.max_text_len])
+
+    def encode(residual_dtype: str | None) -> torch.Tensor:
+        model.encoder.residual_dtype = residual_dtype or "params"
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bool(residual_dtype)):
+            return model.encode(images, ids, lengths).vision.float()
+
+    exact = encode(None)
+    errors = {r: ((encode(r) - exact).norm() / exact.norm()).item() for r in ("compute", "params")}
+    assert errors["params"] < 0.02
+    assert errors["compute"] < 2 * errors["params"], errors
