@@ -16,9 +16,10 @@ Math (rows (b, s); expert e = A for s < num_vision, else B)::
     dw_e = sum over e's rows of dy * xhat;   db_e = sum of dy
 
 What it saves against the unfused sequence (docs/perf.md, "Bytes"): under bf16 autocast
-the forward reads x (fp32) and the bf16 branch once and writes h and a bf16 y that the next
-GEMM reads as is: no promoted add, no fp32 LayerNorm output, no layout copy, no cast. The
-backward writes the input gradient with the residual gradient already added, and the
+the forward reads x (the residual stream, bf16 or fp32: docs/perf.md, "Residual stream")
+and the bf16 branch once and writes h and a bf16 y that the next GEMM reads as is: no
+promoted add, no fp32 LayerNorm output, no layout copy, no cast. The backward writes the
+input gradient with the residual gradient already added, and the
 branch gradient in the branch's dtype.
 
 Layout: inputs may have any strides with a contiguous last dim. Rows are processed in

@@ -10,15 +10,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["ModelConfig", "PRESETS", "RESIDUAL_DTYPES", "get_config"]
+__all__ = ["ModelConfig", "PRESETS", "RESIDUAL_DTYPES", "SHAPE_FREE_FIELDS", "get_config"]
 
 #: Values of :attr:`ModelConfig.residual_dtype`.
 RESIDUAL_DTYPES = ("compute", "params")
 
+#: ModelConfig fields that set how weights are used, not their shapes: a model loaded from
+#: weights may take other values of these.
+SHAPE_FREE_FIELDS = ("drop_path", "ln_eps", "sim_scale", "residual_dtype")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a OneRef model. Every field is a plain number so a config round-trips as JSON."""
+    """Shape of a OneRef model and how it computes. Every field is a plain number or string,
+    so a config round-trips as JSON."""
 
     name: str = "custom"
     img_size: int = 384
@@ -99,6 +104,20 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def with_shape_free(self, overrides: dict, where: str) -> "ModelConfig":
+        """This config of the weights in ``where`` with ``overrides`` applied: any value of
+        :data:`SHAPE_FREE_FIELDS`, and other fields only at the value they have (else a
+        ValueError naming the field, since the weights could not load)."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}")
+        for key, value in overrides.items():
+            if key not in SHAPE_FREE_FIELDS and value != getattr(self, key):
+                raise ValueError(f"{key}={value!r} does not fit the weights of {where} "
+                                 f"({key}={getattr(self, key)!r}): with weights, only "
+                                 f"{', '.join(SHAPE_FREE_FIELDS)} can be changed")
+        return self.replace(**overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

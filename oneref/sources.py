@@ -46,14 +46,22 @@ class ModelSource:
 
     Attributes:
         kind: ``run``, ``pretrained``, ``step`` (a training checkpoint) or ``official``.
-        config: the :class:`ModelConfig`.
+        config: the :class:`ModelConfig`, with ``overrides`` of its
+            :data:`~oneref.config.SHAPE_FREE_FIELDS` applied (other fields only at their
+            value).
         train_config: the run's training config as a dict (``{}`` unless a run folder).
         report: the :class:`LoadReport` of an official file after :meth:`build`, else None.
     """
 
     def __init__(self, path: str | Path, preset: str | None = None, trust: bool = False,
-                 quiet: bool = False):
+                 quiet: bool = False, overrides: dict | None = None):
         self.path = Path(path)
+        self._read(preset, trust, quiet)
+        self.overrides = overrides or {}
+        self.config = self.config.with_shape_free(self.overrides, where=str(self.path))
+
+    def _read(self, preset: str | None, trust: bool, quiet: bool) -> None:
+        """Find the model at ``self.path``: its kind, config and (a file's) state."""
         if not self.path.exists():
             raise ValueError(f"checkpoint {self.path} does not exist (a run folder, a "
                              f"save_pretrained folder or an official .pth is expected)")
@@ -139,7 +147,7 @@ class ModelSource:
         """The model with its weights (an official file: all heads, converted names), in
         eval mode."""
         if self._state is None:
-            return OneRef.from_pretrained(self.model_dir)
+            return OneRef.from_pretrained(self.model_dir, **self.overrides)
         model = OneRef(self.config)
         if self.kind == "step":
             model.load_state_dict(self._state)

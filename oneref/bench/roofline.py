@@ -21,7 +21,8 @@ for the Triton one: :func:`oneref.bench.kernel_bytes.further_kernels`). It is no
 the attention kernel differs, and CPU autocast keeps softmax, layer_norm, sums and norms in
 bf16 where CUDA autocast runs them in fp32. The multiway LayerNorms pick their compute
 dtype themselves (with autocast off) and are counted in the one they pick on CUDA: bf16 for
-a bf16 sub-LN, fp32 for the fp32 residual stream.
+a bf16 input and output (the sub-LNs, and the block LayerNorms of the default bf16 residual
+stream), fp32 for an fp32 stream.
 
 The compiled engines (b+), (e) and (e*) are compiled on the CPU with inductor, as one graph
 per step, and counted kernel by kernel as it schedules them

@@ -120,10 +120,14 @@ class OneRef(nn.Module):
         return cls(get_config(name_or_config, **overrides), heads=heads)
 
     @classmethod
-    def from_pretrained(cls, path, map_location: str | torch.device = "cpu") -> "OneRef":
+    def from_pretrained(cls, path, map_location: str | torch.device = "cpu",
+                        **overrides) -> "OneRef":
         """Load a directory written by :meth:`save_pretrained` (``model.safetensors`` +
-        ``config.json``), in eval mode (``model.train()`` before fine-tuning it)."""
+        ``config.json``), in eval mode (``model.train()`` before fine-tuning it), with
+        overrides of its config's :data:`~oneref.config.SHAPE_FREE_FIELDS`
+        (``residual_dtype="params"``)."""
         config, heads, state = read_pretrained(path, map_location)
+        config = config.with_shape_free(overrides, where=str(path))
         model = cls(config) if heads is None else cls(config, heads=heads)
         load_pretrained_state(model, state, path)
         return model.to(map_location).eval()

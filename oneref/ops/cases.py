@@ -7,7 +7,8 @@ reference's signature) at the test size: odd sizes on purpose (9 tokens with 6 v
 7-row linear inputs, 12-wide LayerNorm rows, a 5-row cross-entropy with an ignored row).
 ``scale=s`` gives the benchmark size instead, OneRef-B's shapes (24 x 24 grid, D = 768) with
 the batch multiplied by ``s``; there the LayerNorm inputs take the model's layout (a
-sequence-major fp32 residual stream beside ``dtype`` branches). ``CASES[op].bytes(args)``
+sequence-major residual stream, in ``dtype`` as the default ``residual_dtype`` holds it,
+with fp32 parameters). ``CASES[op].bytes(args)``
 counts what one call reads and writes (its backward included where the case trains), and
 ``CASES[op].tolerance(dtype)`` is the (rtol, atol) against the reference.
 """
@@ -182,10 +183,14 @@ def _add_layer_norm(gen, device, dtype, scale):
 
 def _add_layer_norm_bytes(args) -> int:
     """Forward reads x and the branch, writes h (the new residual) and y; backward reads dy,
-    h and dh, writes dx and the branch's gradient."""
-    x, branch, dtype = args[0], args[1], args[-1]
+    h and dh, writes dx and, unless it is dx itself (no drop-path scale, the branch in h's
+    dtype), the branch's gradient."""
+    x, branch, scale, dtype = args[0], args[1], args[-2], args[-1]
     out = torch.finfo(dtype).bits // 8
-    return x.numel() * (5 * x.element_size() + 2 * branch.element_size() + 2 * out)
+    own_gradient = scale is not None or branch.dtype != torch.promote_types(x.dtype,
+                                                                            branch.dtype)
+    return x.numel() * (5 * x.element_size() + (1 + own_gradient) * branch.element_size()
+                        + 2 * out)
 
 
 def _referring_mask(gen, device, dtype, scale):

@@ -426,7 +426,9 @@ class TrainConfig:
     model: str = _option("small", "--model", flag_choices=tuple(PRESETS),
                          help="preset (default: the recipe's, or the shape of an --init-from "
                               "model)")
-    #: ModelConfig field overrides (``--set model_overrides.sim_scale=1``).
+    #: ModelConfig field overrides (``--set model_overrides.sim_scale=1``); with
+    #: ``--init-from`` weights, only of the fields that leave their shapes
+    #: (:data:`oneref.config.SHAPE_FREE_FIELDS`).
     model_overrides: dict = field(default_factory=dict)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)

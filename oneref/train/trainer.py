@@ -83,7 +83,8 @@ class Trainer:
         resume_from = (self._latest_checkpoint(config.checkpoint.resume)
                        if config.checkpoint.resume else None)
         self.source = (ModelSource(config.checkpoint.init_from, preset=config.model,
-                                   trust=config.checkpoint.trust, quiet=not self.main)
+                                   trust=config.checkpoint.trust, quiet=not self.main,
+                                   overrides=config.model_overrides)
                        if config.checkpoint.init_from and resume_from is None else None)
         model_config = self._model_config(resume_from[1] if resume_from else None)
         self._check_start_tokenizer()
@@ -228,9 +229,10 @@ class Trainer:
         return ckpt.load_latest(target, trust=self.config.checkpoint.trust)
 
     def _model_config(self, resumed: dict | None) -> ModelConfig:
-        """The model's shape: the start weights'; for a run resumed from ``resumed`` (its
-        checkpoint) that began from such weights, the one the checkpoint recorded; else the
-        preset's."""
+        """The model's config: the start weights' (with ``model_overrides`` of the fields
+        that leave their shapes); for a run resumed from ``resumed`` (its checkpoint) that
+        began from such weights, the one the checkpoint recorded; else the preset's with
+        ``model_overrides``."""
         if self.source is not None:
             return self.source.config
         recorded = resumed.get("model_config") if resumed else None

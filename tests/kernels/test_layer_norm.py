@@ -119,7 +119,8 @@ def test_torch_composite_bf16_matches_reference(batch, seq, width, num_vision, v
 
 @pytest.mark.interpret
 def test_bf16_output_from_fp32_residual(poison_empty):
-    """The autocast case: fp32 residual, bf16 branch -> fp32 h, bf16 y; y is the fp32
+    """The autocast case of an fp32 stream (``residual_dtype="params"``): fp32 residual,
+    bf16 branch -> fp32 h, bf16 y; y is the fp32
     LayerNorm rounded once (within one bf16 ulp: the interpreter's bf16 store truncates)."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 11, 24, generator=gen)

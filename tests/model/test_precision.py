@@ -84,3 +84,37 @@ def test_bf16_stream_stays_within_bf16_rounding_of_fp32():
     errors = {r: ((encode(r) - exact).norm() / exact.norm()).item() for r in ("compute", "params")}
     assert errors["params"] < 0.02
     assert errors["compute"] < 2 * errors["params"], errors
+
+
+def test_a_training_step_on_the_bf16_stream_with_drop_path():
+    """Backward through the bf16 stream with drop path under autocast: every parameter
+    gradient is finite and fp32, and all of them together are about as far from the fp32
+    model's (no autocast, the same draws) as the fp32 stream's are (0.63% against 0.58%)."""
+    torch.manual_seed(0)
+    model = OneRef.from_config("tiny", drop_path=0.5).train()
+    c = model.config
+    images = torch.randn(4, 3, c.img_size, c.img_size)
+    ids = torch.randint(4, 100, (4, c.max_text_len))
+    lengths = torch.tensor([1, 3, 9, c.max_text_len])
+    weights = torch.randn(4, 1 + c.num_patches, c.embed_dim)
+
+    def gradients(residual_dtype: str | None) -> dict:
+        model.encoder.residual_dtype = residual_dtype or "params"
+        model.zero_grad()
+        torch.manual_seed(1)  # the same drop-path draws
+        with torch.autocast("cpu", torch.bfloat16, enabled=bool(residual_dtype)):
+            vision = model.encode(images, ids, lengths).vision
+        (vision.float() * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    exact = gradients(None)
+    flat = torch.cat([g.flatten() for g in exact.values()])
+
+    def error(grads: dict) -> float:
+        assert grads.keys() == exact.keys()
+        return (torch.cat([(grads[n] - g).flatten() for n, g in exact.items()]).norm()
+                / flat.norm()).item()
+
+    bf16 = gradients("compute")
+    assert all(g.dtype == torch.float32 and g.isfinite().all() for g in bf16.values())
+    assert error(bf16) < 2 * error(gradients("params")) and error(bf16) < 0.02

@@ -152,9 +152,15 @@ def test_every_op_has_a_case_at_both_sizes():
     assert x.shape == (2, 576, 768) and x.dtype == torch.float16
     selected = int(mask.sum())
     assert CASES["masked_gather"].bytes((x, mask)) == 2 * 1152 + (3 * selected + 1152) * 1536
-    x, branch, *_, dtype = CASES["multiway_add_layer_norm"].inputs(0, CPU, torch.bfloat16, 2)
+    args = CASES["multiway_add_layer_norm"].inputs(0, CPU, torch.bfloat16, 2)
+    x, branch, dtype = args[0], args[1], args[-1]
     assert x.dtype == branch.dtype == dtype == torch.bfloat16  # the default residual_dtype
     assert not x.is_contiguous() and x.transpose(0, 1).is_contiguous()  # sequence-major
-    # x, h twice, dh, dx, the branch and its gradient, y and dy: nine bf16 passes
-    assert CASES["multiway_add_layer_norm"].bytes((x, branch, dtype)) == 2 * 641 * 768 * 18
+    # x, h twice, dh, dx, the branch, y and dy: eight bf16 passes (the branch's gradient is
+    # dx itself without a drop-path scale); with one, or an fp32 stream, it is written too
+    assert CASES["multiway_add_layer_norm"].bytes(args) == 2 * 641 * 768 * 16
+    scaled = (*args[:-2], torch.ones(2), dtype)
+    assert CASES["multiway_add_layer_norm"].bytes(scaled) == 2 * 641 * 768 * 18
+    fp32_stream = (x.float(), *args[1:])
+    assert CASES["multiway_add_layer_norm"].bytes(fp32_stream) == 2 * 641 * 768 * (20 + 8)
     assert not CASES["referring_mask"].trains

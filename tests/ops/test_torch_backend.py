@@ -320,7 +320,7 @@ def test_layer_norm_of_bf16_gelu_writes_bf16_gradient():
 
 
 def test_add_layer_norm_fusion_is_exact_for_an_fp32_stream():
-    """With h in fp32 (the encoder's residual stream under autocast) the fused backward
+    """With h in fp32 (the stream of residual_dtype="params" under autocast) the fused backward
     gives, to the bit, what autograd gives for the add and the LayerNorm run apart (with a
     bf16 h, the input gradient is rounded once where autograd rounds it twice); the
     drop-path scale gets its gradient too, and h needs none when only the LayerNorm's

@@ -212,6 +212,26 @@ def test_a_resume_does_not_read_the_start_weights_again(tmp_path):
                  "--no-progress"]) == 0
 
 
+def test_start_weights_take_the_overrides_that_leave_their_shapes(tmp_path):
+    """--init-from weights take model_overrides of the shape-free fields (the reference fp32
+    residual stream, a drop-path rate); one that would change the weights' shapes stops the
+    run before it starts, naming the field."""
+    from oneref.model import OneRef
+
+    start = tmp_path / "start"
+    OneRef.from_config("tiny").save_pretrained(start)
+    init = CheckpointConfig(init_from=str(start))
+    trainer = Trainer(_config(tmp_path / "run", checkpoint=init,
+                              model_overrides={"residual_dtype": "params", "drop_path": 0.2}))
+    model = trainer.model
+    assert model.config.residual_dtype == model.encoder.residual_dtype == "params"
+    assert model.encoder.blocks[-1].drop_path.p == 0.2
+    with pytest.raises(ValueError, match=r"depth=3 does not fit the weights of .*start "
+                                         r"\(depth=2\): with weights, only drop_path"):
+        Trainer(_config(tmp_path / "other", checkpoint=init, model_overrides={"depth": 3}))
+    assert not (tmp_path / "other").exists()
+
+
 def test_an_error_raised_in_a_loader_worker_reads_as_itself():
     from torch.utils.data import DataLoader
 
