@@ -109,9 +109,7 @@ class ModelConfig:
         """This config of the weights in ``where`` with ``overrides`` applied: any value of
         :data:`SHAPE_FREE_FIELDS`, and other fields only at the value they have (else a
         ValueError naming the field, since the weights could not load)."""
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}")
+        self._check_known(overrides)
         for key, value in overrides.items():
             if key not in SHAPE_FREE_FIELDS and value != getattr(self, key):
                 raise ValueError(f"{key}={value!r} does not fit the weights of {where} "
@@ -124,11 +122,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
+        cls._check_known(values)
+        return cls(**values)
+
+    @classmethod
+    def _check_known(cls, values: dict) -> None:
+        """ValueError naming the keys of ``values`` that are not fields."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
 
 
 PRESETS: dict[str, ModelConfig] = {

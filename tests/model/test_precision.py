@@ -8,6 +8,13 @@ import torch
 from oneref import OneRef
 
 
+def _batch(config, lengths: list[int]) -> tuple:
+    """Random images and token ids for ``len(lengths)`` samples, and their text lengths."""
+    batch = len(lengths)
+    return (torch.randn(batch, 3, config.img_size, config.img_size),
+            torch.randint(4, 100, (batch, config.max_text_len)), torch.tensor(lengths))
+
+
 def _block_dtypes(residual_dtype: str, autocast: torch.dtype | None) -> dict:
     """The dtypes the tiny model's encoder produces, by where they are seen."""
     model = OneRef.from_config("tiny", residual_dtype=residual_dtype).eval()
@@ -23,11 +30,10 @@ def _block_dtypes(residual_dtype: str, autocast: torch.dtype | None) -> dict:
         lambda m, i, o: seen["linear"].append(o.dtype)))
     hooks.append(model.encoder.blocks[0].norm1.register_forward_hook(
         lambda m, i, o: seen["norm"].append(o.dtype)))
-    images = torch.randn(2, 3, c.img_size, c.img_size)
-    ids = torch.randint(4, 100, (2, c.max_text_len))
+    images, ids, lengths = _batch(c, [4, c.max_text_len])
     with torch.no_grad(), torch.autocast("cpu", dtype=autocast or torch.bfloat16,
                                          enabled=autocast is not None):
-        out = model.encode(images, ids, torch.tensor([4, c.max_text_len]))
+        out = model.encode(images, ids, lengths)
     for hook in hooks:
         hook.remove()
     seen["out"] = [out.vision.dtype, out.text.dtype]
@@ -71,9 +77,7 @@ def test_bf16_stream_stays_within_bf16_rounding_of_fp32():
     torch.manual_seed(0)
     model = OneRef.from_config("small", residual_dtype="params").eval()
     c = model.config
-    images = torch.randn(3, 3, c.img_size, c.img_size)
-    ids = torch.randint(4, 100, (3, c.max_text_len))
-    lengths = torch.tensor([1, 5, c.max_text_len])
+    images, ids, lengths = _batch(c, [1, 5, c.max_text_len])
 
     def encode(residual_dtype: str | None) -> torch.Tensor:
         model.encoder.residual_dtype = residual_dtype or "params"
@@ -93,9 +97,7 @@ def test_a_training_step_on_the_bf16_stream_with_drop_path():
     torch.manual_seed(0)
     model = OneRef.from_config("tiny", drop_path=0.5).train()
     c = model.config
-    images = torch.randn(4, 3, c.img_size, c.img_size)
-    ids = torch.randint(4, 100, (4, c.max_text_len))
-    lengths = torch.tensor([1, 3, 9, c.max_text_len])
+    images, ids, lengths = _batch(c, [1, 3, 9, c.max_text_len])
     weights = torch.randn(4, 1 + c.num_patches, c.embed_dim)
 
     def gradients(residual_dtype: str | None) -> dict:
