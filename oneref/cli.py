@@ -35,6 +35,7 @@ from oneref.bench import run_bench
 from oneref.checkpoints import CONFIG_NAME
 from oneref.config import PRESETS
 from oneref.data.records import own_message
+from oneref.eval.evaluate import AMP_MODES
 from oneref.eval.predict import draw_prediction, load_image, load_predictor, predict_file
 from oneref.eval.splits import evaluate_checkpoint
 from oneref.io import make_folder
@@ -117,6 +118,12 @@ def _add_weights_flags(p: argparse.ArgumentParser, flag: str, alias: str,
                         "files you trust)")
 
 
+def _add_amp_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16, or fp32 (the "
+                        "reference code's numerics)")
+
+
 def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--config", metavar="FILE", help="TrainConfig as .json or .yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -152,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="RefShapes split size (default: the run's)")
     p.add_argument("--batch-size", type=int, default=128, help="per-rank batch (default 128)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_amp_flag(p)
     p.add_argument("--out", metavar="DIR", help="where eval.json / eval.md go (default: the "
                                                 "run folder; RUN/best itself; else the "
                                                 "current folder)")
@@ -178,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --input: skip a bad line or image (default), or stop")
     p.add_argument("--task", choices=("rec", "res"), help="default: the run's task")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_amp_flag(p)
     p = sub.add_parser("convert", help=".pth -> save_pretrained folder",
                        description="Convert an official BEiT-3 / OneRef .pth (printing the "
                                    "load report) or one of our training checkpoints "
@@ -378,7 +387,7 @@ def _cmd_eval(args) -> int:
         splits=[s.strip() for s in args.split.split(",")] if args.split else None,
         task=args.task, preset=args.model, size=args.size, batch_size=args.batch_size,
         device=args.device, trust=args.trust_checkpoint, out=args.out,
-        predictions=args.predictions)
+        predictions=args.predictions, amp=args.amp)
     if report is None:  # not rank 0
         return 0
     if report.load_summary:
@@ -432,7 +441,7 @@ def _cmd_predict(args) -> int:
         make_folder(args.out_dir, "--out-dir", create=False)
     predictor = load_predictor(args.checkpoint, resolve_device(args.device), args.task,
                                tokenizer=args.tokenizer, preset=args.model,
-                               trust=args.trust_checkpoint)
+                               trust=args.trust_checkpoint, amp=args.amp)
     if predictor.report is not None:
         print(predictor.report.summary(args.checkpoint))
     if args.input is not None:

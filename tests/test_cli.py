@@ -146,6 +146,11 @@ def test_predict_writes_png_with_box(run_dir, scene_png, tmp_path, capsys):
     # The box outline is pure red (the scene's shapes are jittered, never exactly red).
     red = np.all(drawn == (255, 0, 0), axis=-1)
     assert red.sum() > 20 and not np.all(original == (255, 0, 0), axis=-1).any()
+    # bf16 autocast (--amp bf16; auto does so on CUDA): the box to bf16 rounding.
+    assert main(["predict", "--image", str(scene_png), "--text", "the red circle",
+                 "--checkpoint", str(run_dir), "--out", str(out), "--amp", "bf16"]) == 0
+    bf16_box = [float(v) for v in capsys.readouterr().out.split("pixels:")[1].split()[:4]]
+    np.testing.assert_allclose(bf16_box, [x1, y1, x2, y2], atol=3)
 
 
 def test_predict_res_draws_mask(run_dir, scene_png, tmp_path, capsys):
@@ -345,6 +350,16 @@ def test_eval_and_info(run_dir, capsys):
     assert "(test: kept from the earlier evaluation of the same weights)" in (
         capsys.readouterr().out)
     assert splits_after("--split", "test") == ["val", "test"]
+    # An eval.json written before the precision was recorded: a CPU's was fp32.
+    saved = json.loads((run_dir / "eval.json").read_text())
+    del saved["precision"]
+    (run_dir / "eval.json").write_text(json.dumps(saved))
+    assert splits_after("--split", "val") == ["test", "val"]
+    # Another precision is another evaluation: its rows are not mixed with fp32 ones.
+    assert splits_after("--split", "val", "--amp", "bf16") == ["val"]
+    assert json.loads((run_dir / "eval.json").read_text())["precision"] == "bf16"
+    assert ", cpu (bf16), " in (run_dir / "eval.md").read_text()
+    assert splits_after("--split", "test", "--amp", "bf16") == ["val", "test"]
     weights = run_dir / "model" / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert splits_after("--split", "val") == ["val"]

@@ -8,15 +8,31 @@ import torch
 
 from oneref.eval.metrics import RECAccumulator, RESAccumulator
 
-__all__ = ["evaluate", "autocast_context", "move_batch"]
+__all__ = ["AMP_MODES", "evaluate", "autocast_context", "check_amp", "compute_precision",
+           "move_batch"]
+
+#: The ``amp`` settings: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, fp32.
+AMP_MODES = ("auto", "bf16", "fp32")
+
+
+def check_amp(amp: str) -> str:
+    """``amp`` itself; ValueError naming the choices for anything else."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    return amp
+
+
+def compute_precision(device: torch.device, amp: str) -> str:
+    """``"bf16"`` where ``amp`` runs bf16 autocast on ``device`` (auto and bf16 on CUDA,
+    bf16 on the CPU), else ``"fp32"``."""
+    check_amp(amp)
+    return "bf16" if amp == "bf16" or (amp == "auto" and device.type == "cuda") else "fp32"
 
 
 def autocast_context(device: torch.device, amp: str):
-    """bf16 autocast on CUDA for ``amp`` in (auto, bf16); fp32 (no autocast) otherwise."""
-    if device.type == "cuda" and amp in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and amp == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    """bf16 autocast where :func:`compute_precision` says bf16; no autocast otherwise."""
+    if compute_precision(device, amp) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -25,6 +25,7 @@ from oneref.data.synthetic import refshapes_tokenizer
 from oneref.data.tokenizer import (REFSHAPES_TOKENIZER, Tokenizer, open_tokenizer,
                                    recorded_tokenizer, same_tokenizer)
 from oneref.data.transforms import Example, TestTransform
+from oneref.eval.evaluate import autocast_context, check_amp
 from oneref.io import existing_file, make_folder
 from oneref.sources import ModelSource
 from oneref.train.distributed import resolve_device
@@ -89,8 +90,10 @@ def _as_rgb(image, k: int) -> Image.Image:
 class Predictor:
     """A model, its tokenizer and the test transform, ready for :meth:`predict`."""
 
-    def __init__(self, model, tokenizer, task: str = "rec", device: str | torch.device = "cpu"):
+    def __init__(self, model, tokenizer, task: str = "rec", device: str | torch.device = "cpu",
+                 amp: str = "auto"):
         _check_task(task)
+        self.amp = check_amp(amp)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -144,12 +147,13 @@ class Predictor:
     def predict_batch(self, images: list[Image.Image], texts: list[str]) -> list[Prediction]:
         """One forward for a list of (image, expression) pairs."""
         batch = self.inputs(images, texts)
+        forward = self.model.forward_res if self.task == "res" else self.model.forward_rec
+        with autocast_context(self.device, self.amp):
+            out = forward(*batch)
         if self.task == "res":
-            out = self.model.forward_res(*batch)
             masks = out.mask_logits > 0
             boxes, masks = mask_boxes(masks).tolist(), masks.cpu().numpy()
         else:
-            out = self.model.forward_rec(*batch)
             boxes, masks = out.boxes.float().cpu().tolist(), None
         scores = torch.sigmoid(out.sim_logits.float().flatten(1)).amax(1).tolist()
         return [self._to_image(image, boxes[k], scores[k], None if masks is None else masks[k])
@@ -226,19 +230,21 @@ def _tokenizer(source: ModelSource, path: str | None) -> Tokenizer:
 
 def load_predictor(path: str | Path, device: str | torch.device = "cpu",
                    task: str | None = None, tokenizer: str | None = None,
-                   preset: str | None = None, trust: bool = False) -> Predictor:
+                   preset: str | None = None, trust: bool = False,
+                   amp: str = "auto") -> Predictor:
     """Predictor from a run folder, a ``save_pretrained`` folder or an official ``.pth``.
 
     ``task``: rec or res (default: the run's); ``tokenizer``: a sentencepiece model, or
     ``"refshapes"`` (default: the one the run recorded); ``device``: auto, cpu, cuda or a
-    torch.device."""
+    torch.device; ``amp``: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 or fp32."""
     if task is not None:
         _check_task(task)
+    check_amp(amp)
     device = resolve_device(device)
     source = ModelSource(path, preset=preset, trust=trust)
     task = source.task_for(task)
     tok = _tokenizer(source, tokenizer).check_fits(source.config.vocab_size)
-    predictor = Predictor(source.build(), tok, task, device)
+    predictor = Predictor(source.build(), tok, task, device, amp)
     predictor.report = source.report
     return predictor
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from oneref.data.synthetic import colour_guess_accuracy
-from oneref.eval.evaluate import evaluate
+from oneref.eval.evaluate import check_amp, compute_precision, evaluate
 from oneref.eval.metrics import PREC_THRESHOLDS
 from oneref.eval.published import published
 from oneref.eval.samples import SAMPLE_FILES, SampleRecorder, sample_paths
@@ -120,7 +120,7 @@ def eval_table(rows: list[dict], task: str, data: DataConfig, preset: str) -> st
 
 
 #: What an earlier eval.json must share with this evaluation for its rows to be kept.
-_SAME_EVALUATION = ("weights", "task", "dataset", "data", "model")
+_SAME_EVALUATION = ("weights", "task", "dataset", "data", "model", "precision")
 
 
 def _data_id(data: DataConfig) -> str:
@@ -143,13 +143,16 @@ def _weights_id(path: Path) -> str:
 
 def _earlier(out_dir: str | Path, meta: dict) -> dict | None:
     """The earlier ``eval.json`` in ``out_dir`` when it evaluated the same weights file for
-    the same task, data and model (else None)."""
+    the same task, data and model in the same precision (else None)."""
     try:
         earlier = json.loads((Path(out_dir) / "eval.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(earlier, dict) or not isinstance(earlier.get("rows"), list) or any(
-            earlier.get(key) != meta[key] for key in _SAME_EVALUATION):
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("rows"), list):
+        return None
+    # Written before the precision was recorded: the default's (bf16 autocast on a GPU).
+    recorded = {"precision": "fp32" if earlier.get("device") == "cpu" else "bf16", **earlier}
+    if any(recorded.get(key) != meta[key] for key in _SAME_EVALUATION):
         return None
     return earlier
 
@@ -180,7 +183,8 @@ def write_eval(out_dir: str | Path, rows: list[dict], meta: dict, table: str) ->
     ``out_dir``, each written atomically."""
     out_dir = Path(out_dir)
     header = (f"# oneref eval: {meta['checkpoint']} ({meta['model']}, {meta['task']}) on "
-              f"{meta['dataset']}, {meta['device']}, {meta['date_utc']}\n\n"
+              f"{meta['dataset']}, {meta['device']} ({meta['precision']}), "
+              f"{meta['date_utc']}\n\n"
               f"Data: {meta['data']}\n\n")
     return [write_json(out_dir / "eval.json", {**meta, "rows": rows}, sort_keys=False),
             write_text(out_dir / "eval.md", header + table + "\n")]
@@ -214,15 +218,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
                         splits: list[str] | None = None, task: str | None = None,
                         preset: str | None = None, size: int | None = None,
                         batch_size: int = 128, device: str = "auto", trust: bool = False,
-                        out: str | Path | None = None,
-                        predictions: bool = False) -> EvalReport | None:
+                        out: str | Path | None = None, predictions: bool = False,
+                        amp: str = "auto") -> EvalReport | None:
     """``oneref eval``: the model at ``checkpoint`` on ``splits`` (default: every split of
     its dataset but the training ones), the data its run recorded with ``data_changes``
     applied; writes eval.json / eval.md to ``out`` (default: beside the weights, see
     :func:`_beside_weights`), keeping the other splits' rows of an earlier evaluation of the same
     weights there; with ``predictions`` also each split's per-sample rows
-    (``predictions_{split}.jsonl``) and lowest-IoU samples (``worst_{split}.png``). Under
+    (``predictions_{split}.jsonl``) and lowest-IoU samples (``worst_{split}.png``). ``amp``:
+    auto (bf16 autocast on CUDA), bf16 or fp32 (the reference code's numerics). Under
     ``torchrun`` every rank evaluates its shard and rank 0 reports; other ranks get None."""
+    check_amp(amp)
     # torchrun's RANK: the process group starts once the files are checked
     source = ModelSource(checkpoint, preset=preset, trust=trust,
                          quiet=os.environ.get("RANK", "0") != "0")
@@ -244,7 +250,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
     info = init_distributed(device)
     try:
         model = source.build().to(info.device)
-        rows = evaluate_splits(model, data, task, splits, info.device, rank=info.rank,
+        rows = evaluate_splits(model, data, task, splits, info.device, amp, rank=info.rank,
                                world_size=info.world_size, tokenizer=tokenizer,
                                predictions_dir=out_dir if predictions else None)
     finally:
@@ -253,7 +259,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
         return None
     meta = {"checkpoint": str(checkpoint), "weights": _weights_id(source.weights_file),
             "task": task, "dataset": data.dataset, "data": _data_id(data),
-            "model": model.config.name,
+            "model": model.config.name, "precision": compute_precision(info.device, amp),
             "world_size": info.world_size,
             "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
             else "cpu", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}

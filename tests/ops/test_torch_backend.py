@@ -295,6 +295,25 @@ def test_add_layer_norm_mixed_dtypes():
         torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("layout", ["sequence-major", "batch-major"])
+def test_bf16_stream_with_drop_path_is_summed_in_fp32_and_written_once(layout):
+    """The default stream under bf16 autocast (bf16 x and branch, fp32 drop-path scale): h
+    is the fp32 sum rounded once to bf16, written by the add itself in x's layout; no fp32
+    h is written and cast again."""
+    from oneref.bench.roofline import OpCounter
+
+    x = _random_laid_out(3, 11, 6, layout).bfloat16()
+    branch = _random_laid_out(3, 11, 6, layout).bfloat16()
+    scale = torch.tensor([1.1111, 0.0, 1.1111])
+    params = [torch.randn(6) for _ in range(4)]
+    with OpCounter() as counter:
+        h, _ = torch_backend.multiway_add_layer_norm(x, branch, 4, *params, branch_scale=scale)
+    expected = (x.float() + scale[:, None, None] * branch.float()).bfloat16()
+    assert h.dtype == torch.bfloat16 and torch.equal(h, expected)
+    assert h.stride() == x.stride()
+    assert counter.ops["aten.addcmul"]["written"] == h.numel() * 2
+
+
 def test_layer_norm_of_bf16_gelu_writes_bf16_gradient():
     """The FFN's sub-LN under autocast: bf16 in, bf16 out, statistics in fp32; the input
     gradient comes back bf16 and sequence-major, with the reference's values."""
