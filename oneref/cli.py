@@ -35,7 +35,6 @@ from oneref.bench import run_bench
 from oneref.checkpoints import CONFIG_NAME
 from oneref.config import PRESETS
 from oneref.data.records import own_message
-from oneref.eval.evaluate import AMP_MODES
 from oneref.eval.predict import draw_prediction, load_image, load_predictor, predict_file
 from oneref.eval.splits import evaluate_checkpoint
 from oneref.io import make_folder
@@ -46,7 +45,7 @@ from oneref.ops.registry import OPS
 from oneref.sources import ModelSource, preset_of
 from oneref.train import config as tc
 from oneref.train.checkpoint import NEWEST, run_folder_of
-from oneref.train.config import command_flags
+from oneref.train.config import AMP_MODES, command_flags
 from oneref.train.data import check_sizes
 from oneref.train.distributed import is_main, resolve_device
 from oneref.train.sts_labels import make_sts_labels

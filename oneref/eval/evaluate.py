@@ -7,31 +7,30 @@ import contextlib
 import torch
 
 from oneref.eval.metrics import RECAccumulator, RESAccumulator
+from oneref.train.config import AMP_MODES
 
-__all__ = ["AMP_MODES", "evaluate", "autocast_context", "check_amp", "compute_precision",
-           "move_batch"]
-
-#: The ``amp`` settings: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, fp32.
-AMP_MODES = ("auto", "bf16", "fp32")
+__all__ = ["evaluate", "autocast_context", "check_amp", "precision_for", "move_batch"]
 
 
 def check_amp(amp: str) -> str:
     """``amp`` itself; ValueError naming the choices for anything else."""
     if amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+        raise ValueError(f"amp must be auto, bf16 or fp32, got {amp!r}")
     return amp
 
 
-def compute_precision(device: torch.device, amp: str) -> str:
-    """``"bf16"`` where ``amp`` runs bf16 autocast on ``device`` (auto and bf16 on CUDA,
-    bf16 on the CPU), else ``"fp32"``."""
+def precision_for(device: torch.device, amp: str) -> str:
+    """``"bf16"`` where ``amp`` runs bf16 autocast on ``device`` (bf16 on CUDA or the CPU,
+    auto on CUDA), else ``"fp32"``."""
     check_amp(amp)
-    return "bf16" if amp == "bf16" or (amp == "auto" and device.type == "cuda") else "fp32"
+    if device.type == "cuda":
+        return "fp32" if amp == "fp32" else "bf16"
+    return "bf16" if amp == "bf16" and device.type == "cpu" else "fp32"
 
 
 def autocast_context(device: torch.device, amp: str):
-    """bf16 autocast where :func:`compute_precision` says bf16; no autocast otherwise."""
-    if compute_precision(device, amp) == "bf16":
+    """bf16 autocast where :func:`precision_for` says bf16; no autocast otherwise."""
+    if precision_for(device, amp) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

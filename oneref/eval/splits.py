@@ -5,7 +5,7 @@
 as a markdown table with the published number beside each measured one, and
 :func:`write_eval` writes ``eval.json`` and ``eval.md``; :func:`evaluate_checkpoint` does all
 of it for a checkpoint path (``oneref eval``), keeping the rows an earlier evaluation of the
-same weights wrote there for other splits (:func:`earlier_rows`).
+same weights, in the same precision, wrote there for other splits.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from oneref.data.synthetic import colour_guess_accuracy
-from oneref.eval.evaluate import check_amp, compute_precision, evaluate
+from oneref.eval.evaluate import check_amp, evaluate, precision_for
 from oneref.eval.metrics import PREC_THRESHOLDS
 from oneref.eval.published import published
 from oneref.eval.samples import SAMPLE_FILES, SampleRecorder, sample_paths
@@ -30,7 +30,7 @@ from oneref.train.data import (build_dataset, check_data, dataset_info, eval_loa
                                check_sizes, load_tokenizer, recorded_data, recorded_paths)
 from oneref.train.distributed import init_distributed, shutdown
 
-__all__ = ["default_splits", "evaluate_splits", "eval_table", "earlier_rows", "write_eval",
+__all__ = ["default_splits", "evaluate_splits", "eval_table", "write_eval",
            "EvalReport", "evaluate_checkpoint"]
 
 
@@ -157,12 +157,6 @@ def _earlier(out_dir: str | Path, meta: dict) -> dict | None:
     return earlier
 
 
-def earlier_rows(out_dir: str | Path, splits, meta: dict) -> list[dict]:
-    """The rows of an earlier ``eval.json`` in ``out_dir`` for splits other than ``splits``,
-    when it evaluated the same weights file for the same task and dataset (else none)."""
-    return _other_splits(_earlier(out_dir, meta), splits)
-
-
 def _other_splits(earlier: dict | None, splits) -> list[dict]:
     return [] if earlier is None else [
         row for row in earlier["rows"] if isinstance(row, dict) and row.get("split") not in splits]
@@ -183,7 +177,7 @@ def write_eval(out_dir: str | Path, rows: list[dict], meta: dict, table: str) ->
     ``out_dir``, each written atomically."""
     out_dir = Path(out_dir)
     header = (f"# oneref eval: {meta['checkpoint']} ({meta['model']}, {meta['task']}) on "
-              f"{meta['dataset']}, {meta['device']} ({meta['precision']}), "
+              f"{meta['dataset']}, {meta['device']} ({meta.get('precision', 'fp32')}), "
               f"{meta['date_utc']}\n\n"
               f"Data: {meta['data']}\n\n")
     return [write_json(out_dir / "eval.json", {**meta, "rows": rows}, sort_keys=False),
@@ -259,7 +253,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_changes: dict | None = None
         return None
     meta = {"checkpoint": str(checkpoint), "weights": _weights_id(source.weights_file),
             "task": task, "dataset": data.dataset, "data": _data_id(data),
-            "model": model.config.name, "precision": compute_precision(info.device, amp),
+            "model": model.config.name, "precision": precision_for(info.device, amp),
             "world_size": info.world_size,
             "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
             else "cpu", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}

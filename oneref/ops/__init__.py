@@ -187,8 +187,8 @@ def multiway_add_layer_norm(x, branch, num_vision: int, weight_a, bias_a, weight
         Others as :func:`multiway_layer_norm`.
 
     Returns:
-        (h, y), both (B, S, D) stored sequence-major; h in the promoted dtype, y in
-        ``out_dtype``.
+        (h, y), both (B, S, D); y stored sequence-major, h too where x is (the encoder's
+        stream; the Triton kernel's h always); h in the promoted dtype, y in ``out_dtype``.
     """
     check_tensor("x", x, ndim=3, floating=True)
     check_tensor("branch", branch, floating=True, device=x.device)

@@ -305,8 +305,8 @@ class _MultiwayLayerNorm(torch.autograd.Function):
 
 def _add_scaled(x, branch, scale, dtype):
     """x + scale[i] * branch for each sample i, computed in the promoted dtype (fp32 for a
-    bf16 stream and an fp32 drop-path scale) and written once in ``dtype`` with x's layout.
-    The output is contiguous in the frame it is written in, as Dynamo traces ``out=``."""
+    bf16 stream and an fp32 drop-path scale) and written once in ``dtype``: sequence-major
+    when x is, else contiguous batch-major (``out=`` contiguous, as Dynamo traces it)."""
     dims = (1, 0, 2) if x.transpose(0, 1).is_contiguous() else (0, 1, 2)
     h = x.new_empty(x.permute(dims).shape, dtype=dtype)
     torch.addcmul(x.permute(dims), branch.permute(dims), scale[:, None, None].permute(dims),
@@ -324,7 +324,7 @@ class _MultiwayAddLayerNorm(torch.autograd.Function):
     def forward(ctx, x, branch, branch_scale, num_vision: int, weight_a, bias_a, weight_b,
                 bias_b, eps: float, dtype, out_dtype):
         h = (x.to(dtype) + branch if branch_scale is None
-             else _add_scaled(x.to(dtype), branch, branch_scale, dtype))
+             else _add_scaled(x, branch, branch_scale, dtype))
         y, saved = _norm_forward(h, num_vision, (weight_a, bias_a, weight_b, bias_b), eps,
                                  out_dtype)
         needs = ctx.needs_input_grad

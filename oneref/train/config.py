@@ -34,6 +34,9 @@ from oneref.config import PRESETS, ModelConfig
 from oneref.io import existing_file
 from oneref.ops.reference import DICE_WEIGHT, FOCAL_ALPHA, FOCAL_WEIGHT
 
+#: The ``amp`` settings: auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, fp32.
+AMP_MODES = ("auto", "bf16", "fp32")
+
 __all__ = [
     "StageConfig",
     "OptimConfig",
@@ -438,7 +441,7 @@ class TrainConfig:
     res_loss: ResLossConfig = field(default_factory=ResLossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-    amp: str = _option("auto", "--amp", choices=("auto", "bf16", "fp32"),
+    amp: str = _option("auto", "--amp", choices=AMP_MODES,
                        help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
     compile: bool = _option(False, "--compile", const=True,
                             help="torch.compile the training step module")

@@ -233,6 +233,32 @@ def test_row_ops_compile_without_graph_breaks(backend, layout):
     assert backend == "aot_eager" or ops and not any("slice_scatter" in op for op in ops)
 
 
+@pytest.mark.parametrize("layout", ["sequence-major", "batch-major"])
+def test_bf16_stream_add_with_drop_path_compiles_without_graph_breaks(layout):
+    """The default stream's add (bf16 x and branch, fp32 drop-path scale, written through
+    ``out=``) under fullgraph inductor: h, y and the gradients equal eager's."""
+    x = _random_laid_out(2, 9, 6, layout).bfloat16().requires_grad_()
+    branch = _random_laid_out(2, 9, 6, layout).bfloat16().requires_grad_()
+    norm = [torch.randn(6, requires_grad=True) for _ in range(4)]
+    drop = torch.tensor([0.0, 1.25])
+
+    def step():
+        h, y = torch_backend.multiway_add_layer_norm(x, branch, 4, *norm, branch_scale=drop)
+        return h, y, h.float().square().sum() + y.float().square().sum()
+
+    results = []
+    for fn in (step, torch.compile(step, backend="inductor", fullgraph=True)):
+        for leaf in (x, branch, *norm):
+            leaf.grad = None
+        h, y, loss = fn()
+        loss.backward()
+        results.append([h.detach(), y.detach(), *(leaf.grad.clone() for leaf in (x, branch,
+                                                                              *norm))])
+    assert results[1][0].dtype == torch.bfloat16
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=1e-2)
+
+
 def _add_norm_results(fn, x, branch, scale, params, grads, out_dtype):
     """(h, y) of ``fn`` and the gradients of x, branch, the parameters and the scale (when
     one is given), with ``grads`` the upstream gradients of (h, y) (None: that output is not
