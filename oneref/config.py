@@ -105,16 +105,19 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    def with_shape_free(self, overrides: dict, where: str) -> "ModelConfig":
+    def with_shape_free(self, overrides: dict, where: str,
+                        adaptable: tuple[str, ...] = ()) -> "ModelConfig":
         """This config of the weights in ``where`` with ``overrides`` applied: any value of
-        :data:`SHAPE_FREE_FIELDS`, and other fields only at the value they have (else a
-        ValueError naming the field, since the weights could not load)."""
+        :data:`SHAPE_FREE_FIELDS` and of ``adaptable`` (fields the weights' loader adapts
+        them to), other fields only at the value they have (else a ValueError naming the
+        field, since the weights could not load)."""
         self._check_known(overrides)
+        free = (*SHAPE_FREE_FIELDS, *adaptable)
         for key, value in overrides.items():
-            if key not in SHAPE_FREE_FIELDS and value != getattr(self, key):
+            if key not in free and value != getattr(self, key):
                 raise ValueError(f"{key}={value!r} does not fit the weights of {where} "
-                                 f"({key}={getattr(self, key)!r}): with weights, only "
-                                 f"{', '.join(SHAPE_FREE_FIELDS)} can be changed")
+                                 f"({key}={getattr(self, key)!r}): with these weights, only "
+                                 f"{', '.join(free)} can be changed")
         return self.replace(**overrides)
 
     def to_dict(self) -> dict:

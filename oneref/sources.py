@@ -28,9 +28,13 @@ from oneref.io import load_pth
 from oneref.model import OneRef
 from oneref.train.checkpoint import list_checkpoints, load_latest
 
-__all__ = ["ModelSource", "preset_of"]
+__all__ = ["ModelSource", "preset_of", "OFFICIAL_ADAPTABLE"]
 
 log = logging.getLogger(__name__)
+
+#: Fields an official file's weights take at any value: building resizes the file's vision
+#: position table to the model's patch grid (:func:`oneref.checkpoints.load_official`).
+OFFICIAL_ADAPTABLE = ("img_size",)
 
 
 def preset_of(path: str | Path, trust: bool = False) -> str:
@@ -47,8 +51,8 @@ class ModelSource:
     Attributes:
         kind: ``run``, ``pretrained``, ``step`` (a training checkpoint) or ``official``.
         config: the :class:`ModelConfig`, with ``overrides`` of its
-            :data:`~oneref.config.SHAPE_FREE_FIELDS` applied (other fields only at their
-            value).
+            :data:`~oneref.config.SHAPE_FREE_FIELDS` applied, and for an official file of
+            :data:`OFFICIAL_ADAPTABLE` (other fields only at their value).
         train_config: the run's training config as a dict (``{}`` unless a run folder).
         report: the :class:`LoadReport` of an official file after :meth:`build`, else None.
     """
@@ -58,7 +62,9 @@ class ModelSource:
         self.path = Path(path)
         self._read(preset, trust, quiet)
         self.overrides = overrides or {}
-        self.config = self.config.with_shape_free(self.overrides, where=str(self.path))
+        self.config = self.config.with_shape_free(
+            self.overrides, where=str(self.path),
+            adaptable=OFFICIAL_ADAPTABLE if self.kind == "official" else ())
 
     def _read(self, preset: str | None, trust: bool, quiet: bool) -> None:
         """Find the model at ``self.path``: its kind, config and (a file's) state."""

@@ -227,9 +227,32 @@ def test_start_weights_take_the_overrides_that_leave_their_shapes(tmp_path):
     assert model.config.residual_dtype == model.encoder.residual_dtype == "params"
     assert model.encoder.blocks[-1].drop_path.p == 0.2
     with pytest.raises(ValueError, match=r"depth=3 does not fit the weights of .*start "
-                                         r"\(depth=2\): with weights, only drop_path"):
+                                         r"\(depth=2\): with these weights, only drop_path, "
+                                         r"ln_eps, sim_scale, residual_dtype can"):
         Trainer(_config(tmp_path / "other", checkpoint=init, model_overrides={"depth": 3}))
     assert not (tmp_path / "other").exists()
+
+
+def test_official_start_weights_take_another_image_size(tmp_path):
+    """An official BEiT-3 file trains at any image size: its vision position table is
+    resized to the patch grid (here 4 x 4 -> 3 x 3), and the data follow the model's size."""
+    from oneref.config import get_config
+    from oneref.testing import official_beit3_state
+
+    start, state = tmp_path / "beit3_tiny.pth", official_beit3_state(get_config("tiny"))
+    torch.save({"model": state}, start)
+    init = CheckpointConfig(init_from=str(start))
+    trainer = Trainer(_config(tmp_path / "run", steps=1, checkpoint=init,
+                              model_overrides={"img_size": 48}))
+    assert trainer.model.config.img_size == 48
+    rows = state["beit3.encoder.embed_positions.A.weight"].shape[0]
+    assert trainer.model.embed.vision_pos.weight.shape[0] == rows - 4 * 4 + 3 * 3
+    assert trainer.load_report.resized_keys == ["embed.vision_pos.weight"]
+    trainer.fit()
+    assert trainer.step == 1
+    with pytest.raises(ValueError, match=r"with these weights, only drop_path, ln_eps, "
+                                         r"sim_scale, residual_dtype, img_size can be changed"):
+        Trainer(_config(tmp_path / "other", checkpoint=init, model_overrides={"depth": 3}))
 
 
 def test_an_error_raised_in_a_loader_worker_reads_as_itself():
