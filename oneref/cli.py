@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-img", type=float, default=0.5, help="image weight (default 0.5)")
     p.add_argument("--batch-size", type=int, default=128, help="teacher batch (default 128)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_amp_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("bench", help="cost table, engine comparison, kernel tables, plots",
@@ -526,7 +527,7 @@ def _cmd_sts_labels(args) -> int:
                            lambda_reg=args.lambda_reg, lambda_img=args.lambda_img,
                            device=resolve_device(args.device), trust=args.trust_checkpoint,
                            progress=not args.no_progress, data_changes=data, size=args.size,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, amp=args.amp)
     hint = {".pth": f"--split-root {args.out}",
             ".jsonl": f"--annotations {args.out}"}.get(path.suffix, f"--sts-labels {path}")
     rest = (" with the teacher's --dataset, --data-root and --tokenizer"

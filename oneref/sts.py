@@ -23,6 +23,7 @@ Where the labels go:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -71,8 +72,11 @@ def region_crops(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_labels(teacher, loader, lambda_reg: float, lambda_img: float,
-                   device: torch.device, progress: bool = True) -> list[list[float]]:
-    """Per sample of ``loader`` (dataset order), the labels of its ``text_length`` tokens."""
+                   device: torch.device, progress: bool = True,
+                   autocast=contextlib.nullcontext) -> list[list[float]]:
+    """Per sample of ``loader`` (dataset order), the labels of its ``text_length`` tokens.
+    ``autocast``: a context manager factory for the teacher's forwards (the scores are
+    taken in fp32 outside it)."""
     from tqdm.auto import tqdm
 
     teacher.eval()
@@ -80,9 +84,10 @@ def teacher_labels(teacher, loader, lambda_reg: float, lambda_img: float,
     for batch in tqdm(loader, desc="sts labels", unit="batch", disable=not progress):
         images = batch["images"].to(device)
         ids, lengths = batch["text_ids"].to(device), batch["text_lengths"].to(device)
-        e_img, w = teacher.relation_embeddings(images, ids, lengths)
-        e_reg, _ = teacher.relation_embeddings(region_crops(images, batch["boxes"].to(device)),
-                                               ids, lengths)
+        crops = region_crops(images, batch["boxes"].to(device))
+        with autocast():
+            e_img, w = teacher.relation_embeddings(images, ids, lengths)
+            e_reg, _ = teacher.relation_embeddings(crops, ids, lengths)
         scores = sts_scores(e_reg, e_img, w, lambda_reg, lambda_img).cpu()
         labels += [row[:n].tolist() for row, n in zip(scores, batch["text_lengths"].tolist())]
     return labels

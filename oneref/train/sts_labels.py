@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from oneref.data.annotations import write_sts_annotations
+from oneref.eval.evaluate import autocast_context, check_amp
 from oneref.sources import ModelSource
 from oneref.sts import teacher_labels, write_refshapes_labels, write_split_labels
 from oneref.train.config import DataConfig
@@ -25,7 +26,8 @@ def make_sts_labels(teacher: str | Path, out: str | Path, data: DataConfig | Non
                     split: str = "train", lambda_reg: float = 0.5, lambda_img: float = 0.5,
                     device: torch.device = torch.device("cpu"), trust: bool = False,
                     progress: bool = True, data_changes: dict | None = None,
-                    size: int | None = None, batch_size: int | None = None) -> Path:
+                    size: int | None = None, batch_size: int | None = None,
+                    amp: str = "auto") -> Path:
     """Label every sample of ``split`` with ``teacher`` (a run folder, ``save_pretrained``
     folder or checkpoint file) and write the labels: for RefShapes the side file ``out``,
     for a real split file a labelled copy under the split root ``out``, for an annotation
@@ -33,7 +35,10 @@ def make_sts_labels(teacher: str | Path, out: str | Path, data: DataConfig | Non
 
     ``data`` names the samples; by default the teacher run's recorded data with
     ``data_changes`` (flag values), ``size`` (RefShapes train scenes) and ``batch_size``.
+    ``amp``: the teacher's forwards under bf16 autocast on CUDA (auto), bf16 or fp32; the
+    scores are taken in fp32.
     """
+    check_amp(amp)
     if lambda_reg < 0 or lambda_img < 0 or lambda_reg + lambda_img <= 0:
         raise ValueError(f"--lambda-reg and --lambda-img must be >= 0 with a positive sum, got "
                          f"{lambda_reg} and {lambda_img}")
@@ -59,7 +64,8 @@ def make_sts_labels(teacher: str | Path, out: str | Path, data: DataConfig | Non
         dataset = build_dataset(data, source.config, split, "rec", tokenizer)
     model = source.build().to(device)
     labels = teacher_labels(model, eval_loader(dataset, data, device, 0, 1), lambda_reg,
-                            lambda_img, device, progress)
+                            lambda_img, device, progress,
+                            autocast=lambda: autocast_context(device, amp))
     if data.real and files.annotation_file:
         path = write_sts_annotations(files.annotation_file, out, labels)
     elif data.real:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from oneref.cli import main
 from oneref.config import get_config
@@ -130,6 +130,26 @@ def test_split_labels_may_be_numpy_and_must_match_the_tokens():
         dataset._sts_targets(good, 4)
 
 
+def test_teacher_forwards_run_under_the_given_autocast():
+    """The teacher's forwards under bf16 autocast, the scores in fp32: labels within bf16
+    rounding of the fp32 teacher's."""
+    torch.manual_seed(0)
+    teacher = OneRef(get_config("tiny")).eval()
+    data = RefShapes("train", size=4, img_size=64, max_text_len=24)
+    batch = collate([data[i] for i in range(4)])
+    forward, seen = teacher.relation_embeddings, []
+    teacher.relation_embeddings = (
+        lambda *args: seen.append(torch.is_autocast_enabled("cpu")) or forward(*args))
+    cpu = torch.device("cpu")
+    fp32 = teacher_labels(teacher, [batch], 0.5, 0.5, cpu, progress=False)
+    bf16 = teacher_labels(teacher, [batch], 0.5, 0.5, cpu, progress=False,
+                          autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert seen == [False, False, True, True]
+    for got, want in zip(bf16, fp32):
+        assert len(got) == len(want)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=0.02, rtol=0)
+
+
 def test_cli_labels_then_pretrains_with_sts(tmp_path, capsys):
     tiny = ["--model", "tiny", "--device", "cpu", "--no-progress", "--threads", "1",
             "--set", "data.eval_size=8", "--set", "data.test_size=8", "--set",
@@ -140,6 +160,11 @@ def test_cli_labels_then_pretrains_with_sts(tmp_path, capsys):
     assert main(["sts-labels", "--teacher", str(tmp_path / "teacher"), "--out", str(labels),
                  "--size", "24", "--no-progress"]) == 0
     assert f"--sts-labels {labels}" in capsys.readouterr().out
+    assert main(["sts-labels", "--teacher", str(tmp_path / "teacher"), "--out",
+                 str(tmp_path / "sts_bf16.safetensors"), "--size", "24", "--no-progress",
+                 "--amp", "bf16"]) == 0
+    torch.testing.assert_close(load_file(tmp_path / "sts_bf16.safetensors")["sts_labels"],
+                               load_file(labels)["sts_labels"], atol=0.02, rtol=0)
     pre = ["pretrain", *tiny, "--steps", "4", "-o", str(tmp_path / "pre"), "--sts"]
     assert main([*pre, "--set", "data.train_size=24", "--sts-labels", str(labels)]) == 0
     header = (tmp_path / "pre" / "metrics.csv").read_text().splitlines()[0].split(",")
