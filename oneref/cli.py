@@ -47,7 +47,7 @@ from oneref.train import config as tc
 from oneref.train.checkpoint import NEWEST, run_folder_of
 from oneref.train.config import AMP_MODES, command_flags
 from oneref.train.data import check_sizes
-from oneref.train.distributed import is_main, resolve_device
+from oneref.train.distributed import is_main, resolve_device, shutdown
 from oneref.train.sts_labels import make_sts_labels
 from oneref.train.trainer import Trainer
 
@@ -578,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         if command in _ONE_PROCESS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("runs in one process (every rank would do the whole job and "
                              "write the same files): run it without torchrun")
-        return handlers[command](args)
+        code = handlers[command](args)
+        shutdown(finished=True)
+        return code
     except (ValueError, TypeError, OSError, BackendUnavailableError) as exc:
         if args.verbose:  # where it was raised, for a report
             traceback.print_exc()
@@ -588,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oneref {command}: interrupted" + (f": {exc}" if str(exc) else ""),
               file=sys.stderr)
         return 128 + getattr(exc, "signal_number", signal.SIGINT)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -73,8 +73,15 @@ def init_distributed(device_name: str = "auto", backend: str = "auto") -> DistIn
     return DistInfo(rank, local_rank, world, device)
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = False) -> None:
+    """End the process group. ``finished`` (every rank completed its work): a barrier first,
+    whose wait releases the GIL, so gloo's worker threads finish releasing the last
+    collective's tensors while the interpreter is whole. A wrapped model keeps the group
+    alive past ``destroy_process_group``, and a worker left to do that during the
+    interpreter's teardown aborts the process after the run (pytorch#190489)."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
