@@ -579,7 +579,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("runs in one process (every rank would do the whole job and "
                              "write the same files): run it without torchrun")
         code = handlers[command](args)
-        shutdown(finished=True)
+        try:
+            shutdown(finished=True)
+        except RuntimeError as exc:  # gloo / NCCL: a peer's process ended without finishing
+            print(f"oneref {command}: error: this rank finished its work, but another rank "
+                  f"stopped before the end (its own error says why): {exc}", file=sys.stderr)
+            return 1
         return code
     except (ValueError, TypeError, OSError, BackendUnavailableError) as exc:
         if args.verbose:  # where it was raised, for a report

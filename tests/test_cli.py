@@ -305,6 +305,24 @@ def test_info_prints_per_op_settings(monkeypatch, capsys):
     assert "op backend setting: auto; multiway_layer_norm: torch" in capsys.readouterr().out
 
 
+def test_a_rank_whose_peer_stopped_before_the_end_says_so(monkeypatch, capsys):
+    """Under torchrun, the final barrier of a rank that finished fails when another rank's
+    process ended first: an error naming that, not gloo's traceback."""
+    calls = []
+
+    def lost_peer():
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:43683")
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lost_peer)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append(1))
+    assert main(["info", "--model", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "oneref info: error: this rank finished its work, but another rank stopped" in err
+    assert "Connection closed by peer" in err and "Traceback" not in err
+    assert calls  # the group is still ended
+
+
 def test_eval_refuses_an_output_folder_it_cannot_create_before_evaluating(run_dir, tmp_path,
                                                                           capsys):
     (tmp_path / "file").write_text("")
