@@ -7,11 +7,11 @@
 
 Images are checked when the dataset is built (header only: missing or unreadable files and
 boxes outside the image are reported with the record, or skipped and counted with
-``on_error="skip"``; with ``use_masks``, a segmentation that covers no pixel of its image is
-dropped with a warning and the rasterised box stands in). An image that fails to decode
-later (a truncated file passes the header check) raises an error naming the split, the
-record and the file, or, with ``on_error="skip"``, is logged once and replaced by the next
-record that loads.
+``on_error="skip"``; with ``use_masks``, a segmentation that covers no pixel of its image, or
+none of its box's area, is dropped with a warning and the rasterised box stands in). An
+image that fails to decode later (a truncated file passes the header check) raises an error
+naming the split, the record and the file, or, with ``on_error="skip"``, is logged once and
+replaced by the next record that loads.
 """
 
 from __future__ import annotations
@@ -56,19 +56,28 @@ def _segmentation_rle(record: RefRecord, height: int, width: int) -> dict | None
     return rle
 
 
-def _empty_segmentation(record: RefRecord, height: int, width: int) -> str | None:
-    """Why the record's segmentation covers no pixel of its ``width`` x ``height`` image, or
-    None when it covers some (or there is none). Run-length only: no mask is decoded."""
+def _segmentation_problem(record: RefRecord, height: int, width: int
+                          ) -> tuple[str, str] | None:
+    """Why the record's segmentation cannot stand for its referent in a ``width`` x
+    ``height`` image, as (``"empty"`` or ``"apart"``, reason): it covers no pixel, or its
+    extent shares no area with the record's box (the two name different objects). None when
+    it is usable (or there is none). Run-length only: no mask is decoded."""
     rle = _segmentation_rle(record, height, width)
     if rle is None:
         return None
     from pycocotools import mask as mask_utils
 
-    if mask_utils.area(rle) > 0:
-        return None
-    if record.polygons is not None:
-        return f"its polygons lie outside the {width}x{height} image"
-    return "its RLE covers no pixel"
+    if mask_utils.area(rle) == 0:
+        if record.polygons is not None:
+            return "empty", f"its polygons lie outside the {width}x{height} image"
+        return "empty", "its RLE covers no pixel"
+    x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
+    x1, y1, x2, y2 = record.box
+    if x >= x2 or x + w <= x1 or y >= y2 or y + h <= y1:
+        extent = [round(v, 1) for v in (x, y, x + w, y + h)]
+        return "apart", (f"its segmentation (extent x1y1x2y2 {extent}) does not overlap its "
+                         f"box {[round(float(v), 1) for v in record.box]}")
+    return None
 
 
 def decode_segmentation(record: RefRecord, height: int, width: int) -> np.ndarray | None:
@@ -131,7 +140,8 @@ class ReferringDataset(Dataset):
         use_masks: decode segmentations (else the box is rasterised as the mask).
         parse_words: subject/object words from spaCy when installed (else -1).
         check_images: read every image header now (missing/corrupt files, boxes outside;
-            with ``use_masks``, segmentations covering no pixel are dropped with a warning).
+            with ``use_masks``, segmentations covering no pixel, or none of their box, are
+            dropped with a warning).
         on_error: "raise" or "skip" for records failing those checks, and for records whose
             files fail to load later: "skip" logs each such file once and returns the next
             record that loads instead (indices kept per process in ``unloadable``).
@@ -204,7 +214,8 @@ class ReferringDataset(Dataset):
     def _check(self, records, policy: ErrorPolicy) -> list[RefRecord]:
         sizes: dict[str, tuple[int, int] | str] = {}
         kept = []
-        empty, other_size = [], []
+        unusable: dict[str, list[str]] = {"empty": [], "apart": []}
+        other_size = []
         for index, record in enumerate(records):
             try:
                 path = self.image_path(record)
@@ -225,18 +236,24 @@ class ReferringDataset(Dataset):
                         list(record.rle["size"]) != [size[1], size[0]]):
                     raise ValueError(f"RLE segmentation of size {list(record.rle['size'])} "
                                      f"(height, width), but {path} is {size[0]}x{size[1]}")
-                why = _empty_segmentation(record, size[1], size[0]) if self.use_masks else None
+                problem = (_segmentation_problem(record, size[1], size[0]) if self.use_masks
+                           else None)
             except ValueError as err:
                 policy.fail(record.where or f"record {index}", str(err))
                 continue
-            if why:
-                empty.append(f"{record.where or f'record {index}'}: {why}")
+            if problem:
+                kind, why = problem
+                unusable[kind].append(f"{record.where or f'record {index}'}: {why}")
                 record = dataclasses.replace(record, polygons=None, rle=None)
             kept.append(record)
         policy.report()
-        if empty:
-            log.warning("%s: %d record(s) have an empty segmentation mask; their rasterised box "
-                        "stands in; first: %s", policy.source, len(empty), empty[0])
+        for kind, what in (("empty", "an empty segmentation mask"),
+                           ("apart", "a segmentation apart from their box (the two name "
+                                     "different objects)")):
+            if unusable[kind]:
+                log.warning("%s: %d record(s) have %s; their rasterised box stands in; "
+                            "first: %s", policy.source, len(unusable[kind]), what,
+                            unusable[kind][0])
         if other_size:
             log.warning("%s: %d record(s) give an image size other than their file's; their "
                         "boxes and masks are in the recorded image's pixels, so a resized "

@@ -109,3 +109,25 @@ def test_polygons_outside_the_image_warn_and_the_box_stands_in(tmp_path, images,
     with caplog.at_level(logging.WARNING, logger="oneref.data.refer"):
         ReferringDataset.from_split_file(path, images, tok, img_size=S, use_masks=False)
     assert "empty segmentation" not in caplog.text
+
+
+def test_a_segmentation_apart_from_its_box_warns_and_the_box_stands_in(tmp_path, images, tok,
+                                                                       caplog):
+    """Polygons inside the image but apart from the record's box (x, y, w, h in the file):
+    box and mask name different objects, so the mask is dropped (one overlapping the box is
+    kept)."""
+    touching = [[19.0, 19.0, 40.0, 19.0, 40.0, 40.0, 19.0, 40.0]]
+    apart = [[40.0, 30.0, 60.0, 30.0, 60.0, 46.0, 40.0, 46.0]]
+    path = tmp_path / "unc_val.pth"
+    torch.save([("good.jpg", INFO, [10, 8, 20, 20], "touching", touching),
+                ("good.jpg", INFO, [10, 8, 20, 20], "apart", apart)], path)
+    with caplog.at_level(logging.WARNING, logger="oneref.data.refer"):
+        ds = ReferringDataset.from_split_file(path, images, tok, img_size=S, parse_words=False)
+    assert ("1 record(s) have a segmentation apart from their box (the two name different "
+            "objects); their rasterised box stands in; first: unc_val.pth[1]: its "
+            "segmentation (extent x1y1x2y2 [40.0, 30.0, 60.0, 46.0]) does not overlap its box "
+            "[10.0, 8.0, 30.0, 28.0]") in caplog.text
+    assert "empty segmentation" not in caplog.text
+    assert ds[0]["has_mask"] and not ds[1]["has_mask"]
+    box_mask = ds[1]["mask"]
+    assert box_mask.sum() > 0 and not torch.equal(box_mask, ds[0]["mask"])
