@@ -93,13 +93,20 @@ def test_skip_raises_when_no_record_loads(tmp_path, images, tok):
         ds[1]
 
 
-def test_polygons_outside_the_image_warn_and_the_box_stands_in(tmp_path, images, tok,
-                                                               caplog):
+def _kept_and_dropped(tmp_path, images, tok, caplog, kept, dropped):
+    """unc_val.pth of two records with the box x, y, w, h = 10, 8, 20, 20 and the polygons
+    ``kept`` / ``dropped``, built with warnings captured; returns (its path, the dataset)."""
     path = tmp_path / "unc_val.pth"
-    torch.save([("good.jpg", INFO, [10, 8, 20, 20], "inside", INSIDE),
-                ("good.jpg", INFO, [10, 8, 20, 20], "outside", OUTSIDE)], path)
+    torch.save([("good.jpg", INFO, [10, 8, 20, 20], "kept", kept),
+                ("good.jpg", INFO, [10, 8, 20, 20], "dropped", dropped)], path)
     with caplog.at_level(logging.WARNING, logger="oneref.data.refer"):
         ds = ReferringDataset.from_split_file(path, images, tok, img_size=S, parse_words=False)
+    return path, ds
+
+
+def test_polygons_outside_the_image_warn_and_the_box_stands_in(tmp_path, images, tok,
+                                                               caplog):
+    path, ds = _kept_and_dropped(tmp_path, images, tok, caplog, INSIDE, OUTSIDE)
     assert ("1 record(s) have an empty segmentation mask; their rasterised box stands in; "
             "first: unc_val.pth[1]: its polygons lie outside the 64x48 image") in caplog.text
     inside, outside = ds[0], ds[1]
@@ -116,13 +123,9 @@ def test_a_segmentation_apart_from_its_box_warns_and_the_box_stands_in(tmp_path,
     """Polygons inside the image but apart from the record's box (x, y, w, h in the file):
     box and mask name different objects, so the mask is dropped (one overlapping the box is
     kept)."""
-    touching = [[19.0, 19.0, 40.0, 19.0, 40.0, 40.0, 19.0, 40.0]]
+    overlapping = [[19.0, 19.0, 40.0, 19.0, 40.0, 40.0, 19.0, 40.0]]
     apart = [[40.0, 30.0, 60.0, 30.0, 60.0, 46.0, 40.0, 46.0]]
-    path = tmp_path / "unc_val.pth"
-    torch.save([("good.jpg", INFO, [10, 8, 20, 20], "touching", touching),
-                ("good.jpg", INFO, [10, 8, 20, 20], "apart", apart)], path)
-    with caplog.at_level(logging.WARNING, logger="oneref.data.refer"):
-        ds = ReferringDataset.from_split_file(path, images, tok, img_size=S, parse_words=False)
+    _, ds = _kept_and_dropped(tmp_path, images, tok, caplog, overlapping, apart)
     assert ("1 record(s) have a segmentation apart from their box (the two name different "
             "objects); their rasterised box stands in; first: unc_val.pth[1]: its "
             "segmentation (extent x1y1x2y2 [40.0, 30.0, 60.0, 46.0]) does not overlap its box "
